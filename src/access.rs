@@ -1,0 +1,285 @@
+//! Who may read which link: [`Caller`], [`RoleChecker`] and the Keycloak-style default.
+//!
+//! The host authenticates its own callers (its bearer tokens, its sessions) and describes the
+//! result as a [`Caller`]. The broker asks a [`RoleChecker`] before it loads anything, so a
+//! denied caller cannot tell a missing link from a forbidden one.
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::error::BoxError;
+use crate::ids::{Realm, Scopes, Subject, TokenKey};
+
+/// Keycloak's role name for reading stored tokens (a client role of the `broker` client).
+pub const READ_TOKEN_ROLE: &str = "read-token";
+
+/// The identity behind a retrieval request, as the host authenticated it.
+///
+/// ```
+/// use tokenbroker::{Caller, Realm, Subject};
+///
+/// let caller = Caller::new(Realm::new("acme")?, Subject::new("user-1")?, "web-app")
+///     .with_role("read-token");
+/// assert!(caller.has_role("read-token"));
+/// # Ok::<(), tokenbroker::InvalidId>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Caller {
+    /// The realm the caller authenticated in.
+    pub realm: Realm,
+    /// The user the caller acts for.
+    pub subject: Subject,
+    /// The client (application) that made the call.
+    pub client_id: String,
+    /// The roles the user holds.
+    pub roles: BTreeSet<String>,
+    /// The roles the calling client's scope admits; `None` means the client has full scope
+    /// (Keycloak's "Full scope allowed").
+    pub client_scope_roles: Option<BTreeSet<String>>,
+    /// The OAuth scopes of the caller's own access token.
+    pub scopes: Scopes,
+}
+
+impl Caller {
+    /// A caller with no roles, full client scope and no scopes.
+    pub fn new(realm: Realm, subject: Subject, client_id: impl Into<String>) -> Self {
+        Caller {
+            realm,
+            subject,
+            client_id: client_id.into(),
+            roles: BTreeSet::new(),
+            client_scope_roles: None,
+            scopes: Scopes::new(),
+        }
+    }
+    /// Adds a role the user holds.
+    pub fn with_role(mut self, role: impl Into<String>) -> Self {
+        self.roles.insert(role.into());
+        self
+    }
+    /// Restricts the roles the calling client may use to `roles`.
+    pub fn with_client_scope_roles<I: IntoIterator<Item = S>, S: Into<String>>(mut self, roles: I) -> Self {
+        self.client_scope_roles = Some(roles.into_iter().map(Into::into).collect());
+        self
+    }
+    /// Sets the caller's OAuth scopes.
+    pub fn with_scopes(mut self, scopes: Scopes) -> Self {
+        self.scopes = scopes;
+        self
+    }
+    /// Whether the user holds `role`.
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.contains(role)
+    }
+    /// Whether the user holds `role` and the client's scope admits it (the role appears in
+    /// the caller's token).
+    pub fn has_effective_role(&self, role: &str) -> bool {
+        self.has_role(role) && self.client_scope_roles.as_ref().is_none_or(|allowed| allowed.contains(role))
+    }
+}
+
+/// Why a read was denied. Goes to events and logs, never to the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DenyReason {
+    /// The caller's realm is not the link's.
+    OtherRealm,
+    /// The caller asked for another user's link without the admin scope.
+    NotOwner,
+    /// The user lacks the read role.
+    MissingRole,
+    /// The user has the role but the calling client's scope does not admit it.
+    RoleNotInClientScope,
+    /// The provider's tokens are not readable (e.g. `store_tokens` is off).
+    ProviderNotReadable,
+    /// The client is not allowed this provider.
+    ClientNotAllowed,
+    /// A host-specific reason.
+    Other(String),
+}
+
+/// A checker's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Decision {
+    /// The caller may read the link.
+    Allow,
+    /// The caller may not.
+    Deny(DenyReason),
+}
+
+/// Deciding failed (e.g. the host's role database was unreachable). Not a denial.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("authorization check failed")]
+pub struct AccessError {
+    #[source]
+    source: Option<BoxError>,
+}
+
+impl AccessError {
+    /// An error caused by `source`.
+    pub fn new(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        AccessError { source: Some(Arc::new(source)) }
+    }
+}
+
+/// Decides who may read which link (one required method, as axum-login's `AuthzBackend`).
+///
+/// # Contract
+/// - `decide` must not load tokens and must not reveal whether a link exists.
+/// - The broker calls it before every retrieval and treats `Err` as a failure, never as allow.
+#[async_trait]
+pub trait RoleChecker: Debug + Send + Sync + 'static {
+    /// Whether `caller` may read the link `target`.
+    async fn decide(&self, caller: &Caller, target: &TokenKey) -> Result<Decision, AccessError>;
+}
+
+/// The default checker, with Keycloak's semantics.
+///
+/// - The caller and the link must be in the same realm.
+/// - A caller reads its own links when the user holds the read role (`read-token` by default)
+///   **and** the calling client's scope admits it.
+/// - A caller whose token carries the admin scope (off by default; e.g.
+///   `read:user_idp_tokens`) may read any link of its realm.
+///
+/// ```
+/// use tokenbroker::KeycloakRoles;
+/// let checker = KeycloakRoles::new().with_admin_scope("read:user_idp_tokens");
+/// ```
+#[derive(Debug, Clone)]
+pub struct KeycloakRoles {
+    role: String,
+    admin_scope: Option<String>,
+}
+
+impl Default for KeycloakRoles {
+    fn default() -> Self {
+        KeycloakRoles::new()
+    }
+}
+
+impl KeycloakRoles {
+    /// Requires [`READ_TOKEN_ROLE`]; no admin scope.
+    pub fn new() -> Self {
+        KeycloakRoles { role: READ_TOKEN_ROLE.into(), admin_scope: None }
+    }
+    /// Requires another role name.
+    pub fn with_role(mut self, role: impl Into<String>) -> Self {
+        self.role = role.into();
+        self
+    }
+    /// Lets callers with this OAuth scope read any user's links in their realm.
+    pub fn with_admin_scope(mut self, scope: impl Into<String>) -> Self {
+        self.admin_scope = Some(scope.into());
+        self
+    }
+    /// The synchronous decision (the checker needs no I/O).
+    pub fn check(&self, caller: &Caller, target: &TokenKey) -> Decision {
+        if caller.realm != target.realm {
+            return Decision::Deny(DenyReason::OtherRealm);
+        }
+        if self.admin_scope.as_deref().is_some_and(|s| caller.scopes.contains(s)) {
+            return Decision::Allow;
+        }
+        if caller.subject != target.subject {
+            return Decision::Deny(DenyReason::NotOwner);
+        }
+        if !caller.has_role(&self.role) {
+            return Decision::Deny(DenyReason::MissingRole);
+        }
+        if !caller.has_effective_role(&self.role) {
+            return Decision::Deny(DenyReason::RoleNotInClientScope);
+        }
+        Decision::Allow
+    }
+}
+
+#[async_trait]
+impl RoleChecker for KeycloakRoles {
+    async fn decide(&self, caller: &Caller, target: &TokenKey) -> Result<Decision, AccessError> {
+        Ok(self.check(caller, target))
+    }
+}
+
+/// Per-provider storage and exposure settings (Keycloak's "Store tokens" and "Stored tokens
+/// readable").
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProviderPolicy {
+    /// Keep the provider's tokens after login (Keycloak `storeToken`). When off, login still
+    /// works but nothing is stored and nothing can be read. Default: on.
+    pub store_tokens: bool,
+    /// Grant the read role to a user the first time they link this provider, through the
+    /// broker's [`RoleGrantHook`] (Keycloak `addReadTokenRoleOnCreate`). Default: off.
+    pub stored_tokens_readable: bool,
+    /// Let the refresh token leave the broker in retrieval responses. Default: never.
+    pub expose_refresh_token: bool,
+}
+
+impl Default for ProviderPolicy {
+    fn default() -> Self {
+        ProviderPolicy { store_tokens: true, stored_tokens_readable: false, expose_refresh_token: false }
+    }
+}
+
+impl ProviderPolicy {
+    /// Sets `store_tokens`.
+    pub fn store_tokens(mut self, on: bool) -> Self {
+        self.store_tokens = on;
+        self
+    }
+    /// Sets `stored_tokens_readable`.
+    pub fn stored_tokens_readable(mut self, on: bool) -> Self {
+        self.stored_tokens_readable = on;
+        self
+    }
+    /// Sets `expose_refresh_token`.
+    pub fn expose_refresh_token(mut self, on: bool) -> Self {
+        self.expose_refresh_token = on;
+        self
+    }
+}
+
+/// Grants the read role to a user when they first link a provider whose policy has
+/// `stored_tokens_readable` (the host owns its users' roles, so the broker asks it).
+#[async_trait]
+pub trait RoleGrantHook: Debug + Send + Sync + 'static {
+    /// Grants `role` to `subject` in `realm`. Called once per first link.
+    async fn grant_role(&self, realm: &Realm, subject: &Subject, role: &str) -> Result<(), AccessError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(realm: &str, subject: &str) -> TokenKey {
+        TokenKey::parse(realm, subject, "google").unwrap()
+    }
+
+    fn caller(subject: &str) -> Caller {
+        Caller::new(Realm::new("acme").unwrap(), Subject::new(subject).unwrap(), "app")
+    }
+
+    #[test]
+    fn keycloak_matrix() {
+        let c = KeycloakRoles::new().with_admin_scope("read:user_idp_tokens");
+        let own = key("acme", "alice");
+        assert_eq!(c.check(&caller("alice").with_role(READ_TOKEN_ROLE), &own), Decision::Allow);
+        assert_eq!(c.check(&caller("alice"), &own), Decision::Deny(DenyReason::MissingRole));
+        assert_eq!(
+            c.check(&caller("alice").with_role(READ_TOKEN_ROLE).with_client_scope_roles(["other"]), &own),
+            Decision::Deny(DenyReason::RoleNotInClientScope)
+        );
+        assert_eq!(
+            c.check(&caller("bob").with_role(READ_TOKEN_ROLE), &own),
+            Decision::Deny(DenyReason::NotOwner)
+        );
+        let admin = caller("bob").with_scopes(Scopes::parse("read:user_idp_tokens"));
+        assert_eq!(c.check(&admin, &own), Decision::Allow);
+        assert_eq!(c.check(&admin, &key("other", "alice")), Decision::Deny(DenyReason::OtherRealm));
+    }
+}

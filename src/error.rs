@@ -1,0 +1,144 @@
+//! The crate's error types.
+//!
+//! Errors are values a caller acts on: [`Error`] says *what to do* (re-link, retry later, fix
+//! the configuration), and keeps the lower-level [`StoreError`] or [`ProviderError`] as its
+//! source. No error carries a token, a client secret or a key; `tests/redaction.rs` checks it.
+//!
+//! All errors are `Clone` (sources are shared behind an `Arc`), because one refresh answers
+//! many waiting readers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use crate::access::AccessError;
+pub use crate::ids::InvalidId;
+pub use crate::provider::ProviderError;
+pub use crate::store::StoreError;
+use crate::ids::TokenKey;
+
+/// A shared, thread-safe error source.
+pub type BoxError = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, in terms a host can act on.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The caller may not read this link. Returned before anything is loaded, so it says
+    /// nothing about whether the link exists.
+    #[error("access denied")]
+    Forbidden,
+
+    /// No link exists for the key (only returned to callers allowed to read it).
+    #[error("no tokens stored for {key}")]
+    NotFound {
+        /// The key looked up.
+        key: TokenKey,
+    },
+
+    /// The provider no longer accepts the grant (`invalid_grant`): the user must sign in to the
+    /// provider again. The link is kept, marked, so a re-link replaces it.
+    #[error("user must re-link {key}: {reason}")]
+    RelinkRequired {
+        /// The link.
+        key: TokenKey,
+        /// The provider's description, or ours.
+        reason: String,
+    },
+
+    /// The access token expired and there is no refresh token to renew it.
+    #[error("access token for {key} expired and no refresh token is stored; user must re-link")]
+    NoRefreshToken {
+        /// The link.
+        key: TokenKey,
+    },
+
+    /// The provider could not be reached or failed temporarily, and no still-valid access
+    /// token was at hand. The stored record is unchanged; retry after `retry_after`.
+    #[error("provider {provider} is temporarily unavailable")]
+    Unavailable {
+        /// The provider alias.
+        provider: String,
+        /// When to try again, if known.
+        retry_after: Option<Duration>,
+        /// The provider error.
+        #[source]
+        source: Option<ProviderError>,
+    },
+
+    /// Another instance held the refresh lease for longer than the broker waits.
+    #[error("refresh of {key} is still in progress elsewhere; try again")]
+    RefreshInProgress {
+        /// The link.
+        key: TokenKey,
+    },
+
+    /// The provider alias is not configured on this broker.
+    #[error("unknown provider {0:?}")]
+    UnknownProvider(String),
+
+    /// An identifier in the request was malformed.
+    #[error(transparent)]
+    InvalidId(#[from] InvalidId),
+
+    /// The login callback did not match the pending login (wrong or missing `state`), came too
+    /// late, or was already used.
+    #[error("login callback rejected: {reason}")]
+    LoginRejected {
+        /// Why (never contains the state or code).
+        reason: &'static str,
+    },
+
+    /// The user or provider refused the authorization (`error=access_denied` on the callback).
+    #[error("provider refused the authorization: {error}")]
+    AuthorizationDenied {
+        /// The `error` parameter.
+        error: String,
+        /// The `error_description` parameter, if any.
+        description: Option<String>,
+    },
+
+    /// The provider rejected the request for a reason the user cannot fix (a bad client
+    /// secret, a protocol error). The stored record is unchanged.
+    #[error("provider {provider} rejected the request")]
+    Provider {
+        /// The provider alias.
+        provider: String,
+        /// What the provider said.
+        #[source]
+        source: ProviderError,
+    },
+
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+
+    /// The role checker failed (not a denial: an error while deciding).
+    #[error(transparent)]
+    Access(#[from] AccessError),
+
+    /// The broker was configured inconsistently.
+    #[error("configuration error: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// A short, stable code for the error (used as the `error` field of JSON responses and in
+    /// events).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Forbidden => "forbidden",
+            Error::NotFound { .. } => "not_found",
+            Error::RelinkRequired { .. } | Error::NoRefreshToken { .. } => "relink_required",
+            Error::Unavailable { .. } | Error::RefreshInProgress { .. } => "temporarily_unavailable",
+            Error::UnknownProvider(_) | Error::InvalidId(_) => "invalid_request",
+            Error::LoginRejected { .. } => "invalid_state",
+            Error::AuthorizationDenied { .. } => "access_denied",
+            Error::Provider { .. } => "upstream_error",
+            Error::Store(_) | Error::Access(_) => "server_error",
+            Error::Config(_) => "server_error",
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! What happened: typed events for hosts (metrics, audit, webhooks) and `tracing`.
+//!
+//! Every event goes to `tracing` (target `tokenbroker`) and to the broker's [`EventSink`], if
+//! one is set. Events carry keys, reasons and counts, never a token.
+
+use std::fmt::Debug;
+use std::time::Duration;
+
+use crate::access::DenyReason;
+use crate::ids::{Subject, TokenKey};
+
+/// The outcome of an upstream revocation on unlink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RevocationStatus {
+    /// The provider accepted the revocation.
+    Revoked,
+    /// The provider has no revocation endpoint; the grant stays alive upstream until it
+    /// expires or the user revokes it there.
+    NotSupported,
+    /// The revocation failed; the message says why (no token in it).
+    Failed(String),
+    /// There was nothing to revoke (no record, or no token).
+    NothingToRevoke,
+}
+
+/// Something the broker did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BrokerEvent {
+    /// A user linked a provider (first time, or again after `relink`).
+    Linked {
+        /// The link.
+        key: TokenKey,
+        /// Whether a record existed before.
+        relinked: bool,
+    },
+    /// A refresh succeeded and was stored.
+    Refreshed {
+        /// The link.
+        key: TokenKey,
+        /// Whether the provider rotated the refresh token.
+        rotated: bool,
+    },
+    /// Another writer changed the record first; its tokens were used.
+    LostRace {
+        /// The link.
+        key: TokenKey,
+    },
+    /// The provider refused the grant; the link was marked.
+    RelinkRequired {
+        /// The link.
+        key: TokenKey,
+        /// The provider's reason.
+        reason: String,
+    },
+    /// A refresh failed in a way that may pass; the record is unchanged.
+    TransientFailure {
+        /// The link.
+        key: TokenKey,
+        /// The HTTP status, if an answer arrived.
+        status: Option<u16>,
+        /// When the broker will try again.
+        retry_after: Option<Duration>,
+        /// Whether a still-valid access token was served instead.
+        served_stale: bool,
+    },
+    /// A read was allowed.
+    ReadAllowed {
+        /// The link read.
+        key: TokenKey,
+        /// Who read it.
+        caller: Subject,
+        /// Through which client.
+        client_id: String,
+    },
+    /// A read was denied.
+    ReadDenied {
+        /// The link asked for.
+        key: TokenKey,
+        /// Who asked.
+        caller: Subject,
+        /// Through which client.
+        client_id: String,
+        /// Why.
+        reason: DenyReason,
+    },
+    /// A link was removed.
+    Unlinked {
+        /// The link.
+        key: TokenKey,
+        /// What happened upstream.
+        revocation: RevocationStatus,
+    },
+}
+
+/// Receives broker events. Called inline: keep it fast and non-blocking (send to a channel).
+pub trait EventSink: Debug + Send + Sync + 'static {
+    /// Handles one event.
+    fn emit(&self, event: &BrokerEvent);
+}
+
+pub(crate) fn trace(event: &BrokerEvent) {
+    match event {
+        BrokerEvent::ReadAllowed { key, .. } => tracing::debug!(target: "tokenbroker", %key, "read allowed"),
+        BrokerEvent::ReadDenied { key, caller, reason, .. } => {
+            tracing::info!(target: "tokenbroker", %key, %caller, ?reason, "read denied")
+        }
+        BrokerEvent::TransientFailure { key, status, .. } => {
+            tracing::warn!(target: "tokenbroker", %key, ?status, "transient refresh failure")
+        }
+        BrokerEvent::RelinkRequired { key, reason } => {
+            tracing::warn!(target: "tokenbroker", %key, %reason, "relink required")
+        }
+        other => tracing::info!(target: "tokenbroker", event = ?other),
+    }
+}

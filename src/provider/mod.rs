@@ -1,0 +1,237 @@
+//! Upstream identity providers: the [`Provider`] trait and the generic OAuth 2.0 provider.
+//!
+//! The broker owns the login security parameters (state, PKCE S256 verifier, nonce) and the
+//! refresh protocol; a provider only speaks its IdP's dialect: how to build the authorization
+//! URL, how to call the token endpoint, how to read its answers and classify its errors.
+
+mod oauth2;
+mod response;
+
+use std::fmt::Debug;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use url::Url;
+
+use crate::error::BoxError;
+use crate::ids::{ProviderId, Scopes};
+use crate::secret::Secret;
+use crate::token::ProviderTokens;
+
+pub use self::oauth2::{ClientAuth, OAuth2Config, OAuth2Provider};
+pub use self::response::{classify_error_response, parse_token_response};
+
+/// What the broker hands a provider to build an authorization URL.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AuthorizationRequest {
+    /// The `state` parameter (random, single-use).
+    pub state: Secret,
+    /// The PKCE S256 code challenge (derived from a secret verifier; itself public).
+    pub pkce_challenge: String,
+    /// The OpenID Connect `nonce` (providers without OIDC ignore it).
+    pub nonce: Secret,
+    /// The scopes to ask for (already including the provider's defaults).
+    pub scopes: Scopes,
+    /// Whether the broker already holds a refresh token for this user and provider. Providers
+    /// that issue refresh tokens only on first consent (Google) ask for consent when it is
+    /// `false`, and only then.
+    pub has_refresh_token: bool,
+    /// An optional `login_hint`.
+    pub login_hint: Option<String>,
+    /// Extra query parameters from the host, added last.
+    pub extra_params: Vec<(String, String)>,
+}
+
+/// What the broker hands a provider to redeem an authorization code.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct CodeExchange {
+    /// The authorization code from the callback.
+    pub code: Secret,
+    /// The PKCE verifier matching the challenge sent.
+    pub pkce_verifier: Secret,
+    /// The nonce sent (OIDC providers check the ID token's `nonce` against it).
+    pub nonce: Secret,
+    /// The scopes requested.
+    pub requested_scopes: Scopes,
+}
+
+/// Which token to revoke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TokenKind {
+    /// A refresh token (revoking it ends the grant at most providers).
+    RefreshToken,
+    /// An access token.
+    AccessToken,
+}
+
+impl TokenKind {
+    /// The RFC 7009 `token_type_hint` value.
+    pub fn hint(self) -> &'static str {
+        match self {
+            TokenKind::RefreshToken => "refresh_token",
+            TokenKind::AccessToken => "access_token",
+        }
+    }
+}
+
+/// How a provider treats a refresh token that was already used once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefreshTokenReuse {
+    /// A second use is an error and may revoke the whole grant (RFC 9700 §4.14, `oidc-provider`,
+    /// GitHub Apps). The broker assumes this unless told otherwise.
+    Rejected,
+    /// Old refresh tokens stay valid after rotation (Microsoft) or are never rotated (Google).
+    Tolerated,
+}
+
+/// An upstream identity provider.
+///
+/// # Contract
+/// - `authorization_url` must include `state`, the PKCE S256 challenge and, for OpenID
+///   Connect, the nonce, and must not include anything secret besides those.
+/// - `refresh` reports rotation by returning a new `refresh_token`; an answer without one
+///   means "keep the old one".
+/// - Errors must be classified: [`ProviderError::InvalidGrant`] only for a grant the provider
+///   refused (the broker then marks the link), [`ProviderError::Transient`] for anything that
+///   may work later (network, time-out, 429, 5xx).
+#[async_trait]
+pub trait Provider: Debug + Send + Sync + 'static {
+    /// The alias the provider is configured under.
+    fn id(&self) -> &ProviderId;
+
+    /// The scopes every login asks for.
+    fn default_scopes(&self) -> Scopes;
+
+    /// Builds the URL to send the user's browser to.
+    fn authorization_url(&self, request: &AuthorizationRequest) -> Result<Url, ProviderError>;
+
+    /// Redeems an authorization code.
+    async fn exchange_code(&self, exchange: &CodeExchange) -> Result<ProviderTokens, ProviderError>;
+
+    /// Uses a refresh token, optionally asking for narrower scopes.
+    async fn refresh(&self, refresh_token: &Secret, scopes: Option<&Scopes>) -> Result<ProviderTokens, ProviderError>;
+
+    /// Revokes a token upstream (RFC 7009). The default answers
+    /// [`ProviderError::Unsupported`]: a provider without a revocation endpoint must say so
+    /// rather than pretend.
+    async fn revoke(&self, _token: &Secret, _kind: TokenKind) -> Result<(), ProviderError> {
+        Err(ProviderError::Unsupported { operation: "revoke" })
+    }
+
+    /// How the provider treats a used refresh token. The default is the strict answer.
+    fn refresh_token_reuse(&self) -> RefreshTokenReuse {
+        RefreshTokenReuse::Rejected
+    }
+}
+
+/// A provider call failed.
+///
+/// Descriptions come from the provider's `error_description` and are cut to 200 characters;
+/// response bodies are never kept, because a malformed success body can still hold tokens.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProviderError {
+    /// The provider refused the grant: the refresh token (or code) is expired, revoked, used
+    /// or was never valid. For a refresh, the user must link again.
+    #[error("grant rejected by provider (invalid_grant){}", fmt_desc(.description))]
+    InvalidGrant {
+        /// The provider's description.
+        description: Option<String>,
+    },
+    /// The provider could not answer now: network failure, time-out, 429, 5xx.
+    #[error("provider temporarily unavailable{}{}", fmt_status(.status), fmt_desc(.reason))]
+    Transient {
+        /// The HTTP status, when an answer arrived.
+        status: Option<u16>,
+        /// The `Retry-After` the provider sent.
+        retry_after: Option<Duration>,
+        /// A short reason.
+        reason: Option<String>,
+        /// The transport error.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The provider rejected our client credentials (`invalid_client`, `unauthorized_client`):
+    /// a configuration problem, not the user's.
+    #[error("client authentication failed{}", fmt_desc(.description))]
+    InvalidClient {
+        /// The provider's description.
+        description: Option<String>,
+    },
+    /// The provider answered with another OAuth error (`invalid_request`, `invalid_scope`, ...).
+    #[error("provider rejected the request: {error}{}", fmt_desc(.description))]
+    Rejected {
+        /// The `error` code.
+        error: String,
+        /// The provider's description.
+        description: Option<String>,
+        /// The HTTP status.
+        status: u16,
+    },
+    /// The answer could not be understood (not JSON, missing fields, wrong types, truncated).
+    #[error("malformed provider response{}: {reason}", fmt_status(.status))]
+    Protocol {
+        /// The HTTP status.
+        status: Option<u16>,
+        /// What was wrong, naming fields but no values.
+        reason: String,
+    },
+    /// The ID token failed verification (signature, issuer, audience, expiry, nonce).
+    #[error("id token rejected: {reason}")]
+    IdToken {
+        /// Which check failed.
+        reason: String,
+    },
+    /// The provider does not support the operation (e.g. revocation at Microsoft).
+    #[error("{operation} is not supported by this provider")]
+    Unsupported {
+        /// The operation.
+        operation: &'static str,
+    },
+    /// The provider is configured wrongly (e.g. an unparsable endpoint URL).
+    #[error("provider configuration error: {reason}")]
+    Config {
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl ProviderError {
+    /// Whether a retry later may succeed with the same input: transient failures and answers
+    /// that could not be read (a proxy error page, a truncated body).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ProviderError::Transient { .. } | ProviderError::Protocol { .. })
+    }
+
+    /// The `Retry-After` the provider sent, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::Transient { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+fn fmt_desc(d: &Option<String>) -> String {
+    d.as_deref().map(|d| format!(": {d}")).unwrap_or_default()
+}
+
+fn fmt_status(s: &Option<u16>) -> String {
+    s.map(|s| format!(" (HTTP {s})")).unwrap_or_default()
+}
+
+/// Cuts provider-supplied text to a loggable size.
+pub(crate) fn truncate_description(text: &str) -> String {
+    const MAX: usize = 200;
+    if text.chars().count() <= MAX {
+        text.to_owned()
+    } else {
+        let mut t: String = text.chars().take(MAX).collect();
+        t.push('…');
+        t
+    }
+}

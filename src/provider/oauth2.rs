@@ -1,0 +1,362 @@
+//! A generic OAuth 2.0 provider on the `oauth2` crate.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use oauth2::basic::BasicClient;
+use oauth2::{
+    AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet, EndpointSet,
+    PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope, TokenUrl,
+};
+use url::Url;
+
+use super::response::parse_token_response;
+use super::{
+    AuthorizationRequest, CodeExchange, Provider, ProviderError, RefreshTokenReuse, TokenKind,
+};
+use crate::http::{ClientDebug, HttpError, HttpErrorKind, HttpResponse, SharedHttpClient};
+use crate::ids::{ProviderId, Scopes};
+use crate::secret::Secret;
+use crate::token::ProviderTokens;
+
+/// How the client authenticates at the token and revocation endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ClientAuth {
+    /// HTTP Basic (`client_secret_basic`), the RFC 6749 default.
+    #[default]
+    Basic,
+    /// `client_id` and `client_secret` in the form body (`client_secret_post`). Use it for
+    /// servers that do not decode form-encoded Basic credentials (secrets with `~`, `+`, `/`).
+    Post,
+}
+
+/// Configuration of a generic OAuth 2.0 provider.
+///
+/// ```
+/// use tokenbroker::provider::{ClientAuth, OAuth2Config};
+/// use tokenbroker::{ProviderId, Scopes, Secret};
+///
+/// let config = OAuth2Config::new(
+///     ProviderId::new("example")?,
+///     "client-1",
+///     "https://idp.example/authorize".parse()?,
+///     "https://idp.example/token".parse()?,
+///     "https://app.example/callback".parse()?,
+/// )
+/// .with_client_secret(Secret::new("s3cr~t"))
+/// .with_client_auth(ClientAuth::Post)
+/// .with_scopes(Scopes::parse("read write"))
+/// .with_revocation_endpoint("https://idp.example/revoke".parse()?);
+/// assert!(!format!("{config:?}").contains("s3cr~t"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct OAuth2Config {
+    /// The provider alias.
+    pub id: ProviderId,
+    /// The client id registered at the provider.
+    pub client_id: String,
+    /// The client secret (none for public clients).
+    pub client_secret: Option<Secret>,
+    /// The authorization endpoint.
+    pub authorization_endpoint: Url,
+    /// The token endpoint.
+    pub token_endpoint: Url,
+    /// The RFC 7009 revocation endpoint, if the provider has one.
+    pub revocation_endpoint: Option<Url>,
+    /// The redirect URI registered for this client.
+    pub redirect_uri: Url,
+    /// The scopes every login asks for.
+    pub scopes: Scopes,
+    /// How the client authenticates.
+    pub client_auth: ClientAuth,
+    /// Extra authorization parameters added to every login (e.g. `access_type=offline`).
+    pub authorize_params: Vec<(String, String)>,
+    /// How the provider treats used refresh tokens.
+    pub refresh_token_reuse: RefreshTokenReuse,
+}
+
+impl OAuth2Config {
+    /// A confidential-less configuration with the required endpoints; add a secret with
+    /// [`OAuth2Config::with_client_secret`].
+    pub fn new(
+        id: ProviderId,
+        client_id: impl Into<String>,
+        authorization_endpoint: Url,
+        token_endpoint: Url,
+        redirect_uri: Url,
+    ) -> Self {
+        OAuth2Config {
+            id,
+            client_id: client_id.into(),
+            client_secret: None,
+            authorization_endpoint,
+            token_endpoint,
+            revocation_endpoint: None,
+            redirect_uri,
+            scopes: Scopes::new(),
+            client_auth: ClientAuth::Basic,
+            authorize_params: Vec::new(),
+            refresh_token_reuse: RefreshTokenReuse::Rejected,
+        }
+    }
+    /// Sets the client secret.
+    pub fn with_client_secret(mut self, secret: Secret) -> Self {
+        self.client_secret = Some(secret);
+        self
+    }
+    /// Sets the revocation endpoint.
+    pub fn with_revocation_endpoint(mut self, url: Url) -> Self {
+        self.revocation_endpoint = Some(url);
+        self
+    }
+    /// Sets the default scopes.
+    pub fn with_scopes(mut self, scopes: Scopes) -> Self {
+        self.scopes = scopes;
+        self
+    }
+    /// Sets the client authentication method.
+    pub fn with_client_auth(mut self, auth: ClientAuth) -> Self {
+        self.client_auth = auth;
+        self
+    }
+    /// Adds an authorization parameter sent on every login.
+    pub fn with_authorize_param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.authorize_params.push((name.into(), value.into()));
+        self
+    }
+    /// Declares how the provider treats used refresh tokens.
+    pub fn with_refresh_token_reuse(mut self, reuse: RefreshTokenReuse) -> Self {
+        self.refresh_token_reuse = reuse;
+        self
+    }
+}
+
+/// A plain OAuth 2.0 provider: authorization code with PKCE S256, refresh, RFC 7009
+/// revocation when configured.
+///
+/// ```no_run
+/// # use tokenbroker::provider::{OAuth2Config, OAuth2Provider};
+/// # fn config() -> OAuth2Config { unimplemented!() }
+/// let http = std::sync::Arc::new(tokenbroker::http::ReqwestClient::new()?);
+/// let provider = OAuth2Provider::new(config(), http);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct OAuth2Provider {
+    config: OAuth2Config,
+    http: SharedHttpClient,
+}
+
+impl fmt::Debug for OAuth2Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OAuth2Provider").field("config", &self.config).field("http", &ClientDebug).finish()
+    }
+}
+
+type TokenClient = BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
+
+impl OAuth2Provider {
+    /// A provider sending its requests through `http`.
+    pub fn new(config: OAuth2Config, http: SharedHttpClient) -> Self {
+        OAuth2Provider { config, http }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &OAuth2Config {
+        &self.config
+    }
+
+    fn client(&self) -> TokenClient {
+        let c = &self.config;
+        let mut client = BasicClient::new(ClientId::new(c.client_id.clone()))
+            .set_auth_uri(AuthUrl::from_url(c.authorization_endpoint.clone()))
+            .set_token_uri(TokenUrl::from_url(c.token_endpoint.clone()))
+            .set_redirect_uri(RedirectUrl::from_url(c.redirect_uri.clone()))
+            .set_auth_type(match c.client_auth {
+                ClientAuth::Basic => AuthType::BasicAuth,
+                ClientAuth::Post => AuthType::RequestBody,
+            });
+        if let Some(secret) = &c.client_secret {
+            client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()));
+        }
+        client
+    }
+
+    /// Turns the outcome of an `oauth2` token request into tokens, reading the captured
+    /// answer ourselves (see [`parse_token_response`]).
+    fn finish<T, E>(
+        result: Result<T, RequestTokenError<HttpError, E>>,
+        capture: Capture,
+    ) -> Result<ProviderTokens, ProviderError>
+    where
+        E: oauth2::ErrorResponse,
+    {
+        if let Err(RequestTokenError::Request(e)) = result {
+            return Err(transport_error(e));
+        }
+        let Some(response) = capture.into_response() else {
+            return Err(ProviderError::Protocol { status: None, reason: "no answer was received".into() });
+        };
+        parse_token_response(response.status(), response.headers(), response.body())
+    }
+
+    /// Posts a form to an endpoint with this client's authentication.
+    async fn post_form(&self, url: &Url, mut form: Vec<(&str, &str)>) -> Result<HttpResponse, ProviderError> {
+        let mut builder = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(url.as_str())
+            .header(http::header::ACCEPT, "application/json")
+            .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        let secret = self.config.client_secret.as_ref().map(Secret::expose_secret);
+        match (self.config.client_auth, secret) {
+            (ClientAuth::Basic, Some(secret)) => {
+                // RFC 6749 §2.3.1: form-encode id and secret before Base64.
+                let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+                let creds = format!("{}:{}", enc(&self.config.client_id), enc(secret));
+                let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(creds));
+                builder = builder.header(http::header::AUTHORIZATION, value);
+            }
+            (_, secret) => {
+                form.push(("client_id", &self.config.client_id));
+                if let Some(secret) = secret {
+                    form.push(("client_secret", secret));
+                }
+            }
+        }
+        let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+        let request = builder
+            .body(body.into_bytes())
+            .map_err(|e| ProviderError::Config { reason: format!("cannot build request: {e}") })?;
+        self.http.execute(request).await.map_err(transport_error)
+    }
+}
+
+pub(crate) fn transport_error(e: HttpError) -> ProviderError {
+    match e.kind() {
+        HttpErrorKind::TooLarge => {
+            ProviderError::Protocol { status: None, reason: "answer larger than the 1 MiB limit".into() }
+        }
+        kind => ProviderError::Transient {
+            status: None,
+            retry_after: None,
+            reason: Some(format!("{kind:?}").to_lowercase()),
+            source: Some(std::sync::Arc::new(e)),
+        },
+    }
+}
+
+#[async_trait]
+impl Provider for OAuth2Provider {
+    fn id(&self) -> &ProviderId {
+        &self.config.id
+    }
+
+    fn default_scopes(&self) -> Scopes {
+        self.config.scopes.clone()
+    }
+
+    fn authorization_url(&self, request: &AuthorizationRequest) -> Result<Url, ProviderError> {
+        let state = request.state.expose_secret().to_owned();
+        let client = self.client();
+        let mut auth = client
+            .authorize_url(move || CsrfToken::new(state))
+            .add_scopes(request.scopes.iter().map(|s| Scope::new(s.to_owned())))
+            .add_extra_param("code_challenge", request.pkce_challenge.clone())
+            .add_extra_param("code_challenge_method", "S256");
+        if request.scopes.contains("openid") {
+            auth = auth.add_extra_param("nonce", request.nonce.expose_secret().to_owned());
+        }
+        if let Some(hint) = &request.login_hint {
+            auth = auth.add_extra_param("login_hint", hint.clone());
+        }
+        for (name, value) in self.config.authorize_params.iter().chain(&request.extra_params) {
+            auth = auth.add_extra_param(name.clone(), value.clone());
+        }
+        Ok(auth.url().0)
+    }
+
+    async fn exchange_code(&self, exchange: &CodeExchange) -> Result<ProviderTokens, ProviderError> {
+        let capture = Capture::new(&self.http);
+        let result = self
+            .client()
+            .exchange_code(AuthorizationCode::new(exchange.code.expose_secret().to_owned()))
+            .set_pkce_verifier(PkceCodeVerifier::new(exchange.pkce_verifier.expose_secret().to_owned()))
+            .request_async(&capture)
+            .await;
+        Self::finish(result, capture)
+    }
+
+    async fn refresh(&self, refresh_token: &Secret, scopes: Option<&Scopes>) -> Result<ProviderTokens, ProviderError> {
+        let capture = Capture::new(&self.http);
+        let token = RefreshToken::new(refresh_token.expose_secret().to_owned());
+        let client = self.client();
+        let mut request = client.exchange_refresh_token(&token);
+        if let Some(scopes) = scopes {
+            request = request.add_scopes(scopes.iter().map(|s| Scope::new(s.to_owned())));
+        }
+        let result = request.request_async(&capture).await;
+        Self::finish(result, capture)
+    }
+
+    async fn revoke(&self, token: &Secret, kind: TokenKind) -> Result<(), ProviderError> {
+        let Some(url) = &self.config.revocation_endpoint else {
+            return Err(ProviderError::Unsupported { operation: "revoke" });
+        };
+        // Built by hand: `oauth2` refuses http:// revocation URLs, which rules out loopback IdPs.
+        let response =
+            self.post_form(url, vec![("token", token.expose_secret()), ("token_type_hint", kind.hint())]).await?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        match parse_token_response(status, response.headers(), response.body()) {
+            Err(e) => Err(e),
+            Ok(_) => Err(ProviderError::Protocol { status: Some(status.as_u16()), reason: "unexpected answer".into() }),
+        }
+    }
+
+    fn refresh_token_reuse(&self) -> RefreshTokenReuse {
+        self.config.refresh_token_reuse
+    }
+}
+
+/// An `oauth2` HTTP client that forwards to ours and keeps the raw answer, because `oauth2`
+/// drops the HTTP status and rejects answers we can still read.
+struct Capture {
+    http: SharedHttpClient,
+    response: Mutex<Option<HttpResponse>>,
+}
+
+impl Capture {
+    fn new(http: &SharedHttpClient) -> Self {
+        let http = http.clone();
+        Capture { http, response: Mutex::new(None) }
+    }
+
+    fn into_response(self) -> Option<HttpResponse> {
+        self.response.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<'c> oauth2::AsyncHttpClient<'c> for Capture {
+    type Error = HttpError;
+    type Future = Pin<Box<dyn Future<Output = Result<oauth2::HttpResponse, HttpError>> + Send + 'c>>;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let response = self.http.execute(request).await?;
+            let copy = http::Response::builder()
+                .status(response.status())
+                .body(response.body().clone())
+                .map_err(|e| HttpError::with_source(HttpErrorKind::Other, e))?;
+            *self.response.lock().unwrap_or_else(|e| e.into_inner()) = Some(response);
+            Ok(copy)
+        })
+    }
+}

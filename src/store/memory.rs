@@ -1,0 +1,188 @@
+//! The embedded default store: a sharded in-process map.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use super::{Lease, LeaseAttempt, LeaseHolder, Record, StoreError, StoredRecord, TokenStore, Version};
+use crate::clock::{self, SharedClock};
+use crate::ids::{Realm, Subject, TokenKey};
+
+const SHARDS: usize = 32;
+
+/// An in-process [`TokenStore`]: fast, and gone when the process exits.
+///
+/// It is the right store for one instance, for tests, and as the quickstart default. Several
+/// broker instances in one process may share one `MemoryStore` (through an `Arc`), and then
+/// refresh correctly across each other, as with a database.
+///
+/// Keys are spread over 32 shards, each behind its own lock, so readers of different keys do not
+/// contend; no lock is held across an `.await`. Leases are judged by the store's [`Clock`]
+/// (the system clock unless [`MemoryStore::with_clock`] is used).
+///
+/// [`Clock`]: crate::Clock
+///
+/// ```
+/// use std::sync::Arc;
+/// use tokenbroker::{MemoryStore, TokenStore};
+///
+/// let store: Arc<dyn TokenStore> = Arc::new(MemoryStore::new());
+/// ```
+#[derive(Debug)]
+pub struct MemoryStore {
+    shards: Box<[RwLock<HashMap<TokenKey, Slot>>]>,
+    hasher: RandomState,
+    next_version: AtomicU64,
+    clock: SharedClock,
+}
+
+#[derive(Debug)]
+struct Slot {
+    record: Record,
+    version: Version,
+    lease: Option<(LeaseHolder, OffsetDateTime)>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store on the system clock.
+    pub fn new() -> Self {
+        MemoryStore::with_clock(clock::system())
+    }
+
+    /// An empty store whose leases follow `clock` (use a `ManualClock` in tests).
+    pub fn with_clock(clock: SharedClock) -> Self {
+        MemoryStore {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            next_version: AtomicU64::new(1),
+            clock,
+        }
+    }
+
+    /// The number of stored links.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| read(s).len()).sum()
+    }
+
+    /// Whether the store holds no link.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn shard(&self, key: &TokenKey) -> &RwLock<HashMap<TokenKey, Slot>> {
+        let i = self.hasher.hash_one(key) as usize % SHARDS;
+        &self.shards[i]
+    }
+
+    fn next_version(&self) -> Version {
+        Version::new(self.next_version.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+// A poisoned shard only means another thread panicked while holding it; every mutation below
+// is a single assignment, so the map is still consistent and we keep serving.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+#[async_trait]
+impl TokenStore for MemoryStore {
+    async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError> {
+        let shard = read(self.shard(key));
+        Ok(shard.get(key).map(|slot| StoredRecord::new(slot.record.clone(), slot.version)))
+    }
+
+    async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
+        let mut shard = write(self.shard(key));
+        match shard.entry(key.clone()) {
+            Entry::Occupied(_) => Err(StoreError::Conflict { key: key.clone() }),
+            Entry::Vacant(v) => {
+                let version = self.next_version();
+                v.insert(Slot { record: record.clone(), version, lease: None });
+                Ok(version)
+            }
+        }
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &TokenKey,
+        expected: Version,
+        record: &Record,
+    ) -> Result<Version, StoreError> {
+        let mut shard = write(self.shard(key));
+        match shard.get_mut(key) {
+            Some(slot) if slot.version == expected => {
+                slot.version = self.next_version();
+                slot.record = record.clone();
+                Ok(slot.version)
+            }
+            _ => Err(StoreError::Conflict { key: key.clone() }),
+        }
+    }
+
+    async fn delete(&self, key: &TokenKey, expected: Option<Version>) -> Result<bool, StoreError> {
+        let mut shard = write(self.shard(key));
+        match (shard.get(key), expected) {
+            (None, _) => Ok(false),
+            (Some(slot), Some(v)) if slot.version != v => Err(StoreError::Conflict { key: key.clone() }),
+            (Some(_), _) => Ok(shard.remove(key).is_some()),
+        }
+    }
+
+    async fn list(&self, realm: &Realm, subject: &Subject) -> Result<Vec<TokenKey>, StoreError> {
+        let mut keys = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = read(shard);
+            keys.extend(shard.keys().filter(|k| &k.realm == realm && &k.subject == subject).cloned());
+        }
+        Ok(keys)
+    }
+
+    async fn try_lease(
+        &self,
+        key: &TokenKey,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<LeaseAttempt, StoreError> {
+        let now = self.clock.now();
+        let mut shard = write(self.shard(key));
+        let Some(slot) = shard.get_mut(key) else {
+            return Ok(LeaseAttempt::Missing);
+        };
+        if let Some((_, until)) = &slot.lease {
+            if *until > now {
+                return Ok(LeaseAttempt::Busy);
+            }
+        }
+        let expires_at = now + ttl;
+        slot.lease = Some((holder.clone(), expires_at));
+        Ok(LeaseAttempt::Acquired(Lease::new(key.clone(), holder.clone(), expires_at)))
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        let mut shard = write(self.shard(&lease.key));
+        if let Some(slot) = shard.get_mut(&lease.key) {
+            if slot.lease.as_ref().is_some_and(|(holder, _)| holder == &lease.holder) {
+                slot.lease = None;
+            }
+        }
+        Ok(())
+    }
+}

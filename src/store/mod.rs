@@ -1,0 +1,365 @@
+//! Storage of links: the [`TokenStore`] trait, its record types, and [`MemoryStore`].
+//!
+//! # Implementing a `TokenStore`
+//!
+//! A store keeps one row per [`TokenKey`]: an opaque, secret [`Payload`] (the encoded token set),
+//! some plain [`RecordMeta`] it may index, a store-assigned [`Version`], and a short refresh
+//! lease. The broker never compares secrets to detect races: it compares versions.
+//!
+//! The trait uses `#[async_trait]` rather than native `async fn` so that hosts can choose a store
+//! at run time as `Arc<dyn TokenStore>`; the boxed future costs nothing next to a database round
+//! trip.
+//!
+//! A SQL store needs one table:
+//!
+//! ```sql
+//! CREATE TABLE links (
+//!   realm TEXT, subject TEXT, provider TEXT, version BIGINT NOT NULL,
+//!   payload BLOB NOT NULL, state TEXT NOT NULL, expires_at BIGINT, ...,
+//!   lease_holder TEXT, lease_expires_at BIGINT,
+//!   PRIMARY KEY (realm, subject, provider));
+//! -- compare_and_swap:  UPDATE links SET ..., version = version + 1
+//! --                    WHERE realm = $1 AND subject = $2 AND provider = $3 AND version = $4
+//! -- try_lease:         UPDATE links SET lease_holder = $4, lease_expires_at = now() + ttl
+//! --                    WHERE ... AND (lease_holder IS NULL OR lease_expires_at <= now())
+//! ```
+
+mod memory;
+
+use std::fmt::{self, Debug};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::error::BoxError;
+use crate::ids::{Realm, Subject, TokenKey};
+use crate::token::Payload;
+
+pub use memory::MemoryStore;
+
+/// A record version, assigned by the store. Opaque to the broker: it only checks equality.
+/// Every successful write gives a record a version it never had before.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Version(u64);
+
+impl Version {
+    /// Wraps a store's version number.
+    pub const fn new(n: u64) -> Self {
+        Version(n)
+    }
+    /// The version number.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Debug for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v{}", self.0)
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v{}", self.0)
+    }
+}
+
+/// Whether a link can still be used.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum LinkState {
+    /// The grant is believed to be alive.
+    Active,
+    /// The provider rejected the refresh token (`invalid_grant`) while the record was unchanged:
+    /// the user must link the account again. The record is kept so that the host can tell the
+    /// user what happened and which account to re-link.
+    RelinkRequired {
+        /// The provider's `error_description`, or a short reason of ours. Never a token.
+        reason: String,
+        /// When the broker found out.
+        #[serde(with = "time::serde::timestamp")]
+        since: OffsetDateTime,
+    },
+}
+
+impl LinkState {
+    /// Whether the link needs the user to sign in again.
+    pub fn is_relink_required(&self) -> bool {
+        matches!(self, LinkState::RelinkRequired { .. })
+    }
+
+    /// A short name: `active` or `relink_required` (for SQL columns and logs).
+    pub fn name(&self) -> &'static str {
+        match self {
+            LinkState::Active => "active",
+            LinkState::RelinkRequired { .. } => "relink_required",
+        }
+    }
+}
+
+/// Plain (non-secret) facts about a record, which a store may keep in columns and index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RecordMeta {
+    /// Whether the link is usable.
+    pub state: LinkState,
+    /// When the access token expires, if known (for sweeps).
+    #[serde(with = "time::serde::timestamp::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    /// When the link was first stored.
+    #[serde(with = "time::serde::timestamp")]
+    pub created_at: OffsetDateTime,
+    /// When the record was last written.
+    #[serde(with = "time::serde::timestamp")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl RecordMeta {
+    /// Metadata of an active link.
+    pub fn new(
+        state: LinkState,
+        expires_at: Option<OffsetDateTime>,
+        created_at: OffsetDateTime,
+        updated_at: OffsetDateTime,
+    ) -> Self {
+        RecordMeta { state, expires_at, created_at, updated_at }
+    }
+}
+
+/// What a store writes for one key.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Record {
+    /// The encoded token set: secret, opaque to the store.
+    pub payload: Payload,
+    /// Plain metadata.
+    pub meta: RecordMeta,
+}
+
+impl Record {
+    /// Builds a record.
+    pub fn new(payload: Payload, meta: RecordMeta) -> Self {
+        Record { payload, meta }
+    }
+}
+
+/// A record as loaded, with the version to pass to [`TokenStore::compare_and_swap`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct StoredRecord {
+    /// The record.
+    pub record: Record,
+    /// Its current version.
+    pub version: Version,
+}
+
+impl StoredRecord {
+    /// Builds a loaded record (for store implementations).
+    pub fn new(record: Record, version: Version) -> Self {
+        StoredRecord { record, version }
+    }
+}
+
+/// The identity of a lease holder: one per broker instance, random, never reused.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct LeaseHolder(Arc<str>);
+
+impl LeaseHolder {
+    /// A fresh random holder id.
+    pub fn random() -> Self {
+        LeaseHolder(format!("tb-{}", crate::secret::random_token(12)).into())
+    }
+    /// A holder id chosen by the host (e.g. a pod name plus a random suffix). It must be unique
+    /// among all instances sharing a store.
+    pub fn new(id: impl Into<String>) -> Self {
+        LeaseHolder(id.into().into())
+    }
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for LeaseHolder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LeaseHolder({})", self.0)
+    }
+}
+
+/// A refresh lease held on one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Lease {
+    /// The key it covers.
+    pub key: TokenKey,
+    /// Who holds it.
+    pub holder: LeaseHolder,
+    /// When it expires, by the store's clock.
+    pub expires_at: OffsetDateTime,
+}
+
+impl Lease {
+    /// Builds a lease (for store implementations).
+    pub fn new(key: TokenKey, holder: LeaseHolder, expires_at: OffsetDateTime) -> Self {
+        Lease { key, holder, expires_at }
+    }
+}
+
+/// The result of [`TokenStore::try_lease`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaseAttempt {
+    /// The caller holds the lease until it releases it or it expires.
+    Acquired(Lease),
+    /// Another holder has an unexpired lease on the key.
+    Busy,
+    /// No record exists for the key.
+    Missing,
+}
+
+/// Errors from a store.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// `insert` found the key present, or `compare_and_swap`/`delete` found another version (or
+    /// no record). The broker re-reads and goes on; it is the only kind it retries on.
+    #[error("record {key} already exists or was changed concurrently")]
+    Conflict {
+        /// The key written.
+        key: TokenKey,
+    },
+    /// The backend failed (connection lost, disk full, database down). Nothing was written, or
+    /// the write's outcome is unknown.
+    #[error("{store} store backend error")]
+    Backend {
+        /// Which store, e.g. `postgres`.
+        store: &'static str,
+        /// The backend's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A stored record could not be decoded or decrypted (tampered, truncated, wrong key).
+    #[error("stored record {key} could not be read: {reason}")]
+    Corrupt {
+        /// The key read.
+        key: TokenKey,
+        /// What was wrong, without the data.
+        reason: String,
+    },
+}
+
+impl StoreError {
+    /// A backend error from any error value.
+    pub fn backend(store: &'static str, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError::Backend { store, source: Arc::new(source) }
+    }
+}
+
+/// Storage for links, shared by every broker instance of a deployment.
+///
+/// # Contract
+///
+/// The conformance suite (`testing::store_conformance`, feature `testing`) checks each point.
+/// - `load` returns `Ok(None)` for a missing key, never an error.
+/// - `insert` writes only when the key is absent, and returns the new version; otherwise
+///   [`StoreError::Conflict`].
+/// - `compare_and_swap` writes only when the stored version equals `expected`, and returns
+///   the new version; a stale version or a missing record is [`StoreError::Conflict`].
+/// - Versions are assigned by the store and every successful write produces a version the key
+///   never had before (a counter that only grows is enough).
+/// - `delete` with `Some(version)` deletes only that version (a mismatch is `Conflict`;
+///   a missing key is `Ok(false)`); with `None` it deletes whatever is there. It returns
+///   whether a record was deleted.
+/// - `list` returns the keys of one subject in one realm, and nothing of other realms or
+///   subjects.
+/// - `try_lease` is atomic: at most one holder has an unexpired lease on a key at any time.
+///   A lease is judged by the **store's** clock and expires `ttl` after it was taken; once
+///   expired, anyone may take it. Taking a lease on a missing key answers
+///   [`LeaseAttempt::Missing`]. The holder that already holds an unexpired lease gets `Busy`
+///   too: leases are not re-entrant.
+/// - `release_lease` frees the lease only if it is still held by the same holder (a lease
+///   that expired and was taken by someone else stays theirs). Releasing is idempotent.
+/// - Leases do not change a record's version, and writes do not need a lease: the lease only
+///   keeps refresh tokens from being spent twice; versions keep writes from being lost.
+/// - Deleting a record drops its lease.
+#[async_trait]
+pub trait TokenStore: Debug + Send + Sync + 'static {
+    /// Loads a record.
+    async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError>;
+
+    /// Writes a record for a key that has none.
+    async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError>;
+
+    /// Replaces the record if its version is still `expected`.
+    async fn compare_and_swap(
+        &self,
+        key: &TokenKey,
+        expected: Version,
+        record: &Record,
+    ) -> Result<Version, StoreError>;
+
+    /// Deletes the record, if it is at version `expected` (or unconditionally with `None`).
+    async fn delete(&self, key: &TokenKey, expected: Option<Version>) -> Result<bool, StoreError>;
+
+    /// The keys of one subject's links in one realm, in any order.
+    async fn list(&self, realm: &Realm, subject: &Subject) -> Result<Vec<TokenKey>, StoreError>;
+
+    /// Tries to take the refresh lease on a key for `ttl`.
+    async fn try_lease(
+        &self,
+        key: &TokenKey,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<LeaseAttempt, StoreError>;
+
+    /// Releases a lease taken by `try_lease`.
+    async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError>;
+}
+
+macro_rules! forward_store {
+    ($ty:ty) => {
+        #[deny(clippy::missing_trait_methods)]
+        #[async_trait]
+        impl<T: TokenStore + ?Sized> TokenStore for $ty {
+            async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError> {
+                (**self).load(key).await
+            }
+            async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
+                (**self).insert(key, record).await
+            }
+            async fn compare_and_swap(
+                &self,
+                key: &TokenKey,
+                expected: Version,
+                record: &Record,
+            ) -> Result<Version, StoreError> {
+                (**self).compare_and_swap(key, expected, record).await
+            }
+            async fn delete(&self, key: &TokenKey, expected: Option<Version>) -> Result<bool, StoreError> {
+                (**self).delete(key, expected).await
+            }
+            async fn list(&self, realm: &Realm, subject: &Subject) -> Result<Vec<TokenKey>, StoreError> {
+                (**self).list(realm, subject).await
+            }
+            async fn try_lease(
+                &self,
+                key: &TokenKey,
+                holder: &LeaseHolder,
+                ttl: Duration,
+            ) -> Result<LeaseAttempt, StoreError> {
+                (**self).try_lease(key, holder, ttl).await
+            }
+            async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+                (**self).release_lease(lease).await
+            }
+        }
+    };
+}
+
+forward_store!(Arc<T>);
+forward_store!(Box<T>);

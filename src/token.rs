@@ -1,0 +1,393 @@
+//! Token sets: what a provider answered, what the broker keeps, and how they merge.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretSlice};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::ids::Scopes;
+use crate::secret::Secret;
+
+/// The tokens of one link, as the broker keeps them.
+///
+/// Built from a provider's answer by [`TokenSet::from_response`], and merged with a later answer
+/// by [`TokenSet::merge`], which never drops a refresh token the answer did not replace.
+///
+/// ```
+/// use tokenbroker::{Secret, TokenSet};
+/// use time::macros::datetime;
+///
+/// let set = TokenSet::new(Secret::new("at-1"), datetime!(2026-01-01 0:00 UTC))
+///     .with_refresh_token(Secret::new("rt-1"))
+///     .with_expires_at(datetime!(2026-01-01 1:00 UTC));
+/// assert!(format!("{set:?}").contains("[redacted]"));
+/// assert!(!format!("{set:?}").contains("at-1"));
+/// ```
+#[derive(Clone, Serialize, Deserialize)]
+pub struct TokenSet {
+    access_token: Secret,
+    token_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<Secret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id_token: Option<Secret>,
+    #[serde(default, with = "time::serde::timestamp::option", skip_serializing_if = "Option::is_none")]
+    expires_at: Option<OffsetDateTime>,
+    #[serde(default, with = "time::serde::timestamp::option", skip_serializing_if = "Option::is_none")]
+    refresh_expires_at: Option<OffsetDateTime>,
+    #[serde(default)]
+    scopes: Scopes,
+    #[serde(with = "time::serde::timestamp")]
+    obtained_at: OffsetDateTime,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    extras: BTreeMap<String, serde_json::Value>,
+}
+
+impl TokenSet {
+    /// A set holding only an access token of type `Bearer`, obtained at `obtained_at`, with no
+    /// known expiry.
+    pub fn new(access_token: Secret, obtained_at: OffsetDateTime) -> Self {
+        TokenSet {
+            access_token,
+            token_type: "Bearer".into(),
+            refresh_token: None,
+            id_token: None,
+            expires_at: None,
+            refresh_expires_at: None,
+            scopes: Scopes::new(),
+            obtained_at,
+            extras: BTreeMap::new(),
+        }
+    }
+
+    /// Builds the set a provider's answer describes, turning relative lifetimes into instants
+    /// with `now`. When the answer names no scopes, the granted scopes are `requested`
+    /// (RFC 6749 §5.1: the scope is omitted when it equals the requested one).
+    pub fn from_response(response: ProviderTokens, now: OffsetDateTime, requested: &Scopes) -> Self {
+        let at = |d: Option<Duration>| d.map(|d| now + d);
+        TokenSet {
+            access_token: response.access_token,
+            token_type: response.token_type.unwrap_or_else(|| "Bearer".into()),
+            refresh_token: response.refresh_token,
+            id_token: response.id_token,
+            expires_at: at(response.expires_in),
+            refresh_expires_at: at(response.refresh_expires_in),
+            scopes: response.scopes.unwrap_or_else(|| requested.clone()),
+            obtained_at: now,
+            extras: response.extras,
+        }
+    }
+
+    /// Merges a newer answer for the same grant into this set and returns the result.
+    ///
+    /// - The access token, its type, expiry and extras come from `newer`.
+    /// - A refresh token in `newer` replaces the stored one (rotation); an answer without one
+    ///   keeps the stored one and its expiry. A refresh token is never dropped.
+    /// - An ID token is replaced only when `newer` has one.
+    /// - Scopes come from `newer` (which `from_response` already filled from the request when
+    ///   the provider was silent).
+    pub fn merge(&self, newer: TokenSet) -> TokenSet {
+        let (refresh_token, refresh_expires_at) = match newer.refresh_token {
+            Some(rt) => (Some(rt), newer.refresh_expires_at),
+            None => (self.refresh_token.clone(), self.refresh_expires_at),
+        };
+        TokenSet {
+            refresh_token,
+            refresh_expires_at,
+            id_token: newer.id_token.or_else(|| self.id_token.clone()),
+            ..newer
+        }
+    }
+
+    /// Whether `newer` carries a different refresh token than this set (the provider rotated).
+    pub fn is_rotated_by(&self, newer: &TokenSet) -> bool {
+        match (&self.refresh_token, &newer.refresh_token) {
+            (Some(old), Some(new)) => !old.constant_time_eq(new),
+            (None, Some(_)) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the access token is still usable for at least `skew` at `now`. A set without a
+    /// known expiry counts as fresh (GitHub OAuth-app tokens never expire).
+    pub fn is_fresh(&self, now: OffsetDateTime, skew: Duration) -> bool {
+        match self.expires_at {
+            None => true,
+            Some(exp) => exp - now > skew,
+        }
+    }
+
+    /// Whether the access token has not yet expired at `now` (it may be inside the skew).
+    pub fn is_unexpired(&self, now: OffsetDateTime) -> bool {
+        self.expires_at.is_none_or(|exp| exp > now)
+    }
+
+    /// The access token.
+    pub fn access_token(&self) -> &Secret {
+        &self.access_token
+    }
+    /// The token type, usually `Bearer`.
+    pub fn token_type(&self) -> &str {
+        &self.token_type
+    }
+    /// The refresh token, if the provider issued one.
+    pub fn refresh_token(&self) -> Option<&Secret> {
+        self.refresh_token.as_ref()
+    }
+    /// The raw ID token (a JWT), if any.
+    pub fn id_token(&self) -> Option<&Secret> {
+        self.id_token.as_ref()
+    }
+    /// When the access token expires, if the provider said.
+    pub fn expires_at(&self) -> Option<OffsetDateTime> {
+        self.expires_at
+    }
+    /// When the refresh token expires, if the provider said.
+    pub fn refresh_expires_at(&self) -> Option<OffsetDateTime> {
+        self.refresh_expires_at
+    }
+    /// The scopes the provider granted.
+    pub fn scopes(&self) -> &Scopes {
+        &self.scopes
+    }
+    /// When the broker received this access token.
+    pub fn obtained_at(&self) -> OffsetDateTime {
+        self.obtained_at
+    }
+    /// Provider-specific fields kept from the answer (e.g. Microsoft's `ext_expires_in`).
+    pub fn extras(&self) -> &BTreeMap<String, serde_json::Value> {
+        &self.extras
+    }
+
+    /// Sets the token type.
+    pub fn with_token_type(mut self, token_type: impl Into<String>) -> Self {
+        self.token_type = token_type.into();
+        self
+    }
+    /// Sets the refresh token.
+    pub fn with_refresh_token(mut self, token: Secret) -> Self {
+        self.refresh_token = Some(token);
+        self
+    }
+    /// Sets the ID token.
+    pub fn with_id_token(mut self, token: Secret) -> Self {
+        self.id_token = Some(token);
+        self
+    }
+    /// Sets the access token's expiry.
+    pub fn with_expires_at(mut self, at: OffsetDateTime) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+    /// Sets the refresh token's expiry.
+    pub fn with_refresh_expires_at(mut self, at: OffsetDateTime) -> Self {
+        self.refresh_expires_at = Some(at);
+        self
+    }
+    /// Sets the granted scopes.
+    pub fn with_scopes(mut self, scopes: Scopes) -> Self {
+        self.scopes = scopes;
+        self
+    }
+    /// Adds a provider-specific field.
+    pub fn with_extra(mut self, name: impl Into<String>, value: serde_json::Value) -> Self {
+        self.extras.insert(name.into(), value);
+        self
+    }
+
+    /// Encodes the set for a store. The payload holds every token in clear text: stores keep
+    /// it as an opaque blob, and `EncryptedStore` encrypts it.
+    pub fn to_payload(&self) -> Payload {
+        let envelope = Envelope { v: 1, set: self };
+        let bytes = serde_json::to_vec(&envelope).expect("a token set always serializes to JSON");
+        Payload::new(bytes)
+    }
+
+    /// Decodes a payload written by [`TokenSet::to_payload`].
+    pub fn from_payload(payload: &Payload) -> Result<TokenSet, DecodeError> {
+        #[derive(Deserialize)]
+        struct Owned {
+            v: u32,
+            set: TokenSet,
+        }
+        let owned: Owned = serde_json::from_slice(payload.expose_secret()).map_err(|e| DecodeError {
+            // serde_json's message names the position and the expected type, never the input.
+            reason: e.to_string(),
+        })?;
+        if owned.v != 1 {
+            return Err(DecodeError { reason: format!("unknown payload version {}", owned.v) });
+        }
+        Ok(owned.set)
+    }
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    v: u32,
+    set: &'a TokenSet,
+}
+
+impl fmt::Debug for TokenSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenSet")
+            .field("access_token", &self.access_token)
+            .field("token_type", &self.token_type)
+            .field("refresh_token", &self.refresh_token)
+            .field("id_token", &self.id_token)
+            .field("expires_at", &self.expires_at)
+            .field("refresh_expires_at", &self.refresh_expires_at)
+            .field("scopes", &self.scopes)
+            .field("obtained_at", &self.obtained_at)
+            // Unknown provider fields may hold secrets: show their names only.
+            .field("extras", &self.extras.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// A stored payload could not be decoded.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("token set payload could not be decoded: {reason}")]
+pub struct DecodeError {
+    reason: String,
+}
+
+/// A provider's answer from the token endpoint, already parsed and classified, with lifetimes
+/// still relative. Providers build it; the broker turns it into a [`TokenSet`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ProviderTokens {
+    /// The access token.
+    pub access_token: Secret,
+    /// The token type (`Bearer` when the provider omitted it).
+    pub token_type: Option<String>,
+    /// A refresh token, when the provider issued or rotated one.
+    pub refresh_token: Option<Secret>,
+    /// The raw ID token, when the provider sent one.
+    pub id_token: Option<Secret>,
+    /// The access token's lifetime.
+    pub expires_in: Option<Duration>,
+    /// The refresh token's lifetime, when the provider says (`refresh_token_expires_in`).
+    pub refresh_expires_in: Option<Duration>,
+    /// The granted scopes, when the provider says.
+    pub scopes: Option<Scopes>,
+    /// Other fields worth keeping (e.g. `ext_expires_in`).
+    pub extras: BTreeMap<String, serde_json::Value>,
+}
+
+impl ProviderTokens {
+    /// An answer with just an access token.
+    pub fn new(access_token: Secret) -> Self {
+        ProviderTokens {
+            access_token,
+            token_type: None,
+            refresh_token: None,
+            id_token: None,
+            expires_in: None,
+            refresh_expires_in: None,
+            scopes: None,
+            extras: BTreeMap::new(),
+        }
+    }
+}
+
+/// An encoded token set as a store keeps it: opaque, secret bytes.
+///
+/// Cheap to clone; zeroized when the last clone is dropped; `Debug` shows only the length.
+#[derive(Clone)]
+pub struct Payload(Arc<SecretSlice<u8>>);
+
+impl Payload {
+    /// Wraps bytes.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Payload(Arc::new(SecretSlice::from(bytes)))
+    }
+    /// The bytes. Stores write them; nothing should log them.
+    pub fn expose_secret(&self) -> &[u8] {
+        self.0.expose_secret()
+    }
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.expose_secret().len()
+    }
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Payload([redacted; {} bytes])", self.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn set(rt: Option<&str>) -> TokenSet {
+        let s = TokenSet::new(Secret::new("at"), datetime!(2026-01-01 0:00 UTC))
+            .with_expires_at(datetime!(2026-01-01 1:00 UTC))
+            .with_id_token(Secret::new("idt"));
+        match rt {
+            Some(rt) => s.with_refresh_token(Secret::new(rt)),
+            None => s,
+        }
+    }
+
+    #[test]
+    fn merge_keeps_refresh_token_when_answer_has_none() {
+        let old = set(Some("rt-1"));
+        let merged = old.merge(TokenSet::new(Secret::new("at-2"), datetime!(2026-01-01 2:00 UTC)));
+        assert_eq!(merged.refresh_token().unwrap().expose_secret(), "rt-1");
+        assert_eq!(merged.access_token().expose_secret(), "at-2");
+        assert_eq!(merged.id_token().unwrap().expose_secret(), "idt");
+        assert!(!old.is_rotated_by(&merged));
+    }
+
+    #[test]
+    fn merge_replaces_rotated_refresh_token() {
+        let old = set(Some("rt-1"));
+        let newer = set(Some("rt-2"));
+        assert!(old.is_rotated_by(&newer));
+        assert_eq!(old.merge(newer).refresh_token().unwrap().expose_secret(), "rt-2");
+    }
+
+    #[test]
+    fn freshness_uses_the_skew() {
+        let s = set(None);
+        let skew = Duration::from_secs(60);
+        assert!(s.is_fresh(datetime!(2026-01-01 0:58 UTC), skew));
+        assert!(!s.is_fresh(datetime!(2026-01-01 0:59:30 UTC), skew));
+        assert!(s.is_unexpired(datetime!(2026-01-01 0:59:30 UTC)));
+        assert!(!s.is_unexpired(datetime!(2026-01-01 1:00 UTC)));
+        let no_expiry = TokenSet::new(Secret::new("gh"), datetime!(2026-01-01 0:00 UTC));
+        assert!(no_expiry.is_fresh(datetime!(2099-01-01 0:00 UTC), skew));
+    }
+
+    #[test]
+    fn payload_round_trips_byte_exact() {
+        let long = "x".repeat(10_000);
+        let s = set(Some("rt-ü-🔑")).with_extra("ext_expires_in", serde_json::json!(3599));
+        let s = TokenSet { access_token: Secret::new(long.clone()), ..s };
+        let back = TokenSet::from_payload(&s.to_payload()).unwrap();
+        assert_eq!(back.access_token().expose_secret(), long);
+        assert_eq!(back.refresh_token().unwrap().expose_secret(), "rt-ü-🔑");
+        assert_eq!(back.expires_at(), s.expires_at());
+        assert_eq!(back.refresh_expires_at(), None);
+        assert_eq!(back.extras()["ext_expires_in"], 3599);
+    }
+
+    #[test]
+    fn garbage_payload_is_a_typed_error() {
+        let err = TokenSet::from_payload(&Payload::new(b"{\"v\":1".to_vec())).unwrap_err();
+        assert!(err.to_string().contains("could not be decoded"));
+        let err = TokenSet::from_payload(&Payload::new(br#"{"v":9,"set":{}}"#.to_vec())).unwrap_err();
+        assert!(err.to_string().contains("could not be decoded"), "{err}");
+    }
+}
