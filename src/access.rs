@@ -62,7 +62,10 @@ impl Caller {
         self
     }
     /// Restricts the roles the calling client may use to `roles`.
-    pub fn with_client_scope_roles<I: IntoIterator<Item = S>, S: Into<String>>(mut self, roles: I) -> Self {
+    pub fn with_client_scope_roles<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        roles: I,
+    ) -> Self {
         self.client_scope_roles = Some(roles.into_iter().map(Into::into).collect());
         self
     }
@@ -78,7 +81,11 @@ impl Caller {
     /// Whether the user holds `role` and the client's scope admits it (the role appears in
     /// the caller's token).
     pub fn has_effective_role(&self, role: &str) -> bool {
-        self.has_role(role) && self.client_scope_roles.as_ref().is_none_or(|allowed| allowed.contains(role))
+        self.has_role(role)
+            && self
+                .client_scope_roles
+                .as_ref()
+                .is_none_or(|allowed| allowed.contains(role))
     }
 }
 
@@ -123,7 +130,9 @@ pub struct AccessError {
 impl AccessError {
     /// An error caused by `source`.
     pub fn new(source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        AccessError { source: Some(Arc::new(source)) }
+        AccessError {
+            source: Some(Arc::new(source)),
+        }
     }
 }
 
@@ -165,7 +174,10 @@ impl Default for KeycloakRoles {
 impl KeycloakRoles {
     /// Requires [`READ_TOKEN_ROLE`]; no admin scope.
     pub fn new() -> Self {
-        KeycloakRoles { role: READ_TOKEN_ROLE.into(), admin_scope: None }
+        KeycloakRoles {
+            role: READ_TOKEN_ROLE.into(),
+            admin_scope: None,
+        }
     }
     /// Requires another role name.
     pub fn with_role(mut self, role: impl Into<String>) -> Self {
@@ -182,7 +194,11 @@ impl KeycloakRoles {
         if caller.realm != target.realm {
             return Decision::Deny(DenyReason::OtherRealm);
         }
-        if self.admin_scope.as_deref().is_some_and(|s| caller.scopes.contains(s)) {
+        if self
+            .admin_scope
+            .as_deref()
+            .is_some_and(|s| caller.scopes.contains(s))
+        {
             return Decision::Allow;
         }
         if caller.subject != target.subject {
@@ -222,7 +238,11 @@ pub struct ProviderPolicy {
 
 impl Default for ProviderPolicy {
     fn default() -> Self {
-        ProviderPolicy { store_tokens: true, stored_tokens_readable: false, expose_refresh_token: false }
+        ProviderPolicy {
+            store_tokens: true,
+            stored_tokens_readable: false,
+            expose_refresh_token: false,
+        }
     }
 }
 
@@ -249,7 +269,12 @@ impl ProviderPolicy {
 #[async_trait]
 pub trait RoleGrantHook: Debug + Send + Sync + 'static {
     /// Grants `role` to `subject` in `realm`. Called once per first link.
-    async fn grant_role(&self, realm: &Realm, subject: &Subject, role: &str) -> Result<(), AccessError>;
+    async fn grant_role(
+        &self,
+        realm: &Realm,
+        subject: &Subject,
+        role: &str,
+    ) -> Result<(), AccessError>;
 }
 
 #[cfg(test)]
@@ -261,17 +286,32 @@ mod tests {
     }
 
     fn caller(subject: &str) -> Caller {
-        Caller::new(Realm::new("acme").unwrap(), Subject::new(subject).unwrap(), "app")
+        Caller::new(
+            Realm::new("acme").unwrap(),
+            Subject::new(subject).unwrap(),
+            "app",
+        )
     }
 
     #[test]
     fn keycloak_matrix() {
         let c = KeycloakRoles::new().with_admin_scope("read:user_idp_tokens");
         let own = key("acme", "alice");
-        assert_eq!(c.check(&caller("alice").with_role(READ_TOKEN_ROLE), &own), Decision::Allow);
-        assert_eq!(c.check(&caller("alice"), &own), Decision::Deny(DenyReason::MissingRole));
         assert_eq!(
-            c.check(&caller("alice").with_role(READ_TOKEN_ROLE).with_client_scope_roles(["other"]), &own),
+            c.check(&caller("alice").with_role(READ_TOKEN_ROLE), &own),
+            Decision::Allow
+        );
+        assert_eq!(
+            c.check(&caller("alice"), &own),
+            Decision::Deny(DenyReason::MissingRole)
+        );
+        assert_eq!(
+            c.check(
+                &caller("alice")
+                    .with_role(READ_TOKEN_ROLE)
+                    .with_client_scope_roles(["other"]),
+                &own
+            ),
             Decision::Deny(DenyReason::RoleNotInClientScope)
         );
         assert_eq!(
@@ -280,6 +320,9 @@ mod tests {
         );
         let admin = caller("bob").with_scopes(Scopes::parse("read:user_idp_tokens"));
         assert_eq!(c.check(&admin, &own), Decision::Allow);
-        assert_eq!(c.check(&admin, &key("other", "alice")), Decision::Deny(DenyReason::OtherRealm));
+        assert_eq!(
+            c.check(&admin, &key("other", "alice")),
+            Decision::Deny(DenyReason::OtherRealm)
+        );
     }
 }

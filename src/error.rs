@@ -12,9 +12,9 @@ use std::time::Duration;
 
 pub use crate::access::AccessError;
 pub use crate::ids::InvalidId;
+use crate::ids::TokenKey;
 pub use crate::provider::ProviderError;
 pub use crate::store::StoreError;
-use crate::ids::TokenKey;
 
 /// A shared, thread-safe error source.
 pub type BoxError = Arc<dyn std::error::Error + Send + Sync + 'static>;
@@ -119,6 +119,10 @@ pub enum Error {
     #[error(transparent)]
     Access(#[from] AccessError),
 
+    /// A broker invariant broke (a bug): e.g. a refresh task panicked.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+
     /// The broker was configured inconsistently.
     #[error("configuration error: {0}")]
     Config(String),
@@ -132,13 +136,15 @@ impl Error {
             Error::Forbidden => "forbidden",
             Error::NotFound { .. } => "not_found",
             Error::RelinkRequired { .. } | Error::NoRefreshToken { .. } => "relink_required",
-            Error::Unavailable { .. } | Error::RefreshInProgress { .. } => "temporarily_unavailable",
+            Error::Unavailable { .. } | Error::RefreshInProgress { .. } => {
+                "temporarily_unavailable"
+            }
             Error::UnknownProvider(_) | Error::InvalidId(_) => "invalid_request",
             Error::LoginRejected { .. } => "invalid_state",
             Error::AuthorizationDenied { .. } => "access_denied",
             Error::Provider { .. } => "upstream_error",
             Error::Store(_) | Error::Access(_) => "server_error",
-            Error::Config(_) => "server_error",
+            Error::Config(_) | Error::Internal(_) => "server_error",
         }
     }
 }

@@ -102,8 +102,15 @@ pub trait EventSink: Debug + Send + Sync + 'static {
 
 pub(crate) fn trace(event: &BrokerEvent) {
     match event {
-        BrokerEvent::ReadAllowed { key, .. } => tracing::debug!(target: "tokenbroker", %key, "read allowed"),
-        BrokerEvent::ReadDenied { key, caller, reason, .. } => {
+        BrokerEvent::ReadAllowed { key, .. } => {
+            tracing::debug!(target: "tokenbroker", %key, "read allowed")
+        }
+        BrokerEvent::ReadDenied {
+            key,
+            caller,
+            reason,
+            ..
+        } => {
             tracing::info!(target: "tokenbroker", %key, %caller, ?reason, "read denied")
         }
         BrokerEvent::TransientFailure { key, status, .. } => {

@@ -98,8 +98,14 @@ impl HttpError {
     }
 
     /// An error of `kind` caused by `source`.
-    pub fn with_source(kind: HttpErrorKind, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        HttpError { kind, source: Some(Arc::new(source)) }
+    pub fn with_source(
+        kind: HttpErrorKind,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        HttpError {
+            kind,
+            source: Some(Arc::new(source)),
+        }
     }
 
     /// What kind of failure it was.
@@ -121,7 +127,9 @@ pub struct ReqwestClient {
 #[cfg(feature = "reqwest")]
 impl fmt::Debug for ReqwestClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReqwestClient").field("timeout", &self.timeout).finish()
+        f.debug_struct("ReqwestClient")
+            .field("timeout", &self.timeout)
+            .finish()
     }
 }
 
@@ -150,7 +158,10 @@ impl ReqwestClient {
 
     /// Wraps a `reqwest::Client` the host built. It must not follow redirects.
     pub fn from_client(client: reqwest::Client) -> Self {
-        ReqwestClient { client, timeout: Self::DEFAULT_TIMEOUT }
+        ReqwestClient {
+            client,
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
     }
 }
 
@@ -175,8 +186,14 @@ fn classify_reqwest(e: reqwest::Error) -> HttpError {
 impl HttpClient for ReqwestClient {
     async fn execute(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
         let request = reqwest::Request::try_from(request).map_err(classify_reqwest)?;
-        let mut response = self.client.execute(request).await.map_err(classify_reqwest)?;
-        let mut builder = http::Response::builder().status(response.status()).version(response.version());
+        let mut response = self
+            .client
+            .execute(request)
+            .await
+            .map_err(classify_reqwest)?;
+        let mut builder = http::Response::builder()
+            .status(response.status())
+            .version(response.version());
         if let Some(headers) = builder.headers_mut() {
             *headers = std::mem::take(response.headers_mut());
         }
@@ -187,7 +204,9 @@ impl HttpClient for ReqwestClient {
             }
             body.extend_from_slice(&chunk);
         }
-        builder.body(body).map_err(|e| HttpError::with_source(HttpErrorKind::Other, e))
+        builder
+            .body(body)
+            .map_err(|e| HttpError::with_source(HttpErrorKind::Other, e))
     }
 }
 
@@ -195,7 +214,9 @@ impl HttpClient for ReqwestClient {
 pub(crate) fn default_client() -> Option<SharedHttpClient> {
     #[cfg(feature = "reqwest")]
     {
-        ReqwestClient::new().ok().map(|c| Arc::new(c) as SharedHttpClient)
+        ReqwestClient::new()
+            .ok()
+            .map(|c| Arc::new(c) as SharedHttpClient)
     }
     #[cfg(not(feature = "reqwest"))]
     {

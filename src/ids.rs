@@ -22,7 +22,11 @@ pub struct InvalidId {
 
 impl InvalidId {
     fn new(kind: &'static str, value: &str, rule: &'static str) -> Self {
-        InvalidId { kind, value: value.chars().take(64).collect(), rule }
+        InvalidId {
+            kind,
+            value: value.chars().take(64).collect(),
+            rule,
+        }
     }
 }
 
@@ -179,7 +183,11 @@ pub struct TokenKey {
 impl TokenKey {
     /// Builds a key.
     pub fn new(realm: Realm, subject: Subject, provider: ProviderId) -> Self {
-        TokenKey { realm, subject, provider }
+        TokenKey {
+            realm,
+            subject,
+            provider,
+        }
     }
 
     /// Parses and builds a key from three strings.
@@ -191,7 +199,11 @@ impl TokenKey {
     /// # Ok::<(), tokenbroker::InvalidId>(())
     /// ```
     pub fn parse(realm: &str, subject: &str, provider: &str) -> Result<Self, InvalidId> {
-        Ok(TokenKey::new(Realm::new(realm)?, Subject::new(subject)?, ProviderId::new(provider)?))
+        Ok(TokenKey::new(
+            Realm::new(realm)?,
+            Subject::new(subject)?,
+            ProviderId::new(provider)?,
+        ))
     }
 }
 
@@ -251,7 +263,8 @@ impl Scopes {
 
     /// Parses a scope string separated by spaces (RFC 6749 §3.3), commas, or both.
     pub fn parse(text: &str) -> Self {
-        text.split(|c: char| c.is_whitespace() || c == ',').collect()
+        text.split(|c: char| c.is_whitespace() || c == ',')
+            .collect()
     }
 
     /// Whether the set holds `scope`.
@@ -300,7 +313,13 @@ impl Scopes {
 
 impl<'a> FromIterator<&'a str> for Scopes {
     fn from_iter<I: IntoIterator<Item = &'a str>>(iter: I) -> Self {
-        Scopes(iter.into_iter().map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+        Scopes(
+            iter.into_iter()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+        )
     }
 }
 
@@ -370,7 +389,17 @@ mod tests {
         assert!(Scopes::parse("").is_empty());
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(json, "\"a b c\"");
-        assert_eq!(serde_json::from_str::<Scopes>("[\"c\",\"a\",\"a\"]").unwrap().to_string(), "a c");
-        assert_eq!(Scopes::parse("a b c").difference(&Scopes::parse("b")).to_string(), "a c");
+        assert_eq!(
+            serde_json::from_str::<Scopes>("[\"c\",\"a\",\"a\"]")
+                .unwrap()
+                .to_string(),
+            "a c"
+        );
+        assert_eq!(
+            Scopes::parse("a b c")
+                .difference(&Scopes::parse("b"))
+                .to_string(),
+            "a c"
+        );
     }
 }

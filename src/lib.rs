@@ -6,6 +6,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod access;
+mod broker;
 mod clock;
 pub mod error;
 pub mod events;
@@ -16,9 +17,17 @@ mod secret;
 pub mod store;
 mod token;
 
-pub use access::{Caller, Decision, DenyReason, KeycloakRoles, ProviderPolicy, RoleChecker, RoleGrantHook};
+pub use access::{
+    AccessError, Caller, Decision, DenyReason, KeycloakRoles, ProviderPolicy, RoleChecker,
+    RoleGrantHook,
+};
+pub use broker::{
+    BrokerResponse, Callback, LEASE_MARGIN, LinkOutcome, LoginOptions, LoginStart, PendingLogin,
+    RetrievedTokens, TokenBroker, TokenBrokerBuilder, UnlinkOutcome,
+};
 pub use clock::{Clock, SharedClock, SystemClock};
 pub use error::{Error, Result};
+pub use events::{BrokerEvent, EventSink, RevocationStatus};
 pub use ids::{InvalidId, ProviderId, Realm, Scopes, Subject, TokenKey};
 pub use provider::{Provider, ProviderError};
 pub use secret::Secret;

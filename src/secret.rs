@@ -41,7 +41,10 @@ impl Secret {
 
     /// Compares two secrets in constant time (for the length of the shorter one).
     pub fn constant_time_eq(&self, other: &Secret) -> bool {
-        let (a, b) = (self.expose_secret().as_bytes(), other.expose_secret().as_bytes());
+        let (a, b) = (
+            self.expose_secret().as_bytes(),
+            other.expose_secret().as_bytes(),
+        );
         a.len() == b.len() && bool::from(a.ct_eq(b))
     }
 

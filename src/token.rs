@@ -35,9 +35,17 @@ pub struct TokenSet {
     refresh_token: Option<Secret>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     id_token: Option<Secret>,
-    #[serde(default, with = "time::serde::timestamp::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "time::serde::timestamp::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     expires_at: Option<OffsetDateTime>,
-    #[serde(default, with = "time::serde::timestamp::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "time::serde::timestamp::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     refresh_expires_at: Option<OffsetDateTime>,
     #[serde(default)]
     scopes: Scopes,
@@ -67,7 +75,11 @@ impl TokenSet {
     /// Builds the set a provider's answer describes, turning relative lifetimes into instants
     /// with `now`. When the answer names no scopes, the granted scopes are `requested`
     /// (RFC 6749 §5.1: the scope is omitted when it equals the requested one).
-    pub fn from_response(response: ProviderTokens, now: OffsetDateTime, requested: &Scopes) -> Self {
+    pub fn from_response(
+        response: ProviderTokens,
+        now: OffsetDateTime,
+        requested: &Scopes,
+    ) -> Self {
         let at = |d: Option<Duration>| d.map(|d| now + d);
         TokenSet {
             access_token: response.access_token,
@@ -214,12 +226,15 @@ impl TokenSet {
             v: u32,
             set: TokenSet,
         }
-        let owned: Owned = serde_json::from_slice(payload.expose_secret()).map_err(|e| DecodeError {
-            // serde_json's message names the position and the expected type, never the input.
-            reason: e.to_string(),
-        })?;
+        let owned: Owned =
+            serde_json::from_slice(payload.expose_secret()).map_err(|e| DecodeError {
+                // serde_json's message names the position and the expected type, never the input.
+                reason: e.to_string(),
+            })?;
         if owned.v != 1 {
-            return Err(DecodeError { reason: format!("unknown payload version {}", owned.v) });
+            return Err(DecodeError {
+                reason: format!("unknown payload version {}", owned.v),
+            });
         }
         Ok(owned.set)
     }
@@ -343,7 +358,10 @@ mod tests {
     #[test]
     fn merge_keeps_refresh_token_when_answer_has_none() {
         let old = set(Some("rt-1"));
-        let merged = old.merge(TokenSet::new(Secret::new("at-2"), datetime!(2026-01-01 2:00 UTC)));
+        let merged = old.merge(TokenSet::new(
+            Secret::new("at-2"),
+            datetime!(2026-01-01 2:00 UTC),
+        ));
         assert_eq!(merged.refresh_token().unwrap().expose_secret(), "rt-1");
         assert_eq!(merged.access_token().expose_secret(), "at-2");
         assert_eq!(merged.id_token().unwrap().expose_secret(), "idt");
@@ -355,7 +373,10 @@ mod tests {
         let old = set(Some("rt-1"));
         let newer = set(Some("rt-2"));
         assert!(old.is_rotated_by(&newer));
-        assert_eq!(old.merge(newer).refresh_token().unwrap().expose_secret(), "rt-2");
+        assert_eq!(
+            old.merge(newer).refresh_token().unwrap().expose_secret(),
+            "rt-2"
+        );
     }
 
     #[test]
@@ -374,7 +395,10 @@ mod tests {
     fn payload_round_trips_byte_exact() {
         let long = "x".repeat(10_000);
         let s = set(Some("rt-ü-🔑")).with_extra("ext_expires_in", serde_json::json!(3599));
-        let s = TokenSet { access_token: Secret::new(long.clone()), ..s };
+        let s = TokenSet {
+            access_token: Secret::new(long.clone()),
+            ..s
+        };
         let back = TokenSet::from_payload(&s.to_payload()).unwrap();
         assert_eq!(back.access_token().expose_secret(), long);
         assert_eq!(back.refresh_token().unwrap().expose_secret(), "rt-ü-🔑");
@@ -387,7 +411,8 @@ mod tests {
     fn garbage_payload_is_a_typed_error() {
         let err = TokenSet::from_payload(&Payload::new(b"{\"v\":1".to_vec())).unwrap_err();
         assert!(err.to_string().contains("could not be decoded"));
-        let err = TokenSet::from_payload(&Payload::new(br#"{"v":9,"set":{}}"#.to_vec())).unwrap_err();
+        let err =
+            TokenSet::from_payload(&Payload::new(br#"{"v":9,"set":{}}"#.to_vec())).unwrap_err();
         assert!(err.to_string().contains("could not be decoded"), "{err}");
     }
 }

@@ -110,16 +110,23 @@ pub trait Provider: Debug + Send + Sync + 'static {
     fn authorization_url(&self, request: &AuthorizationRequest) -> Result<Url, ProviderError>;
 
     /// Redeems an authorization code.
-    async fn exchange_code(&self, exchange: &CodeExchange) -> Result<ProviderTokens, ProviderError>;
+    async fn exchange_code(&self, exchange: &CodeExchange)
+    -> Result<ProviderTokens, ProviderError>;
 
     /// Uses a refresh token, optionally asking for narrower scopes.
-    async fn refresh(&self, refresh_token: &Secret, scopes: Option<&Scopes>) -> Result<ProviderTokens, ProviderError>;
+    async fn refresh(
+        &self,
+        refresh_token: &Secret,
+        scopes: Option<&Scopes>,
+    ) -> Result<ProviderTokens, ProviderError>;
 
     /// Revokes a token upstream (RFC 7009). The default answers
     /// [`ProviderError::Unsupported`]: a provider without a revocation endpoint must say so
     /// rather than pretend.
     async fn revoke(&self, _token: &Secret, _kind: TokenKind) -> Result<(), ProviderError> {
-        Err(ProviderError::Unsupported { operation: "revoke" })
+        Err(ProviderError::Unsupported {
+            operation: "revoke",
+        })
     }
 
     /// How the provider treats a used refresh token. The default is the strict answer.
@@ -204,7 +211,10 @@ impl ProviderError {
     /// Whether a retry later may succeed with the same input: transient failures and answers
     /// that could not be read (a proxy error page, a truncated body).
     pub fn is_transient(&self) -> bool {
-        matches!(self, ProviderError::Transient { .. } | ProviderError::Protocol { .. })
+        matches!(
+            self,
+            ProviderError::Transient { .. } | ProviderError::Protocol { .. }
+        )
     }
 
     /// The `Retry-After` the provider sent, if any.

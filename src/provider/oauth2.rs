@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use oauth2::basic::BasicClient;
 use oauth2::{
-    AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet, EndpointSet,
-    PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope, TokenUrl,
+    AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet,
+    EndpointSet, PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope, TokenUrl,
 };
 use url::Url;
 
@@ -127,7 +127,11 @@ impl OAuth2Config {
         self
     }
     /// Adds an authorization parameter sent on every login.
-    pub fn with_authorize_param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+    pub fn with_authorize_param(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Self {
         self.authorize_params.push((name.into(), value.into()));
         self
     }
@@ -155,11 +159,15 @@ pub struct OAuth2Provider {
 
 impl fmt::Debug for OAuth2Provider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OAuth2Provider").field("config", &self.config).field("http", &ClientDebug).finish()
+        f.debug_struct("OAuth2Provider")
+            .field("config", &self.config)
+            .field("http", &ClientDebug)
+            .finish()
     }
 }
 
-type TokenClient = BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
+type TokenClient =
+    BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
 
 impl OAuth2Provider {
     /// A provider sending its requests through `http`.
@@ -201,25 +209,44 @@ impl OAuth2Provider {
             return Err(transport_error(e));
         }
         let Some(response) = capture.into_response() else {
-            return Err(ProviderError::Protocol { status: None, reason: "no answer was received".into() });
+            return Err(ProviderError::Protocol {
+                status: None,
+                reason: "no answer was received".into(),
+            });
         };
         parse_token_response(response.status(), response.headers(), response.body())
     }
 
     /// Posts a form to an endpoint with this client's authentication.
-    async fn post_form(&self, url: &Url, mut form: Vec<(&str, &str)>) -> Result<HttpResponse, ProviderError> {
+    async fn post_form(
+        &self,
+        url: &Url,
+        mut form: Vec<(&str, &str)>,
+    ) -> Result<HttpResponse, ProviderError> {
         let mut builder = http::Request::builder()
             .method(http::Method::POST)
             .uri(url.as_str())
             .header(http::header::ACCEPT, "application/json")
-            .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded");
-        let secret = self.config.client_secret.as_ref().map(Secret::expose_secret);
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            );
+        let secret = self
+            .config
+            .client_secret
+            .as_ref()
+            .map(Secret::expose_secret);
         match (self.config.client_auth, secret) {
             (ClientAuth::Basic, Some(secret)) => {
                 // RFC 6749 §2.3.1: form-encode id and secret before Base64.
-                let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+                let enc = |s: &str| {
+                    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
+                };
                 let creds = format!("{}:{}", enc(&self.config.client_id), enc(secret));
-                let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(creds));
+                let value = format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(creds)
+                );
                 builder = builder.header(http::header::AUTHORIZATION, value);
             }
             (_, secret) => {
@@ -229,19 +256,24 @@ impl OAuth2Provider {
                 }
             }
         }
-        let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
         let request = builder
             .body(body.into_bytes())
-            .map_err(|e| ProviderError::Config { reason: format!("cannot build request: {e}") })?;
+            .map_err(|e| ProviderError::Config {
+                reason: format!("cannot build request: {e}"),
+            })?;
         self.http.execute(request).await.map_err(transport_error)
     }
 }
 
 pub(crate) fn transport_error(e: HttpError) -> ProviderError {
     match e.kind() {
-        HttpErrorKind::TooLarge => {
-            ProviderError::Protocol { status: None, reason: "answer larger than the 1 MiB limit".into() }
-        }
+        HttpErrorKind::TooLarge => ProviderError::Protocol {
+            status: None,
+            reason: "answer larger than the 1 MiB limit".into(),
+        },
         kind => ProviderError::Transient {
             status: None,
             retry_after: None,
@@ -275,24 +307,40 @@ impl Provider for OAuth2Provider {
         if let Some(hint) = &request.login_hint {
             auth = auth.add_extra_param("login_hint", hint.clone());
         }
-        for (name, value) in self.config.authorize_params.iter().chain(&request.extra_params) {
+        for (name, value) in self
+            .config
+            .authorize_params
+            .iter()
+            .chain(&request.extra_params)
+        {
             auth = auth.add_extra_param(name.clone(), value.clone());
         }
         Ok(auth.url().0)
     }
 
-    async fn exchange_code(&self, exchange: &CodeExchange) -> Result<ProviderTokens, ProviderError> {
+    async fn exchange_code(
+        &self,
+        exchange: &CodeExchange,
+    ) -> Result<ProviderTokens, ProviderError> {
         let capture = Capture::new(&self.http);
         let result = self
             .client()
-            .exchange_code(AuthorizationCode::new(exchange.code.expose_secret().to_owned()))
-            .set_pkce_verifier(PkceCodeVerifier::new(exchange.pkce_verifier.expose_secret().to_owned()))
+            .exchange_code(AuthorizationCode::new(
+                exchange.code.expose_secret().to_owned(),
+            ))
+            .set_pkce_verifier(PkceCodeVerifier::new(
+                exchange.pkce_verifier.expose_secret().to_owned(),
+            ))
             .request_async(&capture)
             .await;
         Self::finish(result, capture)
     }
 
-    async fn refresh(&self, refresh_token: &Secret, scopes: Option<&Scopes>) -> Result<ProviderTokens, ProviderError> {
+    async fn refresh(
+        &self,
+        refresh_token: &Secret,
+        scopes: Option<&Scopes>,
+    ) -> Result<ProviderTokens, ProviderError> {
         let capture = Capture::new(&self.http);
         let token = RefreshToken::new(refresh_token.expose_secret().to_owned());
         let client = self.client();
@@ -306,18 +354,30 @@ impl Provider for OAuth2Provider {
 
     async fn revoke(&self, token: &Secret, kind: TokenKind) -> Result<(), ProviderError> {
         let Some(url) = &self.config.revocation_endpoint else {
-            return Err(ProviderError::Unsupported { operation: "revoke" });
+            return Err(ProviderError::Unsupported {
+                operation: "revoke",
+            });
         };
         // Built by hand: `oauth2` refuses http:// revocation URLs, which rules out loopback IdPs.
-        let response =
-            self.post_form(url, vec![("token", token.expose_secret()), ("token_type_hint", kind.hint())]).await?;
+        let response = self
+            .post_form(
+                url,
+                vec![
+                    ("token", token.expose_secret()),
+                    ("token_type_hint", kind.hint()),
+                ],
+            )
+            .await?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
         }
         match parse_token_response(status, response.headers(), response.body()) {
             Err(e) => Err(e),
-            Ok(_) => Err(ProviderError::Protocol { status: Some(status.as_u16()), reason: "unexpected answer".into() }),
+            Ok(_) => Err(ProviderError::Protocol {
+                status: Some(status.as_u16()),
+                reason: "unexpected answer".into(),
+            }),
         }
     }
 
@@ -336,17 +396,23 @@ struct Capture {
 impl Capture {
     fn new(http: &SharedHttpClient) -> Self {
         let http = http.clone();
-        Capture { http, response: Mutex::new(None) }
+        Capture {
+            http,
+            response: Mutex::new(None),
+        }
     }
 
     fn into_response(self) -> Option<HttpResponse> {
-        self.response.into_inner().unwrap_or_else(|e| e.into_inner())
+        self.response
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl<'c> oauth2::AsyncHttpClient<'c> for Capture {
     type Error = HttpError;
-    type Future = Pin<Box<dyn Future<Output = Result<oauth2::HttpResponse, HttpError>> + Send + 'c>>;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<oauth2::HttpResponse, HttpError>> + Send + 'c>>;
 
     fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
         Box::pin(async move {

@@ -61,10 +61,18 @@ pub fn parse_token_response(
             source: None,
         });
     }
-    let protocol = |reason: String| ProviderError::Protocol { status: Some(status.as_u16()), reason };
+    let protocol = |reason: String| ProviderError::Protocol {
+        status: Some(status.as_u16()),
+        reason,
+    };
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         // serde_json's syntax messages give a position, not input.
-        protocol(format!("body is not JSON ({} at line {} column {})", category(&e), e.line(), e.column()))
+        protocol(format!(
+            "body is not JSON ({} at line {} column {})",
+            category(&e),
+            e.line(),
+            e.column()
+        ))
     })?;
     let Value::Object(obj) = value else {
         return Err(protocol("body is not a JSON object".into()));
@@ -105,10 +113,19 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// mean our credentials are wrong; `temporarily_unavailable`, `server_error` and `slow_down`
 /// are transient; anything else is [`ProviderError::Rejected`].
 pub fn classify_error_response(status: u16, obj: &Map<String, Value>) -> ProviderError {
-    let error = obj.get("error").and_then(Value::as_str).unwrap_or("").to_owned();
-    let description = obj.get("error_description").and_then(Value::as_str).map(truncate_description);
+    let error = obj
+        .get("error")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let description = obj
+        .get("error_description")
+        .and_then(Value::as_str)
+        .map(truncate_description);
     match error.as_str() {
-        "invalid_grant" | "bad_refresh_token" | "bad_verification_code" => ProviderError::InvalidGrant { description },
+        "invalid_grant" | "bad_refresh_token" | "bad_verification_code" => {
+            ProviderError::InvalidGrant { description }
+        }
         "invalid_client" | "unauthorized_client" | "incorrect_client_credentials" => {
             ProviderError::InvalidClient { description }
         }
@@ -118,8 +135,15 @@ pub fn classify_error_response(status: u16, obj: &Map<String, Value>) -> Provide
             reason: Some(error),
             source: None,
         },
-        "" => ProviderError::Protocol { status: Some(status), reason: "`error` is not a non-empty string".into() },
-        _ => ProviderError::Rejected { error: truncate_description(&error), description, status },
+        "" => ProviderError::Protocol {
+            status: Some(status),
+            reason: "`error` is not a non-empty string".into(),
+        },
+        _ => ProviderError::Rejected {
+            error: truncate_description(&error),
+            description,
+            status,
+        },
     }
 }
 
@@ -174,10 +198,16 @@ fn seconds(obj: &Map<String, Value>, field: &str) -> Result<Option<Duration>, St
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match (n.as_u64(), n.as_f64()) {
             (Some(s), _) => Ok(Some(Duration::from_secs(s))),
-            (None, Some(f)) if f.is_finite() && f >= 0.0 && f < 1e12 => Ok(Some(Duration::from_secs(f as u64))),
+            (None, Some(f)) if f.is_finite() && f >= 0.0 && f < 1e12 => {
+                Ok(Some(Duration::from_secs(f as u64)))
+            }
             _ => Err(bad()),
         },
-        Some(Value::String(s)) => s.trim().parse::<u64>().map(|s| Some(Duration::from_secs(s))).map_err(|_| bad()),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<u64>()
+            .map(|s| Some(Duration::from_secs(s)))
+            .map_err(|_| bad()),
         Some(_) => Err(bad()),
     }
 }
@@ -187,7 +217,11 @@ mod tests {
     use super::*;
 
     fn parse(status: u16, body: &str) -> Result<ProviderTokens, ProviderError> {
-        parse_token_response(StatusCode::from_u16(status).unwrap(), &HeaderMap::new(), body.as_bytes())
+        parse_token_response(
+            StatusCode::from_u16(status).unwrap(),
+            &HeaderMap::new(),
+            body.as_bytes(),
+        )
     }
 
     #[test]
@@ -208,11 +242,19 @@ mod tests {
 
     #[test]
     fn tolerates_odd_shapes() {
-        let t = parse(200, r#"{"access_token":"at","expires_in":"3599","scope":"repo,gist"}"#).unwrap();
+        let t = parse(
+            200,
+            r#"{"access_token":"at","expires_in":"3599","scope":"repo,gist"}"#,
+        )
+        .unwrap();
         assert_eq!(t.expires_in, Some(Duration::from_secs(3599)));
         assert_eq!(t.token_type, None);
         assert_eq!(t.scopes.unwrap().to_string(), "gist repo");
-        let t = parse(200, r#"{"access_token":"at","token_type":"bearer","refresh_token":""}"#).unwrap();
+        let t = parse(
+            200,
+            r#"{"access_token":"at","token_type":"bearer","refresh_token":""}"#,
+        )
+        .unwrap();
         assert_eq!(t.token_type.as_deref(), Some("Bearer"));
         assert!(t.refresh_token.is_none());
     }
@@ -223,7 +265,10 @@ mod tests {
             parse(400, r#"{"error":"invalid_grant","error_description":"Token has been expired or revoked."}"#),
             Err(ProviderError::InvalidGrant { description: Some(d) }) if d.contains("revoked")
         ));
-        assert!(matches!(parse(401, r#"{"error":"invalid_client"}"#), Err(ProviderError::InvalidClient { .. })));
+        assert!(matches!(
+            parse(401, r#"{"error":"invalid_client"}"#),
+            Err(ProviderError::InvalidClient { .. })
+        ));
         assert!(matches!(
             parse(200, r#"{"error":"bad_refresh_token"}"#),
             Err(ProviderError::InvalidGrant { .. })
@@ -234,10 +279,16 @@ mod tests {
         ));
         assert!(matches!(
             parse(503, "<html>down</html>"),
-            Err(ProviderError::Transient { status: Some(503), .. })
+            Err(ProviderError::Transient {
+                status: Some(503),
+                ..
+            })
         ));
         // A 5xx is transient even when its body claims a dead grant.
-        assert!(matches!(parse(502, r#"{"error":"invalid_grant"}"#), Err(ProviderError::Transient { .. })));
+        assert!(matches!(
+            parse(502, r#"{"error":"invalid_grant"}"#),
+            Err(ProviderError::Transient { .. })
+        ));
         let mut h = HeaderMap::new();
         h.insert(http::header::RETRY_AFTER, "7".parse().unwrap());
         let e = parse_token_response(StatusCode::TOO_MANY_REQUESTS, &h, b"").unwrap_err();
@@ -257,9 +308,18 @@ mod tests {
             "",
         ] {
             let err = parse(200, body).unwrap_err();
-            assert!(matches!(err, ProviderError::Protocol { .. }), "{body}: {err:?}");
+            assert!(
+                matches!(err, ProviderError::Protocol { .. }),
+                "{body}: {err:?}"
+            );
             assert!(!err.to_string().contains("secret-at"), "{err}");
         }
-        assert!(matches!(parse(400, "<html/>"), Err(ProviderError::Protocol { status: Some(400), .. })));
+        assert!(matches!(
+            parse(400, "<html/>"),
+            Err(ProviderError::Protocol {
+                status: Some(400),
+                ..
+            })
+        ));
     }
 }

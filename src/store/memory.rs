@@ -10,7 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
-use super::{Lease, LeaseAttempt, LeaseHolder, Record, StoreError, StoredRecord, TokenStore, Version};
+use super::{
+    Lease, LeaseAttempt, LeaseHolder, Record, StoreError, StoredRecord, TokenStore, Version,
+};
 use crate::clock::{self, SharedClock};
 use crate::ids::{Realm, Subject, TokenKey};
 
@@ -105,7 +107,9 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 impl TokenStore for MemoryStore {
     async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError> {
         let shard = read(self.shard(key));
-        Ok(shard.get(key).map(|slot| StoredRecord::new(slot.record.clone(), slot.version)))
+        Ok(shard
+            .get(key)
+            .map(|slot| StoredRecord::new(slot.record.clone(), slot.version)))
     }
 
     async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
@@ -114,7 +118,11 @@ impl TokenStore for MemoryStore {
             Entry::Occupied(_) => Err(StoreError::Conflict { key: key.clone() }),
             Entry::Vacant(v) => {
                 let version = self.next_version();
-                v.insert(Slot { record: record.clone(), version, lease: None });
+                v.insert(Slot {
+                    record: record.clone(),
+                    version,
+                    lease: None,
+                });
                 Ok(version)
             }
         }
@@ -141,7 +149,9 @@ impl TokenStore for MemoryStore {
         let mut shard = write(self.shard(key));
         match (shard.get(key), expected) {
             (None, _) => Ok(false),
-            (Some(slot), Some(v)) if slot.version != v => Err(StoreError::Conflict { key: key.clone() }),
+            (Some(slot), Some(v)) if slot.version != v => {
+                Err(StoreError::Conflict { key: key.clone() })
+            }
             (Some(_), _) => Ok(shard.remove(key).is_some()),
         }
     }
@@ -150,7 +160,12 @@ impl TokenStore for MemoryStore {
         let mut keys = Vec::new();
         for shard in self.shards.iter() {
             let shard = read(shard);
-            keys.extend(shard.keys().filter(|k| &k.realm == realm && &k.subject == subject).cloned());
+            keys.extend(
+                shard
+                    .keys()
+                    .filter(|k| &k.realm == realm && &k.subject == subject)
+                    .cloned(),
+            );
         }
         Ok(keys)
     }
@@ -173,13 +188,21 @@ impl TokenStore for MemoryStore {
         }
         let expires_at = now + ttl;
         slot.lease = Some((holder.clone(), expires_at));
-        Ok(LeaseAttempt::Acquired(Lease::new(key.clone(), holder.clone(), expires_at)))
+        Ok(LeaseAttempt::Acquired(Lease::new(
+            key.clone(),
+            holder.clone(),
+            expires_at,
+        )))
     }
 
     async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
         let mut shard = write(self.shard(&lease.key));
         if let Some(slot) = shard.get_mut(&lease.key) {
-            if slot.lease.as_ref().is_some_and(|(holder, _)| holder == &lease.holder) {
+            if slot
+                .lease
+                .as_ref()
+                .is_some_and(|(holder, _)| holder == &lease.holder)
+            {
                 slot.lease = None;
             }
         }

@@ -127,7 +127,12 @@ impl RecordMeta {
         created_at: OffsetDateTime,
         updated_at: OffsetDateTime,
     ) -> Self {
-        RecordMeta { state, expires_at, created_at, updated_at }
+        RecordMeta {
+            state,
+            expires_at,
+            created_at,
+            updated_at,
+        }
     }
 }
 
@@ -206,7 +211,11 @@ pub struct Lease {
 impl Lease {
     /// Builds a lease (for store implementations).
     pub fn new(key: TokenKey, holder: LeaseHolder, expires_at: OffsetDateTime) -> Self {
-        Lease { key, holder, expires_at }
+        Lease {
+            key,
+            holder,
+            expires_at,
+        }
     }
 }
 
@@ -255,8 +264,14 @@ pub enum StoreError {
 
 impl StoreError {
     /// A backend error from any error value.
-    pub fn backend(store: &'static str, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        StoreError::Backend { store, source: Arc::new(source) }
+    pub fn backend(
+        store: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StoreError::Backend {
+            store,
+            source: Arc::new(source),
+        }
     }
 }
 
@@ -340,10 +355,18 @@ macro_rules! forward_store {
             ) -> Result<Version, StoreError> {
                 (**self).compare_and_swap(key, expected, record).await
             }
-            async fn delete(&self, key: &TokenKey, expected: Option<Version>) -> Result<bool, StoreError> {
+            async fn delete(
+                &self,
+                key: &TokenKey,
+                expected: Option<Version>,
+            ) -> Result<bool, StoreError> {
                 (**self).delete(key, expected).await
             }
-            async fn list(&self, realm: &Realm, subject: &Subject) -> Result<Vec<TokenKey>, StoreError> {
+            async fn list(
+                &self,
+                realm: &Realm,
+                subject: &Subject,
+            ) -> Result<Vec<TokenKey>, StoreError> {
                 (**self).list(realm, subject).await
             }
             async fn try_lease(

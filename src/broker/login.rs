@@ -1,0 +1,409 @@
+//! Linking an account: the authorization-code flow with state, PKCE S256 and nonce.
+
+use std::fmt;
+use std::time::Duration;
+
+use oauth2::{PkceCodeChallenge, PkceCodeVerifier};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use url::Url;
+
+use super::{Inner, TokenBroker};
+use crate::error::{Error, Result};
+use crate::events::BrokerEvent;
+use crate::ids::{Scopes, TokenKey};
+use crate::provider::{AuthorizationRequest, CodeExchange, ProviderError};
+use crate::secret::{Secret, random_token};
+use crate::store::{LinkState, Record, RecordMeta, StoreError};
+use crate::token::TokenSet;
+
+/// Options for [`TokenBroker::begin_login`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct LoginOptions {
+    /// Scopes to ask for besides the provider's defaults.
+    pub scopes: Scopes,
+    /// A `login_hint` for the provider.
+    pub login_hint: Option<String>,
+    /// Extra authorization parameters.
+    pub extra_params: Vec<(String, String)>,
+}
+
+impl LoginOptions {
+    /// Asks for more scopes.
+    pub fn with_scopes(mut self, scopes: Scopes) -> Self {
+        self.scopes = scopes;
+        self
+    }
+    /// Sets the `login_hint`.
+    pub fn with_login_hint(mut self, hint: impl Into<String>) -> Self {
+        self.login_hint = Some(hint.into());
+        self
+    }
+    /// Adds an authorization parameter.
+    pub fn with_param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.extra_params.push((name.into(), value.into()));
+        self
+    }
+}
+
+/// The first half of a login: where to send the browser, and what to keep until it returns.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct LoginStart {
+    /// The provider's authorization URL. Redirect the user's browser to it.
+    pub authorization_url: Url,
+    /// Keep this in the user's server-side session until the callback arrives.
+    pub pending: PendingLogin,
+}
+
+/// A login in progress: the state, PKCE verifier and nonce of one authorization request.
+///
+/// Serializable so the host can keep it in its session. **Its serialized form contains
+/// secrets** (the PKCE verifier): keep it server-side, or in an encrypted, signed cookie.
+/// `Debug` shows no secret.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct PendingLogin {
+    key: TokenKey,
+    state: Secret,
+    pkce_verifier: Secret,
+    nonce: Secret,
+    scopes: Scopes,
+    #[serde(with = "time::serde::timestamp")]
+    created_at: OffsetDateTime,
+}
+
+impl PendingLogin {
+    /// The link this login will create or update.
+    pub fn key(&self) -> &TokenKey {
+        &self.key
+    }
+    /// The scopes requested.
+    pub fn scopes(&self) -> &Scopes {
+        &self.scopes
+    }
+    /// When the login began.
+    pub fn created_at(&self) -> OffsetDateTime {
+        self.created_at
+    }
+}
+
+impl fmt::Debug for PendingLogin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingLogin")
+            .field("key", &self.key)
+            .field("state", &self.state)
+            .field("pkce_verifier", &self.pkce_verifier)
+            .field("nonce", &self.nonce)
+            .field("scopes", &self.scopes)
+            .field("created_at", &self.created_at)
+            .finish()
+    }
+}
+
+/// The query parameters of the redirect back from the provider.
+///
+/// ```
+/// use tokenbroker::Callback;
+/// let cb = Callback::from_query("code=abc&state=xyz");
+/// assert!(format!("{cb:?}").contains("[redacted]"));
+/// ```
+#[derive(Clone, Default, Deserialize)]
+#[non_exhaustive]
+pub struct Callback {
+    /// The authorization code.
+    pub code: Option<Secret>,
+    /// The echoed state.
+    pub state: Option<Secret>,
+    /// An error code (`access_denied`, ...).
+    pub error: Option<String>,
+    /// The error's description.
+    pub error_description: Option<String>,
+}
+
+impl fmt::Debug for Callback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Callback")
+            .field("code", &self.code)
+            .field("state", &self.state)
+            .field("error", &self.error)
+            .field("error_description", &self.error_description)
+            .finish()
+    }
+}
+
+impl Callback {
+    /// A successful callback.
+    pub fn new(code: impl Into<String>, state: impl Into<String>) -> Self {
+        Callback {
+            code: Some(Secret::new(code.into())),
+            state: Some(Secret::new(state.into())),
+            ..Default::default()
+        }
+    }
+
+    /// Parses the callback's query string (without the `?`). Unknown parameters are ignored;
+    /// a repeated parameter keeps its first value.
+    pub fn from_query(query: &str) -> Self {
+        let mut cb = Callback::default();
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match &*name {
+                "code" if cb.code.is_none() => cb.code = Some(Secret::new(value.into_owned())),
+                "state" if cb.state.is_none() => cb.state = Some(Secret::new(value.into_owned())),
+                "error" if cb.error.is_none() => {
+                    cb.error = Some(crate::provider::truncate_description(&value))
+                }
+                "error_description" if cb.error_description.is_none() => {
+                    cb.error_description = Some(crate::provider::truncate_description(&value))
+                }
+                _ => {}
+            }
+        }
+        cb
+    }
+
+    /// Parses the query of a full callback URL.
+    pub fn from_url(url: &Url) -> Self {
+        Callback::from_query(url.query().unwrap_or(""))
+    }
+}
+
+/// The result of a completed login.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LinkOutcome {
+    /// The link.
+    pub key: TokenKey,
+    /// Whether the user linked this provider for the first time.
+    pub first_link: bool,
+    /// Whether the tokens were stored (the provider's `store_tokens` policy).
+    pub stored: bool,
+    /// The tokens as stored (merged with an earlier link's refresh token if the provider sent
+    /// none this time).
+    pub tokens: TokenSet,
+}
+
+impl TokenBroker {
+    /// Starts linking `key.provider` for `key.subject`: builds the authorization URL with a
+    /// fresh state, PKCE S256 challenge and nonce.
+    ///
+    /// # Errors
+    /// [`Error::UnknownProvider`], [`Error::Store`] (the broker checks whether a refresh
+    /// token is held, so providers such as Google ask for consent only when needed).
+    pub async fn begin_login(&self, key: &TokenKey, options: LoginOptions) -> Result<LoginStart> {
+        let inner = &self.inner;
+        let entry = inner.entry(&key.provider)?;
+        let has_refresh_token = match inner.store.load(key).await? {
+            Some(stored) if !stored.record.meta.state.is_relink_required() => {
+                TokenSet::from_payload(&stored.record.payload)
+                    .is_ok_and(|s| s.refresh_token().is_some())
+            }
+            _ => false,
+        };
+        let verifier = Secret::new(random_token(32));
+        let challenge = PkceCodeChallenge::from_code_verifier_sha256(&PkceCodeVerifier::new(
+            verifier.expose_secret().to_owned(),
+        ));
+        let scopes = entry.provider.default_scopes().union(&options.scopes);
+        let pending = PendingLogin {
+            key: key.clone(),
+            state: Secret::new(random_token(32)),
+            pkce_verifier: verifier,
+            nonce: Secret::new(random_token(32)),
+            scopes: scopes.clone(),
+            created_at: inner.clock.now(),
+        };
+        let request = AuthorizationRequest {
+            state: pending.state.clone(),
+            pkce_challenge: challenge.as_str().to_owned(),
+            nonce: pending.nonce.clone(),
+            scopes,
+            has_refresh_token,
+            login_hint: options.login_hint,
+            extra_params: options.extra_params,
+        };
+        let authorization_url = entry
+            .provider
+            .authorization_url(&request)
+            .map_err(|source| Error::Provider {
+                provider: key.provider.to_string(),
+                source,
+            })?;
+        Ok(LoginStart {
+            authorization_url,
+            pending,
+        })
+    }
+
+    /// Finishes a login: checks the callback against the pending login (state compared in
+    /// constant time, expiry, single use), redeems the code, and stores the tokens. A re-link
+    /// merges with the stored set, so a refresh token is never lost because the provider did
+    /// not send a new one.
+    ///
+    /// # Errors
+    /// [`Error::LoginRejected`] (wrong or missing state, expired, already used, code rejected
+    /// by the provider), [`Error::AuthorizationDenied`], [`Error::Unavailable`],
+    /// [`Error::Provider`], [`Error::Store`].
+    pub async fn complete_login(
+        &self,
+        pending: PendingLogin,
+        callback: &Callback,
+    ) -> Result<LinkOutcome> {
+        let inner = &self.inner;
+        let state = callback.state.as_ref().ok_or(Error::LoginRejected {
+            reason: "callback has no state",
+        })?;
+        if !state.constant_time_eq(&pending.state) {
+            return Err(Error::LoginRejected {
+                reason: "state does not match the pending login",
+            });
+        }
+        let now = inner.clock.now();
+        if now - pending.created_at > inner.config.login_ttl {
+            return Err(Error::LoginRejected {
+                reason: "pending login expired",
+            });
+        }
+        inner.consume_state(&pending.state, now)?;
+        if let Some(error) = &callback.error {
+            return Err(Error::AuthorizationDenied {
+                error: error.clone(),
+                description: callback.error_description.clone(),
+            });
+        }
+        let code = callback.code.clone().ok_or(Error::LoginRejected {
+            reason: "callback has no code",
+        })?;
+        let entry = inner.entry(&pending.key.provider)?;
+        let exchange = CodeExchange {
+            code,
+            pkce_verifier: pending.pkce_verifier.clone(),
+            nonce: pending.nonce.clone(),
+            requested_scopes: pending.scopes.clone(),
+        };
+        let provider = pending.key.provider.to_string();
+        let tokens = tokio::time::timeout(
+            inner.config.refresh_timeout,
+            entry.provider.exchange_code(&exchange),
+        )
+        .await
+        .map_err(|_| Error::Unavailable {
+            provider: provider.clone(),
+            retry_after: None,
+            source: None,
+        })?
+        .map_err(|e| match e {
+            ProviderError::InvalidGrant { .. } => Error::LoginRejected {
+                reason: "authorization code rejected by the provider (invalid_grant)",
+            },
+            e if e.is_transient() => Error::Unavailable {
+                provider: provider.clone(),
+                retry_after: e.retry_after(),
+                source: Some(e),
+            },
+            e => Error::Provider {
+                provider: provider.clone(),
+                source: e,
+            },
+        })?;
+        let set = TokenSet::from_response(tokens, inner.clock.now(), &pending.scopes);
+        if !entry.policy.store_tokens {
+            return Ok(LinkOutcome {
+                key: pending.key,
+                first_link: false,
+                stored: false,
+                tokens: set,
+            });
+        }
+        let (tokens, first_link) = inner.upsert_link(&pending.key, set).await?;
+        if first_link && entry.policy.stored_tokens_readable {
+            if let Some(hook) = &inner.role_grants {
+                hook.grant_role(&pending.key.realm, &pending.key.subject, &inner.read_role)
+                    .await?;
+            }
+        }
+        inner.emit(BrokerEvent::Linked {
+            key: pending.key.clone(),
+            relinked: !first_link,
+        });
+        Ok(LinkOutcome {
+            key: pending.key,
+            first_link,
+            stored: true,
+            tokens,
+        })
+    }
+}
+
+impl Inner {
+    /// Marks a state as used. Callbacks are single-use: a replayed callback is rejected here,
+    /// in this instance, before the code reaches the provider (which rejects it anyway).
+    fn consume_state(&self, state: &Secret, now: OffsetDateTime) -> Result<()> {
+        use sha2::Digest as _;
+        // A digest, so the replay cache holds no usable state value.
+        let id: [u8; 32] = sha2::Sha256::digest(state.expose_secret().as_bytes()).into();
+        let ttl = self.config.login_ttl;
+        let mut used = self.used_states.lock().unwrap_or_else(|e| e.into_inner());
+        used.retain(|_, at| now - *at <= ttl + Duration::from_secs(60));
+        if used.insert(id, now).is_some() {
+            return Err(Error::LoginRejected {
+                reason: "callback was already used",
+            });
+        }
+        Ok(())
+    }
+
+    /// Inserts a link, or merges into the existing one (re-link). Returns the stored set and
+    /// whether the link is new.
+    async fn upsert_link(&self, key: &TokenKey, set: TokenSet) -> Result<(TokenSet, bool)> {
+        for _ in 0..5 {
+            let now = self.clock.now();
+            match self.store.load(key).await? {
+                None => {
+                    let record = Record::new(
+                        set.to_payload(),
+                        RecordMeta::new(LinkState::Active, set.expires_at(), now, now),
+                    );
+                    match self.store.insert(key, &record).await {
+                        Ok(_) => return Ok((set, true)),
+                        Err(StoreError::Conflict { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Some(stored) => {
+                    // A record we cannot decode is replaced: the new login is the user's
+                    // intent and the old data is unusable anyway.
+                    let merged = match TokenSet::from_payload(&stored.record.payload) {
+                        Ok(old) => old.merge(set.clone()),
+                        Err(_) => set.clone(),
+                    };
+                    let record = Record::new(
+                        merged.to_payload(),
+                        RecordMeta::new(
+                            LinkState::Active,
+                            merged.expires_at(),
+                            stored.record.meta.created_at,
+                            now,
+                        ),
+                    );
+                    match self
+                        .store
+                        .compare_and_swap(key, stored.version, &record)
+                        .await
+                    {
+                        Ok(_) => {
+                            self.backoff
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .remove(key);
+                            return Ok((merged, false));
+                        }
+                        Err(StoreError::Conflict { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        Err(StoreError::Conflict { key: key.clone() }.into())
+    }
+}

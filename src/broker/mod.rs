@@ -1,0 +1,468 @@
+//! The broker: login, retrieval with refresh-and-rotate, unlink, and the retrieval response.
+
+mod login;
+mod refresh;
+mod response;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::access::{Caller, Decision, KeycloakRoles, ProviderPolicy, RoleChecker, RoleGrantHook};
+use crate::clock::{self, SharedClock};
+use crate::error::{Error, Result};
+use crate::events::{self, BrokerEvent, EventSink, RevocationStatus};
+use crate::http::{self, ClientDebug, SharedHttpClient};
+use crate::ids::{ProviderId, TokenKey};
+use crate::provider::{OAuth2Config, OAuth2Provider, Provider, ProviderError, TokenKind};
+use crate::store::{LeaseHolder, MemoryStore, TokenStore};
+use crate::token::TokenSet;
+
+pub use login::{Callback, LinkOutcome, LoginOptions, LoginStart, PendingLogin};
+pub use response::BrokerResponse;
+
+/// How much longer than the refresh time-out a lease must last, so that a holder gets its
+/// answer (or gives up) before anyone else may take over (REFRESH-PROTOCOL.md, "The lease").
+pub const LEASE_MARGIN: Duration = Duration::from_secs(5);
+
+/// Brokers upstream tokens: links accounts, serves tokens to allowed callers, and refreshes
+/// them so a caller always gets a token that works.
+///
+/// Cheap to clone (an `Arc` inside); clones share single-flight state. Several `TokenBroker`s
+/// (in one process or many) may share one [`TokenStore`]: the store's lease makes sure only one
+/// of them refreshes a link at a time.
+///
+/// ```
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use tokenbroker::{KeycloakRoles, MemoryStore, TokenBroker};
+/// # use tokenbroker::provider::OAuth2Config;
+/// # fn google_config() -> OAuth2Config { unimplemented!() }
+///
+/// let broker = TokenBroker::builder()
+///     .with_store(Arc::new(MemoryStore::new()))
+///     .with_role_checker(Arc::new(KeycloakRoles::new()))
+///     .with_oauth2_provider(google_config(), Default::default())
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct TokenBroker {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for TokenBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.inner;
+        f.debug_struct("TokenBroker")
+            .field("providers", &i.providers.keys().collect::<Vec<_>>())
+            .field("store", &i.store)
+            .field("role_checker", &i.checker)
+            .field("skew", &i.config.skew)
+            .field("lease_ttl", &i.config.lease_ttl)
+            .field("refresh_timeout", &i.config.refresh_timeout)
+            .field("holder", &i.holder)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ProviderEntry {
+    pub(crate) provider: Arc<dyn Provider>,
+    pub(crate) policy: ProviderPolicy,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    pub(crate) skew: Duration,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) refresh_timeout: Duration,
+    pub(crate) lease_wait: Duration,
+    pub(crate) login_ttl: Duration,
+    pub(crate) max_backoff: Duration,
+}
+
+pub(crate) struct Inner {
+    pub(crate) providers: HashMap<ProviderId, ProviderEntry>,
+    pub(crate) store: Arc<dyn TokenStore>,
+    pub(crate) checker: Arc<dyn RoleChecker>,
+    pub(crate) clock: SharedClock,
+    pub(crate) events: Option<Arc<dyn EventSink>>,
+    pub(crate) role_grants: Option<Arc<dyn RoleGrantHook>>,
+    pub(crate) read_role: String,
+    pub(crate) config: Timing,
+    pub(crate) holder: LeaseHolder,
+    pub(crate) flights: refresh::Flights,
+    pub(crate) backoff: Mutex<HashMap<TokenKey, refresh::Backoff>>,
+    pub(crate) used_states: Mutex<HashMap<[u8; 32], OffsetDateTime>>,
+}
+
+/// What a caller gets from [`TokenBroker::retrieve`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RetrievedTokens {
+    /// The tokens. The access token is valid for at least the skew, unless `stale` is set.
+    pub tokens: Arc<TokenSet>,
+    /// Whether this read refreshed the link (or joined a refresh in flight).
+    pub refreshed: bool,
+    /// The provider was unreachable and the access token is inside the skew but not expired:
+    /// usable, but not for long.
+    pub stale: bool,
+    /// Whether the provider's policy lets the refresh token leave the broker.
+    pub expose_refresh_token: bool,
+}
+
+/// What [`TokenBroker::unlink`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UnlinkOutcome {
+    /// What happened upstream.
+    pub revocation: RevocationStatus,
+    /// Whether a record was deleted.
+    pub deleted: bool,
+}
+
+impl TokenBroker {
+    /// Starts configuring a broker.
+    pub fn builder() -> TokenBrokerBuilder {
+        TokenBrokerBuilder::default()
+    }
+
+    /// The lease holder id of this instance.
+    pub fn holder(&self) -> &LeaseHolder {
+        &self.inner.holder
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn TokenStore> {
+        &self.inner.store
+    }
+
+    /// The configured provider aliases.
+    pub fn providers(&self) -> impl Iterator<Item = &ProviderId> {
+        self.inner.providers.keys()
+    }
+
+    /// Returns a working token set for `target`, if `caller` may read it.
+    ///
+    /// Authorization runs first: a denied caller gets [`Error::Forbidden`] whether or not the
+    /// link exists. Then the link is loaded; when its access token expires within the skew it
+    /// is refreshed first (one upstream call however many readers ask at once, in this process
+    /// and across instances sharing the store).
+    ///
+    /// # Errors
+    /// [`Error::Forbidden`], [`Error::NotFound`], [`Error::RelinkRequired`],
+    /// [`Error::NoRefreshToken`], [`Error::Unavailable`] (the record is unchanged),
+    /// [`Error::RefreshInProgress`], [`Error::Store`].
+    pub async fn retrieve(&self, caller: &Caller, target: &TokenKey) -> Result<RetrievedTokens> {
+        self.authorize(caller, target).await?;
+        let entry = self
+            .inner
+            .entry(&target.provider)
+            .map_err(|_| Error::NotFound {
+                key: target.clone(),
+            })?;
+        if !entry.policy.store_tokens {
+            return Err(Error::NotFound {
+                key: target.clone(),
+            });
+        }
+        let (tokens, refreshed, stale) = self.inner.fresh_tokens(target).await?;
+        self.inner.emit(BrokerEvent::ReadAllowed {
+            key: target.clone(),
+            caller: caller.subject.clone(),
+            client_id: caller.client_id.clone(),
+        });
+        Ok(RetrievedTokens {
+            tokens,
+            refreshed,
+            stale,
+            expose_refresh_token: entry.policy.expose_refresh_token,
+        })
+    }
+
+    async fn authorize(&self, caller: &Caller, target: &TokenKey) -> Result<()> {
+        match self.inner.checker.decide(caller, target).await? {
+            Decision::Allow => Ok(()),
+            Decision::Deny(reason) => {
+                self.inner.emit(BrokerEvent::ReadDenied {
+                    key: target.clone(),
+                    caller: caller.subject.clone(),
+                    client_id: caller.client_id.clone(),
+                    reason,
+                });
+                Err(Error::Forbidden)
+            }
+        }
+    }
+
+    /// Removes a link: revokes the grant upstream where the provider supports it, then deletes
+    /// the record whatever the revocation's outcome. The outcome says honestly what happened
+    /// upstream.
+    pub async fn unlink(&self, key: &TokenKey) -> Result<UnlinkOutcome> {
+        let inner = &self.inner;
+        let entry = inner.entry(&key.provider)?;
+        // A refresh may rotate the token between our load and our delete; the versioned delete
+        // notices, and we revoke the newer token too.
+        let mut revocation = RevocationStatus::NothingToRevoke;
+        for _ in 0..3 {
+            let Some(stored) = inner.store.load(key).await? else {
+                return Ok(UnlinkOutcome {
+                    revocation,
+                    deleted: false,
+                });
+            };
+            revocation = match TokenSet::from_payload(&stored.record.payload) {
+                Ok(set) => inner.revoke_upstream(&*entry.provider, &set).await,
+                Err(_) => RevocationStatus::Failed("stored record could not be decoded".into()),
+            };
+            match inner.store.delete(key, Some(stored.version)).await {
+                Ok(deleted) => return Ok(inner.unlinked(key, revocation, deleted)),
+                Err(crate::StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let deleted = inner.store.delete(key, None).await?;
+        Ok(inner.unlinked(key, revocation, deleted))
+    }
+}
+
+impl Inner {
+    pub(crate) fn entry(&self, id: &ProviderId) -> Result<&ProviderEntry> {
+        self.providers
+            .get(id)
+            .ok_or_else(|| Error::UnknownProvider(id.to_string()))
+    }
+
+    pub(crate) fn emit(&self, event: BrokerEvent) {
+        events::trace(&event);
+        if let Some(sink) = &self.events {
+            sink.emit(&event);
+        }
+    }
+
+    async fn revoke_upstream(&self, provider: &dyn Provider, set: &TokenSet) -> RevocationStatus {
+        let (token, kind) = match set.refresh_token() {
+            Some(rt) => (rt, TokenKind::RefreshToken),
+            None => (set.access_token(), TokenKind::AccessToken),
+        };
+        match tokio::time::timeout(self.config.refresh_timeout, provider.revoke(token, kind)).await
+        {
+            Ok(Ok(())) => RevocationStatus::Revoked,
+            Ok(Err(ProviderError::Unsupported { .. })) => RevocationStatus::NotSupported,
+            Ok(Err(e)) => RevocationStatus::Failed(e.to_string()),
+            Err(_) => RevocationStatus::Failed("revocation timed out".into()),
+        }
+    }
+
+    fn unlinked(
+        &self,
+        key: &TokenKey,
+        revocation: RevocationStatus,
+        deleted: bool,
+    ) -> UnlinkOutcome {
+        self.backoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        self.emit(BrokerEvent::Unlinked {
+            key: key.clone(),
+            revocation: revocation.clone(),
+        });
+        UnlinkOutcome {
+            revocation,
+            deleted,
+        }
+    }
+}
+
+/// Configures a [`TokenBroker`].
+///
+/// Defaults: a [`MemoryStore`], the [`KeycloakRoles`] checker, the system clock, a 60 s skew,
+/// a 10 s refresh time-out, a 30 s lease, a 10 min login window.
+#[derive(Default)]
+pub struct TokenBrokerBuilder {
+    providers: Vec<(Arc<dyn Provider>, ProviderPolicy)>,
+    oauth2: Vec<(OAuth2Config, ProviderPolicy)>,
+    store: Option<Arc<dyn TokenStore>>,
+    checker: Option<Arc<dyn RoleChecker>>,
+    clock: Option<SharedClock>,
+    http: Option<SharedHttpClient>,
+    events: Option<Arc<dyn EventSink>>,
+    role_grants: Option<Arc<dyn RoleGrantHook>>,
+    read_role: Option<String>,
+    holder: Option<LeaseHolder>,
+    skew: Option<Duration>,
+    lease_ttl: Option<Duration>,
+    refresh_timeout: Option<Duration>,
+    lease_wait: Option<Duration>,
+    login_ttl: Option<Duration>,
+}
+
+impl fmt::Debug for TokenBrokerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenBrokerBuilder")
+            .field("providers", &self.providers)
+            .field("oauth2", &self.oauth2)
+            .field("store", &self.store)
+            .field("http", &self.http.as_ref().map(|_| ClientDebug))
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenBrokerBuilder {
+    /// Adds a provider with its policy.
+    pub fn with_provider(mut self, provider: Arc<dyn Provider>, policy: ProviderPolicy) -> Self {
+        self.providers.push((provider, policy));
+        self
+    }
+    /// Adds a generic OAuth 2.0 provider that will use the broker's HTTP client.
+    pub fn with_oauth2_provider(mut self, config: OAuth2Config, policy: ProviderPolicy) -> Self {
+        self.oauth2.push((config, policy));
+        self
+    }
+    /// Sets the store (default: a new [`MemoryStore`]).
+    pub fn with_store(mut self, store: Arc<dyn TokenStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+    /// Sets the role checker (default: [`KeycloakRoles::new`]).
+    pub fn with_role_checker(mut self, checker: Arc<dyn RoleChecker>) -> Self {
+        self.checker = Some(checker);
+        self
+    }
+    /// Sets the clock (default: the system clock).
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+    /// Sets the HTTP client for providers added with
+    /// [`with_oauth2_provider`](Self::with_oauth2_provider) (default: `ReqwestClient`).
+    pub fn with_http_client(mut self, http: SharedHttpClient) -> Self {
+        self.http = Some(http);
+        self
+    }
+    /// Subscribes a sink to broker events.
+    pub fn with_event_sink(mut self, sink: Arc<dyn EventSink>) -> Self {
+        self.events = Some(sink);
+        self
+    }
+    /// Sets the hook that grants the read role on first link (`stored_tokens_readable`).
+    pub fn with_role_grant_hook(mut self, hook: Arc<dyn RoleGrantHook>) -> Self {
+        self.role_grants = Some(hook);
+        self
+    }
+    /// The role the grant hook grants (default `read-token`).
+    pub fn with_read_role(mut self, role: impl Into<String>) -> Self {
+        self.read_role = Some(role.into());
+        self
+    }
+    /// Sets this instance's lease holder id (default: random).
+    pub fn with_lease_holder(mut self, holder: LeaseHolder) -> Self {
+        self.holder = Some(holder);
+        self
+    }
+    /// A token expiring within `skew` is refreshed before it is served (default 60 s).
+    pub fn with_skew(mut self, skew: Duration) -> Self {
+        self.skew = Some(skew);
+        self
+    }
+    /// How long a refresh lease lasts (default 30 s). Must exceed the refresh time-out by at
+    /// least [`LEASE_MARGIN`].
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = Some(ttl);
+        self
+    }
+    /// How long a refresh request may take before the broker gives up (default 10 s).
+    pub fn with_refresh_timeout(mut self, timeout: Duration) -> Self {
+        self.refresh_timeout = Some(timeout);
+        self
+    }
+    /// How long a reader waits for another instance's refresh before it answers
+    /// [`Error::RefreshInProgress`] (default: the lease TTL plus the margin).
+    pub fn with_lease_wait(mut self, wait: Duration) -> Self {
+        self.lease_wait = Some(wait);
+        self
+    }
+    /// How long a pending login stays valid (default 10 min).
+    pub fn with_login_ttl(mut self, ttl: Duration) -> Self {
+        self.login_ttl = Some(ttl);
+        self
+    }
+
+    /// Builds the broker.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the lease does not outlast the refresh time-out by
+    /// [`LEASE_MARGIN`], when two providers share an alias, or when an OAuth 2.0 provider
+    /// needs an HTTP client and none is available.
+    pub fn build(self) -> Result<TokenBroker> {
+        let refresh_timeout = self.refresh_timeout.unwrap_or(Duration::from_secs(10));
+        let lease_ttl = self.lease_ttl.unwrap_or(Duration::from_secs(30));
+        if lease_ttl < refresh_timeout + LEASE_MARGIN {
+            return Err(Error::Config(format!(
+                "lease TTL ({lease_ttl:?}) must exceed the refresh time-out ({refresh_timeout:?}) by at least {LEASE_MARGIN:?}, \
+                 or a second instance could spend the same refresh token"
+            )));
+        }
+        if refresh_timeout.is_zero() {
+            return Err(Error::Config("refresh time-out must not be zero".into()));
+        }
+        let mut providers = self.providers;
+        if !self.oauth2.is_empty() {
+            let http = match self.http.or_else(http::default_client) {
+                Some(http) => http,
+                None => return Err(Error::Config("OAuth 2.0 providers need an HTTP client: enable the `reqwest` feature or call with_http_client".into())),
+            };
+            for (config, policy) in self.oauth2 {
+                providers.push((Arc::new(OAuth2Provider::new(config, http.clone())), policy));
+            }
+        }
+        let mut map = HashMap::new();
+        for (provider, policy) in providers {
+            let id = provider.id().clone();
+            if map
+                .insert(id.clone(), ProviderEntry { provider, policy })
+                .is_some()
+            {
+                return Err(Error::Config(format!(
+                    "provider alias {id} is configured twice"
+                )));
+            }
+        }
+        let clock = self.clock.unwrap_or_else(clock::system);
+        let inner = Inner {
+            providers: map,
+            store: self
+                .store
+                .unwrap_or_else(|| Arc::new(MemoryStore::with_clock(clock.clone()))),
+            checker: self
+                .checker
+                .unwrap_or_else(|| Arc::new(KeycloakRoles::new())),
+            clock,
+            events: self.events,
+            role_grants: self.role_grants,
+            read_role: self
+                .read_role
+                .unwrap_or_else(|| crate::access::READ_TOKEN_ROLE.into()),
+            config: Timing {
+                skew: self.skew.unwrap_or(Duration::from_secs(60)),
+                lease_ttl,
+                refresh_timeout,
+                lease_wait: self.lease_wait.unwrap_or(lease_ttl + LEASE_MARGIN),
+                login_ttl: self.login_ttl.unwrap_or(Duration::from_secs(600)),
+                max_backoff: Duration::from_secs(60),
+            },
+            holder: self.holder.unwrap_or_else(LeaseHolder::random),
+            flights: Default::default(),
+            backoff: Mutex::new(HashMap::new()),
+            used_states: Mutex::new(HashMap::new()),
+        };
+        Ok(TokenBroker {
+            inner: Arc::new(inner),
+        })
+    }
+}

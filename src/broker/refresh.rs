@@ -1,0 +1,402 @@
+//! The refresh-and-rotate protocol (REFRESH-PROTOCOL.md), one function per step.
+//!
+//! 1. fast path: one load, no lock;
+//! 2. single-flight in this process: readers of one key share one refresh task;
+//! 3. the store's lease across processes: a loser waits and re-reads, it never calls the IdP;
+//! 4. under the lease, re-read and re-check (someone may have just finished);
+//! 5. call the provider, bounded by the refresh time-out (shorter than the lease);
+//! 6. compare-and-swap the merged set, and only then hand it out.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use super::Inner;
+use crate::error::{Error, Result};
+use crate::events::BrokerEvent;
+use crate::ids::TokenKey;
+use crate::provider::ProviderError;
+use crate::store::{LeaseAttempt, LinkState, Record, RecordMeta, StoreError, StoredRecord};
+use crate::token::TokenSet;
+
+type FlightResult = Option<Result<(Arc<TokenSet>, bool)>>;
+
+/// Refreshes in flight in this process, one per key. An entry lives only while its refresh
+/// runs, so the map does not grow with the number of keys ever refreshed.
+pub(crate) type Flights = Mutex<HashMap<TokenKey, watch::Receiver<FlightResult>>>;
+
+/// A key whose provider failed recently: no upstream call before `until`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Backoff {
+    until: OffsetDateTime,
+    failures: u32,
+}
+
+/// A loaded link, decoded.
+struct Loaded {
+    stored: StoredRecord,
+    set: TokenSet,
+}
+
+impl Inner {
+    /// Step 1: the fast path, then the shared refresh.
+    /// Returns the tokens, whether a refresh happened, and whether they are stale.
+    pub(crate) async fn fresh_tokens(
+        self: &Arc<Self>,
+        key: &TokenKey,
+    ) -> Result<(Arc<TokenSet>, bool, bool)> {
+        let loaded = self.load(key).await?;
+        if loaded.set.is_fresh(self.clock.now(), self.config.skew) {
+            return Ok((Arc::new(loaded.set), false, false));
+        }
+        let (set, refreshed) = self.refresh_shared(key).await?;
+        let stale = !set.is_fresh(self.clock.now(), self.config.skew);
+        Ok((set, refreshed, stale))
+    }
+
+    /// Loads and decodes a link; a link marked relink-required is an error.
+    async fn load(&self, key: &TokenKey) -> Result<Loaded> {
+        let stored = self
+            .store
+            .load(key)
+            .await?
+            .ok_or_else(|| Error::NotFound { key: key.clone() })?;
+        if let LinkState::RelinkRequired { reason, .. } = &stored.record.meta.state {
+            return Err(Error::RelinkRequired {
+                key: key.clone(),
+                reason: reason.clone(),
+            });
+        }
+        let set =
+            TokenSet::from_payload(&stored.record.payload).map_err(|e| StoreError::Corrupt {
+                key: key.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Loaded { stored, set })
+    }
+
+    /// Step 2: joins the refresh in flight for `key`, or starts one. The refresh runs in its
+    /// own task so that a reader giving up (a dropped request) can never cut it off between
+    /// the provider's answer and the store write: a rotated refresh token would be lost.
+    async fn refresh_shared(self: &Arc<Self>, key: &TokenKey) -> Result<(Arc<TokenSet>, bool)> {
+        let mut rx = {
+            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+            match flights.get(key) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    flights.insert(key.clone(), rx.clone());
+                    let inner = Arc::clone(self);
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        let result = inner.refresh_with_lease(&key).await;
+                        // Remove first: a reader arriving after this starts a new flight, which
+                        // finds the fresh record under the lease without calling the provider.
+                        inner
+                            .flights
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&key);
+                        let _ = tx.send(Some(result));
+                    });
+                    rx
+                }
+            }
+        };
+        let outcome = rx.wait_for(Option::is_some).await;
+        match outcome {
+            Ok(result) => result
+                .clone()
+                .expect("wait_for returned a completed flight"),
+            Err(_) => Err(Error::Internal("the refresh task ended without an answer")),
+        }
+    }
+
+    /// Step 3: takes the store's lease, or waits for the instance holding it.
+    async fn refresh_with_lease(&self, key: &TokenKey) -> Result<(Arc<TokenSet>, bool)> {
+        let deadline = tokio::time::Instant::now() + self.config.lease_wait;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match self
+                .store
+                .try_lease(key, &self.holder, self.config.lease_ttl)
+                .await?
+            {
+                LeaseAttempt::Missing => return Err(Error::NotFound { key: key.clone() }),
+                LeaseAttempt::Acquired(lease) => {
+                    let result = self.refresh_holding_lease(key).await;
+                    if let Err(e) = self.store.release_lease(&lease).await {
+                        // The lease expires on its own; others wait at most its TTL.
+                        tracing::warn!(target: "tokenbroker", %key, error = %e, "could not release refresh lease");
+                    }
+                    return result;
+                }
+                LeaseAttempt::Busy => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(250));
+                    let loaded = self.load(key).await?;
+                    if loaded.set.is_fresh(self.clock.now(), self.config.skew) {
+                        return Ok((Arc::new(loaded.set), true));
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(Error::RefreshInProgress { key: key.clone() });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Steps 4 to 6, holding the lease.
+    async fn refresh_holding_lease(&self, key: &TokenKey) -> Result<(Arc<TokenSet>, bool)> {
+        let Loaded { stored, set } = self.load(key).await?;
+        let now = self.clock.now();
+        if set.is_fresh(now, self.config.skew) {
+            return Ok((Arc::new(set), true));
+        }
+        let Some(refresh_token) = set.refresh_token().cloned() else {
+            return self.serve_unexpired(set, now, || Error::NoRefreshToken { key: key.clone() });
+        };
+        if let Some(until) = self.backing_off(key, now) {
+            let retry_after = Some((until - now).unsigned_abs());
+            return self.serve_unexpired(set, now, || self.unavailable(key, retry_after, None));
+        }
+        let provider = &self.entry(&key.provider)?.provider;
+        let answer = tokio::time::timeout(
+            self.config.refresh_timeout,
+            provider.refresh(&refresh_token, None),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ProviderError::Transient {
+                status: None,
+                retry_after: None,
+                reason: Some("timed out".into()),
+                source: None,
+            })
+        });
+        match answer {
+            Ok(tokens) => {
+                let newer = TokenSet::from_response(tokens, self.clock.now(), set.scopes());
+                self.store_refreshed(key, stored, set, newer).await
+            }
+            Err(ProviderError::InvalidGrant { description }) => {
+                self.on_invalid_grant(key, stored, description).await
+            }
+            Err(e) => self.on_failure(key, set, e),
+        }
+    }
+
+    /// Step 6: writes the merged set with compare-and-swap before anyone sees it.
+    async fn store_refreshed(
+        &self,
+        key: &TokenKey,
+        stored: StoredRecord,
+        old: TokenSet,
+        newer: TokenSet,
+    ) -> Result<(Arc<TokenSet>, bool)> {
+        let merged = old.merge(newer);
+        let rotated = old.is_rotated_by(&merged);
+        let now = self.clock.now();
+        let record = Record::new(
+            merged.to_payload(),
+            RecordMeta::new(
+                LinkState::Active,
+                merged.expires_at(),
+                stored.record.meta.created_at,
+                now,
+            ),
+        );
+        let mut attempt = 0;
+        loop {
+            match self
+                .store
+                .compare_and_swap(key, stored.version, &record)
+                .await
+            {
+                Ok(_) => {
+                    self.clear_backoff(key);
+                    self.emit(BrokerEvent::Refreshed {
+                        key: key.clone(),
+                        rotated,
+                    });
+                    return Ok((Arc::new(merged), true));
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    // Someone wrote while we held the lease (a re-link, or a holder whose lease
+                    // we outlived). Their record wins; ours is dropped.
+                    tracing::warn!(target: "tokenbroker", %key, rotated, "record changed during refresh; using the newer record");
+                    self.emit(BrokerEvent::LostRace { key: key.clone() });
+                    let loaded = self.load(key).await?;
+                    let now = self.clock.now();
+                    return self
+                        .serve_unexpired(loaded.set, now, || Error::RefreshInProgress {
+                            key: key.clone(),
+                        })
+                        .map(|(set, _)| (set, true));
+                }
+                // A store hiccup now would lose a rotated refresh token: retry a few times.
+                Err(e) if attempt < 3 => {
+                    attempt += 1;
+                    tracing::warn!(target: "tokenbroker", %key, error = %e, attempt, "retrying the write of refreshed tokens");
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+                Err(e) => {
+                    tracing::error!(target: "tokenbroker", %key, error = %e, rotated, "refreshed tokens could not be stored");
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// `invalid_grant`: a dead grant only if nobody moved the record since we read it.
+    async fn on_invalid_grant(
+        &self,
+        key: &TokenKey,
+        stored: StoredRecord,
+        description: Option<String>,
+    ) -> Result<(Arc<TokenSet>, bool)> {
+        let current = self
+            .store
+            .load(key)
+            .await?
+            .ok_or_else(|| Error::NotFound { key: key.clone() })?;
+        if current.version != stored.version {
+            // Lost race: another writer refreshed (or re-linked) with a newer token.
+            self.emit(BrokerEvent::LostRace { key: key.clone() });
+            let loaded = self.load(key).await?;
+            let now = self.clock.now();
+            return self
+                .serve_unexpired(loaded.set, now, || Error::RefreshInProgress {
+                    key: key.clone(),
+                })
+                .map(|(set, _)| (set, true));
+        }
+        let reason = description.unwrap_or_else(|| "refresh token rejected (invalid_grant)".into());
+        let mut meta = stored.record.meta.clone();
+        meta.state = LinkState::RelinkRequired {
+            reason: reason.clone(),
+            since: self.clock.now(),
+        };
+        match self
+            .store
+            .compare_and_swap(
+                key,
+                stored.version,
+                &Record::new(stored.record.payload.clone(), meta),
+            )
+            .await
+        {
+            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            Err(e) => {
+                tracing::warn!(target: "tokenbroker", %key, error = %e, "could not mark link relink-required")
+            }
+        }
+        self.emit(BrokerEvent::RelinkRequired {
+            key: key.clone(),
+            reason: reason.clone(),
+        });
+        Err(Error::RelinkRequired {
+            key: key.clone(),
+            reason,
+        })
+    }
+
+    /// Any other failure: the record stays exactly as it was; a still-valid token is served.
+    fn on_failure(
+        &self,
+        key: &TokenKey,
+        set: TokenSet,
+        error: ProviderError,
+    ) -> Result<(Arc<TokenSet>, bool)> {
+        let now = self.clock.now();
+        let retry_after = self.note_failure(key, now, error.retry_after());
+        let status = match &error {
+            ProviderError::Transient { status, .. } | ProviderError::Protocol { status, .. } => {
+                *status
+            }
+            ProviderError::Rejected { status, .. } => Some(*status),
+            _ => None,
+        };
+        let served_stale = set.is_unexpired(now);
+        self.emit(BrokerEvent::TransientFailure {
+            key: key.clone(),
+            status,
+            retry_after: Some(retry_after),
+            served_stale,
+        });
+        let provider = key.provider.to_string();
+        self.serve_unexpired(set, now, || {
+            if error.is_transient() {
+                self.unavailable(key, Some(retry_after), Some(error.clone()))
+            } else {
+                Error::Provider {
+                    provider,
+                    source: error.clone(),
+                }
+            }
+        })
+    }
+
+    fn serve_unexpired(
+        &self,
+        set: TokenSet,
+        now: OffsetDateTime,
+        otherwise: impl FnOnce() -> Error,
+    ) -> Result<(Arc<TokenSet>, bool)> {
+        if set.is_unexpired(now) {
+            Ok((Arc::new(set), false))
+        } else {
+            Err(otherwise())
+        }
+    }
+
+    fn unavailable(
+        &self,
+        key: &TokenKey,
+        retry_after: Option<Duration>,
+        source: Option<ProviderError>,
+    ) -> Error {
+        Error::Unavailable {
+            provider: key.provider.to_string(),
+            retry_after,
+            source,
+        }
+    }
+
+    fn backing_off(&self, key: &TokenKey, now: OffsetDateTime) -> Option<OffsetDateTime> {
+        let map = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key).map(|b| b.until).filter(|until| *until > now)
+    }
+
+    /// Records a failure and returns how long to leave the provider alone: its `Retry-After`,
+    /// or 1 s doubling per consecutive failure up to the maximum.
+    fn note_failure(
+        &self,
+        key: &TokenKey,
+        now: OffsetDateTime,
+        retry_after: Option<Duration>,
+    ) -> Duration {
+        let mut map = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        let failures = map.get(key).map_or(1, |b| b.failures.saturating_add(1));
+        let doubling = Duration::from_secs(1u64 << failures.saturating_sub(1).min(10));
+        let wait = retry_after.unwrap_or(doubling).min(self.config.max_backoff);
+        map.insert(
+            key.clone(),
+            Backoff {
+                until: now + wait,
+                failures,
+            },
+        );
+        wait
+    }
+
+    fn clear_backoff(&self, key: &TokenKey) {
+        self.backoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+}

@@ -1,0 +1,207 @@
+//! The retrieval endpoint, `GET /realms/{realm}/broker/{alias}/token`, without a framework.
+
+use std::fmt;
+
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde_json::{Map, Value, json};
+
+use super::{RetrievedTokens, TokenBroker};
+use crate::access::Caller;
+use crate::error::Error;
+use crate::ids::{ProviderId, Realm, TokenKey};
+
+/// An HTTP answer for a framework adapter to send as it is.
+///
+/// The body of a `200` holds tokens: `Debug` shows only its length.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct BrokerResponse {
+    /// The status.
+    pub status: StatusCode,
+    /// The headers (`Content-Type`, `Cache-Control: no-store`, `Pragma: no-cache`, and
+    /// `Retry-After` / `WWW-Authenticate` where they apply).
+    pub headers: HeaderMap,
+    /// The JSON body.
+    pub body: Vec<u8>,
+}
+
+impl fmt::Debug for BrokerResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrokerResponse")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field(
+                "body",
+                &format_args!("[redacted; {} bytes]", self.body.len()),
+            )
+            .finish()
+    }
+}
+
+impl BrokerResponse {
+    /// Converts into an `http::Response`.
+    pub fn into_http(self) -> http::Response<Vec<u8>> {
+        let mut response = http::Response::new(self.body);
+        *response.status_mut() = self.status;
+        *response.headers_mut() = self.headers;
+        response
+    }
+
+    /// The body as JSON (for tests and adapters that re-encode).
+    pub fn json(&self) -> Option<Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+
+    fn new(status: StatusCode, body: &Value) -> Self {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        let body = serde_json::to_vec(body).expect("a JSON value always serializes");
+        BrokerResponse {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    fn error(status: StatusCode, error: &str, description: &str) -> Self {
+        BrokerResponse::new(
+            status,
+            &json!({ "error": error, "error_description": description }),
+        )
+    }
+
+    /// The answer for an error, with a status that fits it. Descriptions are generic where
+    /// detail would leak: a denied caller learns nothing about the link.
+    pub fn from_error(error: &Error) -> Self {
+        let (status, description) = match error {
+            Error::Forbidden => (
+                StatusCode::FORBIDDEN,
+                "the caller may not read this provider's tokens".to_owned(),
+            ),
+            Error::NotFound { .. } | Error::UnknownProvider(_) => (
+                StatusCode::NOT_FOUND,
+                "no tokens are stored for this user and provider".to_owned(),
+            ),
+            Error::RelinkRequired { reason, .. } => (
+                StatusCode::CONFLICT,
+                format!("the user must link the provider again: {reason}"),
+            ),
+            Error::NoRefreshToken { .. } => (
+                StatusCode::CONFLICT,
+                "the token expired and cannot be refreshed; the user must link again".to_owned(),
+            ),
+            Error::Unavailable { .. } | Error::Provider { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "the identity provider could not refresh the token; try again later".to_owned(),
+            ),
+            Error::RefreshInProgress { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "a refresh is in progress; try again shortly".to_owned(),
+            ),
+            Error::InvalidId(e) => (StatusCode::BAD_REQUEST, e.to_string()),
+            _ => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error".to_owned(),
+            ),
+        };
+        let mut response = BrokerResponse::error(status, error.code(), &description);
+        let retry_after = match error {
+            Error::Unavailable { retry_after, .. } => *retry_after,
+            Error::RefreshInProgress { .. } => Some(std::time::Duration::from_secs(1)),
+            _ => None,
+        };
+        if let Some(after) = retry_after {
+            let secs = after.as_secs().max(1);
+            response
+                .headers
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+
+    fn unauthenticated() -> Self {
+        let mut response = BrokerResponse::error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "a valid bearer token is required",
+        );
+        response
+            .headers
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        response
+    }
+}
+
+impl TokenBroker {
+    /// Answers `GET /realms/{realm}/broker/{alias}/token` for the caller's own link, in
+    /// Keycloak's format:
+    ///
+    /// ```json
+    /// {"access_token":"…","expires_in":3599,"refresh_expires_in":0,"token_type":"Bearer",
+    ///  "id_token":"…","scope":"email openid","not-before-policy":0,
+    ///  "accessTokenExpiration":1767229199}
+    /// ```
+    ///
+    /// `caller` is `None` when the host could not authenticate the request (→ 401). Then:
+    /// 400 for a malformed realm or alias, 403 when the checker denies (whether or not a
+    /// link exists), 404 when there is no link, 409 when the user must re-link, 502 when the
+    /// provider failed and no valid token was at hand, 503 while another instance refreshes.
+    /// `refresh_token` is included only when the provider's policy exposes it.
+    pub async fn token_endpoint(
+        &self,
+        caller: Option<&Caller>,
+        realm: &str,
+        alias: &str,
+    ) -> BrokerResponse {
+        let Some(caller) = caller else {
+            return BrokerResponse::unauthenticated();
+        };
+        let key = match (Realm::new(realm), ProviderId::new(alias)) {
+            (Ok(realm), Ok(provider)) => TokenKey::new(realm, caller.subject.clone(), provider),
+            (Err(e), _) | (_, Err(e)) => return BrokerResponse::from_error(&Error::InvalidId(e)),
+        };
+        match self.retrieve(caller, &key).await {
+            Ok(retrieved) => self.token_body(&retrieved),
+            Err(e) => BrokerResponse::from_error(&e),
+        }
+    }
+
+    fn token_body(&self, retrieved: &RetrievedTokens) -> BrokerResponse {
+        let now = self.inner.clock.now();
+        let set = &retrieved.tokens;
+        let secs_until = |at: time::OffsetDateTime| (at - now).whole_seconds().max(0);
+        let mut body = Map::new();
+        body.insert(
+            "access_token".into(),
+            json!(set.access_token().expose_secret()),
+        );
+        if let Some(exp) = set.expires_at() {
+            body.insert("expires_in".into(), json!(secs_until(exp)));
+        }
+        body.insert(
+            "refresh_expires_in".into(),
+            json!(set.refresh_expires_at().map_or(0, secs_until)),
+        );
+        body.insert("token_type".into(), json!(set.token_type()));
+        if let Some(id_token) = set.id_token() {
+            body.insert("id_token".into(), json!(id_token.expose_secret()));
+        }
+        body.insert("scope".into(), json!(set.scopes().to_string()));
+        body.insert("not-before-policy".into(), json!(0));
+        body.insert(
+            "accessTokenExpiration".into(),
+            json!(set.expires_at().map_or(0, |e| e.unix_timestamp())),
+        );
+        if retrieved.expose_refresh_token {
+            if let Some(rt) = set.refresh_token() {
+                body.insert("refresh_token".into(), json!(rt.expose_secret()));
+            }
+        }
+        BrokerResponse::new(StatusCode::OK, &Value::Object(body))
+    }
+}
