@@ -48,7 +48,8 @@ impl LoginOptions {
 }
 
 /// The first half of a login: where to send the browser, and what to keep until it returns.
-#[derive(Debug)]
+///
+/// `Debug` leaves out the URL's query, which carries the state and nonce.
 #[non_exhaustive]
 pub struct LoginStart {
     /// The provider's authorization URL. Redirect the user's browser to it.
@@ -85,6 +86,16 @@ impl PendingLogin {
     /// When the login began.
     pub fn created_at(&self) -> OffsetDateTime {
         self.created_at
+    }
+}
+
+impl fmt::Debug for LoginStart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = &self.authorization_url;
+        f.debug_struct("LoginStart")
+            .field("authorization_url", &format_args!("{}://{}{}?[redacted]", url.scheme(), url.host_str().unwrap_or(""), url.path()))
+            .field("pending", &self.pending)
+            .finish()
     }
 }
 

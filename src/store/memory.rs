@@ -36,12 +36,17 @@ const SHARDS: usize = 32;
 ///
 /// let store: Arc<dyn TokenStore> = Arc::new(MemoryStore::new());
 /// ```
-#[derive(Debug)]
 pub struct MemoryStore {
     shards: Box<[RwLock<HashMap<TokenKey, Slot>>]>,
     hasher: RandomState,
     next_version: AtomicU64,
     clock: SharedClock,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore").field("links", &self.len()).field("clock", &self.clock).finish()
+    }
 }
 
 #[derive(Debug)]
