@@ -1,1 +1,1 @@
-fn main() {}
+fn main() { let _ = tokenbroker::testing::ManualClock::starting_now(); println!("ok"); }

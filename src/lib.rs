@@ -1,4 +1,71 @@
-//! tokenbroker (crate docs are written in the broker commit)
+//! Keep your users' upstream identity-provider tokens, hand them to callers that may read them,
+//! and refresh and rotate them so every caller gets a token that works.
+//!
+//! A user signs in to your app through Google, Microsoft or any OAuth 2.0 / OpenID Connect
+//! provider. `tokenbroker` runs that login, stores the provider's tokens per user
+//! ([`TokenStore`]), decides who may read them ([`RoleChecker`], Keycloak's `read-token`
+//! semantics by default), and refreshes them on read, with **one** upstream refresh however
+//! many readers and instances ask at once (see [`TokenBroker::retrieve`]).
+//!
+//! # Getting started
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use tokenbroker::testing::FakeProvider;
+//! use tokenbroker::{Caller, LoginOptions, MemoryStore, ProviderPolicy, TokenBroker, TokenKey};
+//!
+//! // An in-process provider stands in for Google here (feature `testing`).
+//! let google = Arc::new(FakeProvider::new("google")?);
+//! let broker = TokenBroker::builder()
+//!     .with_provider(google.clone(), ProviderPolicy::default())
+//!     .with_store(Arc::new(MemoryStore::new()))
+//!     .build()?;
+//!
+//! // 1. Link: send the user to the provider, keep `pending` in the session.
+//! let key = TokenKey::parse("acme", "alice", "google")?;
+//! let start = broker.begin_login(&key, LoginOptions::default()).await?;
+//! // ... the browser comes back to your redirect URI with ?code=...&state=...
+//! let callback = google.approve(&start.authorization_url, "alice")?;
+//! broker.complete_login(start.pending, &callback).await?;
+//!
+//! // 2. Read: your app authenticated the caller; the broker checks it may read the link.
+//! let caller = Caller::new(key.realm.clone(), key.subject.clone(), "my-app").with_role("read-token");
+//! let tokens = broker.retrieve(&caller, &key).await?.tokens;
+//! assert!(!tokens.access_token().expose_secret().is_empty());
+//! # Ok(()) }
+//! ```
+//!
+//! # Feature flags
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `reqwest` | yes | [`http::ReqwestClient`], the default HTTP transport (rustls, no redirects, time-outs) |
+//! | `testing` | no | [`testing`]: `FakeProvider`, a loopback fake IdP, `ManualClock`, the store conformance suite |
+//! | `sqlite` | no | a SQLite store (sqlx, bundled SQLite) |
+//! | `postgres` | no | a PostgreSQL store (sqlx) |
+//!
+//! # Implementing a `TokenStore`
+//!
+//! Implement the seven methods of [`TokenStore`] following its `# Contract` (versions assigned
+//! by the store, compare-and-swap on the version, an atomic refresh lease), then run the
+//! conformance suite from the `testing` feature against it.
+//!
+//! # Security
+//!
+//! - Tokens, client secrets, codes, PKCE verifiers and states are [`Secret`]s: no `Debug`
+//!   output, no `Display`, no error message and no log line contains one
+//!   (`tests/redaction.rs` checks every path).
+//! - Stores receive the token set as an opaque [`Payload`], which is **plain text** unless
+//!   the store is wrapped for encryption at rest.
+//! - Authorization runs before any load, and a denied caller gets the same answer whether or
+//!   not the link exists.
+//! - A refresh token is presented to the provider at most once across all instances sharing
+//!   a store, with one exception no client can avoid: when a refresh request times out, the
+//!   broker cannot know whether the provider consumed the token. With a provider that rejects
+//!   reuse, the next refresh may then get `invalid_grant` and the link asks for a re-link.
+//! - The refresh token never leaves the broker unless a provider's [`ProviderPolicy`] says so.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations, unreachable_pub)]
