@@ -1,1 +1,4 @@
-fn main() { let _ = tokenbroker::testing::ManualClock::starting_now(); println!("ok"); }
+fn main() {
+    let _ = tokenbroker::testing::ManualClock::starting_now();
+    println!("ok");
+}

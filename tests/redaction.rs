@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokenbroker::provider::{OAuth2Config, ProviderError};
 use tokenbroker::testing::{FakeFault, FakeProvider, ManualClock};
 use tokenbroker::{
-    BrokerEvent, Caller, EventSink, LoginOptions, MemoryStore, ProviderId, ProviderPolicy, Secret, TokenBroker,
-    TokenKey, TokenSet,
+    BrokerEvent, Caller, EventSink, LoginOptions, MemoryStore, ProviderId, ProviderPolicy, Secret,
+    TokenBroker, TokenKey, TokenSet,
 };
 
 #[derive(Clone, Default)]
@@ -61,7 +61,10 @@ async fn nothing_printable_contains_a_secret() {
     let mut printed: Vec<String> = vec![];
 
     // Login.
-    let start = broker.begin_login(&key, LoginOptions::default()).await.unwrap();
+    let start = broker
+        .begin_login(&key, LoginOptions::default())
+        .await
+        .unwrap();
     let pending_json: serde_json::Value = serde_json::to_value(&start.pending).unwrap();
     for field in ["state", "pkce_verifier", "nonce"] {
         secrets.push(pending_json[field].as_str().unwrap().to_owned());
@@ -70,7 +73,10 @@ async fn nothing_printable_contains_a_secret() {
     let callback = idp.approve(&start.authorization_url, "alice").unwrap();
     secrets.push(callback.code.as_ref().unwrap().expose_secret().to_owned());
     printed.push(format!("{callback:?}"));
-    let outcome = broker.complete_login(start.pending.clone(), &callback).await.unwrap();
+    let outcome = broker
+        .complete_login(start.pending.clone(), &callback)
+        .await
+        .unwrap();
     printed.push(format!("{outcome:?}"));
     let mut remember = |set: &TokenSet| {
         secrets.push(set.access_token().expose_secret().to_owned());
@@ -78,7 +84,13 @@ async fn nothing_printable_contains_a_secret() {
     };
     remember(&outcome.tokens);
     // Replay: an error path.
-    printed.push(format!("{:?}", broker.complete_login(start.pending, &callback).await.unwrap_err()));
+    printed.push(format!(
+        "{:?}",
+        broker
+            .complete_login(start.pending, &callback)
+            .await
+            .unwrap_err()
+    ));
 
     // Reads, refreshes, failures.
     let got = broker.retrieve(&caller, &key).await.unwrap();
@@ -90,7 +102,10 @@ async fn nothing_printable_contains_a_secret() {
     let response = broker.token_endpoint(Some(&caller), "acme", "fake").await;
     printed.push(format!("{response:?}"));
     clock.advance(Duration::from_secs(3601));
-    idp.inject(FakeFault::Error(ProviderError::Protocol { status: Some(200), reason: "x".into() }));
+    idp.inject(FakeFault::Error(ProviderError::Protocol {
+        status: Some(200),
+        reason: "x".into(),
+    }));
     let err = broker.retrieve(&caller, &key).await.unwrap_err();
     printed.push(format!("{err:?} {err}"));
     clock.advance(Duration::from_secs(120));
@@ -120,6 +135,9 @@ async fn nothing_printable_contains_a_secret() {
     let all = printed.join("\n");
     for secret in &secrets {
         assert!(secret.len() >= 16, "secrets are long enough to search for");
-        assert!(!all.contains(secret.as_str()), "a secret leaked into printable output:\n{all}");
+        assert!(
+            !all.contains(secret.as_str()),
+            "a secret leaked into printable output:\n{all}"
+        );
     }
 }

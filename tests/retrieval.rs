@@ -7,8 +7,8 @@ use std::time::Duration;
 use tokenbroker::provider::ProviderError;
 use tokenbroker::testing::{FakeFault, FakeProvider, ManualClock};
 use tokenbroker::{
-    BrokerResponse, Caller, KeycloakRoles, LoginOptions, MemoryStore, ProviderPolicy, Realm, Scopes, Subject,
-    TokenBroker, TokenKey,
+    BrokerResponse, Caller, KeycloakRoles, LoginOptions, MemoryStore, ProviderPolicy, Realm,
+    Scopes, Subject, TokenBroker, TokenKey,
 };
 
 struct World {
@@ -25,24 +25,48 @@ async fn world() -> World {
     let private = Arc::new(FakeProvider::new("private").unwrap());
     let broker = TokenBroker::builder()
         .with_provider(idp.clone(), ProviderPolicy::default())
-        .with_provider(exposed.clone(), ProviderPolicy::default().expose_refresh_token(true))
-        .with_provider(private.clone(), ProviderPolicy::default().store_tokens(false))
+        .with_provider(
+            exposed.clone(),
+            ProviderPolicy::default().expose_refresh_token(true),
+        )
+        .with_provider(
+            private.clone(),
+            ProviderPolicy::default().store_tokens(false),
+        )
         .with_store(Arc::new(MemoryStore::with_clock(clock.clone())))
         .with_clock(clock.clone())
-        .with_role_checker(Arc::new(KeycloakRoles::new().with_admin_scope("read:user_idp_tokens")))
+        .with_role_checker(Arc::new(
+            KeycloakRoles::new().with_admin_scope("read:user_idp_tokens"),
+        ))
         .build()
         .unwrap();
-    for (p, alias) in [(&idp, "google"), (&exposed, "exposed"), (&private, "private")] {
+    for (p, alias) in [
+        (&idp, "google"),
+        (&exposed, "exposed"),
+        (&private, "private"),
+    ] {
         let key = TokenKey::parse("acme", "alice", alias).unwrap();
-        let start = broker.begin_login(&key, LoginOptions::default()).await.unwrap();
+        let start = broker
+            .begin_login(&key, LoginOptions::default())
+            .await
+            .unwrap();
         let cb = p.approve(&start.authorization_url, "alice").unwrap();
         broker.complete_login(start.pending, &cb).await.unwrap();
     }
-    World { idp, private, clock, broker }
+    World {
+        idp,
+        private,
+        clock,
+        broker,
+    }
 }
 
 fn caller(subject: &str) -> Caller {
-    Caller::new(Realm::new("acme").unwrap(), Subject::new(subject).unwrap(), "web")
+    Caller::new(
+        Realm::new("acme").unwrap(),
+        Subject::new(subject).unwrap(),
+        "web",
+    )
 }
 
 fn same(a: &BrokerResponse, b: &BrokerResponse) -> bool {
@@ -52,7 +76,14 @@ fn same(a: &BrokerResponse, b: &BrokerResponse) -> bool {
 #[tokio::test]
 async fn the_owner_with_the_role_gets_a_keycloak_shaped_answer() {
     let w = world().await;
-    let r = w.broker.token_endpoint(Some(&caller("alice").with_role("read-token")), "acme", "google").await;
+    let r = w
+        .broker
+        .token_endpoint(
+            Some(&caller("alice").with_role("read-token")),
+            "acme",
+            "google",
+        )
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.headers["content-type"], "application/json");
     assert_eq!(r.headers["cache-control"], "no-store");
@@ -66,7 +97,10 @@ async fn the_owner_with_the_role_gets_a_keycloak_shaped_answer() {
     assert_eq!(body["scope"], "offline_access openid");
     assert_eq!(body["not-before-policy"], 0);
     assert_eq!(body["accessTokenExpiration"], (w.clock.now_ts() + 3600));
-    assert!(body.get("refresh_token").is_none(), "the refresh token never leaves by default");
+    assert!(
+        body.get("refresh_token").is_none(),
+        "the refresh token never leaves by default"
+    );
 }
 
 trait NowTs {
@@ -82,7 +116,14 @@ impl NowTs for ManualClock {
 #[tokio::test]
 async fn the_refresh_token_leaves_only_where_the_policy_exposes_it() {
     let w = world().await;
-    let r = w.broker.token_endpoint(Some(&caller("alice").with_role("read-token")), "acme", "exposed").await;
+    let r = w
+        .broker
+        .token_endpoint(
+            Some(&caller("alice").with_role("read-token")),
+            "acme",
+            "exposed",
+        )
+        .await;
     assert!(r.json().unwrap()["refresh_token"].as_str().is_some());
 }
 
@@ -94,33 +135,78 @@ async fn the_authorization_matrix() {
     let allowed = [(&owner, "alice"), (&admin, "alice")];
     for (who, whose) in allowed {
         let key = TokenKey::parse("acme", whose, "google").unwrap();
-        assert!(w.broker.retrieve(who, &key).await.is_ok(), "{who:?} may read {key}");
+        assert!(
+            w.broker.retrieve(who, &key).await.is_ok(),
+            "{who:?} may read {key}"
+        );
     }
 
     let denied: Vec<(&str, Caller, &str)> = vec![
-        ("another user's token", caller("bob").with_role("read-token"), "alice"),
+        (
+            "another user's token",
+            caller("bob").with_role("read-token"),
+            "alice",
+        ),
         ("no read-token role", caller("alice"), "alice"),
-        ("client without the role in scope", caller("alice").with_role("read-token").with_client_scope_roles(["profile"]), "alice"),
-        ("another realm", Caller::new(Realm::new("other").unwrap(), Subject::new("alice").unwrap(), "web").with_role("read-token"), "alice"),
+        (
+            "client without the role in scope",
+            caller("alice")
+                .with_role("read-token")
+                .with_client_scope_roles(["profile"]),
+            "alice",
+        ),
+        (
+            "another realm",
+            Caller::new(
+                Realm::new("other").unwrap(),
+                Subject::new("alice").unwrap(),
+                "web",
+            )
+            .with_role("read-token"),
+            "alice",
+        ),
     ];
     for (case, who, whose) in &denied {
         let existing = TokenKey::parse("acme", whose, "google").unwrap();
         let absent = TokenKey::parse("acme", "nobody", "google").unwrap();
         let e1 = w.broker.retrieve(who, &existing).await.unwrap_err();
         let e2 = w.broker.retrieve(who, &absent).await.unwrap_err();
-        assert!(matches!(e1, tokenbroker::Error::Forbidden), "{case}: {e1:?}");
-        assert!(matches!(e2, tokenbroker::Error::Forbidden), "{case}: {e2:?}");
+        assert!(
+            matches!(e1, tokenbroker::Error::Forbidden),
+            "{case}: {e1:?}"
+        );
+        assert!(
+            matches!(e2, tokenbroker::Error::Forbidden),
+            "{case}: {e2:?}"
+        );
     }
     // Through the endpoint, a denied caller's answers for an existing and an absent link are
     // identical, byte for byte.
     let no_role = caller("alice");
-    let existing = w.broker.token_endpoint(Some(&no_role), "acme", "google").await;
-    let absent = w.broker.token_endpoint(Some(&no_role), "acme", "unknown-provider").await;
+    let existing = w
+        .broker
+        .token_endpoint(Some(&no_role), "acme", "google")
+        .await;
+    let absent = w
+        .broker
+        .token_endpoint(Some(&no_role), "acme", "unknown-provider")
+        .await;
     assert_eq!(existing.status, 403);
-    assert!(same(&existing, &absent), "denied answers must not reveal existence");
-    let out_of_scope = caller("alice").with_role("read-token").with_client_scope_roles(["x"]);
-    let a = w.broker.token_endpoint(Some(&out_of_scope), "acme", "google").await;
-    let b = w.broker.token_endpoint(Some(&out_of_scope), "acme", "never-linked").await;
+    assert!(
+        same(&existing, &absent),
+        "denied answers must not reveal existence"
+    );
+    let out_of_scope = caller("alice")
+        .with_role("read-token")
+        .with_client_scope_roles(["x"]);
+    let a = w
+        .broker
+        .token_endpoint(Some(&out_of_scope), "acme", "google")
+        .await;
+    let b = w
+        .broker
+        .token_endpoint(Some(&out_of_scope), "acme", "never-linked")
+        .await;
     assert!(same(&a, &b));
     assert!(w.broker.token_endpoint(None, "acme", "google").await.status == 401);
 }
@@ -128,7 +214,14 @@ async fn the_authorization_matrix() {
 #[tokio::test]
 async fn a_provider_that_stores_no_tokens_has_nothing_to_read() {
     let w = world().await;
-    let r = w.broker.token_endpoint(Some(&caller("alice").with_role("read-token")), "acme", "private").await;
+    let r = w
+        .broker
+        .token_endpoint(
+            Some(&caller("alice").with_role("read-token")),
+            "acme",
+            "private",
+        )
+        .await;
     assert_eq!(r.status, 404);
     assert_eq!(w.private.counters().refresh_calls, 0);
 }
@@ -137,9 +230,27 @@ async fn a_provider_that_stores_no_tokens_has_nothing_to_read() {
 async fn error_statuses() {
     let w = world().await;
     let owner = caller("alice").with_role("read-token");
-    assert_eq!(w.broker.token_endpoint(Some(&owner), "acme", "Bad Alias").await.status, 400);
-    assert_eq!(w.broker.token_endpoint(Some(&owner), "a/b", "google").await.status, 400);
-    assert_eq!(w.broker.token_endpoint(Some(&owner), "acme", "nothing-here").await.status, 404);
+    assert_eq!(
+        w.broker
+            .token_endpoint(Some(&owner), "acme", "Bad Alias")
+            .await
+            .status,
+        400
+    );
+    assert_eq!(
+        w.broker
+            .token_endpoint(Some(&owner), "a/b", "google")
+            .await
+            .status,
+        400
+    );
+    assert_eq!(
+        w.broker
+            .token_endpoint(Some(&owner), "acme", "nothing-here")
+            .await
+            .status,
+        404
+    );
 
     w.clock.advance(Duration::from_secs(3601));
     w.idp.inject(FakeFault::Error(ProviderError::Transient {
@@ -148,14 +259,20 @@ async fn error_statuses() {
         reason: None,
         source: None,
     }));
-    let r = w.broker.token_endpoint(Some(&owner), "acme", "google").await;
+    let r = w
+        .broker
+        .token_endpoint(Some(&owner), "acme", "google")
+        .await;
     assert_eq!(r.status, 502);
     assert_eq!(r.headers["retry-after"], "20");
     assert_eq!(r.json().unwrap()["error"], "temporarily_unavailable");
 
     w.clock.advance(Duration::from_secs(60));
     w.idp.revoke_user("alice");
-    let r = w.broker.token_endpoint(Some(&owner), "acme", "google").await;
+    let r = w
+        .broker
+        .token_endpoint(Some(&owner), "acme", "google")
+        .await;
     assert_eq!(r.status, 409);
     assert_eq!(r.json().unwrap()["error"], "relink_required");
 }

@@ -93,7 +93,15 @@ impl fmt::Debug for LoginStart {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let url = &self.authorization_url;
         f.debug_struct("LoginStart")
-            .field("authorization_url", &format_args!("{}://{}{}?[redacted]", url.scheme(), url.host_str().unwrap_or(""), url.path()))
+            .field(
+                "authorization_url",
+                &format_args!(
+                    "{}://{}{}?[redacted]",
+                    url.scheme(),
+                    url.host_str().unwrap_or(""),
+                    url.path()
+                ),
+            )
             .field("pending", &self.pending)
             .finish()
     }
@@ -327,11 +335,12 @@ impl TokenBroker {
             });
         }
         let (tokens, first_link) = inner.upsert_link(&pending.key, set).await?;
-        if first_link && entry.policy.stored_tokens_readable {
-            if let Some(hook) = &inner.role_grants {
-                hook.grant_role(&pending.key.realm, &pending.key.subject, &inner.read_role)
-                    .await?;
-            }
+        if first_link
+            && entry.policy.stored_tokens_readable
+            && let Some(hook) = &inner.role_grants
+        {
+            hook.grant_role(&pending.key.realm, &pending.key.subject, &inner.read_role)
+                .await?;
         }
         inner.emit(BrokerEvent::Linked {
             key: pending.key.clone(),

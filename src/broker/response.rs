@@ -197,10 +197,10 @@ impl TokenBroker {
             "accessTokenExpiration".into(),
             json!(set.expires_at().map_or(0, |e| e.unix_timestamp())),
         );
-        if retrieved.expose_refresh_token {
-            if let Some(rt) = set.refresh_token() {
-                body.insert("refresh_token".into(), json!(rt.expose_secret()));
-            }
+        if retrieved.expose_refresh_token
+            && let Some(rt) = set.refresh_token()
+        {
+            body.insert("refresh_token".into(), json!(rt.expose_secret()));
         }
         BrokerResponse::new(StatusCode::OK, &Value::Object(body))
     }

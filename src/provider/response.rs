@@ -198,7 +198,7 @@ fn seconds(obj: &Map<String, Value>, field: &str) -> Result<Option<Duration>, St
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match (n.as_u64(), n.as_f64()) {
             (Some(s), _) => Ok(Some(Duration::from_secs(s))),
-            (None, Some(f)) if f.is_finite() && f >= 0.0 && f < 1e12 => {
+            (None, Some(f)) if f.is_finite() && (0.0..1e12).contains(&f) => {
                 Ok(Some(Duration::from_secs(f as u64)))
             }
             _ => Err(bad()),

@@ -45,7 +45,10 @@ pub struct MemoryStore {
 
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryStore").field("links", &self.len()).field("clock", &self.clock).finish()
+        f.debug_struct("MemoryStore")
+            .field("links", &self.len())
+            .field("clock", &self.clock)
+            .finish()
     }
 }
 
@@ -186,10 +189,10 @@ impl TokenStore for MemoryStore {
         let Some(slot) = shard.get_mut(key) else {
             return Ok(LeaseAttempt::Missing);
         };
-        if let Some((_, until)) = &slot.lease {
-            if *until > now {
-                return Ok(LeaseAttempt::Busy);
-            }
+        if let Some((_, until)) = &slot.lease
+            && *until > now
+        {
+            return Ok(LeaseAttempt::Busy);
         }
         let expires_at = now + ttl;
         slot.lease = Some((holder.clone(), expires_at));
@@ -202,14 +205,13 @@ impl TokenStore for MemoryStore {
 
     async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
         let mut shard = write(self.shard(&lease.key));
-        if let Some(slot) = shard.get_mut(&lease.key) {
-            if slot
+        if let Some(slot) = shard.get_mut(&lease.key)
+            && slot
                 .lease
                 .as_ref()
                 .is_some_and(|(holder, _)| holder == &lease.holder)
-            {
-                slot.lease = None;
-            }
+        {
+            slot.lease = None;
         }
         Ok(())
     }
