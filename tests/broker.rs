@@ -695,3 +695,96 @@ fn a_lease_shorter_than_the_refresh_time_out_is_a_configuration_error() {
         .unwrap_err();
     assert!(matches!(err, Error::Config(m) if m.contains("lease TTL")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_provider_answer_within_the_lease_is_not_taken_over() {
+    let w = World::new();
+    w.link().await;
+    w.expire();
+    let other = w.second_instance();
+    // The provider answers after most of the refresh time-out (300 ms of a 5.3 s lease).
+    w.idp.inject(FakeFault::Delay(Duration::from_millis(250)));
+    let (b1, b2, c, k) = (w.broker.clone(), other.clone(), w.caller(), w.key.clone());
+    let (c2, k2) = (c.clone(), k.clone());
+    let first = tokio::spawn(async move { b1.retrieve(&c, &k).await });
+    w.idp.wait_for_refresh_calls(1).await;
+    let second = tokio::spawn(async move { b2.retrieve(&c2, &k2).await });
+    let a = first.await.unwrap().unwrap();
+    let b = second.await.unwrap().unwrap();
+    assert_eq!(secret(&a.tokens), secret(&b.tokens));
+    assert_eq!(
+        w.idp.counters().refresh_calls,
+        1,
+        "the waiting instance re-read instead of refreshing"
+    );
+    assert_eq!(w.idp.counters().reuse_detected, 0);
+}
+
+#[tokio::test]
+async fn a_dead_lease_holder_is_taken_over_after_the_ttl() {
+    let w = World::new();
+    w.link().await;
+    w.expire();
+    // Another instance took the lease and died before releasing it.
+    let dead = tokenbroker::store::LeaseHolder::new("crashed-instance");
+    let attempt = w
+        .store
+        .try_lease(&w.key, &dead, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(matches!(
+        attempt,
+        tokenbroker::store::LeaseAttempt::Acquired(_)
+    ));
+    let (broker, caller, key) = (w.broker.clone(), w.caller(), w.key.clone());
+    let reader = tokio::spawn(async move { broker.retrieve(&caller, &key).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        w.idp.counters().refresh_calls,
+        0,
+        "the reader waits while the lease is held"
+    );
+    w.clock.advance(Duration::from_secs(31)); // the store's clock passes the lease's expiry
+    let got = reader.await.unwrap().expect("taken over after the TTL");
+    assert!(got.refreshed);
+    assert_eq!(w.idp.counters().refresh_calls, 1);
+    assert!(!w.stored().await.record.meta.state.is_relink_required());
+}
+
+#[tokio::test]
+async fn a_lease_held_longer_than_the_wait_is_a_typed_error_and_changes_nothing() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = Arc::new(MemoryStore::with_clock(clock.clone()));
+    let idp = Arc::new(FakeProvider::new("fake").unwrap());
+    let broker = TokenBroker::builder()
+        .with_provider(idp.clone(), ProviderPolicy::default())
+        .with_store(store.clone())
+        .with_clock(clock.clone())
+        .with_lease_wait(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let key = TokenKey::parse("acme", "alice", "fake").unwrap();
+    let start = broker
+        .begin_login(&key, LoginOptions::default())
+        .await
+        .unwrap();
+    let cb = idp.approve(&start.authorization_url, "alice").unwrap();
+    broker.complete_login(start.pending, &cb).await.unwrap();
+    clock.advance(HOUR + Duration::from_secs(1));
+    let holder = tokenbroker::store::LeaseHolder::new("busy-elsewhere");
+    store
+        .try_lease(&key, &holder, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let before = store.load(&key).await.unwrap().unwrap();
+    let caller = Caller::new(key.realm.clone(), key.subject.clone(), "app").with_role("read-token");
+    assert!(matches!(
+        broker.retrieve(&caller, &key).await,
+        Err(Error::RefreshInProgress { .. })
+    ));
+    assert_eq!(idp.counters().refresh_calls, 0);
+    assert_eq!(
+        store.load(&key).await.unwrap().unwrap().version,
+        before.version
+    );
+}
