@@ -43,6 +43,21 @@ pub struct AuthorizationRequest {
     pub extra_params: Vec<(String, String)>,
 }
 
+impl AuthorizationRequest {
+    /// A request with no login hint, no extra parameters, and no stored refresh token.
+    pub fn new(state: Secret, pkce_challenge: String, nonce: Secret, scopes: Scopes) -> Self {
+        AuthorizationRequest {
+            state,
+            pkce_challenge,
+            nonce,
+            scopes,
+            has_refresh_token: false,
+            login_hint: None,
+            extra_params: Vec::new(),
+        }
+    }
+}
+
 /// What the broker hands a provider to redeem an authorization code.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -55,6 +70,18 @@ pub struct CodeExchange {
     pub nonce: Secret,
     /// The scopes requested.
     pub requested_scopes: Scopes,
+}
+
+impl CodeExchange {
+    /// An exchange of `code` with its PKCE verifier and nonce, with no requested scopes.
+    pub fn new(code: Secret, pkce_verifier: Secret, nonce: Secret) -> Self {
+        CodeExchange {
+            code,
+            pkce_verifier,
+            nonce,
+            requested_scopes: Scopes::new(),
+        }
+    }
 }
 
 /// Which token to revoke.
