@@ -107,12 +107,13 @@ async fn refresh_with_post_auth_and_narrower_scopes() {
 
 #[tokio::test]
 async fn answers_are_classified_with_their_status() {
-    let cases: Vec<(
+    type Case = (
         u16,
         &'static str,
-        &'static [(&str, &str)],
+        &'static [(&'static str, &'static str)],
         fn(&ProviderError) -> bool,
-    )> = vec![
+    );
+    let cases: Vec<Case> = vec![
         (
             400,
             r#"{"error":"invalid_grant","error_description":"revoked"}"#,
