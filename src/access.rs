@@ -221,6 +221,64 @@ impl RoleChecker for KeycloakRoles {
     }
 }
 
+/// Keycloak's V2 model: each client is allowed a list of providers, and a caller reads its
+/// own links through a client only for the providers that client is allowed. No role is
+/// involved.
+///
+/// ```
+/// use tokenbroker::access::ClientAllowList;
+/// use tokenbroker::ProviderId;
+///
+/// let checker = ClientAllowList::new()
+///     .allow("reporting-service", [ProviderId::new("google")?, ProviderId::new("github")?]);
+/// # Ok::<(), tokenbroker::InvalidId>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ClientAllowList {
+    allowed: std::collections::HashMap<String, BTreeSet<crate::ids::ProviderId>>,
+}
+
+impl ClientAllowList {
+    /// An empty list: every read is denied.
+    pub fn new() -> Self {
+        ClientAllowList::default()
+    }
+
+    /// Allows `client_id` the given providers (added to any it already has).
+    pub fn allow(
+        mut self,
+        client_id: impl Into<String>,
+        providers: impl IntoIterator<Item = crate::ids::ProviderId>,
+    ) -> Self {
+        self.allowed
+            .entry(client_id.into())
+            .or_default()
+            .extend(providers);
+        self
+    }
+
+    /// The synchronous decision.
+    pub fn check(&self, caller: &Caller, target: &TokenKey) -> Decision {
+        if caller.realm != target.realm {
+            return Decision::Deny(DenyReason::OtherRealm);
+        }
+        if caller.subject != target.subject {
+            return Decision::Deny(DenyReason::NotOwner);
+        }
+        match self.allowed.get(&caller.client_id) {
+            Some(providers) if providers.contains(&target.provider) => Decision::Allow,
+            _ => Decision::Deny(DenyReason::ClientNotAllowed),
+        }
+    }
+}
+
+#[async_trait]
+impl RoleChecker for ClientAllowList {
+    async fn decide(&self, caller: &Caller, target: &TokenKey) -> Result<Decision, AccessError> {
+        Ok(self.check(caller, target))
+    }
+}
+
 /// Per-provider storage and exposure settings (Keycloak's "Store tokens" and "Stored tokens
 /// readable").
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,6 +349,36 @@ mod tests {
             Subject::new(subject).unwrap(),
             "app",
         )
+    }
+
+    #[test]
+    fn client_allow_list() {
+        let c =
+            ClientAllowList::new().allow("svc", [crate::ids::ProviderId::new("google").unwrap()]);
+        let own = key("acme", "alice");
+        let svc = Caller::new(
+            Realm::new("acme").unwrap(),
+            Subject::new("alice").unwrap(),
+            "svc",
+        );
+        assert_eq!(c.check(&svc, &own), Decision::Allow);
+        let other_client = Caller {
+            client_id: "web".into(),
+            ..svc.clone()
+        };
+        assert_eq!(
+            c.check(&other_client, &own),
+            Decision::Deny(DenyReason::ClientNotAllowed)
+        );
+        assert_eq!(
+            c.check(&svc, &key("acme", "bob")),
+            Decision::Deny(DenyReason::NotOwner)
+        );
+        let github = TokenKey::parse("acme", "alice", "github").unwrap();
+        assert_eq!(
+            c.check(&svc, &github),
+            Decision::Deny(DenyReason::ClientNotAllowed)
+        );
     }
 
     #[test]

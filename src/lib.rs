@@ -89,8 +89,9 @@ pub use access::{
     RoleGrantHook,
 };
 pub use broker::{
-    BrokerResponse, Callback, LEASE_MARGIN, LinkOutcome, LoginOptions, LoginStart, PendingLogin,
-    RetrievedTokens, TokenBroker, TokenBrokerBuilder, UnlinkOutcome,
+    ACCESS_TOKEN_TYPE, BrokerResponse, Callback, LEASE_MARGIN, LinkOutcome, LoginOptions,
+    LoginStart, PendingLogin, RetrievedTokens, TOKEN_EXCHANGE_GRANT, TokenBroker,
+    TokenBrokerBuilder, UnlinkOutcome,
 };
 pub use clock::{Clock, SharedClock, SystemClock};
 pub use error::{Error, Result};

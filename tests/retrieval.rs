@@ -276,3 +276,109 @@ async fn error_statuses() {
     assert_eq!(r.status, 409);
     assert_eq!(r.json().unwrap()["error"], "relink_required");
 }
+
+#[tokio::test]
+async fn token_exchange_front_door() {
+    let w = world().await;
+    let owner = caller("alice").with_role("read-token");
+    let grant = "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange";
+    let form = format!("{grant}&subject_token=host-checked&requested_issuer=google");
+    let r = w
+        .broker
+        .token_exchange(Some(&owner), "acme", form.as_bytes())
+        .await;
+    assert_eq!(r.status, 200);
+    let body = r.json().unwrap();
+    assert!(w.idp.is_active(body["access_token"].as_str().unwrap()));
+    assert_eq!(body["issued_token_type"], tokenbroker::ACCESS_TOKEN_TYPE);
+    assert_eq!(body["token_type"], "Bearer");
+    assert!(body.get("refresh_token").is_none());
+
+    // Same authorization as retrieval, and the same indistinguishable denial.
+    let denied_a = w
+        .broker
+        .token_exchange(Some(&caller("alice")), "acme", form.as_bytes())
+        .await;
+    let denied_b = w
+        .broker
+        .token_exchange(
+            Some(&caller("alice")),
+            "acme",
+            format!("{grant}&requested_issuer=nothing").as_bytes(),
+        )
+        .await;
+    assert_eq!(denied_a.status, 403);
+    assert!(same(&denied_a, &denied_b));
+
+    let bad = [
+        (
+            "grant_type=client_credentials&requested_issuer=google".to_owned(),
+            "unsupported_grant_type",
+        ),
+        (grant.to_owned(), "invalid_request"),
+        (
+            format!(
+                "{grant}&requested_issuer=google&requested_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aid_token"
+            ),
+            "invalid_request",
+        ),
+        (
+            format!("{grant}&requested_issuer=google&requested_issuer=github"),
+            "invalid_request",
+        ),
+        (
+            format!("{grant}&requested_issuer=google&scope=email"),
+            "invalid_scope",
+        ),
+    ];
+    for (form, error) in bad {
+        let r = w
+            .broker
+            .token_exchange(Some(&owner), "acme", form.as_bytes())
+            .await;
+        assert_eq!(r.status, 400, "{form}");
+        assert_eq!(r.json().unwrap()["error"], error, "{form}");
+    }
+    assert_eq!(
+        w.broker
+            .token_exchange(None, "acme", form.as_bytes())
+            .await
+            .status,
+        401
+    );
+}
+
+#[tokio::test]
+async fn the_client_allow_list_preset_gates_providers_per_client() {
+    let idp = Arc::new(FakeProvider::new("google").unwrap());
+    let checker = tokenbroker::access::ClientAllowList::new()
+        .allow("reports", [tokenbroker::ProviderId::new("google").unwrap()]);
+    let broker = TokenBroker::builder()
+        .with_provider(idp.clone(), ProviderPolicy::default())
+        .with_role_checker(Arc::new(checker))
+        .build()
+        .unwrap();
+    let key = TokenKey::parse("acme", "alice", "google").unwrap();
+    let start = broker
+        .begin_login(&key, LoginOptions::default())
+        .await
+        .unwrap();
+    let cb = idp.approve(&start.authorization_url, "alice").unwrap();
+    broker.complete_login(start.pending, &cb).await.unwrap();
+    let reports = Caller::new(key.realm.clone(), key.subject.clone(), "reports");
+    assert_eq!(
+        broker
+            .token_endpoint(Some(&reports), "acme", "google")
+            .await
+            .status,
+        200
+    );
+    let web = Caller::new(key.realm.clone(), key.subject.clone(), "web").with_role("read-token");
+    assert_eq!(
+        broker
+            .token_endpoint(Some(&web), "acme", "google")
+            .await
+            .status,
+        403
+    );
+}

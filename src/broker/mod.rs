@@ -1,5 +1,6 @@
 //! The broker: login, retrieval with refresh-and-rotate, unlink, and the retrieval response.
 
+mod exchange;
 mod login;
 mod refresh;
 mod response;
@@ -21,6 +22,7 @@ use crate::provider::{OAuth2Config, OAuth2Provider, Provider, ProviderError, Tok
 use crate::store::{LeaseHolder, MemoryStore, TokenStore};
 use crate::token::TokenSet;
 
+pub use exchange::{ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT};
 pub use login::{Callback, LinkOutcome, LoginOptions, LoginStart, PendingLogin};
 pub use response::BrokerResponse;
 

@@ -52,7 +52,7 @@ impl BrokerResponse {
         serde_json::from_slice(&self.body).ok()
     }
 
-    fn new(status: StatusCode, body: &Value) -> Self {
+    pub(crate) fn new(status: StatusCode, body: &Value) -> Self {
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CONTENT_TYPE,
@@ -68,7 +68,7 @@ impl BrokerResponse {
         }
     }
 
-    fn error(status: StatusCode, error: &str, description: &str) -> Self {
+    pub(crate) fn error(status: StatusCode, error: &str, description: &str) -> Self {
         BrokerResponse::new(
             status,
             &json!({ "error": error, "error_description": description }),
@@ -124,7 +124,7 @@ impl BrokerResponse {
         response
     }
 
-    fn unauthenticated() -> Self {
+    pub(crate) fn unauthenticated() -> Self {
         let mut response = BrokerResponse::error(
             StatusCode::UNAUTHORIZED,
             "invalid_token",
