@@ -1,1 +1,4 @@
 pub fn _x(){}
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
