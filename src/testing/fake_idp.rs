@@ -44,6 +44,14 @@
 //! are form-url-decoded before comparison (RFC 6749 §2.3.1, so a `+` in a secret must be sent
 //! as `%2B`). Only confidential clients (with a secret) are supported.
 //!
+//! # ID tokens
+//!
+//! For the `openid` scope (code exchange and refresh) the response carries an `id_token` with
+//! `iss` ([`FakeIdp::issuer`]), `sub` (the user), `aud` (the client id), `iat`, `exp` and the
+//! `nonce` of the authorization request (kept on refresh). It is **not signed**: the header is
+//! `{"alg":"none","typ":"JWT"}` and the signature part is empty, so it cannot pass a real
+//! signature check, and there is no JWKS or discovery document.
+//!
 //! # Time
 //!
 //! The fake uses the system clock (`iat`, `exp`, code and access-token lifetimes), like a real
