@@ -169,7 +169,8 @@ async fn many_readers_across_two_instances_make_one_refresh_over_http() {
 #[tokio::test]
 async fn upstream_faults_leave_the_record_unchanged() {
     let html = "<html><body>Service Unavailable</body></html>".to_owned();
-    let faults: Vec<(&str, Fault, fn(&Error) -> bool)> = vec![
+    type Case = (&'static str, Fault, fn(&Error) -> bool);
+    let faults: Vec<Case> = vec![
         (
             "503 html",
             Fault::Status {
