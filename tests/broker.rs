@@ -788,3 +788,25 @@ async fn a_lease_held_longer_than_the_wait_is_a_typed_error_and_changes_nothing(
         before.version
     );
 }
+
+#[tokio::test]
+async fn a_relink_after_relink_required_does_not_keep_the_dead_refresh_token() {
+    let w = World::new();
+    w.link().await;
+    w.idp.revoke_user("alice");
+    w.expire();
+    assert!(matches!(
+        w.broker.retrieve(&w.caller(), &w.key).await,
+        Err(Error::RelinkRequired { .. })
+    ));
+    // The provider sends no refresh token this time (as Google does without consent).
+    w.idp.set_omit_refresh_token(true);
+    let relinked = w.link().await;
+    assert!(
+        relinked.refresh_token().is_none(),
+        "the dead refresh token is not carried over"
+    );
+    let stored = w.stored().await;
+    assert!(!stored.record.meta.state.is_relink_required());
+    assert!(w.broker.retrieve(&w.caller(), &w.key).await.is_ok());
+}

@@ -391,11 +391,14 @@ impl Inner {
                     }
                 }
                 Some(stored) => {
-                    // A record we cannot decode is replaced: the new login is the user's
-                    // intent and the old data is unusable anyway.
+                    // Replaced rather than merged: a record we cannot decode (unusable), and a
+                    // link marked relink-required (its refresh token is known to be dead, and
+                    // keeping it would only earn the next refresh another invalid_grant).
                     let merged = match TokenSet::from_payload(&stored.record.payload) {
-                        Ok(old) => old.merge(set.clone()),
-                        Err(_) => set.clone(),
+                        Ok(old) if !stored.record.meta.state.is_relink_required() => {
+                            old.merge(set.clone())
+                        }
+                        _ => set.clone(),
                     };
                     let record = Record::new(
                         merged.to_payload(),
