@@ -1,0 +1,283 @@
+//! Starts the certified `oidc-provider` (tests/idp/server.mjs) on a random loopback port and
+//! drives its login without a browser.
+//!
+//! Include it from a test file with `#[path = "support/oidc_provider.rs"] mod oidc_provider;`.
+//! The Node packages must be installed (`scripts/setup-idp.sh`, which `scripts/test.sh` runs).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+use url::Url;
+
+/// How the provider behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// Rotation on every refresh; reuse of a consumed refresh token revokes the grant;
+    /// `offline_access` only with `prompt=consent` (OpenID Connect Core §11).
+    Oidc,
+    /// A refresh token only with `access_type=offline` on first consent or `prompt=consent`;
+    /// no rotation, and refresh answers carry no refresh token.
+    GoogleLike,
+    /// `offline_access` without `prompt=consent`; rotation; `ext_expires_in` in token answers.
+    MicrosoftLike,
+}
+
+impl Profile {
+    fn name(self) -> &'static str {
+        match self {
+            Profile::Oidc => "oidc",
+            Profile::GoogleLike => "google-like",
+            Profile::MicrosoftLike => "microsoft-like",
+        }
+    }
+}
+
+/// Counters kept by the provider.
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
+pub struct Counters {
+    pub refresh_requests: u64,
+    pub refresh_successes: u64,
+    pub refresh_errors: u64,
+    pub reuse_detected: u64,
+    pub code_exchanges: u64,
+    pub revocation_requests: u64,
+    pub grants_revoked: u64,
+}
+
+/// A running provider; killed on drop.
+pub struct OidcProvider {
+    child: Child,
+    issuer: Url,
+    redirect_uri: Url,
+    http: reqwest::Client,
+    stderr: Arc<Mutex<String>>,
+}
+
+pub const CLIENT_SECRET: &str = "tb-secret~+/=";
+
+impl OidcProvider {
+    /// Starts a provider with the given profile and access-token lifetime (seconds).
+    pub async fn start(profile: Profile, access_ttl: u64) -> OidcProvider {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/idp");
+        assert!(
+            dir.join("node_modules/oidc-provider").is_dir(),
+            "tests/idp/node_modules is missing: run scripts/setup-idp.sh (scripts/test.sh does it)"
+        );
+        let redirect_uri: Url = "http://127.0.0.1:9/callback".parse().unwrap();
+        let mut child = Command::new("node")
+            .arg("server.mjs")
+            .current_dir(&dir)
+            .env("PROFILE", profile.name())
+            .env("ACCESS_TTL", access_ttl.to_string())
+            .env("REDIRECT_URI", redirect_uri.as_str())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start `node` (is Node.js installed? scripts/setup-idp.sh checks): {e}"
+                )
+            });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err_pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err_pipe.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
+        let issuer = match first {
+            Ok(Ok(Some(line))) if line.starts_with("LISTENING ") => {
+                line["LISTENING ".len()..].trim().parse().unwrap()
+            }
+            other => panic!(
+                "oidc-provider did not start ({other:?}); its stderr:\n{}",
+                stderr.lock().unwrap()
+            ),
+        };
+        // Keep reading stdout: oidc-provider prints notices there, and a closed pipe kills it.
+        let sink = stderr.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+            }
+        });
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .cookie_store(true)
+            // A fresh connection per request: no race with Node closing idle keep-alive sockets.
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        OidcProvider {
+            child,
+            issuer,
+            redirect_uri,
+            http,
+            stderr,
+        }
+    }
+
+    pub fn issuer(&self) -> Url {
+        self.issuer.clone()
+    }
+    pub fn authorization_endpoint(&self) -> Url {
+        self.issuer.join("/auth").unwrap()
+    }
+    pub fn token_endpoint(&self) -> Url {
+        self.issuer.join("/token").unwrap()
+    }
+    pub fn revocation_endpoint(&self) -> Url {
+        self.issuer.join("/token/revocation").unwrap()
+    }
+    pub fn introspection_endpoint(&self) -> Url {
+        self.issuer.join("/token/introspection").unwrap()
+    }
+    pub fn redirect_uri(&self) -> Url {
+        self.redirect_uri.clone()
+    }
+
+    /// Plays the browser: follows the authorization URL through the provider's (scripted)
+    /// login and consent, carrying cookies, until it redirects to the redirect URI, which it
+    /// does not request. Returns that final URL (`?code=...&state=...` or `?error=...`).
+    pub async fn login(&self, authorization_url: &Url) -> Url {
+        let mut url = authorization_url.clone();
+        for _ in 0..12 {
+            let response = self
+                .http
+                .get(url.clone())
+                .send()
+                .await
+                .expect("provider reachable");
+            let status = response.status();
+            assert!(
+                status.is_redirection(),
+                "expected a redirect from {url}, got {status}: {}",
+                response.text().await.unwrap_or_default()
+            );
+            let location = response.headers()["location"].to_str().unwrap().to_owned();
+            let next = url.join(&location).unwrap();
+            if next.as_str().starts_with(self.redirect_uri.as_str()) {
+                return next;
+            }
+            url = next;
+        }
+        panic!(
+            "too many redirects during login; provider stderr:\n{}",
+            self.stderr.lock().unwrap()
+        );
+    }
+
+    /// Revokes every grant of `user` at the provider.
+    pub async fn revoke_user(&self, user: &str) {
+        let url = self
+            .issuer
+            .join(&format!("/__test/revoke-user?user={user}"))
+            .unwrap();
+        let r = self.http.post(url).send().await.unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// The provider's counters.
+    pub async fn counters(&self) -> Counters {
+        let url = self.issuer.join("/__test/counters").unwrap();
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Whether the provider says `token` is active (RFC 7662 introspection). oidc-provider
+    /// answers only for the client a token was issued to, so both test clients ask.
+    pub async fn is_active(&self, token: &str) -> bool {
+        for request in [
+            self.http
+                .post(self.introspection_endpoint())
+                .basic_auth("tb-basic", Some(form_encoded(CLIENT_SECRET)))
+                .form(&[("token", token)]),
+            self.http.post(self.introspection_endpoint()).form(&[
+                ("token", token),
+                ("client_id", "tb-post"),
+                ("client_secret", CLIENT_SECRET),
+            ]),
+        ] {
+            let response = match request.send().await {
+                Ok(r) => r,
+                Err(e) => panic!(
+                    "introspection request failed: {e:?}; provider stderr:\n{}",
+                    self.stderr()
+                ),
+            };
+            assert!(
+                response.status().is_success(),
+                "introspection failed: {}",
+                response.status()
+            );
+            let body: serde_json::Value = response.json().await.unwrap();
+            if body["active"].as_bool() == Some(true) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Presents a refresh token directly at the token endpoint as `client_id` (`tb-basic` or
+    /// `tb-post`), as a client that lost track of rotation would. Returns the HTTP status and
+    /// the JSON answer.
+    pub async fn raw_refresh(
+        &self,
+        client_id: &str,
+        refresh_token: &str,
+    ) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .post(self.token_endpoint())
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token),
+                ("client_id", client_id),
+                ("client_secret", CLIENT_SECRET),
+            ])
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or_default())
+    }
+
+    /// The provider's stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+/// RFC 6749 §2.3.1: Basic credentials are form-encoded before Base64 (and oidc-provider decodes
+/// them, so a raw `+` would arrive as a space).
+fn form_encoded(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+impl Drop for OidcProvider {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
