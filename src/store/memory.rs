@@ -11,7 +11,8 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::{
-    Lease, LeaseAttempt, LeaseHolder, Record, StoreError, StoredRecord, TokenStore, Version,
+    Lease, LeaseAttempt, LeaseHolder, Record, ScannedLink, StoreError, StoredRecord, TokenStore,
+    Version,
 };
 use crate::clock::{self, SharedClock};
 use crate::ids::{Realm, Subject, TokenKey};
@@ -176,6 +177,30 @@ impl TokenStore for MemoryStore {
             );
         }
         Ok(keys)
+    }
+
+    async fn scan(
+        &self,
+        after: Option<&TokenKey>,
+        limit: usize,
+    ) -> Result<Vec<ScannedLink>, StoreError> {
+        // Shards are hashed, not ordered: collect what lies after the cursor, then sort. A walk
+        // costs O(n) per page, which is fine for an in-process store of this size.
+        let mut links = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = read(shard);
+            links.extend(
+                shard
+                    .iter()
+                    .filter(|(k, _)| after.is_none_or(|a| *k > a))
+                    .map(|(k, slot)| {
+                        ScannedLink::new(k.clone(), slot.record.meta.clone(), slot.version)
+                    }),
+            );
+        }
+        links.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        links.truncate(limit);
+        Ok(links)
     }
 
     async fn try_lease(

@@ -231,6 +231,26 @@ pub enum LeaseAttempt {
     Missing,
 }
 
+/// One row of a [`TokenStore::scan`]: a key with its plain metadata and version, without the
+/// payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ScannedLink {
+    /// The key.
+    pub key: TokenKey,
+    /// Its plain metadata.
+    pub meta: RecordMeta,
+    /// Its version when scanned.
+    pub version: Version,
+}
+
+impl ScannedLink {
+    /// Builds a scanned row (for store implementations).
+    pub fn new(key: TokenKey, meta: RecordMeta, version: Version) -> Self {
+        ScannedLink { key, meta, version }
+    }
+}
+
 /// Errors from a store.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -292,6 +312,11 @@ impl StoreError {
 ///   whether a record was deleted.
 /// - `list` returns the keys of one subject in one realm, and nothing of other realms or
 ///   subjects.
+/// - `scan` walks every link of every realm in ascending [`TokenKey`] order (realm, then subject,
+///   then provider, each compared as bytes), returning at most `limit` links strictly after
+///   `after`. Passing the last key of one page as `after` gives the next page; links written
+///   during a walk may or may not be seen, but none that existed throughout is skipped. Sweeps,
+///   retention and key rotation are built on it.
 /// - `try_lease` is atomic: at most one holder has an unexpired lease on a key at any time.
 ///   A lease is judged by the **store's** clock and expires `ttl` after it was taken; once
 ///   expired, anyone may take it. Taking a lease on a missing key answers
@@ -323,6 +348,14 @@ pub trait TokenStore: Debug + Send + Sync + 'static {
 
     /// The keys of one subject's links in one realm, in any order.
     async fn list(&self, realm: &Realm, subject: &Subject) -> Result<Vec<TokenKey>, StoreError>;
+
+    /// Up to `limit` links in ascending key order, strictly after `after` (from the start with
+    /// `None`).
+    async fn scan(
+        &self,
+        after: Option<&TokenKey>,
+        limit: usize,
+    ) -> Result<Vec<ScannedLink>, StoreError>;
 
     /// Tries to take the refresh lease on a key for `ttl`.
     async fn try_lease(
@@ -368,6 +401,13 @@ macro_rules! forward_store {
                 subject: &Subject,
             ) -> Result<Vec<TokenKey>, StoreError> {
                 (**self).list(realm, subject).await
+            }
+            async fn scan(
+                &self,
+                after: Option<&TokenKey>,
+                limit: usize,
+            ) -> Result<Vec<ScannedLink>, StoreError> {
+                (**self).scan(after, limit).await
             }
             async fn try_lease(
                 &self,
