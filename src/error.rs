@@ -102,7 +102,7 @@ pub enum Error {
 
     /// The provider rejected the request for a reason the user cannot fix (a bad client
     /// secret, a protocol error). The stored record is unchanged.
-    #[error("provider {provider} rejected the request")]
+    #[error("provider {provider} rejected the request: {source}")]
     Provider {
         /// The provider alias.
         provider: String,

@@ -42,7 +42,7 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `reqwest` | yes | [`http::ReqwestClient`], the default HTTP transport (rustls, no redirects, time-outs) |
-//! | `testing` | no | [`testing`]: `FakeProvider`, a loopback fake IdP, `ManualClock`, the store conformance suite |
+//! | `testing` | no | `testing`: `FakeProvider`, a loopback fake IdP, `ManualClock`, the store conformance suite |
 //! | `sqlite` | no | a SQLite store (sqlx, bundled SQLite) |
 //! | `postgres` | no | a PostgreSQL store (sqlx) |
 //!

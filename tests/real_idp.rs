@@ -9,7 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use oidc_provider::{CLIENT_SECRET, OidcProvider, Profile};
-use tokenbroker::provider::{ClientAuth, OAuth2Config, RefreshTokenReuse};
+use tokenbroker::http::ReqwestClient;
+use tokenbroker::provider::{
+    ClientAuth, GoogleQuirks, IssuerPolicy, MicrosoftQuirks, OAuth2Config, OidcConfig,
+    ProviderError, Quirks, RefreshTokenReuse,
+};
 use tokenbroker::store::TokenStore;
 use tokenbroker::{
     Callback, Caller, Error, LoginOptions, MemoryStore, ProviderId, ProviderPolicy,
@@ -228,19 +232,22 @@ async fn unlink_revokes_at_the_provider() {
     assert_eq!(idp.counters().await.revocation_requests, 1);
 }
 
+/// The provider's own rule (OIDC Core §11), seen without any help from the broker: a client
+/// whose quirks never add `prompt=consent` gets no refresh token for `offline_access`.
 #[tokio::test]
-async fn without_prompt_consent_offline_access_is_dropped_and_no_refresh_token_issued() {
+async fn without_prompt_consent_the_provider_drops_offline_access() {
+    #[derive(Debug)]
+    struct NoConsentPrompt;
+    impl Quirks for NoConsentPrompt {}
+
     let idp = OidcProvider::start(Profile::Oidc, TTL).await;
     let store = Arc::new(MemoryStore::new());
     let broker = broker(
-        config(&idp, ClientAuth::Basic, "openid offline_access"),
+        config(&idp, ClientAuth::Basic, "openid offline_access").with_quirks(NoConsentPrompt),
         &store,
     );
     let linked = link(&broker, &idp, LoginOptions::default()).await;
-    assert!(
-        linked.refresh_token().is_none(),
-        "OIDC Core §11: offline_access needs prompt=consent"
-    );
+    assert!(linked.refresh_token().is_none());
     wait_for_expiry().await;
     assert!(matches!(
         broker.retrieve(&alice(), &key()).await,
@@ -248,14 +255,174 @@ async fn without_prompt_consent_offline_access_is_dropped_and_no_refresh_token_i
     ));
 }
 
+/// With the standard quirks the broker asks for consent exactly when it holds no refresh
+/// token: the first link gets one without the host doing anything, and a later login (no
+/// consent screen, so no new refresh token) keeps it.
 #[tokio::test]
-async fn google_like_keeps_the_refresh_token_across_refreshes_and_relogins() {
+async fn offline_access_asks_for_consent_on_the_first_link_only() {
+    let idp = OidcProvider::start(Profile::Oidc, TTL).await;
+    let store = Arc::new(MemoryStore::new());
+    let broker = broker(
+        config(&idp, ClientAuth::Basic, "openid offline_access"),
+        &store,
+    );
+    let linked = link(&broker, &idp, LoginOptions::default()).await;
+    let rt = linked
+        .refresh_token()
+        .expect("prompt=consent was added on the first link")
+        .expose_secret()
+        .to_owned();
+    let relinked = link(&broker, &idp, LoginOptions::default()).await;
+    assert_eq!(relinked.refresh_token().unwrap().expose_secret(), rt);
+    assert!(
+        idp.is_active(&rt).await,
+        "the kept refresh token still works"
+    );
+}
+
+fn http() -> Arc<ReqwestClient> {
+    Arc::new(ReqwestClient::new().unwrap())
+}
+
+/// The provider's configuration from its discovery document, for one of its two clients.
+async fn discovered(idp: &OidcProvider, auth: ClientAuth, scopes: &str) -> OidcConfig {
+    let client_id = match auth {
+        ClientAuth::Post => "tb-post",
+        _ => "tb-basic",
+    };
+    let mut config = OidcConfig::discover(
+        ProviderId::new("idp").unwrap(),
+        &idp.issuer(),
+        client_id,
+        Some(Secret::new(CLIENT_SECRET)),
+        idp.redirect_uri(),
+        &*http(),
+    )
+    .await
+    .expect("discovery");
+    config.oauth2 = config
+        .oauth2
+        .with_client_auth(auth)
+        .with_scopes(Scopes::parse(scopes));
+    config
+}
+
+fn oidc_broker(config: OidcConfig, store: &Arc<MemoryStore>) -> TokenBroker {
+    TokenBroker::builder()
+        .with_oidc_provider(config, ProviderPolicy::default())
+        .with_store(store.clone())
+        .with_skew(Duration::from_millis(200))
+        .build()
+        .unwrap()
+}
+
+/// Changes one claim of a signed JWT without re-signing it.
+fn tamper(jwt: &str) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut parts: Vec<String> = jwt.split('.').map(str::to_owned).collect();
+    let mut claims: serde_json::Value =
+        serde_json::from_slice(&b64.decode(&parts[1]).unwrap()).unwrap();
+    claims["sub"] = "mallory".into();
+    parts[1] = b64.encode(serde_json::to_vec(&claims).unwrap());
+    parts.join(".")
+}
+
+#[tokio::test]
+async fn discovery_login_verifies_the_id_token_and_rejects_tampered_ones() {
+    let idp = OidcProvider::start(Profile::Oidc, TTL).await;
+    let store = Arc::new(MemoryStore::new());
+    let config = discovered(&idp, ClientAuth::Basic, "openid offline_access email").await;
+    assert_eq!(
+        config.issuer,
+        IssuerPolicy::Exact(idp.issuer().as_str().trim_end_matches('/').to_owned())
+    );
+    let broker = oidc_broker(config.clone(), &store);
+    // The broker's login verifies the ID token (signature, iss, aud, exp, nonce) before storing.
+    let linked = link(&broker, &idp, LoginOptions::default()).await;
+    let id_token = linked.id_token().expect("an ID token for openid").clone();
+
+    let verifier = tokenbroker::provider::OidcProvider::new(config.clone(), http());
+    let claims = verifier.verify_id_token(&id_token, None).await.unwrap();
+    assert_eq!(claims.subject, "alice");
+    assert_eq!(claims.audiences, vec!["tb-basic".to_owned()]);
+    // The nonce of another login does not match.
+    assert!(matches!(
+        verifier
+            .verify_id_token(&id_token, Some(&Secret::new("another-nonce")))
+            .await,
+        Err(ProviderError::IdToken { .. })
+    ));
+
+    let tampered = Secret::new(tamper(id_token.expose_secret()));
+    match verifier.verify_id_token(&tampered, None).await {
+        Err(ProviderError::IdToken { reason }) => assert!(reason.contains("signature"), "{reason}"),
+        other => panic!("a tampered ID token passed: {other:?}"),
+    }
+    for junk in ["", "a.b", "not-a-jwt", "e30.e30.e30"] {
+        assert!(matches!(
+            verifier.verify_id_token(&Secret::new(junk), None).await,
+            Err(ProviderError::IdToken { .. })
+        ));
+    }
+    // Issued to tb-basic: another client must not accept it.
+    let other_client = discovered(&idp, ClientAuth::Post, "openid").await;
+    let other = tokenbroker::provider::OidcProvider::new(other_client, http());
+    assert!(matches!(
+        other.verify_id_token(&id_token, None).await,
+        Err(ProviderError::IdToken { .. })
+    ));
+    // Three hours later the same token has expired (oidc-provider gives ID tokens an hour).
+    let later = Arc::new(tokenbroker::testing::ManualClock::new(
+        time::OffsetDateTime::now_utc() + Duration::from_secs(3 * 3600),
+    ));
+    let late = tokenbroker::provider::OidcProvider::new(config.clone().with_clock(later), http());
+    match late.verify_id_token(&id_token, None).await {
+        Err(ProviderError::IdToken { reason }) => assert!(reason.contains("expired"), "{reason}"),
+        other => panic!("an expired ID token passed: {other:?}"),
+    }
+
+    // A refresh brings a new ID token, verified the same way.
+    wait_for_expiry().await;
+    let read = broker.retrieve(&alice(), &key()).await.unwrap();
+    assert!(read.refreshed);
+    let refreshed = read.tokens.id_token().expect("ID token kept or renewed");
+    assert!(verifier.verify_id_token(refreshed, None).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_login_whose_id_token_fails_verification_stores_nothing() {
+    let idp = OidcProvider::start(Profile::Oidc, TTL).await;
+    let store = Arc::new(MemoryStore::new());
+    let config = discovered(&idp, ClientAuth::Basic, "openid offline_access")
+        .await
+        .with_issuer(IssuerPolicy::Exact("https://someone-else.example".into()));
+    let broker = oidc_broker(config, &store);
+    let start = broker
+        .begin_login(&key(), LoginOptions::default().with_login_hint("alice"))
+        .await
+        .unwrap();
+    let redirect = idp.login(&start.authorization_url).await;
+    let err = broker
+        .complete_login(start.pending, &Callback::from_url(&redirect))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("id token"), "{err}");
+    assert!(store.load(&key()).await.unwrap().is_none());
+}
+
+/// The Google preset's quirks against a real provider that behaves like Google: a refresh
+/// token only on the first consent with `access_type=offline`, no rotation.
+#[tokio::test]
+async fn google_quirks_keep_the_refresh_token_across_refreshes_and_relogins() {
     let idp = OidcProvider::start(Profile::GoogleLike, TTL).await;
     let store = Arc::new(MemoryStore::new());
-    let cfg = config(&idp, ClientAuth::Basic, "openid email")
-        .with_authorize_param("access_type", "offline")
+    let mut config = discovered(&idp, ClientAuth::Basic, "openid email").await;
+    config.oauth2 = config
+        .oauth2
+        .with_quirks(GoogleQuirks)
         .with_refresh_token_reuse(RefreshTokenReuse::Tolerated);
-    let broker = broker(cfg, &store);
+    let broker = oidc_broker(config, &store);
     let linked = link(&broker, &idp, LoginOptions::default()).await;
     let rt = linked
         .refresh_token()
@@ -272,27 +439,64 @@ async fn google_like_keeps_the_refresh_token_across_refreshes_and_relogins() {
             "no rotation: the old one is kept"
         );
     }
-    // A second login without consent brings no refresh token; the stored one stays.
-    let relinked = link(&broker, &idp, LoginOptions::default()).await;
+    // A second login does not ask for consent again, brings no refresh token, keeps ours.
+    let start = broker
+        .begin_login(&key(), LoginOptions::default().with_login_hint("alice"))
+        .await
+        .unwrap();
+    assert!(
+        !start
+            .authorization_url
+            .query_pairs()
+            .any(|(k, _)| k == "prompt"),
+        "no consent screen while a refresh token is held"
+    );
+    let redirect = idp.login(&start.authorization_url).await;
+    let relinked = broker
+        .complete_login(start.pending, &Callback::from_url(&redirect))
+        .await
+        .unwrap()
+        .tokens;
     assert_eq!(relinked.refresh_token().unwrap().expose_secret(), rt);
     assert_eq!(idp.counters().await.refresh_successes, 2);
 }
 
+/// The Microsoft preset's quirks against a provider that behaves like Microsoft:
+/// `offline_access` suffices, every refresh rotates, `ext_expires_in` is kept.
 #[tokio::test]
-async fn microsoft_like_rotates_and_keeps_ext_expires_in() {
+async fn microsoft_quirks_rotate_and_keep_ext_expires_in() {
     let idp = OidcProvider::start(Profile::MicrosoftLike, TTL).await;
     let store = Arc::new(MemoryStore::new());
-    let broker = broker(
-        config(&idp, ClientAuth::Post, "openid offline_access"),
-        &store,
+    let mut config = discovered(&idp, ClientAuth::Post, "openid").await;
+    config.oauth2 = config.oauth2.with_quirks(MicrosoftQuirks);
+    let broker = oidc_broker(config, &store);
+    let start = broker
+        .begin_login(&key(), LoginOptions::default().with_login_hint("alice"))
+        .await
+        .unwrap();
+    let q: std::collections::HashMap<_, _> =
+        start.authorization_url.query_pairs().into_owned().collect();
+    assert!(
+        Scopes::parse(&q["scope"]).contains("offline_access"),
+        "the quirk adds it"
     );
-    let linked = link(&broker, &idp, LoginOptions::default()).await;
+    assert!(!q.contains_key("prompt"));
+    let redirect = idp.login(&start.authorization_url).await;
+    let linked = broker
+        .complete_login(start.pending, &Callback::from_url(&redirect))
+        .await
+        .unwrap()
+        .tokens;
     let rt = linked
         .refresh_token()
         .expect("offline_access suffices")
         .expose_secret()
         .to_owned();
     assert!(linked.extras().contains_key("ext_expires_in"));
+    assert!(
+        linked.scopes().contains("offline_access"),
+        "mapped back although not echoed"
+    );
     wait_for_expiry().await;
     let read = broker.retrieve(&alice(), &key()).await.unwrap();
     assert_ne!(read.tokens.refresh_token().unwrap().expose_secret(), rt);

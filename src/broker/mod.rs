@@ -18,7 +18,9 @@ use crate::error::{Error, Result};
 use crate::events::{self, BrokerEvent, EventSink, RevocationStatus};
 use crate::http::{self, ClientDebug, SharedHttpClient};
 use crate::ids::{ProviderId, TokenKey};
-use crate::provider::{OAuth2Config, OAuth2Provider, Provider, ProviderError, TokenKind};
+use crate::provider::{
+    OAuth2Config, OAuth2Provider, OidcConfig, OidcProvider, Provider, ProviderError, TokenKind,
+};
 use crate::store::{LeaseHolder, MemoryStore, TokenStore};
 use crate::token::TokenSet;
 
@@ -289,6 +291,7 @@ impl Inner {
 pub struct TokenBrokerBuilder {
     providers: Vec<(Arc<dyn Provider>, ProviderPolicy)>,
     oauth2: Vec<(OAuth2Config, ProviderPolicy)>,
+    oidc: Vec<(OidcConfig, ProviderPolicy)>,
     store: Option<Arc<dyn TokenStore>>,
     checker: Option<Arc<dyn RoleChecker>>,
     clock: Option<SharedClock>,
@@ -309,6 +312,7 @@ impl fmt::Debug for TokenBrokerBuilder {
         f.debug_struct("TokenBrokerBuilder")
             .field("providers", &self.providers)
             .field("oauth2", &self.oauth2)
+            .field("oidc", &self.oidc)
             .field("store", &self.store)
             .field("http", &self.http.as_ref().map(|_| ClientDebug))
             .finish_non_exhaustive()
@@ -324,6 +328,12 @@ impl TokenBrokerBuilder {
     /// Adds a generic OAuth 2.0 provider that will use the broker's HTTP client.
     pub fn with_oauth2_provider(mut self, config: OAuth2Config, policy: ProviderPolicy) -> Self {
         self.oauth2.push((config, policy));
+        self
+    }
+    /// Adds an OpenID Connect provider (generic, or a Google/Microsoft preset) that will use
+    /// the broker's HTTP client and clock.
+    pub fn with_oidc_provider(mut self, config: OidcConfig, policy: ProviderPolicy) -> Self {
+        self.oidc.push((config, policy));
         self
     }
     /// Sets the store (default: a new [`MemoryStore`]).
@@ -414,13 +424,18 @@ impl TokenBrokerBuilder {
             return Err(Error::Config("refresh time-out must not be zero".into()));
         }
         let mut providers = self.providers;
-        if !self.oauth2.is_empty() {
+        let clock = self.clock.unwrap_or_else(clock::system);
+        if !self.oauth2.is_empty() || !self.oidc.is_empty() {
             let http = match self.http.or_else(http::default_client) {
                 Some(http) => http,
                 None => return Err(Error::Config("OAuth 2.0 providers need an HTTP client: enable the `reqwest` feature or call with_http_client".into())),
             };
             for (config, policy) in self.oauth2 {
                 providers.push((Arc::new(OAuth2Provider::new(config, http.clone())), policy));
+            }
+            for (config, policy) in self.oidc {
+                let config = config.with_clock(clock.clone());
+                providers.push((Arc::new(OidcProvider::new(config, http.clone())), policy));
             }
         }
         let mut map = HashMap::new();
@@ -435,7 +450,6 @@ impl TokenBrokerBuilder {
                 )));
             }
         }
-        let clock = self.clock.unwrap_or_else(clock::system);
         let inner = Inner {
             providers: map,
             store: self

@@ -5,6 +5,8 @@
 //! URL, how to call the token endpoint, how to read its answers and classify its errors.
 
 mod oauth2;
+mod oidc;
+mod quirks;
 mod response;
 
 use std::fmt::Debug;
@@ -19,6 +21,8 @@ use crate::secret::Secret;
 use crate::token::ProviderTokens;
 
 pub use self::oauth2::{ClientAuth, OAuth2Config, OAuth2Provider};
+pub use self::oidc::{IssuerPolicy, OidcConfig, OidcProvider, VerifiedIdToken};
+pub use self::quirks::{GitHubQuirks, GoogleQuirks, MicrosoftQuirks, Quirks, StandardQuirks};
 pub use self::response::{classify_error_response, parse_token_response};
 
 /// What the broker hands a provider to build an authorization URL.

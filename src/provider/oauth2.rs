@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -14,6 +14,7 @@ use oauth2::{
 };
 use url::Url;
 
+use super::quirks::{GitHubQuirks, Quirks, StandardQuirks, set_param};
 use super::response::parse_token_response;
 use super::{
     AuthorizationRequest, CodeExchange, Provider, ProviderError, RefreshTokenReuse, TokenKind,
@@ -80,6 +81,8 @@ pub struct OAuth2Config {
     pub authorize_params: Vec<(String, String)>,
     /// How the provider treats used refresh tokens.
     pub refresh_token_reuse: RefreshTokenReuse,
+    /// The provider's deviations from RFC 6749 ([`StandardQuirks`] by default).
+    pub quirks: Arc<dyn Quirks>,
 }
 
 impl OAuth2Config {
@@ -104,7 +107,64 @@ impl OAuth2Config {
             client_auth: ClientAuth::Basic,
             authorize_params: Vec::new(),
             refresh_token_reuse: RefreshTokenReuse::Rejected,
+            quirks: Arc::new(StandardQuirks),
         }
+    }
+
+    /// GitHub (OAuth apps and GitHub Apps), a plain OAuth 2.0 provider with [`GitHubQuirks`]:
+    /// `https://github.com/login/oauth/authorize` and `.../access_token`, client credentials in
+    /// the body, no RFC 7009 revocation endpoint (unlink reports "not supported upstream"), and
+    /// single-use refresh tokens (GitHub Apps with expiring user tokens). Classic OAuth-app
+    /// tokens carry no `expires_in` and never expire: the token set says so with no expiry.
+    ///
+    /// ```
+    /// use tokenbroker::provider::OAuth2Config;
+    /// use tokenbroker::{ProviderId, Scopes, Secret};
+    ///
+    /// let github = OAuth2Config::github(
+    ///     ProviderId::new("github")?,
+    ///     "Iv1.0123456789abcdef",
+    ///     Secret::new("client-secret"),
+    ///     "https://app.example/callback".parse()?,
+    /// )
+    /// .with_scopes(Scopes::parse("read:user repo"));
+    /// assert_eq!(github.token_endpoint.as_str(), "https://github.com/login/oauth/access_token");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn github(
+        id: ProviderId,
+        client_id: impl Into<String>,
+        client_secret: Secret,
+        redirect_uri: Url,
+    ) -> Self {
+        let url = |s: &str| Url::parse(s).expect("GitHub's endpoint URLs are valid");
+        OAuth2Config::new(
+            id,
+            client_id,
+            url("https://github.com/login/oauth/authorize"),
+            url("https://github.com/login/oauth/access_token"),
+            redirect_uri,
+        )
+        .with_client_secret(client_secret)
+        .with_client_auth(ClientAuth::Post)
+        .with_quirks(GitHubQuirks)
+    }
+
+    /// Replaces all endpoints' scheme, host and port with `base`'s, keeping their paths: points
+    /// a preset at a test double such as `testing::FakeIdp` (feature
+    /// `testing`) or at a proxy.
+    pub fn with_base_url(mut self, base: &Url) -> Self {
+        use super::oidc::rebase;
+        self.authorization_endpoint = rebase(base, &self.authorization_endpoint);
+        self.token_endpoint = rebase(base, &self.token_endpoint);
+        self.revocation_endpoint = self.revocation_endpoint.map(|u| rebase(base, &u));
+        self
+    }
+
+    /// Sets the provider's quirks.
+    pub fn with_quirks(mut self, quirks: impl Quirks) -> Self {
+        self.quirks = Arc::new(quirks);
+        self
     }
     /// Sets the client secret.
     pub fn with_client_secret(mut self, secret: Secret) -> Self {
@@ -217,6 +277,21 @@ impl OAuth2Provider {
         parse_token_response(response.status(), response.headers(), response.body())
     }
 
+    /// Applies the quirks to a token-endpoint outcome.
+    fn fixed(
+        &self,
+        outcome: Result<ProviderTokens, ProviderError>,
+        requested: Option<&Scopes>,
+    ) -> Result<ProviderTokens, ProviderError> {
+        match outcome {
+            Ok(mut tokens) => {
+                self.config.quirks.fix_tokens(&mut tokens, requested);
+                Ok(tokens)
+            }
+            Err(e) => Err(self.config.quirks.classify_error(e)),
+        }
+    }
+
     /// Posts a form to an endpoint with this client's authentication.
     async fn post_form(
         &self,
@@ -296,24 +371,26 @@ impl Provider for OAuth2Provider {
     fn authorization_url(&self, request: &AuthorizationRequest) -> Result<Url, ProviderError> {
         let state = request.state.expose_secret().to_owned();
         let client = self.client();
+        let scopes = self.config.quirks.requested_scopes(request.scopes.clone());
         let mut auth = client
             .authorize_url(move || CsrfToken::new(state))
-            .add_scopes(request.scopes.iter().map(|s| Scope::new(s.to_owned())))
+            .add_scopes(scopes.iter().map(|s| Scope::new(s.to_owned())))
             .add_extra_param("code_challenge", request.pkce_challenge.clone())
             .add_extra_param("code_challenge_method", "S256");
-        if request.scopes.contains("openid") {
+        if scopes.contains("openid") {
             auth = auth.add_extra_param("nonce", request.nonce.expose_secret().to_owned());
         }
         if let Some(hint) = &request.login_hint {
             auth = auth.add_extra_param("login_hint", hint.clone());
         }
-        for (name, value) in self
-            .config
-            .authorize_params
-            .iter()
-            .chain(&request.extra_params)
-        {
-            auth = auth.add_extra_param(name.clone(), value.clone());
+        let mut params = self.config.authorize_params.clone();
+        self.config.quirks.authorize_params(request, &mut params);
+        // The host's own parameters come last and win (e.g. `prompt=select_account`).
+        for (name, value) in &request.extra_params {
+            set_param(&mut params, name, value);
+        }
+        for (name, value) in params {
+            auth = auth.add_extra_param(name, value);
         }
         Ok(auth.url().0)
     }
@@ -333,7 +410,10 @@ impl Provider for OAuth2Provider {
             ))
             .request_async(&capture)
             .await;
-        Self::finish(result, capture)
+        self.fixed(
+            Self::finish(result, capture),
+            Some(&exchange.requested_scopes).filter(|s| !s.is_empty()),
+        )
     }
 
     async fn refresh(
@@ -345,11 +425,12 @@ impl Provider for OAuth2Provider {
         let token = RefreshToken::new(refresh_token.expose_secret().to_owned());
         let client = self.client();
         let mut request = client.exchange_refresh_token(&token);
-        if let Some(scopes) = scopes {
+        let scopes = scopes.map(|s| self.config.quirks.requested_scopes(s.clone()));
+        if let Some(scopes) = &scopes {
             request = request.add_scopes(scopes.iter().map(|s| Scope::new(s.to_owned())));
         }
         let result = request.request_async(&capture).await;
-        Self::finish(result, capture)
+        self.fixed(Self::finish(result, capture), scopes.as_ref())
     }
 
     async fn revoke(&self, token: &Secret, kind: TokenKind) -> Result<(), ProviderError> {
@@ -373,7 +454,7 @@ impl Provider for OAuth2Provider {
             return Ok(());
         }
         match parse_token_response(status, response.headers(), response.body()) {
-            Err(e) => Err(e),
+            Err(e) => Err(self.config.quirks.classify_error(e)),
             Ok(_) => Err(ProviderError::Protocol {
                 status: Some(status.as_u16()),
                 reason: "unexpected answer".into(),

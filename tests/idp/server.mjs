@@ -50,6 +50,9 @@ async function issueRefreshToken(ctx, client, code) {
     // Google: only with access_type=offline, and only on first consent or with prompt=consent.
     const key = `${code.accountId}|${client.clientId}`;
     const ok = info.accessTypeOffline && (info.promptConsent || !hadRefreshToken.has(key));
+    // A later login on the same grant may skip the consent interaction, which is where
+    // `promptConsent` is recorded: spend it here so that it covers one code only.
+    info.promptConsent = false;
     if (ok) hadRefreshToken.add(key);
     return ok;
   }

@@ -1,0 +1,832 @@
+//! OpenID Connect on top of the OAuth 2.0 provider: discovery, ID-token verification against the
+//! provider's JWKS, and the Google and Microsoft presets.
+//!
+//! Token-endpoint traffic goes through [`OAuth2Provider`] (lenient reading, classified errors);
+//! `openidconnect` is used only to verify ID tokens. The ID token is kept raw until it is
+//! verified, because a malformed `id_token` inside an otherwise good answer must not cost the
+//! one-time code its tokens (`openidconnect`'s own response type fails as a whole).
+
+use std::fmt;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use openidconnect::core::{
+    CoreGenderClaim, CoreJsonWebKeySet, CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm,
+};
+use openidconnect::{
+    AdditionalClaims, ClaimsVerificationError, ClientId, ClientSecret, IdToken, IdTokenVerifier,
+    IssuerUrl, Nonce, SignatureVerificationError,
+};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use url::Url;
+
+use super::oauth2::transport_error;
+use super::quirks::{GoogleQuirks, MicrosoftQuirks};
+use super::{
+    AuthorizationRequest, ClientAuth, CodeExchange, OAuth2Config, OAuth2Provider, Provider,
+    ProviderError, RefreshTokenReuse, TokenKind,
+};
+use crate::clock::{self, SharedClock};
+use crate::http::{HttpResponse, SharedHttpClient};
+use crate::ids::{ProviderId, Scopes};
+use crate::secret::Secret;
+use crate::token::ProviderTokens;
+
+/// Which `iss` values an ID token may carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IssuerPolicy {
+    /// Exactly this issuer (the discovery document's `issuer`).
+    Exact(String),
+    /// Any of these (Google signs with `https://accounts.google.com` or `accounts.google.com`).
+    AnyOf(Vec<String>),
+    /// Microsoft's multi-tenant template, e.g.
+    /// `https://login.microsoftonline.com/{tenantid}/v2.0`: the token's `iss` must equal the
+    /// template with `{tenantid}` replaced by the token's own `tid` claim, and, when `tenants`
+    /// is set, that `tid` must be one of them.
+    TenantTemplate {
+        /// The template, with a literal `{tenantid}`.
+        template: String,
+        /// The tenants allowed to sign in (`None`: any).
+        tenants: Option<Vec<String>>,
+    },
+}
+
+impl IssuerPolicy {
+    /// Checks an ID token's `iss` (and `tid`, for tenant templates).
+    pub fn check(&self, iss: &str, tid: Option<&str>) -> Result<(), String> {
+        match self {
+            IssuerPolicy::Exact(expected) if same_issuer(expected, iss) => Ok(()),
+            IssuerPolicy::Exact(expected) => {
+                Err(format!("issuer `{iss}` is not the expected `{expected}`"))
+            }
+            IssuerPolicy::AnyOf(list) if list.iter().any(|e| same_issuer(e, iss)) => Ok(()),
+            IssuerPolicy::AnyOf(list) => Err(format!(
+                "issuer `{iss}` is not one of the expected `{}`",
+                list.join("`, `")
+            )),
+            IssuerPolicy::TenantTemplate { template, tenants } => {
+                let Some(tid) = tid else {
+                    return Err("the token has no `tid` claim to check its issuer with".into());
+                };
+                let expected = template.replace("{tenantid}", tid);
+                if !same_issuer(&expected, iss) {
+                    return Err(format!(
+                        "issuer `{iss}` does not match `{template}` for tenant `{tid}`"
+                    ));
+                }
+                match tenants {
+                    Some(allowed) if !allowed.iter().any(|t| t == tid) => {
+                        Err(format!("tenant `{tid}` is not allowed to sign in"))
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+fn same_issuer(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+/// Configuration of an OpenID Connect provider: the OAuth 2.0 part plus what ID-token
+/// verification needs.
+///
+/// Build it from a discovery document with [`OidcConfig::discover`], from a preset
+/// ([`OidcConfig::google`], [`OidcConfig::microsoft`]), or by hand with [`OidcConfig::new`].
+///
+/// ```
+/// use tokenbroker::provider::OidcConfig;
+/// use tokenbroker::{ProviderId, Secret};
+///
+/// let google = OidcConfig::google(
+///     ProviderId::new("google")?,
+///     "1234.apps.googleusercontent.com",
+///     Secret::new("client-secret"),
+///     "https://app.example/callback".parse()?,
+/// );
+/// assert!(google.oauth2.scopes.contains("openid"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct OidcConfig {
+    /// Endpoints, client, scopes and quirks.
+    pub oauth2: OAuth2Config,
+    /// Which issuers are accepted.
+    pub issuer: IssuerPolicy,
+    /// Where the signing keys are published.
+    pub jwks_uri: Url,
+    /// The userinfo endpoint, if any.
+    pub userinfo_endpoint: Option<Url>,
+    /// The RP-initiated logout endpoint, if any.
+    pub end_session_endpoint: Option<Url>,
+    /// Accepted ID-token signing algorithms (`RS256` when the provider says nothing; never
+    /// `none`).
+    pub signing_algs: Vec<CoreJwsSigningAlgorithm>,
+    /// Tolerated clock difference when checking `exp` (default 60 s).
+    pub clock_skew: Duration,
+    /// The shortest time between two JWKS re-fetches forced by an unknown key id (default
+    /// 10 s), so that tokens with made-up `kid`s cannot make us hammer the provider.
+    pub jwks_refetch_interval: Duration,
+    /// The clock that `exp` is checked against (the system clock by default).
+    pub clock: SharedClock,
+}
+
+impl OidcConfig {
+    /// A configuration from its parts; adds the `openid` scope.
+    pub fn new(mut oauth2: OAuth2Config, issuer: IssuerPolicy, jwks_uri: Url) -> Self {
+        oauth2.scopes.insert("openid");
+        OidcConfig {
+            oauth2,
+            issuer,
+            jwks_uri,
+            userinfo_endpoint: None,
+            end_session_endpoint: None,
+            signing_algs: vec![CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256],
+            clock_skew: Duration::from_secs(60),
+            jwks_refetch_interval: Duration::from_secs(10),
+            clock: clock::system(),
+        }
+    }
+
+    /// Google, with [`GoogleQuirks`]: scopes `openid email profile`, `access_type=offline`,
+    /// `include_granted_scopes=true`, `prompt=consent` only while no refresh token is held,
+    /// both of Google's issuer spellings, RFC 7009 revocation at
+    /// `https://oauth2.googleapis.com/revoke`, and refresh tokens that are not rotated.
+    pub fn google(
+        id: ProviderId,
+        client_id: impl Into<String>,
+        client_secret: Secret,
+        redirect_uri: Url,
+    ) -> Self {
+        let url = |s: &str| Url::parse(s).expect("Google's endpoint URLs are valid");
+        let oauth2 = OAuth2Config::new(
+            id,
+            client_id,
+            url("https://accounts.google.com/o/oauth2/v2/auth"),
+            url("https://oauth2.googleapis.com/token"),
+            redirect_uri,
+        )
+        .with_client_secret(client_secret)
+        .with_client_auth(ClientAuth::Post)
+        .with_revocation_endpoint(url("https://oauth2.googleapis.com/revoke"))
+        .with_scopes(Scopes::parse("openid email profile"))
+        .with_refresh_token_reuse(RefreshTokenReuse::Tolerated)
+        .with_quirks(GoogleQuirks);
+        let mut config = OidcConfig::new(
+            oauth2,
+            IssuerPolicy::AnyOf(vec![
+                "https://accounts.google.com".into(),
+                "accounts.google.com".into(),
+            ]),
+            url("https://www.googleapis.com/oauth2/v3/certs"),
+        );
+        config.userinfo_endpoint = Some(url("https://openidconnect.googleapis.com/v1/userinfo"));
+        config
+    }
+
+    /// Microsoft identity platform v2, with [`MicrosoftQuirks`]. `tenant` is `common`,
+    /// `organizations`, `consumers`, a tenant id or a verified domain. Scopes
+    /// `openid profile email offline_access`; new refresh token on every refresh (old ones are
+    /// not revoked by Microsoft, so a lost race is retried for free); no RFC 7009 revocation
+    /// (unlink reports "not supported upstream" and deletes). ID tokens are checked against the
+    /// `{tenantid}` issuer template with the token's own `tid`; with a specific tenant, only
+    /// that tenant is accepted.
+    pub fn microsoft(
+        id: ProviderId,
+        tenant: &str,
+        client_id: impl Into<String>,
+        client_secret: Secret,
+        redirect_uri: Url,
+    ) -> Self {
+        let base = "https://login.microsoftonline.com";
+        let url = |path: String| {
+            Url::parse(&format!("{base}/{path}")).expect("Microsoft's endpoint URLs are valid")
+        };
+        let oauth2 = OAuth2Config::new(
+            id,
+            client_id,
+            url(format!("{tenant}/oauth2/v2.0/authorize")),
+            url(format!("{tenant}/oauth2/v2.0/token")),
+            redirect_uri,
+        )
+        .with_client_secret(client_secret)
+        .with_client_auth(ClientAuth::Post)
+        .with_scopes(Scopes::parse("openid profile email offline_access"))
+        .with_refresh_token_reuse(RefreshTokenReuse::Tolerated)
+        .with_quirks(MicrosoftQuirks);
+        let multi_tenant = matches!(tenant, "common" | "organizations" | "consumers");
+        let issuer = IssuerPolicy::TenantTemplate {
+            template: format!("{base}/{{tenantid}}/v2.0"),
+            // A domain name is not a `tid`; only a tenant id can be pinned here.
+            tenants: (!multi_tenant && !tenant.contains('.')).then(|| vec![tenant.to_owned()]),
+        };
+        let mut config =
+            OidcConfig::new(oauth2, issuer, url(format!("{tenant}/discovery/v2.0/keys")));
+        config.userinfo_endpoint =
+            Some(Url::parse("https://graph.microsoft.com/oidc/userinfo").expect("valid URL"));
+        config
+    }
+
+    /// Reads the provider's discovery document (`{issuer}/.well-known/openid-configuration`)
+    /// through `http` and builds a configuration from it. The document's `issuer` must be the
+    /// one asked for; a Microsoft-style `{tenantid}` template becomes
+    /// [`IssuerPolicy::TenantTemplate`].
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::sync::Arc;
+    /// use tokenbroker::provider::{OidcConfig, OidcProvider};
+    /// use tokenbroker::{ProviderId, Secret};
+    ///
+    /// let http = Arc::new(tokenbroker::http::ReqwestClient::new()?);
+    /// let config = OidcConfig::discover(
+    ///     ProviderId::new("corp")?,
+    ///     &"https://idp.example".parse()?,
+    ///     "client-1",
+    ///     Some(Secret::new("client-secret")),
+    ///     "https://app.example/callback".parse()?,
+    ///     &*http,
+    /// )
+    /// .await?;
+    /// let provider = OidcProvider::new(config, http);
+    /// # Ok(()) }
+    /// ```
+    pub async fn discover(
+        id: ProviderId,
+        issuer: &Url,
+        client_id: impl Into<String>,
+        client_secret: Option<Secret>,
+        redirect_uri: Url,
+        http: &dyn crate::http::HttpClient,
+    ) -> Result<OidcConfig, ProviderError> {
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            issuer.as_str().trim_end_matches('/')
+        );
+        let url = Url::parse(&url).map_err(|e| ProviderError::Config {
+            reason: format!("bad issuer URL: {e}"),
+        })?;
+        let response = get_json(http, &url).await?;
+        let doc: DiscoveryDocument =
+            serde_json::from_slice(response.body()).map_err(|e| ProviderError::Protocol {
+                status: Some(response.status().as_u16()),
+                reason: format!(
+                    "discovery document is not valid ({} at line {} column {})",
+                    e.classify_name(),
+                    e.line(),
+                    e.column()
+                ),
+            })?;
+        let issuer_policy = if doc.issuer.contains("{tenantid}") {
+            IssuerPolicy::TenantTemplate {
+                template: doc.issuer.clone(),
+                tenants: None,
+            }
+        } else if same_issuer(&doc.issuer, issuer.as_str()) {
+            IssuerPolicy::Exact(doc.issuer.clone())
+        } else {
+            // OpenID Connect Discovery §4.3: a mismatch means the document is not this issuer's.
+            return Err(ProviderError::Config {
+                reason: format!(
+                    "discovery document names issuer `{}`, expected `{issuer}`",
+                    doc.issuer
+                ),
+            });
+        };
+        let client_auth = if doc
+            .token_endpoint_auth_methods_supported
+            .iter()
+            .any(|m| m == "client_secret_basic")
+            || doc.token_endpoint_auth_methods_supported.is_empty()
+        {
+            ClientAuth::Basic
+        } else {
+            ClientAuth::Post
+        };
+        let mut oauth2 = OAuth2Config::new(
+            id,
+            client_id,
+            doc.authorization_endpoint,
+            doc.token_endpoint,
+            redirect_uri,
+        )
+        .with_client_auth(client_auth)
+        .with_scopes(Scopes::parse("openid"));
+        oauth2.client_secret = client_secret;
+        oauth2.revocation_endpoint = doc.revocation_endpoint;
+        let mut config = OidcConfig::new(oauth2, issuer_policy, doc.jwks_uri);
+        config.userinfo_endpoint = doc.userinfo_endpoint;
+        config.end_session_endpoint = doc.end_session_endpoint;
+        let algs: Vec<CoreJwsSigningAlgorithm> = doc
+            .id_token_signing_alg_values_supported
+            .iter()
+            .filter(|a| *a != "none")
+            .filter_map(|a| serde_json::from_value(serde_json::Value::String(a.clone())).ok())
+            .collect();
+        if !algs.is_empty() {
+            config.signing_algs = algs;
+        }
+        Ok(config)
+    }
+
+    /// Replaces every endpoint's scheme, host and port with `base`'s, keeping paths (the
+    /// issuer policy is unchanged): points a preset at a test double or a proxy.
+    pub fn with_base_url(mut self, base: &Url) -> Self {
+        self.oauth2 = self.oauth2.with_base_url(base);
+        self.jwks_uri = rebase(base, &self.jwks_uri);
+        self.userinfo_endpoint = self.userinfo_endpoint.map(|u| rebase(base, &u));
+        self.end_session_endpoint = self.end_session_endpoint.map(|u| rebase(base, &u));
+        self
+    }
+
+    /// Sets the issuer policy.
+    pub fn with_issuer(mut self, issuer: IssuerPolicy) -> Self {
+        self.issuer = issuer;
+        self
+    }
+
+    /// Sets the clock `exp` is checked against.
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Sets the tolerated clock difference.
+    pub fn with_clock_skew(mut self, skew: Duration) -> Self {
+        self.clock_skew = skew;
+        self
+    }
+
+    /// Sets the shortest time between two forced JWKS re-fetches.
+    pub fn with_jwks_refetch_interval(mut self, interval: Duration) -> Self {
+        self.jwks_refetch_interval = interval;
+        self
+    }
+}
+
+/// `url` with `base`'s scheme, host and port, and `base`'s path prefixed to its own.
+pub(crate) fn rebase(base: &Url, url: &Url) -> Url {
+    let mut new = base.clone();
+    new.set_path(&format!(
+        "{}{}",
+        base.path().trim_end_matches('/'),
+        url.path()
+    ));
+    new.set_query(url.query());
+    new
+}
+
+#[derive(Deserialize)]
+struct DiscoveryDocument {
+    issuer: String,
+    authorization_endpoint: Url,
+    token_endpoint: Url,
+    jwks_uri: Url,
+    #[serde(default)]
+    userinfo_endpoint: Option<Url>,
+    #[serde(default)]
+    revocation_endpoint: Option<Url>,
+    #[serde(default)]
+    end_session_endpoint: Option<Url>,
+    #[serde(default)]
+    id_token_signing_alg_values_supported: Vec<String>,
+    #[serde(default)]
+    token_endpoint_auth_methods_supported: Vec<String>,
+}
+
+trait ClassifyName {
+    fn classify_name(&self) -> &'static str;
+}
+
+impl ClassifyName for serde_json::Error {
+    fn classify_name(&self) -> &'static str {
+        match self.classify() {
+            serde_json::error::Category::Eof => "truncated",
+            serde_json::error::Category::Syntax => "syntax error",
+            serde_json::error::Category::Data => "missing or mistyped field",
+            serde_json::error::Category::Io => "read error",
+        }
+    }
+}
+
+async fn get_json(
+    http: &dyn crate::http::HttpClient,
+    url: &Url,
+) -> Result<HttpResponse, ProviderError> {
+    let request = http::Request::builder()
+        .method(http::Method::GET)
+        .uri(url.as_str())
+        .header(http::header::ACCEPT, "application/json")
+        .body(Vec::new())
+        .map_err(|e| ProviderError::Config {
+            reason: format!("cannot build request: {e}"),
+        })?;
+    let response = http.execute(request).await.map_err(transport_error)?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    if status == http::StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        return Err(ProviderError::Transient {
+            status: Some(status.as_u16()),
+            retry_after: super::response::retry_after(response.headers()),
+            reason: Some(format!("GET {} failed", url.path())),
+            source: None,
+        });
+    }
+    Err(ProviderError::Protocol {
+        status: Some(status.as_u16()),
+        reason: format!("GET {} answered {status}", url.path()),
+    })
+}
+
+/// The claims of an ID token that passed verification.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VerifiedIdToken {
+    /// `iss`.
+    pub issuer: String,
+    /// `sub`: the user at the provider.
+    pub subject: String,
+    /// `aud`.
+    pub audiences: Vec<String>,
+    /// `exp`.
+    pub expires_at: OffsetDateTime,
+    /// `tid` (Microsoft's tenant), if present.
+    pub tenant_id: Option<String>,
+    /// `email`, if present.
+    pub email: Option<String>,
+}
+
+impl fmt::Debug for VerifiedIdToken {
+    // The subject and e-mail are personal data: keep them out of logs by default.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifiedIdToken")
+            .field("issuer", &self.issuer)
+            .field("audiences", &self.audiences)
+            .field("expires_at", &self.expires_at)
+            .field("tenant_id", &self.tenant_id)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct ExtraClaims {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tid: Option<String>,
+}
+
+impl AdditionalClaims for ExtraClaims {}
+
+type RawIdToken = IdToken<
+    ExtraClaims,
+    CoreGenderClaim,
+    CoreJweContentEncryptionAlgorithm,
+    CoreJwsSigningAlgorithm,
+>;
+
+struct JwksState {
+    keys: Option<Arc<CoreJsonWebKeySet>>,
+    last_forced_fetch: Option<std::time::Instant>,
+}
+
+/// An OpenID Connect provider: the OAuth 2.0 provider plus ID-token verification.
+///
+/// - Code exchange: the answer must carry an ID token, verified (signature against the JWKS,
+///   `iss` per the [`IssuerPolicy`], `aud`, `azp`, `exp` with the configured skew, and the
+///   login's `nonce`); otherwise the login fails with [`ProviderError::IdToken`].
+/// - Refresh: an ID token in the answer is verified too (without nonce, which refreshed
+///   tokens need not carry). One that fails is dropped with a warning while the new access and
+///   refresh tokens are kept: the refresh token may already have been rotated, and throwing it
+///   away would end the grant. The set keeps its earlier, verified ID token.
+/// - Keys are fetched on first use and cached; a token signed with an unknown `kid` triggers
+///   one re-fetch (at most once per [`OidcConfig::jwks_refetch_interval`]), so key rotation at
+///   the provider needs no restart.
+pub struct OidcProvider {
+    oauth2: OAuth2Provider,
+    config: OidcConfig,
+    http: SharedHttpClient,
+    jwks: RwLock<JwksState>,
+    refetch: tokio::sync::Mutex<()>,
+}
+
+impl fmt::Debug for OidcProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OidcProvider")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OidcProvider {
+    /// A provider sending its requests through `http`. Nothing is fetched until needed.
+    pub fn new(config: OidcConfig, http: SharedHttpClient) -> Self {
+        OidcProvider {
+            oauth2: OAuth2Provider::new(config.oauth2.clone(), http.clone()),
+            config,
+            http,
+            jwks: RwLock::new(JwksState {
+                keys: None,
+                last_forced_fetch: None,
+            }),
+            refetch: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &OidcConfig {
+        &self.config
+    }
+
+    /// Fetches the signing keys now (they are otherwise fetched on first use).
+    pub async fn refresh_keys(&self) -> Result<(), ProviderError> {
+        self.fetch_keys().await.map(|_| ())
+    }
+
+    async fn fetch_keys(&self) -> Result<Arc<CoreJsonWebKeySet>, ProviderError> {
+        let response = get_json(&*self.http, &self.config.jwks_uri).await?;
+        let keys: CoreJsonWebKeySet =
+            serde_json::from_slice(response.body()).map_err(|e| ProviderError::Protocol {
+                status: Some(response.status().as_u16()),
+                reason: format!("JWKS is not valid ({})", e.classify_name()),
+            })?;
+        let keys = Arc::new(keys);
+        write(&self.jwks).keys = Some(keys.clone());
+        Ok(keys)
+    }
+
+    async fn cached_keys(&self) -> Result<Arc<CoreJsonWebKeySet>, ProviderError> {
+        if let Some(keys) = read(&self.jwks).keys.clone() {
+            return Ok(keys);
+        }
+        let _one_fetch = self.refetch.lock().await;
+        if let Some(keys) = read(&self.jwks).keys.clone() {
+            return Ok(keys);
+        }
+        self.fetch_keys().await
+    }
+
+    /// Re-fetches the keys after an unknown `kid`, unless that happened too recently.
+    async fn keys_after_unknown_kid(
+        &self,
+        seen: &Arc<CoreJsonWebKeySet>,
+    ) -> Result<Option<Arc<CoreJsonWebKeySet>>, ProviderError> {
+        let _one_fetch = self.refetch.lock().await;
+        {
+            let state = read(&self.jwks);
+            // Someone else re-fetched while we waited: use theirs.
+            if let Some(current) = &state.keys
+                && !Arc::ptr_eq(current, seen)
+            {
+                return Ok(Some(current.clone()));
+            }
+            if state
+                .last_forced_fetch
+                .is_some_and(|t| t.elapsed() < self.config.jwks_refetch_interval)
+            {
+                return Ok(None);
+            }
+        }
+        write(&self.jwks).last_forced_fetch = Some(std::time::Instant::now());
+        self.fetch_keys().await.map(Some)
+    }
+
+    /// Verifies a raw ID token: signature (against the JWKS, re-fetched once on an unknown key
+    /// id), issuer, audience and `azp`, expiry, and — when `nonce` is given — the nonce.
+    pub async fn verify_id_token(
+        &self,
+        raw: &Secret,
+        nonce: Option<&Secret>,
+    ) -> Result<VerifiedIdToken, ProviderError> {
+        // The parse error of a JWT could quote it; say only what kind of problem it was.
+        let token: RawIdToken =
+            raw.expose_secret()
+                .parse()
+                .map_err(|_| ProviderError::IdToken {
+                    reason: "not a well-formed signed JWT".into(),
+                })?;
+        let keys = self.cached_keys().await?;
+        match self.check(&token, &keys, nonce) {
+            Err(ClaimsVerificationError::SignatureVerification(
+                SignatureVerificationError::NoMatchingKey,
+            )) => match self.keys_after_unknown_kid(&keys).await? {
+                Some(fresh) => self.check(&token, &fresh, nonce),
+                None => Err(ClaimsVerificationError::SignatureVerification(
+                    SignatureVerificationError::NoMatchingKey,
+                )),
+            },
+            other => other,
+        }
+        .map_err(|e| ProviderError::IdToken {
+            reason: id_token_reason(&e),
+        })
+        .and_then(|claims| {
+            self.config
+                .issuer
+                .check(&claims.issuer, claims.tenant_id.as_deref())
+                .map_err(|reason| ProviderError::IdToken { reason })?;
+            Ok(claims)
+        })
+    }
+
+    fn check(
+        &self,
+        token: &RawIdToken,
+        keys: &CoreJsonWebKeySet,
+        nonce: Option<&Secret>,
+    ) -> Result<VerifiedIdToken, ClaimsVerificationError> {
+        let client_id = ClientId::new(self.config.oauth2.client_id.clone());
+        // The issuer is checked by `IssuerPolicy` (openidconnect compares one exact string,
+        // which Google's two spellings and Microsoft's template break); this URL is unused.
+        let placeholder = IssuerUrl::from_url(self.config.jwks_uri.clone());
+        let verifier = match &self.config.oauth2.client_secret {
+            // A confidential client can also check HS256 tokens, keyed with its secret.
+            Some(secret) => IdTokenVerifier::new_confidential_client(
+                client_id,
+                ClientSecret::new(secret.expose_secret().to_owned()),
+                placeholder,
+                keys.clone(),
+            ),
+            None => IdTokenVerifier::new_public_client(client_id, placeholder, keys.clone()),
+        };
+        let clock = self.config.clock.clone();
+        let skew = self.config.clock_skew;
+        let verifier = verifier
+            .require_issuer_match(false)
+            .set_allowed_algs(self.config.signing_algs.iter().cloned())
+            .set_time_fn(move || {
+                let now = clock.now() - skew;
+                chrono::DateTime::from_timestamp(now.unix_timestamp(), now.nanosecond())
+                    .unwrap_or_default()
+            });
+        let claims = match nonce {
+            Some(nonce) => {
+                let nonce = Nonce::new(nonce.expose_secret().to_owned());
+                token.claims(&verifier, &nonce)?
+            }
+            None => token.claims(&verifier, |_: Option<&Nonce>| Ok(()))?,
+        };
+        Ok(VerifiedIdToken {
+            issuer: claims.issuer().as_str().to_owned(),
+            subject: claims.subject().as_str().to_owned(),
+            audiences: claims
+                .audiences()
+                .iter()
+                .map(|a| a.as_str().to_owned())
+                .collect(),
+            expires_at: OffsetDateTime::from_unix_timestamp(claims.expiration().timestamp())
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            tenant_id: claims.additional_claims().tid.clone(),
+            email: claims.email().map(|e| e.as_str().to_owned()),
+        })
+    }
+
+    /// Calls the userinfo endpoint with an access token and returns its JSON claims.
+    pub async fn userinfo(
+        &self,
+        access_token: &Secret,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, ProviderError> {
+        let Some(url) = &self.config.userinfo_endpoint else {
+            return Err(ProviderError::Unsupported {
+                operation: "userinfo",
+            });
+        };
+        let request = http::Request::builder()
+            .method(http::Method::GET)
+            .uri(url.as_str())
+            .header(http::header::ACCEPT, "application/json")
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", access_token.expose_secret()),
+            )
+            .body(Vec::new())
+            .map_err(|e| ProviderError::Config {
+                reason: format!("cannot build request: {e}"),
+            })?;
+        let response = self.http.execute(request).await.map_err(transport_error)?;
+        let status = response.status();
+        if status == http::StatusCode::UNAUTHORIZED {
+            return Err(ProviderError::InvalidGrant {
+                description: Some("userinfo refused the access token".into()),
+            });
+        }
+        if !status.is_success() {
+            return Err(ProviderError::Transient {
+                status: Some(status.as_u16()),
+                retry_after: None,
+                reason: Some("userinfo failed".into()),
+                source: None,
+            });
+        }
+        serde_json::from_slice(response.body()).map_err(|e| ProviderError::Protocol {
+            status: Some(status.as_u16()),
+            reason: format!("userinfo is not a JSON object ({})", e.classify_name()),
+        })
+    }
+
+    /// The RP-initiated logout URL (OpenID Connect RP-Initiated Logout 1.0), when the provider
+    /// publishes an `end_session_endpoint`.
+    pub fn end_session_url(
+        &self,
+        id_token_hint: Option<&Secret>,
+        post_logout_redirect_uri: Option<&Url>,
+    ) -> Option<Url> {
+        let mut url = self.config.end_session_endpoint.clone()?;
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("client_id", &self.config.oauth2.client_id);
+            if let Some(hint) = id_token_hint {
+                q.append_pair("id_token_hint", hint.expose_secret());
+            }
+            if let Some(uri) = post_logout_redirect_uri {
+                q.append_pair("post_logout_redirect_uri", uri.as_str());
+            }
+        }
+        Some(url)
+    }
+}
+
+/// Says which check failed, with nothing from inside the token but issuer and audience names.
+fn id_token_reason(e: &ClaimsVerificationError) -> String {
+    match e {
+        ClaimsVerificationError::SignatureVerification(
+            SignatureVerificationError::NoMatchingKey,
+        ) => "no published key matches the token's key id".into(),
+        ClaimsVerificationError::SignatureVerification(inner) => {
+            format!("signature check failed: {inner}")
+        }
+        ClaimsVerificationError::Expired(_) => "the token has expired".into(),
+        ClaimsVerificationError::InvalidNonce(_) => "nonce mismatch".into(),
+        other => other.to_string(),
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+#[async_trait]
+impl Provider for OidcProvider {
+    fn id(&self) -> &ProviderId {
+        self.oauth2.id()
+    }
+
+    fn default_scopes(&self) -> Scopes {
+        self.oauth2.default_scopes()
+    }
+
+    fn authorization_url(&self, request: &AuthorizationRequest) -> Result<Url, ProviderError> {
+        self.oauth2.authorization_url(request)
+    }
+
+    async fn exchange_code(
+        &self,
+        exchange: &CodeExchange,
+    ) -> Result<ProviderTokens, ProviderError> {
+        let tokens = self.oauth2.exchange_code(exchange).await?;
+        let Some(id_token) = &tokens.id_token else {
+            return Err(ProviderError::IdToken {
+                reason: "the token answer has no id_token".into(),
+            });
+        };
+        self.verify_id_token(id_token, Some(&exchange.nonce))
+            .await?;
+        Ok(tokens)
+    }
+
+    async fn refresh(
+        &self,
+        refresh_token: &Secret,
+        scopes: Option<&Scopes>,
+    ) -> Result<ProviderTokens, ProviderError> {
+        let mut tokens = self.oauth2.refresh(refresh_token, scopes).await?;
+        if let Some(id_token) = &tokens.id_token
+            && let Err(e) = self.verify_id_token(id_token, None).await
+        {
+            tracing::warn!(
+                provider = %self.oauth2.id(),
+                error = %e,
+                "refreshed id_token failed verification; keeping the new tokens without it"
+            );
+            tokens.id_token = None;
+        }
+        Ok(tokens)
+    }
+
+    async fn revoke(&self, token: &Secret, kind: TokenKind) -> Result<(), ProviderError> {
+        self.oauth2.revoke(token, kind).await
+    }
+
+    fn refresh_token_reuse(&self) -> RefreshTokenReuse {
+        self.oauth2.refresh_token_reuse()
+    }
+}
