@@ -279,7 +279,9 @@ pub trait KeyProvider: fmt::Debug + Send + Sync + 'static {
     /// The key new writes are wrapped under.
     fn primary_key_id(&self) -> KeyId;
 
-    /// Wraps `data_key` under the primary key, authenticating `aad`.
+    /// Wraps `data_key` under the primary key, authenticating `aad`. The returned key id is
+    /// what the envelope records; a KMS may name a key version other than
+    /// [`KeyProvider::primary_key_id`], and later reads will ask for that one.
     async fn wrap(&self, data_key: &DataKey, aad: &[u8]) -> Result<WrappedKey, KeyError>;
 
     /// Unwraps a key wrapped by [`KeyProvider::wrap`] under `key_id` with the same `aad`.
@@ -686,6 +688,10 @@ impl RewrapReport {
 /// A record that fails to parse or decrypt (truncated, tampered, moved, under an unknown key)
 /// loads as [`StoreError::Corrupt`]; a failing [`KeyProvider`] is a
 /// [`StoreError::Backend`] with store `encryption`.
+///
+/// Records the inner store already holds in plain text are not migrated: they load as
+/// [`StoreError::Corrupt`] ("not encrypted"), since accepting plain payloads would let anyone
+/// with write access to the database plant tokens.
 ///
 /// Key rotation: make a new key primary while keeping the old ones; new writes use it, old
 /// records still read, and [`EncryptedStore::rewrap`] moves old records over so that the old
