@@ -45,6 +45,7 @@
 //! | `testing` | no | `testing`: `FakeProvider`, a loopback fake IdP, `ManualClock`, the store conformance suite |
 //! | `sqlite` | no | a SQLite store (sqlx, bundled SQLite) |
 //! | `postgres` | no | a PostgreSQL store (sqlx) |
+//! | `encryption` | no | `store::EncryptedStore`: envelope encryption of payloads at rest (XChaCha20-Poly1305), with key rotation |
 //!
 //! # Implementing a `TokenStore`
 //!
@@ -58,7 +59,8 @@
 //!   output, no `Display`, no error message and no log line contains one
 //!   (`tests/redaction.rs` checks every path).
 //! - Stores receive the token set as an opaque [`Payload`], which is **plain text** unless
-//!   the store is wrapped for encryption at rest.
+//!   the store is wrapped in an `EncryptedStore` (feature
+//!   `encryption`).
 //! - Authorization runs before any load, and a denied caller gets the same answer whether or
 //!   not the link exists.
 //! - A refresh token is presented to the provider at most once across all instances sharing
@@ -99,6 +101,9 @@ pub use events::{BrokerEvent, EventSink, RevocationStatus};
 pub use ids::{InvalidId, ProviderId, Realm, Scopes, Subject, TokenKey};
 pub use provider::{Provider, ProviderError};
 pub use secret::Secret;
+#[cfg(feature = "encryption")]
+#[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
+pub use store::{EncryptedStore, KeyProvider, StaticKeyring};
 pub use store::{MemoryStore, StoreError, TokenStore};
 pub use token::{DecodeError, Payload, ProviderTokens, TokenSet};
 

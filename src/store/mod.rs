@@ -24,6 +24,8 @@
 //! --                    WHERE ... AND (lease_holder IS NULL OR lease_expires_at <= now())
 //! ```
 
+#[cfg(feature = "encryption")]
+mod encrypted;
 mod memory;
 
 use std::fmt::{self, Debug};
@@ -38,6 +40,12 @@ use crate::error::BoxError;
 use crate::ids::{Realm, Subject, TokenKey};
 use crate::token::Payload;
 
+#[cfg(feature = "encryption")]
+#[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
+pub use encrypted::{
+    DataKey, EncryptedStore, KeyError, KeyId, KeyProvider, KeyringError, RewrapReport,
+    StaticKeyring, WrappedKey, key_id_of,
+};
 pub use memory::MemoryStore;
 
 /// A record version, assigned by the store. Opaque to the broker: it only checks equality.

@@ -1,0 +1,968 @@
+//! Envelope encryption at rest: [`EncryptedStore`] wraps any [`TokenStore`].
+//!
+//! Each write draws a fresh random data key, encrypts the payload with it
+//! (XChaCha20-Poly1305), and stores the data key wrapped by a key-encryption key (KEK) from a
+//! [`KeyProvider`]. Both layers authenticate the record's key, so a ciphertext copied to another
+//! row does not decrypt.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use chacha20poly1305::aead::{Aead, Generate, KeyInit, Payload as AeadPayload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use secrecy::zeroize::{Zeroize, Zeroizing};
+use secrecy::{ExposeSecret, ExposeSecretMut, SecretBox};
+
+use super::{
+    Lease, LeaseAttempt, LeaseHolder, Record, ScannedLink, StoreError, StoredRecord, TokenStore,
+    Version,
+};
+use crate::error::BoxError;
+use crate::ids::{InvalidId, Realm, Subject, TokenKey};
+use crate::token::Payload;
+
+/// The `store` name of [`StoreError::Backend`] errors raised by the encryption layer.
+const STORE_NAME: &str = "encryption";
+
+/// Envelope format 1: XChaCha20-Poly1305 for the payload, key id and wrapped data key in front.
+/// Not `{` (0x7B), the first byte of a plain JSON payload, so a plain record is told apart.
+const FORMAT_V1: u8 = 0xE1;
+const NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+const KEY_LEN: usize = 32;
+/// A [`StaticKeyring`]'s wrapped data key: nonce, encrypted key, tag.
+const STATIC_WRAPPED_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
+
+/// The id of a key-encryption key, stored in clear in every envelope so that reads find the key.
+///
+/// Rules: 1 to 64 bytes of printable ASCII, without space, `,` or `:` (they separate entries in
+/// [`StaticKeyring::from_config_str`]).
+///
+/// ```
+/// use tokenbroker::store::KeyId;
+/// assert!(KeyId::new("2026-01").is_ok());
+/// assert!(KeyId::new("a:b").is_err());
+/// assert!(KeyId::new("").is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyId(Box<str>);
+
+impl KeyId {
+    /// The longest key id, in bytes.
+    pub const MAX_LEN: usize = 64;
+
+    /// Validates and wraps a key id.
+    pub fn new(value: impl AsRef<str>) -> Result<Self, InvalidId> {
+        let value = value.as_ref();
+        match key_id_rule(value) {
+            None => Ok(KeyId(value.into())),
+            Some(rule) => Err(InvalidId {
+                kind: "key id",
+                value: value.chars().take(64).collect(),
+                rule,
+            }),
+        }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn key_id_rule(value: &str) -> Option<&'static str> {
+    if value.is_empty() {
+        Some("must not be empty")
+    } else if value.len() > KeyId::MAX_LEN {
+        Some("must be at most 64 bytes")
+    } else if !value
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b',' && b != b':')
+    {
+        Some("may contain only printable ASCII other than space, ',' and ':'")
+    } else {
+        None
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({:?})", &*self.0)
+    }
+}
+
+impl FromStr for KeyId {
+    type Err = InvalidId;
+    fn from_str(s: &str) -> Result<Self, InvalidId> {
+        KeyId::new(s)
+    }
+}
+
+impl AsRef<str> for KeyId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A 32-byte data key: encrypts one record's payload, and is stored only wrapped.
+///
+/// Zeroized on drop; `Debug` shows nothing of it.
+///
+/// ```
+/// use tokenbroker::store::DataKey;
+/// let key = DataKey::from_slice(&[1u8; 32])?;
+/// assert_eq!(format!("{key:?}"), "DataKey([redacted])");
+/// assert!(DataKey::from_slice(&[1u8; 31]).is_err());
+/// # Ok::<(), tokenbroker::store::KeyError>(())
+/// ```
+pub struct DataKey(SecretBox<[u8; KEY_LEN]>);
+
+impl DataKey {
+    /// The length of a data key in bytes.
+    pub const LEN: usize = KEY_LEN;
+
+    /// A fresh random key from the operating system's generator.
+    fn generate() -> Result<Self, KeyError> {
+        let mut key = SecretBox::<[u8; KEY_LEN]>::default();
+        getrandom::fill(key.expose_secret_mut()).map_err(|e| {
+            KeyError::unavailable(RandomFailed {
+                code: e.raw_os_error(),
+            })
+        })?;
+        Ok(DataKey(key))
+    }
+
+    /// A data key from bytes, e.g. what a key service unwrapped. Fails unless there are exactly
+    /// 32 bytes; the caller should zeroize its copy.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, KeyError> {
+        let bytes: &[u8; KEY_LEN] = bytes.try_into().map_err(|_| KeyError::InvalidKey {
+            reason: "a data key must be 32 bytes",
+        })?;
+        Ok(DataKey(SecretBox::init_with_mut(
+            |k: &mut [u8; KEY_LEN]| k.copy_from_slice(bytes),
+        )))
+    }
+
+    /// The key bytes, to wrap them. Never log them.
+    pub fn expose_secret(&self) -> &[u8; KEY_LEN] {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DataKey([redacted])")
+    }
+}
+
+/// A data key wrapped by a key-encryption key, as a [`KeyProvider`] returns it.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WrappedKey {
+    /// The key-encryption key used; stored in clear and passed back to
+    /// [`KeyProvider::unwrap`].
+    pub key_id: KeyId,
+    /// The wrapped key, opaque to the store (at most 65535 bytes).
+    pub wrapped: Vec<u8>,
+}
+
+impl WrappedKey {
+    /// Builds a wrapped key.
+    pub fn new(key_id: KeyId, wrapped: Vec<u8>) -> Self {
+        WrappedKey { key_id, wrapped }
+    }
+}
+
+impl fmt::Debug for WrappedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WrappedKey")
+            .field("key_id", &self.key_id)
+            .field("wrapped_len", &self.wrapped.len())
+            .finish()
+    }
+}
+
+/// A [`KeyProvider`] failed. No variant carries key material.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// No key-encryption key has this id (it was retired, or the stored id is wrong).
+    /// Reads report it as [`StoreError::Corrupt`].
+    #[error("unknown key id {key_id}")]
+    UnknownKeyId {
+        /// The id asked for.
+        key_id: KeyId,
+    },
+    /// The wrapped key did not authenticate: tampered, wrapped under another key, or wrapped
+    /// for another record. Reads report it as [`StoreError::Corrupt`].
+    #[error("wrapped data key under {key_id} failed authentication")]
+    Rejected {
+        /// The key-encryption key tried.
+        key_id: KeyId,
+    },
+    /// Key bytes had the wrong shape.
+    #[error("invalid key: {reason}")]
+    InvalidKey {
+        /// What was wrong, without the bytes.
+        reason: &'static str,
+    },
+    /// The key service or the random number generator failed; nothing is known about the
+    /// data. Reported as [`StoreError::Backend`]: retry later.
+    #[error("key provider unavailable")]
+    Unavailable {
+        /// The underlying error. It must not contain key material.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl KeyError {
+    /// An [`KeyError::Unavailable`] from any error value (a KMS client's error).
+    pub fn unavailable(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        KeyError::Unavailable {
+            source: Arc::new(source),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the operating system's random number generator failed (os error {code:?})")]
+struct RandomFailed {
+    code: Option<i32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct EncryptFailed(&'static str);
+
+/// Wraps and unwraps data keys under key-encryption keys: a [`StaticKeyring`], or a host's
+/// client for a key management service.
+///
+/// `aad` binds a wrapped key to one record; an implementation must authenticate it (a KMS
+/// "encryption context"), so that a wrapped key copied to another record fails to unwrap.
+///
+/// ```
+/// use async_trait::async_trait;
+/// use tokenbroker::store::{DataKey, KeyError, KeyId, KeyProvider, StaticKeyring, WrappedKey};
+///
+/// /// Stands in for a KMS client: the calls would go over the network.
+/// #[derive(Debug)]
+/// struct Kms(StaticKeyring);
+///
+/// #[async_trait]
+/// impl KeyProvider for Kms {
+///     fn primary_key_id(&self) -> KeyId {
+///         self.0.primary_key_id()
+///     }
+///     async fn wrap(&self, data_key: &DataKey, aad: &[u8]) -> Result<WrappedKey, KeyError> {
+///         self.0.wrap(data_key, aad).await
+///     }
+///     async fn unwrap(&self, key_id: &KeyId, wrapped: &[u8], aad: &[u8])
+///         -> Result<DataKey, KeyError> {
+///         self.0.unwrap(key_id, wrapped, aad).await
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait KeyProvider: fmt::Debug + Send + Sync + 'static {
+    /// The key new writes are wrapped under.
+    fn primary_key_id(&self) -> KeyId;
+
+    /// Wraps `data_key` under the primary key, authenticating `aad`. The returned key id is
+    /// what the envelope records; a KMS may name a key version other than
+    /// [`KeyProvider::primary_key_id`], and later reads will ask for that one.
+    async fn wrap(&self, data_key: &DataKey, aad: &[u8]) -> Result<WrappedKey, KeyError>;
+
+    /// Unwraps a key wrapped by [`KeyProvider::wrap`] under `key_id` with the same `aad`.
+    async fn unwrap(&self, key_id: &KeyId, wrapped: &[u8], aad: &[u8])
+    -> Result<DataKey, KeyError>;
+}
+
+/// A key-encryption key held in memory.
+struct Kek(SecretBox<[u8; KEY_LEN]>);
+
+impl Kek {
+    fn from_bytes(mut bytes: [u8; KEY_LEN]) -> Self {
+        let kek = Kek(SecretBox::init_with_mut(|k: &mut [u8; KEY_LEN]| *k = bytes));
+        bytes.zeroize();
+        kek
+    }
+
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new(self.0.expose_secret().into())
+    }
+}
+
+/// Key-encryption keys held by the process, one of them primary: the simple [`KeyProvider`].
+///
+/// New records are wrapped under the primary key; records under the other keys still read, until
+/// [`EncryptedStore::rewrap`] has moved them. Wrapping is XChaCha20-Poly1305 with a random
+/// nonce, authenticating the record and the key id.
+///
+/// `Debug` shows the key ids only.
+///
+/// ```
+/// use tokenbroker::store::{KeyId, KeyProvider, StaticKeyring};
+///
+/// // "id:base64(32 bytes)", comma-separated, the first one primary.
+/// let keys = StaticKeyring::from_config_str(
+///     "k2:AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=,k1:AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+/// )?;
+/// assert_eq!(keys.primary_key_id().as_str(), "k2");
+/// assert!(!format!("{keys:?}").contains("AgIC"));
+///
+/// // The same, built in code.
+/// let keys = StaticKeyring::new(KeyId::new("k1")?, [1; 32])
+///     .with_key(KeyId::new("k2")?, [2; 32])?
+///     .with_primary(&KeyId::new("k2")?)?;
+/// assert_eq!(keys.primary_key_id().as_str(), "k2");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct StaticKeyring {
+    primary: KeyId,
+    keys: BTreeMap<KeyId, Kek>,
+}
+
+/// A keyring could not be built. No variant carries key material; a configuration entry is
+/// named by its position (from 1), not by its text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyringError {
+    /// The configuration holds no key.
+    #[error("no key-encryption key configured")]
+    Empty,
+    /// The environment variable is not set, or is not valid UTF-8.
+    #[error("environment variable {var} is not set or not valid UTF-8")]
+    MissingEnv {
+        /// The variable's name.
+        var: String,
+    },
+    /// An entry is not `id:base64key`, or its id breaks the [`KeyId`] rules.
+    #[error("key entry {entry} is malformed: {reason}")]
+    Malformed {
+        /// The entry's position, from 1.
+        entry: usize,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// An entry's key is not valid base64.
+    #[error("key entry {entry}: the key is not valid base64")]
+    BadBase64 {
+        /// The entry's position, from 1.
+        entry: usize,
+    },
+    /// An entry's key does not decode to 32 bytes.
+    #[error("key entry {entry}: the key is {len} bytes, expected 32")]
+    WrongLength {
+        /// The entry's position, from 1.
+        entry: usize,
+        /// The decoded length.
+        len: usize,
+    },
+    /// Two keys have the same id.
+    #[error("key id {key_id} is given twice")]
+    DuplicateKeyId {
+        /// The id.
+        key_id: KeyId,
+    },
+    /// [`StaticKeyring::with_primary`] named a key that is not in the keyring.
+    #[error("key id {key_id} is not in the keyring")]
+    UnknownKeyId {
+        /// The id.
+        key_id: KeyId,
+    },
+}
+
+impl StaticKeyring {
+    /// A keyring with one key, which is primary. The keyring keeps its own zeroized copy of
+    /// `key`; zeroize yours if it lives on.
+    pub fn new(primary_id: KeyId, key: [u8; 32]) -> Self {
+        let mut keys = BTreeMap::new();
+        keys.insert(primary_id.clone(), Kek::from_bytes(key));
+        StaticKeyring {
+            primary: primary_id,
+            keys,
+        }
+    }
+
+    /// Adds a key (an older one that records may still be wrapped under, or the next primary).
+    pub fn with_key(mut self, id: KeyId, key: [u8; 32]) -> Result<Self, KeyringError> {
+        let kek = Kek::from_bytes(key);
+        if self.keys.contains_key(&id) {
+            return Err(KeyringError::DuplicateKeyId { key_id: id });
+        }
+        self.keys.insert(id, kek);
+        Ok(self)
+    }
+
+    /// Makes `id`, already in the keyring, the primary key.
+    pub fn with_primary(mut self, id: &KeyId) -> Result<Self, KeyringError> {
+        if !self.keys.contains_key(id) {
+            return Err(KeyringError::UnknownKeyId { key_id: id.clone() });
+        }
+        self.primary = id.clone();
+        Ok(self)
+    }
+
+    /// Parses `id1:BASE64KEY,id2:BASE64KEY`: standard base64 of 32 bytes each (padding
+    /// optional), the first entry primary. Spaces and newlines around entries are ignored.
+    ///
+    /// Generate a key with `openssl rand -base64 32`.
+    pub fn from_config_str(config: &str) -> Result<Self, KeyringError> {
+        let config = config.trim();
+        if config.is_empty() {
+            return Err(KeyringError::Empty);
+        }
+        let mut ring: Option<StaticKeyring> = None;
+        for (i, entry) in config.split(',').enumerate() {
+            let entry_no = i + 1;
+            let malformed = |reason| KeyringError::Malformed {
+                entry: entry_no,
+                reason,
+            };
+            let entry = entry.trim();
+            if entry.is_empty() {
+                return Err(malformed("empty entry"));
+            }
+            let (id, key) = entry
+                .split_once(':')
+                .ok_or(malformed("expected id:base64key"))?;
+            let id = id.trim();
+            if let Some(rule) = key_id_rule(id) {
+                return Err(malformed(rule));
+            }
+            let id = KeyId(id.into());
+            let key = decode_key(key.trim(), entry_no)?;
+            ring = Some(match ring {
+                None => StaticKeyring::new(id, key),
+                Some(ring) => ring.with_key(id, key)?,
+            });
+        }
+        ring.ok_or(KeyringError::Empty)
+    }
+
+    /// Reads [`StaticKeyring::from_config_str`]'s format from the environment variable `var`.
+    pub fn from_env(var: &str) -> Result<Self, KeyringError> {
+        let config = Zeroizing::new(std::env::var(var).map_err(|_| KeyringError::MissingEnv {
+            var: var.to_owned(),
+        })?);
+        StaticKeyring::from_config_str(&config)
+    }
+
+    /// The ids of all keys, in order.
+    pub fn key_ids(&self) -> impl Iterator<Item = &KeyId> {
+        self.keys.keys()
+    }
+}
+
+fn decode_key(text: &str, entry: usize) -> Result<[u8; KEY_LEN], KeyringError> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+    // The decoder's own error names the offending byte, which is key material: drop it.
+    let decoded = Zeroizing::new(
+        STANDARD
+            .decode(text)
+            .or_else(|_| STANDARD_NO_PAD.decode(text))
+            .map_err(|_| KeyringError::BadBase64 { entry })?,
+    );
+    let len = decoded.len();
+    <[u8; KEY_LEN]>::try_from(decoded.as_slice())
+        .map_err(|_| KeyringError::WrongLength { entry, len })
+}
+
+impl fmt::Debug for StaticKeyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StaticKeyring")
+            .field("primary", &self.primary)
+            .field("keys", &self.keys.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// What the KEK authenticates: the record's AAD and the key id, each length-prefixed, so that
+/// neither can be shifted into the other.
+fn kek_aad(record_aad: &[u8], key_id: &KeyId) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(24 + record_aad.len() + key_id.0.len());
+    aad.extend_from_slice(b"tokenbroker/kek/1");
+    put_len_prefixed(&mut aad, record_aad);
+    put_len_prefixed(&mut aad, key_id.as_str().as_bytes());
+    aad
+}
+
+fn put_len_prefixed(out: &mut Vec<u8>, part: &[u8]) {
+    out.extend_from_slice(&(part.len() as u64).to_be_bytes());
+    out.extend_from_slice(part);
+}
+
+#[async_trait]
+impl KeyProvider for StaticKeyring {
+    fn primary_key_id(&self) -> KeyId {
+        self.primary.clone()
+    }
+
+    async fn wrap(&self, data_key: &DataKey, aad: &[u8]) -> Result<WrappedKey, KeyError> {
+        let kek = self
+            .keys
+            .get(&self.primary)
+            .ok_or_else(|| KeyError::UnknownKeyId {
+                key_id: self.primary.clone(),
+            })?;
+        let nonce = XNonce::try_generate().map_err(KeyError::unavailable)?;
+        let sealed = kek
+            .cipher()
+            .encrypt(
+                &nonce,
+                AeadPayload {
+                    msg: data_key.expose_secret(),
+                    aad: &kek_aad(aad, &self.primary),
+                },
+            )
+            .map_err(|_| KeyError::unavailable(EncryptFailed("data key wrapping failed")))?;
+        let mut wrapped = Vec::with_capacity(STATIC_WRAPPED_LEN);
+        wrapped.extend_from_slice(&nonce);
+        wrapped.extend_from_slice(&sealed);
+        Ok(WrappedKey::new(self.primary.clone(), wrapped))
+    }
+
+    async fn unwrap(
+        &self,
+        key_id: &KeyId,
+        wrapped: &[u8],
+        aad: &[u8],
+    ) -> Result<DataKey, KeyError> {
+        let kek = self
+            .keys
+            .get(key_id)
+            .ok_or_else(|| KeyError::UnknownKeyId {
+                key_id: key_id.clone(),
+            })?;
+        let rejected = || KeyError::Rejected {
+            key_id: key_id.clone(),
+        };
+        if wrapped.len() != STATIC_WRAPPED_LEN {
+            return Err(rejected());
+        }
+        let (nonce, sealed) = wrapped.split_at(NONCE_LEN);
+        let nonce = XNonce::try_from(nonce).map_err(|_| rejected())?;
+        let key = Zeroizing::new(
+            kek.cipher()
+                .decrypt(
+                    &nonce,
+                    AeadPayload {
+                        msg: sealed,
+                        aad: &kek_aad(aad, key_id),
+                    },
+                )
+                .map_err(|_| rejected())?,
+        );
+        DataKey::from_slice(&key).map_err(|_| rejected())
+    }
+}
+
+/// What a payload's encryption authenticates: the format and the record's key, each part
+/// length-prefixed so that no two keys encode alike (`a/bc` vs `ab/c`).
+fn record_aad(key: &TokenKey) -> Vec<u8> {
+    let parts = [
+        key.realm.as_str(),
+        key.subject.as_str(),
+        key.provider.as_str(),
+    ];
+    let mut aad = Vec::with_capacity(64 + parts.iter().map(|p| p.len()).sum::<usize>());
+    aad.extend_from_slice(b"tokenbroker/record/");
+    aad.push(FORMAT_V1);
+    for part in parts {
+        put_len_prefixed(&mut aad, part.as_bytes());
+    }
+    aad
+}
+
+/// A parsed envelope, borrowing the stored bytes.
+///
+/// Layout (format 1): `0xE1 | id_len: u8 | key id | wrapped_len: u16 BE | wrapped key |
+/// nonce (24) | ciphertext || tag (16)`.
+struct Envelope<'a> {
+    key_id: KeyId,
+    wrapped: &'a [u8],
+    nonce: &'a [u8],
+    ciphertext: &'a [u8],
+}
+
+fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], &'static str> {
+    if rest.len() < n {
+        return Err("truncated envelope");
+    }
+    let (head, tail) = rest.split_at(n);
+    *rest = tail;
+    Ok(head)
+}
+
+impl<'a> Envelope<'a> {
+    fn parse(bytes: &'a [u8]) -> Result<Self, &'static str> {
+        let mut rest = bytes;
+        match take(&mut rest, 1)? {
+            [FORMAT_V1] => {}
+            [b'{'] => return Err("not encrypted (a plain payload)"),
+            _ => return Err("unknown envelope format"),
+        }
+        let id_len = usize::from(take(&mut rest, 1)?[0]);
+        let key_id = std::str::from_utf8(take(&mut rest, id_len)?)
+            .ok()
+            .and_then(|id| KeyId::new(id).ok())
+            .ok_or("invalid key id in envelope")?;
+        let wrapped_len = take(&mut rest, 2)?;
+        let wrapped_len = usize::from(u16::from_be_bytes([wrapped_len[0], wrapped_len[1]]));
+        let wrapped = take(&mut rest, wrapped_len)?;
+        let nonce = take(&mut rest, NONCE_LEN)?;
+        if rest.len() < TAG_LEN {
+            return Err("truncated envelope");
+        }
+        Ok(Envelope {
+            key_id,
+            wrapped,
+            nonce,
+            ciphertext: rest,
+        })
+    }
+}
+
+/// The id of the key-encryption key a stored record's data key is wrapped under, as the inner
+/// store of an [`EncryptedStore`] holds it; `None` if the payload is not an envelope.
+///
+/// It parses the envelope without decrypting anything: use it to see how far a rotation got.
+pub fn key_id_of(stored: &StoredRecord) -> Option<KeyId> {
+    Envelope::parse(stored.record.payload.expose_secret())
+        .ok()
+        .map(|e| e.key_id)
+}
+
+/// The outcome of a [`EncryptedStore::rewrap`] or [`EncryptedStore::rewrap_page`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RewrapReport {
+    /// Links visited.
+    pub scanned: usize,
+    /// Records re-encrypted under the primary key.
+    pub rewrapped: usize,
+    /// Records already under the primary key, left alone.
+    pub already_primary: usize,
+    /// Records changed or deleted between the load and the write: left as the concurrent writer
+    /// left them (a concurrent write already uses the primary key).
+    pub skipped_conflict: usize,
+    /// Records that could not be decrypted (see [`StoreError::Corrupt`]), left untouched. Do not
+    /// retire an old key while this is not zero: the records are logged with their keys.
+    pub corrupt: usize,
+}
+
+impl RewrapReport {
+    fn add(&mut self, other: &RewrapReport) {
+        self.scanned += other.scanned;
+        self.rewrapped += other.rewrapped;
+        self.already_primary += other.already_primary;
+        self.skipped_conflict += other.skipped_conflict;
+        self.corrupt += other.corrupt;
+    }
+}
+
+/// A [`TokenStore`] that encrypts payloads before they reach the inner store.
+///
+/// Every write draws a fresh random 32-byte data key and encrypts the payload with
+/// XChaCha20-Poly1305 (random 24-byte nonce). The data key is wrapped by the
+/// [`KeyProvider`]'s primary key, and the envelope (format byte, key id, wrapped key, nonce,
+/// ciphertext) is what the inner store keeps as the payload. Both layers authenticate the
+/// record's key (realm, subject, provider), so a ciphertext copied to another row fails.
+///
+/// **Only the payload is encrypted.** The [`RecordMeta`](super::RecordMeta) (state, expiry,
+/// timestamps), the keys, versions and leases pass through in clear, because stores index them
+/// for sweeps and leases.
+///
+/// A record that fails to parse or decrypt (truncated, tampered, moved, under an unknown key)
+/// loads as [`StoreError::Corrupt`]; a failing [`KeyProvider`] is a
+/// [`StoreError::Backend`] with store `encryption`.
+///
+/// Records the inner store already holds in plain text are not migrated: they load as
+/// [`StoreError::Corrupt`] ("not encrypted"), since accepting plain payloads would let anyone
+/// with write access to the database plant tokens.
+///
+/// Key rotation: make a new key primary while keeping the old ones; new writes use it, old
+/// records still read, and [`EncryptedStore::rewrap`] moves old records over so that the old
+/// keys can be retired.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use tokenbroker::store::{EncryptedStore, KeyId, StaticKeyring};
+/// use tokenbroker::{MemoryStore, TokenStore};
+///
+/// // In production: StaticKeyring::from_env("TOKENBROKER_KEYS")?
+/// let keys = StaticKeyring::new(KeyId::new("k1")?, [7; 32]);
+/// let store = Arc::new(EncryptedStore::new(MemoryStore::new(), Arc::new(keys)));
+/// let shared: Arc<dyn TokenStore> = store.clone();
+/// // ... hand `shared` to TokenBroker::builder().with_store(..)
+///
+/// // Later, after making a new key primary:
+/// let report = store.rewrap(100).await?;
+/// assert_eq!(report.corrupt, 0);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct EncryptedStore<S> {
+    inner: S,
+    keys: Arc<dyn KeyProvider>,
+}
+
+impl<S: TokenStore> EncryptedStore<S> {
+    /// Encrypts what goes into `inner` with keys from `keys`.
+    pub fn new(inner: S, keys: Arc<dyn KeyProvider>) -> Self {
+        EncryptedStore { inner, keys }
+    }
+
+    /// The inner store, which holds envelopes.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// The key provider.
+    pub fn key_provider(&self) -> &Arc<dyn KeyProvider> {
+        &self.keys
+    }
+
+    async fn encrypt(&self, key: &TokenKey, record: &Record) -> Result<Record, StoreError> {
+        let backend = |e: KeyError| StoreError::Backend {
+            store: STORE_NAME,
+            source: Arc::new(e),
+        };
+        let aad = record_aad(key);
+        let data_key = DataKey::generate().map_err(backend)?;
+        let wrapped = self.keys.wrap(&data_key, &aad).await.map_err(backend)?;
+        let wrapped_len = u16::try_from(wrapped.wrapped.len()).map_err(|_| {
+            backend(KeyError::InvalidKey {
+                reason: "the wrapped data key is longer than 65535 bytes",
+            })
+        })?;
+        let nonce = XNonce::try_generate().map_err(|e| backend(KeyError::unavailable(e)))?;
+        let ciphertext = XChaCha20Poly1305::new(data_key.expose_secret().into())
+            .encrypt(
+                &nonce,
+                AeadPayload {
+                    msg: record.payload.expose_secret(),
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| {
+                backend(KeyError::unavailable(EncryptFailed(
+                    "payload encryption failed",
+                )))
+            })?;
+        let id = wrapped.key_id.as_str().as_bytes();
+        let mut out =
+            Vec::with_capacity(4 + id.len() + wrapped.wrapped.len() + NONCE_LEN + ciphertext.len());
+        out.push(FORMAT_V1);
+        // KeyId guarantees 1..=64 bytes.
+        out.push(id.len() as u8);
+        out.extend_from_slice(id);
+        out.extend_from_slice(&wrapped_len.to_be_bytes());
+        out.extend_from_slice(&wrapped.wrapped);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ciphertext);
+        Ok(Record::new(Payload::new(out), record.meta.clone()))
+    }
+
+    async fn decrypt(
+        &self,
+        key: &TokenKey,
+        stored: StoredRecord,
+    ) -> Result<StoredRecord, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            key: key.clone(),
+            reason,
+        };
+        let envelope = Envelope::parse(stored.record.payload.expose_secret())
+            .map_err(|r| corrupt(r.to_owned()))?;
+        let aad = record_aad(key);
+        let data_key = match self
+            .keys
+            .unwrap(&envelope.key_id, envelope.wrapped, &aad)
+            .await
+        {
+            Ok(k) => k,
+            Err(KeyError::UnknownKeyId { key_id }) => {
+                return Err(corrupt(format!(
+                    "data key is wrapped under unknown key id {key_id}"
+                )));
+            }
+            Err(KeyError::Rejected { .. } | KeyError::InvalidKey { .. }) => {
+                return Err(corrupt(format!(
+                    "data key under {} failed authentication (tampered, or copied from another record)",
+                    envelope.key_id
+                )));
+            }
+            Err(e) => {
+                return Err(StoreError::Backend {
+                    store: STORE_NAME,
+                    source: Arc::new(e),
+                });
+            }
+        };
+        let nonce = XNonce::try_from(envelope.nonce)
+            .map_err(|_| corrupt("truncated envelope".to_owned()))?;
+        let plain = XChaCha20Poly1305::new(data_key.expose_secret().into())
+            .decrypt(
+                &nonce,
+                AeadPayload {
+                    msg: envelope.ciphertext,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| {
+                corrupt(
+                    "payload failed authentication (tampered, or copied from another record)"
+                        .to_owned(),
+                )
+            })?;
+        Ok(StoredRecord::new(
+            Record::new(Payload::new(plain), stored.record.meta),
+            stored.version,
+        ))
+    }
+
+    /// Re-encrypts every record that is not under the primary key, walking the inner store in
+    /// pages of `batch_size` (at least 1). See [`EncryptedStore::rewrap_page`].
+    ///
+    /// Safe to run on a live store and to repeat: writes are compare-and-swap on the loaded
+    /// version, so a concurrent write is never overwritten, and a second pass finds nothing to
+    /// do. On an error the pass stops; what it rewrote stays rewritten.
+    pub async fn rewrap(&self, batch_size: usize) -> Result<RewrapReport, StoreError> {
+        let mut total = RewrapReport::default();
+        let mut cursor: Option<TokenKey> = None;
+        loop {
+            let (report, next) = self.rewrap_page(cursor.as_ref(), batch_size).await?;
+            total.add(&report);
+            match next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(total),
+            }
+        }
+    }
+
+    /// Re-encrypts, under the primary key, the records among the next `batch_size` links (at
+    /// least 1) strictly after `after`, and returns the cursor to pass next (`None` when the
+    /// walk is done). Lets a host bound the work per call.
+    ///
+    /// Each record not under the primary key is loaded, decrypted, encrypted with a fresh data
+    /// key under the primary, and written with `compare_and_swap` on the loaded version; a
+    /// conflict means someone wrote meanwhile (under the primary key) and is counted in
+    /// [`RewrapReport::skipped_conflict`]. Records that do not decrypt are counted in
+    /// [`RewrapReport::corrupt`], logged, and left alone.
+    pub async fn rewrap_page(
+        &self,
+        after: Option<&TokenKey>,
+        batch_size: usize,
+    ) -> Result<(RewrapReport, Option<TokenKey>), StoreError> {
+        let limit = batch_size.max(1);
+        let links = self.inner.scan(after, limit).await?;
+        let primary = self.keys.primary_key_id();
+        let mut report = RewrapReport::default();
+        for link in &links {
+            report.scanned += 1;
+            let Some(raw) = self.inner.load(&link.key).await? else {
+                report.skipped_conflict += 1;
+                continue;
+            };
+            if key_id_of(&raw).as_ref() == Some(&primary) {
+                report.already_primary += 1;
+                continue;
+            }
+            let plain = match self.decrypt(&link.key, raw).await {
+                Ok(plain) => plain,
+                Err(StoreError::Corrupt { key, reason }) => {
+                    tracing::warn!(%key, %reason, "rewrap: record does not decrypt; left as is");
+                    report.corrupt += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let record = self.encrypt(&link.key, &plain.record).await?;
+            match self
+                .inner
+                .compare_and_swap(&link.key, plain.version, &record)
+                .await
+            {
+                Ok(_) => report.rewrapped += 1,
+                Err(StoreError::Conflict { .. }) => report.skipped_conflict += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        let next = if links.len() == limit {
+            links.last().map(|l| l.key.clone())
+        } else {
+            None
+        };
+        Ok((report, next))
+    }
+}
+
+#[deny(clippy::missing_trait_methods)]
+#[async_trait]
+impl<S: TokenStore> TokenStore for EncryptedStore<S> {
+    async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError> {
+        match self.inner.load(key).await? {
+            Some(stored) => self.decrypt(key, stored).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
+        let sealed = self.encrypt(key, record).await?;
+        self.inner.insert(key, &sealed).await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &TokenKey,
+        expected: Version,
+        record: &Record,
+    ) -> Result<Version, StoreError> {
+        let sealed = self.encrypt(key, record).await?;
+        self.inner.compare_and_swap(key, expected, &sealed).await
+    }
+
+    async fn delete(&self, key: &TokenKey, expected: Option<Version>) -> Result<bool, StoreError> {
+        self.inner.delete(key, expected).await
+    }
+
+    async fn list(&self, realm: &Realm, subject: &Subject) -> Result<Vec<TokenKey>, StoreError> {
+        self.inner.list(realm, subject).await
+    }
+
+    async fn scan(
+        &self,
+        after: Option<&TokenKey>,
+        limit: usize,
+    ) -> Result<Vec<ScannedLink>, StoreError> {
+        self.inner.scan(after, limit).await
+    }
+
+    async fn try_lease(
+        &self,
+        key: &TokenKey,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<LeaseAttempt, StoreError> {
+        self.inner.try_lease(key, holder, ttl).await
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.inner.release_lease(lease).await
+    }
+}

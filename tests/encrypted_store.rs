@@ -1,0 +1,723 @@
+//! EncryptedStore: round trip, what the inner store sees, tampering, row binding, rotation and
+//! rewrap (including a rewrap racing a writer), key configuration and redaction.
+#![cfg(feature = "encryption")]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use time::macros::datetime;
+use tokenbroker::store::{
+    DataKey, EncryptedStore, KeyError, KeyId, KeyProvider, KeyringError, Lease, LeaseAttempt,
+    LeaseHolder, LinkState, Record, RecordMeta, ScannedLink, StaticKeyring, StoredRecord, Version,
+    WrappedKey, key_id_of,
+};
+use tokenbroker::{
+    MemoryStore, Payload, Realm, Secret, StoreError, Subject, TokenKey, TokenSet, TokenStore,
+};
+
+const K1: [u8; 32] = [0x11; 32];
+const K2: [u8; 32] = [0x22; 32];
+
+fn id(s: &str) -> KeyId {
+    KeyId::new(s).unwrap()
+}
+
+fn key(subject: &str) -> TokenKey {
+    TokenKey::parse("acme", subject, "google").unwrap()
+}
+
+fn ring_k1() -> Arc<dyn KeyProvider> {
+    Arc::new(StaticKeyring::new(id("k1"), K1))
+}
+
+/// k2 primary, k1 kept for old records.
+fn ring_k2() -> Arc<dyn KeyProvider> {
+    Arc::new(
+        StaticKeyring::new(id("k1"), K1)
+            .with_key(id("k2"), K2)
+            .unwrap()
+            .with_primary(&id("k2"))
+            .unwrap(),
+    )
+}
+
+fn token_set(access: &str) -> TokenSet {
+    TokenSet::new(Secret::new(access), datetime!(2026-01-01 0:00 UTC))
+        .with_refresh_token(Secret::new(format!("{access}-refresh")))
+        .with_expires_at(datetime!(2026-01-01 1:00 UTC))
+}
+
+fn record(access: &str) -> Record {
+    let set = token_set(access);
+    let now = datetime!(2026-01-01 0:00 UTC);
+    Record::new(
+        set.to_payload(),
+        RecordMeta::new(LinkState::Active, set.expires_at(), now, now),
+    )
+}
+
+fn access_token(stored: &StoredRecord) -> String {
+    TokenSet::from_payload(&stored.record.payload)
+        .unwrap()
+        .access_token()
+        .expose_secret()
+        .to_owned()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The reason of a `Corrupt` load; fails the test on anything else.
+#[track_caller]
+fn corrupt_reason(result: Result<Option<StoredRecord>, StoreError>) -> String {
+    match result {
+        Err(StoreError::Corrupt { reason, .. }) => reason,
+        Err(other) => panic!("expected Corrupt, got {other:?}"),
+        Ok(got) => panic!("expected Corrupt, got Ok({got:?})"),
+    }
+}
+
+async fn raw(inner: &MemoryStore, key: &TokenKey) -> StoredRecord {
+    inner
+        .load(key)
+        .await
+        .unwrap()
+        .expect("record in the inner store")
+}
+
+/// Replaces the inner record's payload with `bytes`, keeping its meta.
+async fn put_raw(inner: &MemoryStore, key: &TokenKey, bytes: Vec<u8>) {
+    let current = inner.load(key).await.unwrap();
+    let meta = record("x").meta;
+    let rec = Record::new(Payload::new(bytes), meta);
+    match current {
+        Some(c) => inner.compare_and_swap(key, c.version, &rec).await.unwrap(),
+        None => inner.insert(key, &rec).await.unwrap(),
+    };
+}
+
+#[tokio::test]
+async fn round_trip_keeps_payload_meta_and_versions() {
+    let inner = Arc::new(MemoryStore::new());
+    let store = EncryptedStore::new(inner.clone(), ring_k1());
+    let k = key("alice");
+    let written = record("at-round-trip");
+
+    let v1 = store.insert(&k, &written).await.unwrap();
+    let loaded = store.load(&k).await.unwrap().unwrap();
+    assert_eq!(loaded.version, v1);
+    assert_eq!(
+        loaded.record.payload.expose_secret(),
+        written.payload.expose_secret()
+    );
+    assert_eq!(loaded.record.meta, written.meta);
+    assert_eq!(access_token(&loaded), "at-round-trip");
+
+    let v2 = store
+        .compare_and_swap(&k, v1, &record("at-second"))
+        .await
+        .unwrap();
+    assert_ne!(v1, v2);
+    assert_eq!(
+        access_token(&store.load(&k).await.unwrap().unwrap()),
+        "at-second"
+    );
+    assert!(matches!(
+        store.compare_and_swap(&k, v1, &record("stale")).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    assert!(matches!(
+        store.insert(&k, &record("dup")).await,
+        Err(StoreError::Conflict { .. })
+    ));
+
+    // Pass-through: versions, meta in scan, list, leases, delete, missing keys.
+    let scanned = store.scan(None, 10).await.unwrap();
+    assert_eq!(scanned.len(), 1);
+    assert_eq!(scanned[0].version, v2);
+    assert_eq!(scanned[0].meta, written.meta);
+    assert_eq!(
+        store.list(&k.realm, &k.subject).await.unwrap(),
+        vec![k.clone()]
+    );
+    let holder = LeaseHolder::new("test");
+    let LeaseAttempt::Acquired(lease) = store
+        .try_lease(&k, &holder, Duration::from_secs(30))
+        .await
+        .unwrap()
+    else {
+        panic!("lease not acquired");
+    };
+    assert_eq!(
+        store
+            .try_lease(&k, &holder, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        LeaseAttempt::Busy
+    );
+    store.release_lease(&lease).await.unwrap();
+    assert!(store.load(&key("nobody")).await.unwrap().is_none());
+    assert!(store.delete(&k, Some(v2)).await.unwrap());
+    assert!(store.load(&k).await.unwrap().is_none());
+    assert!(inner.is_empty());
+}
+
+#[tokio::test]
+async fn inner_store_never_sees_the_plaintext() {
+    let inner = Arc::new(MemoryStore::new());
+    let store = EncryptedStore::new(inner.clone(), ring_k1());
+    let k = key("alice");
+    let written = record("at-very-secret-access-token");
+    store.insert(&k, &written).await.unwrap();
+
+    let stored = raw(&inner, &k).await;
+    let bytes = stored.record.payload.expose_secret();
+    assert!(!contains(bytes, b"at-very-secret-access-token"));
+    assert!(!contains(bytes, b"refresh"));
+    // No 8-byte run of the plaintext survives.
+    let plain = written.payload.expose_secret();
+    assert!(plain.windows(8).all(|w| !contains(bytes, w)));
+    // The meta stays plain on purpose: stores index it.
+    assert_eq!(stored.record.meta, written.meta);
+    assert_eq!(key_id_of(&stored), Some(id("k1")));
+
+    // Two writes of the same plaintext differ (fresh data key and nonce each time).
+    let k2 = key("bob");
+    store.insert(&k2, &written).await.unwrap();
+    assert_ne!(raw(&inner, &k2).await.record.payload.expose_secret(), bytes);
+}
+
+#[tokio::test]
+async fn a_ciphertext_moved_to_another_row_is_corrupt() {
+    let inner = Arc::new(MemoryStore::new());
+    let store = EncryptedStore::new(inner.clone(), ring_k1());
+    let from = TokenKey::parse("acme", "alice", "google").unwrap();
+    store.insert(&from, &record("at-alice")).await.unwrap();
+    let bytes = raw(&inner, &from)
+        .await
+        .record
+        .payload
+        .expose_secret()
+        .to_vec();
+
+    // Each part of the key matters, and boundaries between parts cannot shift.
+    for (realm, subject, provider) in [
+        ("other", "alice", "google"),
+        ("acme", "mallory", "google"),
+        ("acme", "alice", "github"),
+        ("acmealice", "x", "google"),
+        ("acm", "ealice", "google"),
+    ] {
+        let to = TokenKey::new(
+            Realm::new(realm).unwrap(),
+            Subject::new(subject).unwrap(),
+            tokenbroker::ProviderId::new(provider).unwrap(),
+        );
+        put_raw(&inner, &to, bytes.clone()).await;
+        let reason = corrupt_reason(store.load(&to).await);
+        assert!(reason.contains("failed authentication"), "{to}: {reason}");
+    }
+    // The original row still reads.
+    assert_eq!(
+        access_token(&store.load(&from).await.unwrap().unwrap()),
+        "at-alice"
+    );
+}
+
+#[tokio::test]
+async fn every_flipped_byte_and_every_truncation_is_corrupt() {
+    let inner = Arc::new(MemoryStore::new());
+    let store = EncryptedStore::new(inner.clone(), ring_k1());
+    let k = key("alice");
+    store.insert(&k, &record("at")).await.unwrap();
+    let good = raw(&inner, &k)
+        .await
+        .record
+        .payload
+        .expose_secret()
+        .to_vec();
+
+    for i in 0..good.len() {
+        for mask in [0x01u8, 0x80, 0xFF] {
+            let mut bad = good.clone();
+            bad[i] ^= mask;
+            put_raw(&inner, &k, bad).await;
+            corrupt_reason(store.load(&k).await);
+        }
+    }
+    for len in 0..good.len() {
+        put_raw(&inner, &k, good[..len].to_vec()).await;
+        corrupt_reason(store.load(&k).await);
+    }
+    let mut longer = good.clone();
+    longer.push(0);
+    put_raw(&inner, &k, longer).await;
+    corrupt_reason(store.load(&k).await);
+
+    // A plain (unencrypted) payload is refused, not passed through.
+    put_raw(
+        &inner,
+        &k,
+        token_set("at-plain").to_payload().expose_secret().to_vec(),
+    )
+    .await;
+    let reason = corrupt_reason(store.load(&k).await);
+    assert!(reason.contains("not encrypted"), "{reason}");
+    assert!(!reason.contains("at-plain"));
+
+    // The untouched bytes still decrypt: the loop above proved something.
+    put_raw(&inner, &k, good).await;
+    assert_eq!(access_token(&store.load(&k).await.unwrap().unwrap()), "at");
+}
+
+#[tokio::test]
+async fn an_unknown_key_id_is_corrupt() {
+    let inner = Arc::new(MemoryStore::new());
+    let k = key("alice");
+    EncryptedStore::new(inner.clone(), ring_k1())
+        .insert(&k, &record("at"))
+        .await
+        .unwrap();
+
+    // A keyring that lost k1 (same bytes under another id do not help either).
+    let without_k1 = EncryptedStore::new(inner.clone(), Arc::new(StaticKeyring::new(id("k9"), K1)));
+    let reason = corrupt_reason(without_k1.load(&k).await);
+    assert!(reason.contains("unknown key id k1"), "{reason}");
+
+    // Same id, different bytes: the wrapped key does not authenticate.
+    let wrong_bytes =
+        EncryptedStore::new(inner.clone(), Arc::new(StaticKeyring::new(id("k1"), K2)));
+    let reason = corrupt_reason(wrong_bytes.load(&k).await);
+    assert!(reason.contains("failed authentication"), "{reason}");
+}
+
+#[tokio::test]
+async fn rotation_reads_old_records_and_writes_under_the_new_primary() {
+    let inner = Arc::new(MemoryStore::new());
+    let (old, new) = (key("old"), key("new"));
+    EncryptedStore::new(inner.clone(), ring_k1())
+        .insert(&old, &record("at-old"))
+        .await
+        .unwrap();
+
+    let rotated = EncryptedStore::new(inner.clone(), ring_k2());
+    assert_eq!(
+        access_token(&rotated.load(&old).await.unwrap().unwrap()),
+        "at-old"
+    );
+    assert_eq!(key_id_of(&raw(&inner, &old).await), Some(id("k1")));
+
+    rotated.insert(&new, &record("at-new")).await.unwrap();
+    assert_eq!(key_id_of(&raw(&inner, &new).await), Some(id("k2")));
+    // A rewrite of an old record moves it to the primary too.
+    let v = rotated.load(&old).await.unwrap().unwrap().version;
+    rotated
+        .compare_and_swap(&old, v, &record("at-old-2"))
+        .await
+        .unwrap();
+    assert_eq!(key_id_of(&raw(&inner, &old).await), Some(id("k2")));
+
+    // The old keyring cannot read what the new primary wrote.
+    let reason = corrupt_reason(
+        EncryptedStore::new(inner.clone(), ring_k1())
+            .load(&new)
+            .await,
+    );
+    assert!(reason.contains("unknown key id k2"), "{reason}");
+}
+
+#[tokio::test]
+async fn rewrap_moves_everything_to_the_primary_in_batches() {
+    let inner = Arc::new(MemoryStore::new());
+    let before = EncryptedStore::new(inner.clone(), ring_k1());
+    let keys: Vec<TokenKey> = (0..7).map(|i| key(&format!("user-{i}"))).collect();
+    for (i, k) in keys.iter().enumerate() {
+        before.insert(k, &record(&format!("at-{i}"))).await.unwrap();
+    }
+    let store = EncryptedStore::new(inner.clone(), ring_k2());
+    // One record already under the primary.
+    let v = store.load(&keys[3]).await.unwrap().unwrap().version;
+    store
+        .compare_and_swap(&keys[3], v, &record("at-3"))
+        .await
+        .unwrap();
+    let meta_before: Vec<ScannedLink> = inner.scan(None, 100).await.unwrap();
+
+    // Page by page: the cursor advances and ends.
+    let (page, next) = store.rewrap_page(None, 2).await.unwrap();
+    assert_eq!((page.scanned, page.rewrapped), (2, 2));
+    assert_eq!(next.as_ref(), Some(&keys[1]));
+
+    let report = store.rewrap(2).await.unwrap();
+    assert_eq!(report.scanned, 7);
+    assert_eq!(report.rewrapped, 4);
+    assert_eq!(report.already_primary, 3);
+    assert_eq!((report.skipped_conflict, report.corrupt), (0, 0));
+
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(key_id_of(&raw(&inner, k).await), Some(id("k2")), "{k}");
+        assert_eq!(
+            access_token(&store.load(k).await.unwrap().unwrap()),
+            format!("at-{i}")
+        );
+    }
+    // Rewrapping changes versions, not meta.
+    let meta_after = inner.scan(None, 100).await.unwrap();
+    for (a, b) in meta_before.iter().zip(&meta_after) {
+        assert_eq!((&a.key, &a.meta), (&b.key, &b.meta));
+    }
+
+    let again = store.rewrap(2).await.unwrap();
+    assert_eq!(
+        (again.scanned, again.rewrapped, again.already_primary),
+        (7, 0, 7)
+    );
+    // k1 can now be retired.
+    let k2_only = EncryptedStore::new(inner.clone(), Arc::new(StaticKeyring::new(id("k2"), K2)));
+    for k in &keys {
+        k2_only.load(k).await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn rewrap_counts_and_skips_records_it_cannot_read() {
+    let inner = Arc::new(MemoryStore::new());
+    let store = EncryptedStore::new(inner.clone(), ring_k1());
+    store.insert(&key("a"), &record("at-a")).await.unwrap();
+    put_raw(&inner, &key("b"), b"garbage".to_vec()).await;
+    store.insert(&key("c"), &record("at-c")).await.unwrap();
+
+    let report = EncryptedStore::new(inner.clone(), ring_k2())
+        .rewrap(10)
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.scanned, report.rewrapped, report.corrupt),
+        (3, 2, 1)
+    );
+    assert_eq!(
+        raw(&inner, &key("b")).await.record.payload.expose_secret(),
+        b"garbage"
+    );
+}
+
+/// A MemoryStore that, right after the first load of one key, lets a "concurrent writer"
+/// compare-and-swap that key: the rewrap then holds a stale version.
+#[derive(Debug)]
+struct RacingStore {
+    inner: MemoryStore,
+    race: Mutex<Option<(TokenKey, Record)>>,
+}
+
+#[async_trait]
+impl TokenStore for RacingStore {
+    async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError> {
+        let loaded = self.inner.load(key).await?;
+        let armed = {
+            let mut race = self.race.lock().unwrap();
+            if race.as_ref().is_some_and(|(k, _)| k == key) {
+                race.take()
+            } else {
+                None
+            }
+        };
+        if let (Some((_, write)), Some(stored)) = (armed, &loaded) {
+            self.inner
+                .compare_and_swap(key, stored.version, &write)
+                .await
+                .expect("the concurrent writer's CAS");
+        }
+        Ok(loaded)
+    }
+    async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
+        self.inner.insert(key, record).await
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &TokenKey,
+        expected: Version,
+        record: &Record,
+    ) -> Result<Version, StoreError> {
+        self.inner.compare_and_swap(key, expected, record).await
+    }
+    async fn delete(&self, key: &TokenKey, expected: Option<Version>) -> Result<bool, StoreError> {
+        self.inner.delete(key, expected).await
+    }
+    async fn list(&self, realm: &Realm, subject: &Subject) -> Result<Vec<TokenKey>, StoreError> {
+        self.inner.list(realm, subject).await
+    }
+    async fn scan(
+        &self,
+        after: Option<&TokenKey>,
+        limit: usize,
+    ) -> Result<Vec<ScannedLink>, StoreError> {
+        self.inner.scan(after, limit).await
+    }
+    async fn try_lease(
+        &self,
+        key: &TokenKey,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<LeaseAttempt, StoreError> {
+        self.inner.try_lease(key, holder, ttl).await
+    }
+    async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.inner.release_lease(lease).await
+    }
+}
+
+#[tokio::test]
+async fn a_rewrap_racing_a_writer_loses_nothing() {
+    let racing = Arc::new(RacingStore {
+        inner: MemoryStore::new(),
+        race: Mutex::new(None),
+    });
+    let keys: Vec<TokenKey> = (0..4).map(|i| key(&format!("user-{i}"))).collect();
+    let old = EncryptedStore::new(racing.clone(), ring_k1());
+    for k in &keys {
+        old.insert(k, &record("at-before")).await.unwrap();
+    }
+
+    // The writer's value, encrypted as a broker on the new keyring would write it.
+    let contested = keys[2].clone();
+    let scratch = EncryptedStore::new(MemoryStore::new(), ring_k2());
+    scratch
+        .insert(&contested, &record("at-from-writer"))
+        .await
+        .unwrap();
+    let writer_record = scratch
+        .inner()
+        .load(&contested)
+        .await
+        .unwrap()
+        .unwrap()
+        .record;
+    *racing.race.lock().unwrap() = Some((contested.clone(), writer_record));
+
+    let store = EncryptedStore::new(racing.clone(), ring_k2());
+    let report = store.rewrap(2).await.unwrap();
+    assert!(
+        racing.race.lock().unwrap().is_none(),
+        "the race never fired"
+    );
+    assert_eq!(report.scanned, 4);
+    assert_eq!(report.skipped_conflict, 1);
+    assert_eq!(report.rewrapped, 3);
+
+    assert_eq!(
+        access_token(&store.load(&contested).await.unwrap().unwrap()),
+        "at-from-writer"
+    );
+    for k in &keys {
+        let raw = racing.inner.load(k).await.unwrap().unwrap();
+        assert_eq!(key_id_of(&raw), Some(id("k2")), "{k}");
+    }
+    assert_eq!(store.rewrap(2).await.unwrap().already_primary, 4);
+}
+
+/// A key service that is down.
+#[derive(Debug)]
+struct DownKms;
+
+#[derive(Debug, thiserror::Error)]
+#[error("kms unreachable")]
+struct Unreachable;
+
+#[async_trait]
+impl KeyProvider for DownKms {
+    fn primary_key_id(&self) -> KeyId {
+        id("kms-1")
+    }
+    async fn wrap(&self, _: &DataKey, _: &[u8]) -> Result<WrappedKey, KeyError> {
+        Err(KeyError::unavailable(Unreachable))
+    }
+    async fn unwrap(&self, _: &KeyId, _: &[u8], _: &[u8]) -> Result<DataKey, KeyError> {
+        Err(KeyError::unavailable(Unreachable))
+    }
+}
+
+#[tokio::test]
+async fn a_failing_key_provider_is_a_backend_error() {
+    let inner = Arc::new(MemoryStore::new());
+    let store = EncryptedStore::new(inner.clone(), Arc::new(DownKms));
+    let k = key("alice");
+    match store.insert(&k, &record("at")).await {
+        Err(StoreError::Backend { store, .. }) => assert_eq!(store, "encryption"),
+        other => panic!("expected Backend, got {other:?}"),
+    }
+    assert!(inner.is_empty(), "nothing written");
+
+    // On read, an outage is not corruption: the host should retry, not re-link.
+    EncryptedStore::new(inner.clone(), ring_k1())
+        .insert(&k, &record("at"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.load(&k).await,
+        Err(StoreError::Backend {
+            store: "encryption",
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn debug_output_and_errors_hold_no_key_material() {
+    let bytes: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(201));
+    let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+    let forbidden = [
+        format!("{bytes:?}"),
+        format!("{:?}", &bytes[..8])
+            .trim_end_matches(']')
+            .to_owned(),
+        b64.clone(),
+        b64[..16].to_owned(),
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()[..16].to_owned(),
+    ];
+    let check = |what: &str, text: String| {
+        for f in &forbidden {
+            assert!(!text.contains(f.as_str()), "{what} shows key bytes: {text}");
+        }
+    };
+
+    let ring = StaticKeyring::from_config_str(&format!("k1:{b64}")).unwrap();
+    check("keyring", format!("{ring:?}"));
+    let store = EncryptedStore::new(MemoryStore::new(), Arc::new(ring));
+    check("store", format!("{store:?}"));
+    check("store (alternate)", format!("{store:#?}"));
+    let data_key = DataKey::from_slice(&bytes).unwrap();
+    check("data key", format!("{data_key:?}"));
+    assert_eq!(format!("{data_key:?}"), "DataKey([redacted])");
+    let wrapped = store.key_provider().wrap(&data_key, b"aad").await.unwrap();
+    check("wrapped key", format!("{wrapped:?}"));
+
+    // Errors about a bad configuration do not echo it.
+    let mut short = b64.clone();
+    short.truncate(40);
+    for config in [
+        format!("k1:{b64}!"),
+        format!("k1:{short}"),
+        b64.clone(),
+        format!("k1:{b64},k1:{b64}"),
+    ] {
+        let err = StaticKeyring::from_config_str(&config).unwrap_err();
+        check("keyring error", format!("{err} {err:?}"));
+    }
+}
+
+#[test]
+fn keyring_configuration_errors_are_typed() {
+    let k = |b: u8| base64::engine::general_purpose::STANDARD.encode([b; 32]);
+    let parse = StaticKeyring::from_config_str;
+
+    assert_eq!(parse("").unwrap_err(), KeyringError::Empty);
+    assert_eq!(parse("  \n").unwrap_err(), KeyringError::Empty);
+    assert!(matches!(
+        parse(&k(1)).unwrap_err(),
+        KeyringError::Malformed { entry: 1, .. }
+    ));
+    assert!(matches!(
+        parse(&format!("k1:{},", k(1))).unwrap_err(),
+        KeyringError::Malformed { entry: 2, .. }
+    ));
+    assert!(matches!(
+        parse(&format!("k1:{},bad id:{}", k(1), k(2))).unwrap_err(),
+        KeyringError::Malformed { entry: 2, .. }
+    ));
+    assert!(matches!(
+        parse(&format!(":{}", k(1))).unwrap_err(),
+        KeyringError::Malformed { entry: 1, .. }
+    ));
+    assert_eq!(
+        parse("k1:not*base64").unwrap_err(),
+        KeyringError::BadBase64 { entry: 1 }
+    );
+    assert_eq!(
+        parse(&format!(
+            "k1:{},k2:{}",
+            k(1),
+            base64::engine::general_purpose::STANDARD.encode([2u8; 16])
+        ))
+        .unwrap_err(),
+        KeyringError::WrongLength { entry: 2, len: 16 }
+    );
+    assert_eq!(
+        parse(&format!("k1:{}, k2:{} ,k1:{}", k(1), k(2), k(3))).unwrap_err(),
+        KeyringError::DuplicateKeyId { key_id: id("k1") }
+    );
+    assert_eq!(
+        StaticKeyring::from_env("TOKENBROKER_TEST_SURELY_UNSET_VAR").unwrap_err(),
+        KeyringError::MissingEnv {
+            var: "TOKENBROKER_TEST_SURELY_UNSET_VAR".into()
+        }
+    );
+    assert_eq!(
+        StaticKeyring::new(id("k1"), K1)
+            .with_key(id("k1"), K2)
+            .unwrap_err(),
+        KeyringError::DuplicateKeyId { key_id: id("k1") }
+    );
+    assert_eq!(
+        StaticKeyring::new(id("k1"), K1)
+            .with_primary(&id("k2"))
+            .unwrap_err(),
+        KeyringError::UnknownKeyId { key_id: id("k2") }
+    );
+
+    // Valid: first entry primary, padding optional, spaces tolerated.
+    let unpadded = k(2).trim_end_matches('=').to_owned();
+    let ring = parse(&format!(" k2:{unpadded} ,\n k1:{}\n", k(1))).unwrap();
+    assert_eq!(ring.primary_key_id(), id("k2"));
+    assert_eq!(
+        ring.key_ids().cloned().collect::<Vec<_>>(),
+        vec![id("k1"), id("k2")]
+    );
+}
+
+#[test]
+fn key_ids_are_validated() {
+    for ok in ["k1", "2026-01", "kms/alias@v3", &"x".repeat(64)] {
+        assert!(KeyId::new(ok).is_ok(), "{ok}");
+    }
+    for bad in ["", "a b", "a:b", "a,b", "é", "a\n", &"x".repeat(65)] {
+        assert_eq!(KeyId::new(bad).unwrap_err().kind, "key id", "{bad:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_broker_on_an_encrypted_store_links_and_reads() {
+    use tokenbroker::testing::FakeProvider;
+    use tokenbroker::{Caller, LoginOptions, ProviderPolicy, TokenBroker};
+
+    let inner = Arc::new(MemoryStore::new());
+    let google = Arc::new(FakeProvider::new("google").unwrap());
+    let broker = TokenBroker::builder()
+        .with_provider(google.clone(), ProviderPolicy::default())
+        .with_store(Arc::new(EncryptedStore::new(inner.clone(), ring_k1())))
+        .build()
+        .unwrap();
+    let k = key("alice");
+    let start = broker
+        .begin_login(&k, LoginOptions::default())
+        .await
+        .unwrap();
+    let callback = google.approve(&start.authorization_url, "alice").unwrap();
+    broker
+        .complete_login(start.pending, &callback)
+        .await
+        .unwrap();
+
+    let caller = Caller::new(k.realm.clone(), k.subject.clone(), "app").with_role("read-token");
+    let tokens = broker.retrieve(&caller, &k).await.unwrap().tokens;
+    let access = tokens.access_token().expose_secret().to_owned();
+    assert!(!access.is_empty());
+    let stored = raw(&inner, &k).await;
+    assert!(!contains(
+        stored.record.payload.expose_secret(),
+        access.as_bytes()
+    ));
+    assert_eq!(key_id_of(&stored), Some(id("k1")));
+}
