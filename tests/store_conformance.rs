@@ -192,3 +192,16 @@ mod catches_broken_stores {
         }
     }
 }
+
+/// Encryption changes the payload on the way in and out; the contract must still hold.
+#[cfg(feature = "encryption")]
+mod encrypted_memory {
+    use std::sync::Arc;
+    use tokenbroker::store::{EncryptedStore, KeyId, StaticKeyring};
+    use tokenbroker::{MemoryStore, TokenStore};
+
+    tokenbroker::store_conformance_tests!(async {
+        let keyring = StaticKeyring::new(KeyId::new("k1").expect("key id"), [7u8; 32]);
+        Arc::new(EncryptedStore::new(MemoryStore::new(), Arc::new(keyring))) as Arc<dyn TokenStore>
+    });
+}
