@@ -99,6 +99,12 @@ pub use events::{BrokerEvent, EventSink, RevocationStatus};
 pub use ids::{InvalidId, ProviderId, Realm, Scopes, Subject, TokenKey};
 pub use provider::{Provider, ProviderError};
 pub use secret::Secret;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::PostgresStore;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use store::SqliteStore;
 pub use store::{MemoryStore, StoreError, TokenStore};
 pub use token::{DecodeError, Payload, ProviderTokens, TokenSet};
 

@@ -25,6 +25,8 @@
 //! ```
 
 mod memory;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql;
 
 use std::fmt::{self, Debug};
 use std::sync::Arc;
@@ -39,6 +41,19 @@ use crate::ids::{Realm, Subject, TokenKey};
 use crate::token::Payload;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use sql::postgres::PostgresStore;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use sql::sqlite::SqliteStore;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
+pub use sql::{PurgeReport, RetentionPolicy};
+/// The `sqlx` the SQL stores are built on, so that a host builds pools of the same version.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
+pub use sqlx;
 
 /// A record version, assigned by the store. Opaque to the broker: it only checks equality.
 /// Every successful write gives a record a version it never had before.
