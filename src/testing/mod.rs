@@ -5,6 +5,8 @@
 //! - [`FakeProvider`]: an in-process provider with a strict IdP's rules, scripted faults and
 //!   counters (no HTTP), for fast and deterministic tests of the refresh protocol.
 //! - [`ManualClock`]: time that moves only when the test says so.
+//! - [`store_conformance`]: the [`TokenStore`](crate::TokenStore) contract as executable
+//!   checks, to run on your own store.
 //!
 //! Not covered by semver: these helpers may gain checks, knobs and fault kinds in minor
 //! releases.
@@ -12,6 +14,7 @@
 mod clock;
 pub mod fake_idp;
 mod fake_provider;
+pub mod store_conformance;
 
 pub use clock::ManualClock;
 pub use fake_idp::*;

@@ -1,0 +1,714 @@
+//! The [`TokenStore`] conformance suite: the contract every store must keep, as executable
+//! checks.
+//!
+//! The broker's refresh protocol is only as correct as the store under it: a compare-and-swap
+//! that lets two writers win, a lease two holders can take, or a version that comes back after a
+//! delete each lead to a refresh token spent twice or a write lost. Run this suite on your own
+//! store before trusting it with users' tokens. Every store in this crate passes it.
+//!
+//! Each check is a public async function that panics with a message naming the broken rule.
+//! The checks use their own random realm, so they can share one store (and one database) with
+//! each other and with other data; only [`scan_walks_in_key_order`] reads other realms' links,
+//! and it tolerates them.
+//!
+//! Run everything at once with [`run_all`], or get one `#[tokio::test]` per check with
+//! [`store_conformance_tests!`](crate::store_conformance_tests):
+//!
+//! ```
+//! use std::sync::Arc;
+//! use tokenbroker::{MemoryStore, TokenStore};
+//! use tokenbroker::testing::store_conformance;
+//!
+//! # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
+//! let store: Arc<dyn TokenStore> = Arc::new(MemoryStore::new());
+//! store_conformance::run_all(&store).await;
+//! # });
+//! ```
+//!
+//! Leases are checked with real time (a short TTL and polling), because a store judges leases by
+//! its own clock, which for a database is the server's.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::ids::{ProviderId, Realm, Subject, TokenKey};
+use crate::store::{
+    LeaseAttempt, LeaseHolder, LinkState, Record, RecordMeta, StoreError, TokenStore, Version,
+};
+use crate::token::Payload;
+
+/// A store as the checks take it: shared, so that concurrency checks can hand it to tasks.
+pub type SharedStore = Arc<dyn TokenStore>;
+
+/// The lease TTL used by the expiry check.
+pub const SHORT_LEASE: Duration = Duration::from_millis(300);
+
+/// How long the expiry check waits for an expired lease to become free before failing.
+const LEASE_EXPIRY_PATIENCE: Duration = Duration::from_secs(20);
+
+/// How many tasks race in the concurrency checks.
+pub const RACERS: usize = 32;
+
+/// Runs every check, one after the other, panicking at the first broken rule.
+pub async fn run_all(store: &SharedStore) {
+    load_missing(store).await;
+    insert_and_load(store).await;
+    insert_existing_conflicts(store).await;
+    compare_and_swap_replaces(store).await;
+    compare_and_swap_stale_conflicts(store).await;
+    compare_and_swap_missing_conflicts(store).await;
+    versions_never_repeat(store).await;
+    delete_semantics(store).await;
+    list_by_subject(store).await;
+    realms_are_isolated(store).await;
+    scan_walks_in_key_order(store).await;
+    metadata_round_trips(store).await;
+    large_and_odd_values(store).await;
+    lease_is_exclusive(store).await;
+    lease_on_missing_key(store).await;
+    lease_expires(store).await;
+    lease_is_independent_of_writes(store).await;
+    delete_drops_lease(store).await;
+    concurrent_compare_and_swap_has_one_winner(store).await;
+    concurrent_insert_has_one_winner(store).await;
+    concurrent_lease_has_one_holder(store).await;
+}
+
+/// Generates one `#[tokio::test]` per conformance check, each on a store made by the given
+/// async expression (evaluated once per test, so each test may get a fresh store).
+///
+/// The calling crate needs `tokio` with the `macros` and `rt-multi-thread` features.
+///
+/// ```
+/// mod memory_store_conformance {
+///     use std::sync::Arc;
+///     use tokenbroker::{MemoryStore, TokenStore};
+///
+///     tokenbroker::store_conformance_tests!(async {
+///         Arc::new(MemoryStore::new()) as Arc<dyn TokenStore>
+///     });
+/// }
+/// ```
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($make:expr) => {
+        $crate::store_conformance_tests!(@each $make;
+            load_missing, insert_and_load, insert_existing_conflicts, compare_and_swap_replaces,
+            compare_and_swap_stale_conflicts, compare_and_swap_missing_conflicts,
+            versions_never_repeat, delete_semantics, list_by_subject, realms_are_isolated,
+            scan_walks_in_key_order, metadata_round_trips, large_and_odd_values,
+            lease_is_exclusive, lease_on_missing_key, lease_expires,
+            lease_is_independent_of_writes, delete_drops_lease,
+            concurrent_compare_and_swap_has_one_winner, concurrent_insert_has_one_winner,
+            concurrent_lease_has_one_holder);
+    };
+    (@each $make:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $check() {
+                let store: $crate::testing::store_conformance::SharedStore = $make.await;
+                $crate::testing::store_conformance::$check(&store).await;
+            }
+        )*
+    };
+}
+
+/// A realm no other check (or earlier run) uses.
+fn fresh_realm() -> Realm {
+    Realm::new(format!("conformance-{}", crate::secret::random_token(8)))
+        .expect("generated realm is valid")
+}
+
+fn key(realm: &Realm, subject: &str, provider: &str) -> TokenKey {
+    TokenKey::new(
+        realm.clone(),
+        Subject::new(subject).expect("valid subject"),
+        ProviderId::new(provider).expect("valid provider"),
+    )
+}
+
+/// Now, cut to whole milliseconds: stores must keep times at least to the millisecond.
+fn now_ms() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.millisecond() as u32 * 1_000_000)
+        .expect("valid nanosecond")
+}
+
+fn record(bytes: &[u8]) -> Record {
+    let now = now_ms();
+    Record::new(
+        Payload::new(bytes.to_vec()),
+        RecordMeta::new(
+            LinkState::Active,
+            Some(now + Duration::from_secs(3600)),
+            now,
+            now,
+        ),
+    )
+}
+
+async fn must_insert(store: &SharedStore, key: &TokenKey, bytes: &[u8]) -> Version {
+    store
+        .insert(key, &record(bytes))
+        .await
+        .unwrap_or_else(|e| panic!("insert of a new key failed: {e}"))
+}
+
+async fn payload_of(store: &SharedStore, key: &TokenKey) -> Option<Vec<u8>> {
+    store
+        .load(key)
+        .await
+        .unwrap_or_else(|e| panic!("load failed: {e}"))
+        .map(|r| r.record.payload.expose_secret().to_vec())
+}
+
+fn assert_conflict<T: std::fmt::Debug>(result: Result<T, StoreError>, what: &str) {
+    match result {
+        Err(StoreError::Conflict { .. }) => {}
+        other => panic!("{what}: expected StoreError::Conflict, got {other:?}"),
+    }
+}
+
+/// `load` of a key that was never written is `Ok(None)`.
+pub async fn load_missing(store: &SharedStore) {
+    let k = key(&fresh_realm(), "nobody", "example");
+    let loaded = store
+        .load(&k)
+        .await
+        .expect("load of a missing key is not an error");
+    assert!(loaded.is_none(), "load of a missing key returned a record");
+}
+
+/// What `insert` wrote, `load` returns, with the version `insert` returned.
+pub async fn insert_and_load(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    let rec = record(b"payload-1");
+    let v = store.insert(&k, &rec).await.expect("insert");
+    let loaded = store.load(&k).await.expect("load").expect("record present");
+    assert_eq!(
+        loaded.version, v,
+        "load returned another version than insert"
+    );
+    assert_eq!(loaded.record.payload.expose_secret(), b"payload-1");
+    assert_eq!(loaded.record.meta, rec.meta, "metadata changed on the way");
+}
+
+/// `insert` on a present key is a conflict and leaves the record as it was.
+pub async fn insert_existing_conflicts(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    let v = must_insert(store, &k, b"first").await;
+    assert_conflict(
+        store.insert(&k, &record(b"second")).await,
+        "insert over a record",
+    );
+    let loaded = store.load(&k).await.expect("load").expect("present");
+    assert_eq!(loaded.record.payload.expose_secret(), b"first");
+    assert_eq!(loaded.version, v, "a refused insert changed the version");
+}
+
+/// `compare_and_swap` with the current version writes and returns a new version.
+pub async fn compare_and_swap_replaces(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    let v1 = must_insert(store, &k, b"one").await;
+    let v2 = store
+        .compare_and_swap(&k, v1, &record(b"two"))
+        .await
+        .expect("CAS with the current version");
+    assert_ne!(v1, v2, "a write must produce a new version");
+    let loaded = store.load(&k).await.expect("load").expect("present");
+    assert_eq!(loaded.version, v2);
+    assert_eq!(loaded.record.payload.expose_secret(), b"two");
+}
+
+/// `compare_and_swap` with an old version is a conflict and writes nothing.
+pub async fn compare_and_swap_stale_conflicts(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    let v1 = must_insert(store, &k, b"one").await;
+    let v2 = store
+        .compare_and_swap(&k, v1, &record(b"two"))
+        .await
+        .expect("CAS");
+    assert_conflict(
+        store.compare_and_swap(&k, v1, &record(b"three")).await,
+        "CAS with a stale version",
+    );
+    let loaded = store.load(&k).await.expect("load").expect("present");
+    assert_eq!(loaded.version, v2);
+    assert_eq!(loaded.record.payload.expose_secret(), b"two");
+}
+
+/// `compare_and_swap` on a missing key is a conflict and creates nothing.
+pub async fn compare_and_swap_missing_conflicts(store: &SharedStore) {
+    let realm = fresh_realm();
+    let k = key(&realm, "alice", "example");
+    // A version that some other key really has, so a store that ignores the key is caught.
+    let other = key(&realm, "bob", "example");
+    let v = must_insert(store, &other, b"bob").await;
+    assert_conflict(
+        store.compare_and_swap(&k, v, &record(b"x")).await,
+        "CAS on a missing key",
+    );
+    assert!(
+        payload_of(store, &k).await.is_none(),
+        "CAS created a record"
+    );
+}
+
+/// Every write gives a version the key never had, also across delete and re-insert.
+pub async fn versions_never_repeat(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    let mut seen = BTreeSet::new();
+    for round in 0..3 {
+        let mut v = must_insert(store, &k, b"a").await;
+        assert!(
+            seen.insert(v),
+            "version {v} repeated after re-insert (round {round})"
+        );
+        for _ in 0..3 {
+            v = store
+                .compare_and_swap(&k, v, &record(b"b"))
+                .await
+                .expect("CAS");
+            assert!(seen.insert(v), "version {v} repeated after CAS");
+        }
+        assert!(store.delete(&k, Some(v)).await.expect("delete"));
+    }
+}
+
+/// `delete` with a version deletes only that version; without one, whatever is there.
+pub async fn delete_semantics(store: &SharedStore) {
+    let realm = fresh_realm();
+    let k = key(&realm, "alice", "example");
+    assert!(
+        !store
+            .delete(&k, None)
+            .await
+            .expect("delete of a missing key"),
+        "deleting a missing key reported a deletion"
+    );
+    let v1 = must_insert(store, &k, b"one").await;
+    let v2 = store
+        .compare_and_swap(&k, v1, &record(b"two"))
+        .await
+        .expect("CAS");
+    assert_conflict(
+        store.delete(&k, Some(v1)).await,
+        "delete with a stale version",
+    );
+    assert!(
+        payload_of(store, &k).await.is_some(),
+        "a refused delete deleted"
+    );
+    assert!(
+        store
+            .delete(&k, Some(v2))
+            .await
+            .expect("delete with the version")
+    );
+    assert!(
+        payload_of(store, &k).await.is_none(),
+        "record still there after delete"
+    );
+    assert!(
+        !store.delete(&k, Some(v2)).await.expect("second delete"),
+        "deleting a missing key with a version must answer Ok(false)"
+    );
+    must_insert(store, &k, b"three").await;
+    assert!(store.delete(&k, None).await.expect("unconditional delete"));
+    assert!(payload_of(store, &k).await.is_none());
+}
+
+/// `list` returns one subject's keys in one realm, and nothing else.
+pub async fn list_by_subject(store: &SharedStore) {
+    let realm = fresh_realm();
+    for provider in ["github", "google", "microsoft"] {
+        must_insert(store, &key(&realm, "alice", provider), b"a").await;
+    }
+    must_insert(store, &key(&realm, "bob", "google"), b"b").await;
+    // A subject that is a prefix of another must not match it.
+    must_insert(store, &key(&realm, "alice2", "google"), b"c").await;
+    let alice = Subject::new("alice").expect("subject");
+    let mut listed = store.list(&realm, &alice).await.expect("list");
+    listed.sort();
+    let expected: Vec<TokenKey> = ["github", "google", "microsoft"]
+        .iter()
+        .map(|p| key(&realm, "alice", p))
+        .collect();
+    assert_eq!(listed, expected, "list returned the wrong keys");
+    let nobody = Subject::new("nobody").expect("subject");
+    assert!(store.list(&realm, &nobody).await.expect("list").is_empty());
+}
+
+/// The same subject and provider in two realms are two independent records.
+pub async fn realms_are_isolated(store: &SharedStore) {
+    let (r1, r2) = (fresh_realm(), fresh_realm());
+    let (k1, k2) = (key(&r1, "alice", "google"), key(&r2, "alice", "google"));
+    let v1 = must_insert(store, &k1, b"realm-1").await;
+    assert!(
+        payload_of(store, &k2).await.is_none(),
+        "a record leaked into another realm"
+    );
+    must_insert(store, &k2, b"realm-2").await;
+    store
+        .compare_and_swap(&k1, v1, &record(b"realm-1b"))
+        .await
+        .expect("CAS");
+    assert_eq!(
+        payload_of(store, &k2).await.as_deref(),
+        Some(&b"realm-2"[..])
+    );
+    let alice = Subject::new("alice").expect("subject");
+    assert_eq!(
+        store.list(&r2, &alice).await.expect("list"),
+        vec![k2.clone()]
+    );
+    assert!(store.delete(&k1, None).await.expect("delete"));
+    assert!(
+        payload_of(store, &k2).await.is_some(),
+        "delete reached another realm"
+    );
+}
+
+/// `scan` pages through every link in ascending key order, without gaps or repeats.
+pub async fn scan_walks_in_key_order(store: &SharedStore) {
+    let realm = fresh_realm();
+    // Subjects chosen so that byte order differs from "natural" or case-insensitive orders.
+    let subjects = ["A", "B", "a", "a b", "a-b", "ab", "b", "zz", "é", "😀"];
+    let mut expected = BTreeSet::new();
+    for s in subjects {
+        for p in ["google", "github"] {
+            let k = key(&realm, s, p);
+            must_insert(store, &k, b"x").await;
+            expected.insert(k);
+        }
+    }
+    let mut walked = Vec::new();
+    let mut cursor: Option<TokenKey> = None;
+    let mut pages = 0;
+    loop {
+        let page = store.scan(cursor.as_ref(), 3).await.expect("scan");
+        assert!(page.len() <= 3, "scan returned more than the limit");
+        let Some(last) = page.last() else { break };
+        if let Some(c) = &cursor {
+            assert!(page[0].key > *c, "scan returned a key not after the cursor");
+        }
+        cursor = Some(last.key.clone());
+        walked.extend(page);
+        pages += 1;
+        assert!(pages < 1_000_000, "scan does not advance");
+    }
+    for pair in walked.windows(2) {
+        assert!(
+            pair[0].key < pair[1].key,
+            "scan is not in ascending key order (bytewise realm, subject, provider): {:?} then {:?}",
+            pair[0].key,
+            pair[1].key
+        );
+    }
+    let ours: Vec<&TokenKey> = walked
+        .iter()
+        .map(|l| &l.key)
+        .filter(|k| k.realm == realm)
+        .collect();
+    let expected: Vec<&TokenKey> = expected.iter().collect();
+    assert_eq!(ours, expected, "scan missed or invented links");
+    for link in walked.iter().filter(|l| l.key.realm == realm) {
+        let loaded = store.load(&link.key).await.expect("load").expect("present");
+        assert_eq!(
+            link.version, loaded.version,
+            "scan reported another version"
+        );
+        assert_eq!(
+            link.meta, loaded.record.meta,
+            "scan reported other metadata"
+        );
+    }
+    let after_last = store
+        .scan(cursor.as_ref(), 3)
+        .await
+        .expect("scan past the end");
+    assert!(after_last.is_empty());
+}
+
+/// Metadata comes back as written: relink-required state with its reason and time, no expiry.
+pub async fn metadata_round_trips(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    let v = must_insert(store, &k, b"x").await;
+    let since = now_ms();
+    let meta = RecordMeta::new(
+        LinkState::RelinkRequired {
+            reason: "Token has been expired or revoked. 'quoted' \"double\" ✓".into(),
+            since,
+        },
+        None,
+        since - Duration::from_secs(86_400),
+        since,
+    );
+    let rec = Record::new(Payload::new(b"y".to_vec()), meta.clone());
+    store.compare_and_swap(&k, v, &rec).await.expect("CAS");
+    let loaded = store.load(&k).await.expect("load").expect("present");
+    assert_eq!(loaded.record.meta, meta, "metadata changed on the way");
+}
+
+/// Large payloads, every byte value, and subjects with quotes and SQL-looking text survive.
+pub async fn large_and_odd_values(store: &SharedStore) {
+    let realm = fresh_realm();
+    let big: Vec<u8> = (0..(1usize << 20)).map(|i| (i * 31 % 256) as u8).collect();
+    let k = key(&realm, "alice", "example");
+    must_insert(store, &k, &big).await;
+    assert!(
+        payload_of(store, &k).await.as_deref() == Some(&big[..]),
+        "1 MiB payload changed"
+    );
+    for subject in [
+        "o'brien",
+        "\"; DROP TABLE links; --",
+        "日本語",
+        "a\\b",
+        "%_*?",
+    ] {
+        let k = key(&realm, subject, "example");
+        must_insert(store, &k, subject.as_bytes()).await;
+        assert_eq!(
+            payload_of(store, &k).await.as_deref(),
+            Some(subject.as_bytes())
+        );
+    }
+    let empty = key(&realm, "empty", "example");
+    must_insert(store, &empty, b"").await;
+    assert_eq!(payload_of(store, &empty).await.as_deref(), Some(&b""[..]));
+}
+
+/// One holder at a time; not re-entrant; only the holder releases; release is idempotent.
+pub async fn lease_is_exclusive(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    must_insert(store, &k, b"x").await;
+    let (a, b) = (LeaseHolder::random(), LeaseHolder::random());
+    let ttl = Duration::from_secs(60);
+    let LeaseAttempt::Acquired(lease) = store.try_lease(&k, &a, ttl).await.expect("lease") else {
+        panic!("the first lease on a free key was not acquired");
+    };
+    assert_eq!(lease.key, k);
+    assert_eq!(lease.holder, a);
+    assert_eq!(
+        store.try_lease(&k, &b, ttl).await.expect("lease"),
+        LeaseAttempt::Busy
+    );
+    assert_eq!(
+        store.try_lease(&k, &a, ttl).await.expect("lease"),
+        LeaseAttempt::Busy,
+        "leases must not be re-entrant"
+    );
+    // A release by someone else (a forged lease for b) frees nothing.
+    let mut forged = lease.clone();
+    forged.holder = b.clone();
+    store.release_lease(&forged).await.expect("release");
+    assert_eq!(
+        store.try_lease(&k, &b, ttl).await.expect("lease"),
+        LeaseAttempt::Busy
+    );
+    store.release_lease(&lease).await.expect("release");
+    store
+        .release_lease(&lease)
+        .await
+        .expect("a second release is not an error");
+    assert!(
+        matches!(
+            store.try_lease(&k, &b, ttl).await.expect("lease"),
+            LeaseAttempt::Acquired(_)
+        ),
+        "a released lease could not be taken"
+    );
+}
+
+/// A lease on a key without a record is `Missing`.
+pub async fn lease_on_missing_key(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    let attempt = store
+        .try_lease(&k, &LeaseHolder::random(), Duration::from_secs(60))
+        .await
+        .expect("lease");
+    assert_eq!(attempt, LeaseAttempt::Missing);
+}
+
+/// A lease expires after its TTL by the store's clock, and then anyone may take it; the old
+/// holder's late release does not free the new holder's lease.
+pub async fn lease_expires(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    must_insert(store, &k, b"x").await;
+    let (a, b) = (LeaseHolder::random(), LeaseHolder::random());
+    let LeaseAttempt::Acquired(old) = store.try_lease(&k, &a, SHORT_LEASE).await.expect("lease")
+    else {
+        panic!("the first lease on a free key was not acquired");
+    };
+    let deadline = tokio::time::Instant::now() + LEASE_EXPIRY_PATIENCE;
+    let new = loop {
+        match store
+            .try_lease(&k, &b, SHORT_LEASE * 100)
+            .await
+            .expect("lease")
+        {
+            LeaseAttempt::Acquired(lease) => break lease,
+            LeaseAttempt::Busy => {}
+            LeaseAttempt::Missing => panic!("the record vanished"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a lease with a {SHORT_LEASE:?} TTL was still held after {LEASE_EXPIRY_PATIENCE:?}"
+        );
+        tokio::time::sleep(SHORT_LEASE / 4).await;
+    };
+    store.release_lease(&old).await.expect("late release");
+    assert_eq!(
+        store.try_lease(&k, &a, SHORT_LEASE).await.expect("lease"),
+        LeaseAttempt::Busy,
+        "the expired holder's release freed the new holder's lease"
+    );
+    store.release_lease(&new).await.expect("release");
+}
+
+/// Taking a lease does not change the version, and writes succeed whoever holds the lease.
+pub async fn lease_is_independent_of_writes(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    let v1 = must_insert(store, &k, b"x").await;
+    let holder = LeaseHolder::random();
+    let LeaseAttempt::Acquired(lease) = store
+        .try_lease(&k, &holder, Duration::from_secs(60))
+        .await
+        .expect("lease")
+    else {
+        panic!("lease not acquired");
+    };
+    let loaded = store.load(&k).await.expect("load").expect("present");
+    assert_eq!(loaded.version, v1, "taking a lease changed the version");
+    let v2 = store
+        .compare_and_swap(&k, v1, &record(b"y"))
+        .await
+        .expect("a CAS must not need the lease");
+    assert_eq!(
+        store
+            .try_lease(&k, &LeaseHolder::random(), Duration::from_secs(60))
+            .await
+            .expect("lease"),
+        LeaseAttempt::Busy,
+        "a write dropped the lease"
+    );
+    store.release_lease(&lease).await.expect("release");
+    let loaded = store.load(&k).await.expect("load").expect("present");
+    assert_eq!(loaded.version, v2, "releasing a lease changed the version");
+}
+
+/// Deleting a record drops its lease: a new record under the key is free to lease.
+pub async fn delete_drops_lease(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    must_insert(store, &k, b"x").await;
+    let holder = LeaseHolder::random();
+    let attempt = store
+        .try_lease(&k, &holder, Duration::from_secs(600))
+        .await
+        .expect("lease");
+    assert!(matches!(attempt, LeaseAttempt::Acquired(_)));
+    assert!(store.delete(&k, None).await.expect("delete"));
+    must_insert(store, &k, b"y").await;
+    assert!(
+        matches!(
+            store
+                .try_lease(&k, &LeaseHolder::random(), Duration::from_secs(60))
+                .await
+                .expect("lease"),
+            LeaseAttempt::Acquired(_)
+        ),
+        "a deleted record's lease survived into the new record"
+    );
+}
+
+/// Many tasks compare-and-swap on one version at once: exactly one wins, the rest conflict.
+pub async fn concurrent_compare_and_swap_has_one_winner(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    let v = must_insert(store, &k, b"start").await;
+    let mut tasks = Vec::new();
+    for i in 0..RACERS {
+        let (store, k) = (store.clone(), k.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = format!("writer-{i}");
+            (
+                i,
+                store
+                    .compare_and_swap(&k, v, &record(body.as_bytes()))
+                    .await,
+            )
+        }));
+    }
+    let mut winners = Vec::new();
+    for task in tasks {
+        let (i, result) = task.await.expect("task");
+        match result {
+            Ok(version) => winners.push((i, version)),
+            Err(StoreError::Conflict { .. }) => {}
+            Err(e) => panic!("concurrent CAS failed with something else than a conflict: {e}"),
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        1,
+        "{} writers won the same version",
+        winners.len()
+    );
+    let (i, version) = winners[0];
+    let loaded = store.load(&k).await.expect("load").expect("present");
+    assert_eq!(loaded.version, version);
+    assert_eq!(
+        loaded.record.payload.expose_secret(),
+        format!("writer-{i}").as_bytes()
+    );
+}
+
+/// Many tasks insert one new key at once: exactly one succeeds.
+pub async fn concurrent_insert_has_one_winner(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    let mut tasks = Vec::new();
+    for i in 0..RACERS {
+        let (store, k) = (store.clone(), k.clone());
+        tasks.push(tokio::spawn(async move {
+            store
+                .insert(&k, &record(format!("inserter-{i}").as_bytes()))
+                .await
+        }));
+    }
+    let mut wins = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(_) => wins += 1,
+            Err(StoreError::Conflict { .. }) => {}
+            Err(e) => panic!("concurrent insert failed with something else than a conflict: {e}"),
+        }
+    }
+    assert_eq!(wins, 1, "{wins} inserts of one key succeeded");
+}
+
+/// Many holders try to lease one key at once: exactly one gets it.
+pub async fn concurrent_lease_has_one_holder(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    must_insert(store, &k, b"x").await;
+    let mut tasks = Vec::new();
+    for _ in 0..RACERS {
+        let (store, k) = (store.clone(), k.clone());
+        tasks.push(tokio::spawn(async move {
+            store
+                .try_lease(&k, &LeaseHolder::random(), Duration::from_secs(60))
+                .await
+        }));
+    }
+    let mut acquired = 0;
+    for task in tasks {
+        match task.await.expect("task").expect("lease") {
+            LeaseAttempt::Acquired(_) => acquired += 1,
+            LeaseAttempt::Busy => {}
+            LeaseAttempt::Missing => panic!("the record vanished"),
+        }
+    }
+    assert_eq!(acquired, 1, "{acquired} holders got the same lease");
+}

@@ -1,0 +1,194 @@
+//! Every store in the crate keeps the `TokenStore` contract: the public conformance suite, run
+//! on each. (SQL and encrypted stores run it in their own test files.)
+
+mod memory {
+    use std::sync::Arc;
+    use tokenbroker::{MemoryStore, TokenStore};
+
+    tokenbroker::store_conformance_tests!(async {
+        Arc::new(MemoryStore::new()) as Arc<dyn TokenStore>
+    });
+}
+
+/// The forwarding impls (`Arc<S>`, `Box<S>`) must forward every method, scan and leases
+/// included.
+mod forwarding {
+    use std::sync::Arc;
+    use tokenbroker::{MemoryStore, TokenStore};
+
+    tokenbroker::store_conformance_tests!(async {
+        let boxed: Box<dyn TokenStore> = Box::new(Arc::new(MemoryStore::new()));
+        Arc::new(boxed) as Arc<dyn TokenStore>
+    });
+}
+
+/// `run_all` is what a host calls on its own store; one shared store serves every check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn run_all_on_one_shared_memory_store() {
+    let store: tokenbroker::testing::store_conformance::SharedStore =
+        std::sync::Arc::new(tokenbroker::MemoryStore::new());
+    tokenbroker::testing::store_conformance::run_all(&store).await;
+    tokenbroker::testing::store_conformance::run_all(&store).await;
+}
+
+/// The suite must catch broken stores, or passing it means nothing. Each broken store below
+/// wraps a `MemoryStore` and breaks one rule of the contract.
+mod catches_broken_stores {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use tokenbroker::store::{
+        Lease, LeaseAttempt, LeaseHolder, Record, ScannedLink, StoreError, StoredRecord, Version,
+    };
+    use tokenbroker::testing::store_conformance::{self, SharedStore};
+    use tokenbroker::{MemoryStore, Realm, Subject, TokenKey, TokenStore};
+
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Flaw {
+        /// `compare_and_swap` ignores the expected version (last writer wins).
+        CasIgnoresVersion,
+        /// Versions restart at 1 after a delete, as a per-row counter would.
+        VersionsRestart,
+        /// The holder of a lease may take it again.
+        ReentrantLease,
+        /// `scan` pages are not ordered.
+        UnorderedScan,
+    }
+
+    #[derive(Debug)]
+    struct Broken {
+        inner: MemoryStore,
+        flaw: Flaw,
+        restart: AtomicU64,
+    }
+
+    #[async_trait]
+    impl TokenStore for Broken {
+        async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError> {
+            let loaded = self.inner.load(key).await?;
+            if self.flaw == Flaw::VersionsRestart {
+                return Ok(loaded.map(|r| {
+                    let v = Version::new(r.version.get() - self.restart.load(Ordering::SeqCst));
+                    StoredRecord::new(r.record, v)
+                }));
+            }
+            Ok(loaded)
+        }
+        async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
+            let v = self.inner.insert(key, record).await?;
+            if self.flaw == Flaw::VersionsRestart {
+                // Pretend this row's counter starts at 1.
+                self.restart.store(v.get() - 1, Ordering::SeqCst);
+                return Ok(Version::new(1));
+            }
+            Ok(v)
+        }
+        async fn compare_and_swap(
+            &self,
+            key: &TokenKey,
+            expected: Version,
+            record: &Record,
+        ) -> Result<Version, StoreError> {
+            match self.flaw {
+                Flaw::CasIgnoresVersion => {
+                    let current = self.inner.load(key).await?;
+                    let Some(current) = current else {
+                        return Err(StoreError::Conflict { key: key.clone() });
+                    };
+                    self.inner
+                        .compare_and_swap(key, current.version, record)
+                        .await
+                }
+                Flaw::VersionsRestart => {
+                    let offset = self.restart.load(Ordering::SeqCst);
+                    let v = self
+                        .inner
+                        .compare_and_swap(key, Version::new(expected.get() + offset), record)
+                        .await?;
+                    Ok(Version::new(v.get() - offset))
+                }
+                _ => self.inner.compare_and_swap(key, expected, record).await,
+            }
+        }
+        async fn delete(
+            &self,
+            key: &TokenKey,
+            expected: Option<Version>,
+        ) -> Result<bool, StoreError> {
+            let offset = if self.flaw == Flaw::VersionsRestart {
+                self.restart.load(Ordering::SeqCst)
+            } else {
+                0
+            };
+            self.inner
+                .delete(key, expected.map(|v| Version::new(v.get() + offset)))
+                .await
+        }
+        async fn list(
+            &self,
+            realm: &Realm,
+            subject: &Subject,
+        ) -> Result<Vec<TokenKey>, StoreError> {
+            self.inner.list(realm, subject).await
+        }
+        async fn scan(
+            &self,
+            after: Option<&TokenKey>,
+            limit: usize,
+        ) -> Result<Vec<ScannedLink>, StoreError> {
+            let mut page = self.inner.scan(after, limit).await?;
+            if self.flaw == Flaw::UnorderedScan {
+                page.reverse();
+            }
+            Ok(page)
+        }
+        async fn try_lease(
+            &self,
+            key: &TokenKey,
+            holder: &LeaseHolder,
+            ttl: Duration,
+        ) -> Result<LeaseAttempt, StoreError> {
+            match self.inner.try_lease(key, holder, ttl).await? {
+                LeaseAttempt::Busy if self.flaw == Flaw::ReentrantLease => {
+                    Ok(LeaseAttempt::Acquired(Lease::new(
+                        key.clone(),
+                        holder.clone(),
+                        time::OffsetDateTime::now_utc() + ttl,
+                    )))
+                }
+                other => Ok(other),
+            }
+        }
+        async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+            self.inner.release_lease(lease).await
+        }
+    }
+
+    async fn suite_panics(flaw: Flaw) -> bool {
+        let store: SharedStore = Arc::new(Broken {
+            inner: MemoryStore::new(),
+            flaw,
+            restart: AtomicU64::new(0),
+        });
+        tokio::spawn(async move { store_conformance::run_all(&store).await })
+            .await
+            .is_err_and(|e| e.is_panic())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn every_flaw_is_caught() {
+        for flaw in [
+            Flaw::CasIgnoresVersion,
+            Flaw::VersionsRestart,
+            Flaw::ReentrantLease,
+            Flaw::UnorderedScan,
+        ] {
+            assert!(
+                suite_panics(flaw).await,
+                "the suite passed a store with {flaw:?}"
+            );
+        }
+    }
+}
