@@ -329,3 +329,25 @@ async fn rows_that_do_not_map_back_are_corrupt() {
     );
     db.cleanup().await;
 }
+
+/// The public conformance suite, one test per check, each in a fresh schema. (These schemas
+/// are not dropped: the checks hold the store until they return.)
+mod conformance {
+    use std::sync::Arc;
+    use tokenbroker::TokenStore;
+
+    tokenbroker::store_conformance_tests!(async {
+        Arc::new(super::TestDb::new().await.open().await) as Arc<dyn TokenStore>
+    });
+}
+
+/// `run_all` twice on one schema: the checks share a database, as a host's run would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_run_all_on_one_schema() {
+    let db = TestDb::new().await;
+    let store: Arc<dyn TokenStore> = Arc::new(db.open().await);
+    tokenbroker::testing::store_conformance::run_all(&store).await;
+    tokenbroker::testing::store_conformance::run_all(&store).await;
+    drop(store);
+    db.cleanup().await;
+}

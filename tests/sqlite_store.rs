@@ -290,3 +290,93 @@ async fn backend_failures_are_backend_errors() {
         "{err:?}"
     );
 }
+
+/// The public conformance suite, one test per check, each on a fresh database file.
+mod conformance {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use tokenbroker::store::{
+        Lease, LeaseAttempt, LeaseHolder, Record, ScannedLink, StoreError, StoredRecord, Version,
+    };
+    use tokenbroker::{Realm, SqliteStore, Subject, TokenKey, TokenStore};
+
+    /// A `SqliteStore` that owns its temporary directory, so the file lives exactly as long as
+    /// the store the check holds.
+    #[derive(Debug)]
+    pub(super) struct InTempDir {
+        store: SqliteStore,
+        _dir: tempfile::TempDir,
+    }
+
+    impl InTempDir {
+        pub(super) async fn new() -> Arc<dyn TokenStore> {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SqliteStore::open(dir.path().join("links.db"))
+                .await
+                .unwrap();
+            Arc::new(InTempDir { store, _dir: dir })
+        }
+    }
+
+    #[async_trait]
+    impl TokenStore for InTempDir {
+        async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError> {
+            self.store.load(key).await
+        }
+        async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
+            self.store.insert(key, record).await
+        }
+        async fn compare_and_swap(
+            &self,
+            key: &TokenKey,
+            expected: Version,
+            record: &Record,
+        ) -> Result<Version, StoreError> {
+            self.store.compare_and_swap(key, expected, record).await
+        }
+        async fn delete(
+            &self,
+            key: &TokenKey,
+            expected: Option<Version>,
+        ) -> Result<bool, StoreError> {
+            self.store.delete(key, expected).await
+        }
+        async fn list(
+            &self,
+            realm: &Realm,
+            subject: &Subject,
+        ) -> Result<Vec<TokenKey>, StoreError> {
+            self.store.list(realm, subject).await
+        }
+        async fn scan(
+            &self,
+            after: Option<&TokenKey>,
+            limit: usize,
+        ) -> Result<Vec<ScannedLink>, StoreError> {
+            self.store.scan(after, limit).await
+        }
+        async fn try_lease(
+            &self,
+            key: &TokenKey,
+            holder: &LeaseHolder,
+            ttl: Duration,
+        ) -> Result<LeaseAttempt, StoreError> {
+            self.store.try_lease(key, holder, ttl).await
+        }
+        async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+            self.store.release_lease(lease).await
+        }
+    }
+
+    tokenbroker::store_conformance_tests!(InTempDir::new());
+}
+
+/// `run_all` twice on one file: the checks share a database, as a host's run would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_run_all_on_one_file() {
+    let store = conformance::InTempDir::new().await;
+    tokenbroker::testing::store_conformance::run_all(&store).await;
+    tokenbroker::testing::store_conformance::run_all(&store).await;
+}
