@@ -311,7 +311,7 @@ mod conformance {
     }
 
     impl InTempDir {
-        pub(super) async fn new() -> Arc<dyn TokenStore> {
+        pub(super) async fn shared() -> Arc<dyn TokenStore> {
             let dir = tempfile::tempdir().unwrap();
             let store = SqliteStore::open(dir.path().join("links.db"))
                 .await
@@ -370,13 +370,13 @@ mod conformance {
         }
     }
 
-    tokenbroker::store_conformance_tests!(InTempDir::new());
+    tokenbroker::store_conformance_tests!(InTempDir::shared());
 }
 
 /// `run_all` twice on one file: the checks share a database, as a host's run would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conformance_run_all_on_one_file() {
-    let store = conformance::InTempDir::new().await;
+    let store = conformance::InTempDir::shared().await;
     tokenbroker::testing::store_conformance::run_all(&store).await;
     tokenbroker::testing::store_conformance::run_all(&store).await;
 }
