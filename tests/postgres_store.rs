@@ -294,6 +294,73 @@ async fn purge() {
 }
 
 #[tokio::test]
+async fn key_columns_sort_bytewise_whatever_the_database_collation() {
+    let db = TestDb::new().await;
+    let store = db.open().await;
+    let collations: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT collation_name::text FROM information_schema.columns \
+         WHERE table_schema = current_schema() AND table_name = 'tokenbroker_links' \
+         AND column_name IN ('realm', 'subject', 'provider')",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(collations, vec![Some("C".to_string()); 3]);
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_expired_lease_does_not_protect_from_purge() {
+    let db = TestDb::new().await;
+    let store = db.open().await;
+    let k = key("acme", "alice", "google");
+    let day = std::time::Duration::from_secs(24 * 3600);
+    let old = store_cases::record(
+        "x",
+        tokenbroker::store::LinkState::Active,
+        store_cases::now_ms() - 10 * day,
+    );
+    store.insert(&k, &old).await.unwrap();
+    let holder = tokenbroker::store::LeaseHolder::new("refresher");
+    store
+        .try_lease(&k, &holder, 600 * std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+    let policy = tokenbroker::store::RetentionPolicy::default().with_unused_for(5 * day);
+    assert_eq!(store.purge(&policy).await.unwrap().unused, 0);
+    // Expire the lease by the database's clock.
+    sqlx::query("UPDATE tokenbroker_links SET lease_expires_at = 1")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(store.purge(&policy).await.unwrap().unused, 1);
+    assert!(store.load(&k).await.unwrap().is_none());
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn backend_failures_are_backend_errors() {
+    let db = TestDb::new().await;
+    let store = db.open().await;
+    store.pool().close().await;
+    let err = store
+        .load(&key("acme", "alice", "google"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Backend {
+                store: "postgres",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    db.cleanup().await;
+}
+
+#[tokio::test]
 async fn rows_that_do_not_map_back_are_corrupt() {
     let db = TestDb::new().await;
     let store = db.open().await;

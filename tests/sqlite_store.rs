@@ -271,6 +271,34 @@ async fn rows_that_do_not_map_back_are_corrupt() {
 }
 
 #[tokio::test]
+async fn an_expired_lease_does_not_protect_from_purge() {
+    let db = TestDb::new();
+    let store = db.open().await;
+    let k = key("acme", "alice", "google");
+    let day = std::time::Duration::from_secs(24 * 3600);
+    let old = store_cases::record(
+        "x",
+        tokenbroker::store::LinkState::Active,
+        store_cases::now_ms() - 10 * day,
+    );
+    store.insert(&k, &old).await.unwrap();
+    let holder = tokenbroker::store::LeaseHolder::new("refresher");
+    store
+        .try_lease(&k, &holder, 600 * std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+    let policy = tokenbroker::store::RetentionPolicy::default().with_unused_for(5 * day);
+    assert_eq!(store.purge(&policy).await.unwrap().unused, 0);
+    // Expire the lease by the database's clock.
+    tokenbroker::store::sqlx::query("UPDATE tokenbroker_links SET lease_expires_at = 1")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(store.purge(&policy).await.unwrap().unused, 1);
+    assert!(store.load(&k).await.unwrap().is_none());
+}
+
+#[tokio::test]
 async fn backend_failures_are_backend_errors() {
     let db = TestDb::new();
     let store = db.open().await;

@@ -20,7 +20,8 @@ use super::{LinkState, Record, RecordMeta, ScannedLink, StoreError, StoredRecord
 use crate::ids::{ProviderId, Realm, Subject, TokenKey};
 use crate::token::Payload;
 
-/// Which old links [`purge`](crate::store::SqliteStore::purge) deletes.
+/// Which old links the SQL stores' `purge` deletes (`SqliteStore::purge`,
+/// `PostgresStore::purge`).
 ///
 /// Both limits are judged by the database's clock, and a link whose refresh lease is still held
 /// is never purged (a refresh is writing it right now). `None` turns a rule off; the default

@@ -71,6 +71,8 @@ CREATE SEQUENCE tokenbroker_link_version AS BIGINT START 1;
 /// database server's clock, so instances with skewed clocks still never refresh the same link
 /// at once.
 ///
+/// Times in [`RecordMeta`](crate::store::RecordMeta) are kept to the millisecond.
+///
 /// Bring your own pool with [`from_pool`](PostgresStore::from_pool) (then call
 /// [`migrate`](PostgresStore::migrate)), or let [`connect`](PostgresStore::connect) build one.
 /// Tables live in the connection's `search_path`; to keep them in their own schema, set

@@ -76,6 +76,7 @@ INSERT INTO tokenbroker_link_version (id, n) VALUES (1, 0);
 /// file is in WAL mode, so readers do not wait for the writer; writers queue for up to five
 /// seconds (`busy_timeout`) before a write fails with [`StoreError::Backend`].
 ///
+/// Times in [`RecordMeta`](crate::store::RecordMeta) are kept to the millisecond.
 /// Tables are created by [`migrate`](SqliteStore::migrate), which [`open`](SqliteStore::open)
 /// runs for you. Old links are removed with [`purge`](SqliteStore::purge).
 ///
