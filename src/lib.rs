@@ -43,8 +43,8 @@
 //! |---|---|---|
 //! | `reqwest` | yes | [`http::ReqwestClient`], the default HTTP transport (rustls, no redirects, time-outs) |
 //! | `testing` | no | [`testing`]: `FakeProvider`, a loopback fake IdP, `ManualClock`, the store conformance suite |
-//! | `sqlite` | no | a SQLite store (sqlx, bundled SQLite) |
-//! | `postgres` | no | a PostgreSQL store (sqlx) |
+//! | `sqlite` | no | `SqliteStore`: links in a SQLite file (sqlx, bundled SQLite) |
+//! | `postgres` | no | `PostgresStore`: links in PostgreSQL, for several instances (sqlx) |
 //!
 //! # Implementing a `TokenStore`
 //!
