@@ -46,6 +46,9 @@
 //! | `sqlite` | no | a SQLite store (sqlx, bundled SQLite) |
 //! | `postgres` | no | a PostgreSQL store (sqlx) |
 //! | `encryption` | no | `store::EncryptedStore`: envelope encryption of payloads at rest (XChaCha20-Poly1305), with key rotation |
+//! | `testing` | no | [`testing`]: `FakeProvider`, a loopback fake IdP, `ManualClock`, the store conformance suite |
+//! | `sqlite` | no | `SqliteStore`: links in a SQLite file (sqlx, bundled SQLite) |
+//! | `postgres` | no | `PostgresStore`: links in PostgreSQL, for several instances (sqlx) |
 //!
 //! # Implementing a `TokenStore`
 //!
@@ -104,6 +107,12 @@ pub use secret::Secret;
 #[cfg(feature = "encryption")]
 #[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
 pub use store::{EncryptedStore, KeyProvider, StaticKeyring};
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::PostgresStore;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use store::SqliteStore;
 pub use store::{MemoryStore, StoreError, TokenStore};
 pub use token::{DecodeError, Payload, ProviderTokens, TokenSet};
 

@@ -27,6 +27,8 @@
 #[cfg(feature = "encryption")]
 mod encrypted;
 mod memory;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql;
 
 use std::fmt::{self, Debug};
 use std::sync::Arc;
@@ -47,6 +49,19 @@ pub use encrypted::{
     StaticKeyring, WrappedKey, key_id_of,
 };
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use sql::postgres::PostgresStore;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use sql::sqlite::SqliteStore;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
+pub use sql::{PurgeReport, RetentionPolicy};
+/// The `sqlx` the SQL stores are built on, so that a host builds pools of the same version.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
+pub use sqlx;
 
 /// A record version, assigned by the store. Opaque to the broker: it only checks equality.
 /// Every successful write gives a record a version it never had before.

@@ -1,0 +1,482 @@
+//! [`PostgresStore`]: links in a PostgreSQL database, shared by every instance of a deployment.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use super::{
+    Columns, Migration, PurgeReport, RawLink, RetentionPolicy, duration_ms, from_ms, key_where,
+    link_columns, version_from_db, version_to_db,
+};
+use crate::ids::{Realm, Subject, TokenKey};
+use crate::store::{
+    Lease, LeaseAttempt, LeaseHolder, Record, ScannedLink, StoreError, StoredRecord, TokenStore,
+    Version,
+};
+
+const STORE: &str = "postgres";
+
+/// The database's clock in unix milliseconds. `clock_timestamp()` rather than `now()`, which is
+/// frozen at the start of the transaction and would make a lease look younger than it is.
+macro_rules! db_now_ms {
+    () => {
+        "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+    };
+}
+
+/// The key of the transaction-scoped advisory lock that serialises migrations ("tokenbrk").
+const MIGRATION_LOCK: i64 = 0x746f_6b65_6e62_726b;
+
+/// The schema, in order. Never edit a shipped migration: append a new one.
+static MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: r#"
+CREATE TABLE tokenbroker_links (
+    -- COLLATE "C": bytewise order, the order of Rust's `str`, which `scan` relies on (the
+    -- database default collation may be locale-aware). The key's (realm, subject) prefix also
+    -- serves `list`, so that needs no index of its own.
+    realm            TEXT COLLATE "C" NOT NULL,
+    subject          TEXT COLLATE "C" NOT NULL,
+    provider         TEXT COLLATE "C" NOT NULL,
+    version          BIGINT NOT NULL,
+    payload          BYTEA  NOT NULL,
+    state            TEXT   NOT NULL,
+    relink_reason    TEXT   NULL,
+    relink_since     BIGINT NULL,
+    expires_at       BIGINT NULL,
+    created_at       BIGINT NOT NULL,
+    updated_at       BIGINT NOT NULL,
+    lease_holder     TEXT   NULL,
+    lease_expires_at BIGINT NULL,
+    PRIMARY KEY (realm, subject, provider)
+);
+-- Sweeps: retention by last write, refresh-ahead by expiry, purge of dead links.
+CREATE INDEX tokenbroker_links_updated_at ON tokenbroker_links (updated_at);
+CREATE INDEX tokenbroker_links_expires_at ON tokenbroker_links (expires_at);
+CREATE INDEX tokenbroker_links_relink_since ON tokenbroker_links (relink_since)
+    WHERE state = 'relink_required';
+-- Versions for every write, never reset, so a key deleted and inserted again gets a version it
+-- never had (the broker's guard against ABA). Gaps are fine.
+CREATE SEQUENCE tokenbroker_link_version AS BIGINT START 1;
+"#,
+}];
+
+/// A [`TokenStore`] in PostgreSQL (feature `postgres`), for deployments of several instances.
+///
+/// Every decision is one statement: compare-and-swap is an `UPDATE ... WHERE version = $n`,
+/// versions come from a sequence, and the refresh lease is taken by one `UPDATE` judged by the
+/// database server's clock, so instances with skewed clocks still never refresh the same link
+/// at once.
+///
+/// Times in [`RecordMeta`](crate::store::RecordMeta) are kept to the millisecond.
+///
+/// Bring your own pool with [`from_pool`](PostgresStore::from_pool) (then call
+/// [`migrate`](PostgresStore::migrate)), or let [`connect`](PostgresStore::connect) build one.
+/// Tables live in the connection's `search_path`; to keep them in their own schema, set
+/// `search_path` in the pool's connect options.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use tokenbroker::store::sqlx::postgres::PgPoolOptions;
+/// use tokenbroker::{PostgresStore, TokenStore};
+///
+/// let pool = PgPoolOptions::new()
+///     .max_connections(16)
+///     .connect("postgres://app@db.internal/app")
+///     .await?;
+/// let store = PostgresStore::from_pool(pool);
+/// store.migrate().await?;
+/// let store: Arc<dyn TokenStore> = Arc::new(store);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Only where it points: the connect options also hold the password.
+        let options = self.pool.connect_options();
+        f.debug_struct("PostgresStore")
+            .field("host", &options.get_host())
+            .field("port", &options.get_port())
+            .field("database", &options.get_database())
+            .finish_non_exhaustive()
+    }
+}
+
+fn backend(e: sqlx::Error) -> StoreError {
+    StoreError::backend(STORE, e)
+}
+
+impl PostgresStore {
+    /// Connects a pool to `url` (`postgres://user:password@host/db`) and brings the schema up
+    /// to date. Errors never repeat the URL.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url).map_err(backend)?;
+        let pool = PgPoolOptions::new()
+            .connect_with(options)
+            .await
+            .map_err(backend)?;
+        let store = PostgresStore::from_pool(pool);
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Uses a pool the host configured. Nothing is checked or created: call
+    /// [`migrate`](Self::migrate) before use.
+    pub fn from_pool(pool: PgPool) -> Self {
+        PostgresStore { pool }
+    }
+
+    /// The pool, e.g. to share it with the host's own tables.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the embedded migrations the database does not have yet, each in its own
+    /// transaction. Idempotent, and safe when several instances start at once: each migration
+    /// runs under a transaction-scoped advisory lock, taken before the applied versions are read.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        for migration in MIGRATIONS {
+            let mut tx = self.pool.begin().await.map_err(backend)?;
+            // Taken before anything else, so even the CREATE TABLE IF NOT EXISTS below cannot
+            // race (two concurrent ones can fail on the catalog's unique index).
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(MIGRATION_LOCK)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS tokenbroker_schema_migrations \
+                 (version INT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+            let applied: Option<i32> = sqlx::query_scalar(
+                "SELECT version FROM tokenbroker_schema_migrations WHERE version = $1",
+            )
+            .bind(migration.version)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+            if applied.is_some() {
+                continue;
+            }
+            sqlx::raw_sql(migration.sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            sqlx::query(concat!(
+                "INSERT INTO tokenbroker_schema_migrations (version, applied_at) VALUES ($1, ",
+                db_now_ms!(),
+                ")"
+            ))
+            .bind(migration.version)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+            tx.commit().await.map_err(backend)?;
+            tracing::info!(
+                store = STORE,
+                version = migration.version,
+                "applied schema migration"
+            );
+        }
+        Ok(())
+    }
+
+    /// Deletes old links as `policy` says, one statement per rule, by the database's clock;
+    /// links with an unexpired lease are kept.
+    pub async fn purge(&self, policy: &RetentionPolicy) -> Result<PurgeReport, StoreError> {
+        let mut report = PurgeReport::default();
+        if let Some(age) = policy.unused_for {
+            report.unused = sqlx::query(concat!(
+                "DELETE FROM tokenbroker_links WHERE updated_at < ",
+                db_now_ms!(),
+                " - $1 AND (lease_holder IS NULL OR lease_expires_at <= ",
+                db_now_ms!(),
+                ")"
+            ))
+            .bind(duration_ms(age))
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?
+            .rows_affected();
+        }
+        if let Some(age) = policy.relink_required_for {
+            report.relink_required = sqlx::query(concat!(
+                "DELETE FROM tokenbroker_links WHERE state = 'relink_required' AND relink_since < ",
+                db_now_ms!(),
+                " - $1 AND (lease_holder IS NULL OR lease_expires_at <= ",
+                db_now_ms!(),
+                ")"
+            ))
+            .bind(duration_ms(age))
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?
+            .rows_affected();
+        }
+        Ok(report)
+    }
+}
+
+fn corrupt(key: &TokenKey) -> impl Fn(String) -> StoreError + '_ {
+    move |reason| StoreError::Corrupt {
+        key: key.clone(),
+        reason,
+    }
+}
+
+#[async_trait]
+impl TokenStore for PostgresStore {
+    async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            link_columns!(),
+            ", payload FROM tokenbroker_links WHERE ",
+            key_where!()
+        ))
+        .bind(key.realm.as_str())
+        .bind(key.subject.as_str())
+        .bind(key.provider.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        let Some(row) = row else { return Ok(None) };
+        let payload: Vec<u8> = row.try_get("payload").map_err(backend)?;
+        RawLink::from_row(&row)
+            .map_err(backend)?
+            .into_stored(payload)
+            .map(Some)
+    }
+
+    async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
+        let c = Columns::of(&record.meta);
+        let version: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO tokenbroker_links (realm, subject, provider, version, payload, state, \
+             relink_reason, relink_since, expires_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, nextval('tokenbroker_link_version'), $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (realm, subject, provider) DO NOTHING RETURNING version",
+        )
+        .bind(key.realm.as_str())
+        .bind(key.subject.as_str())
+        .bind(key.provider.as_str())
+        .bind(record.payload.expose_secret())
+        .bind(c.state)
+        .bind(c.relink_reason)
+        .bind(c.relink_since)
+        .bind(c.expires_at)
+        .bind(c.created_at)
+        .bind(c.updated_at)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        match version {
+            Some(v) => version_from_db(v).map_err(corrupt(key)),
+            None => Err(StoreError::Conflict { key: key.clone() }),
+        }
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &TokenKey,
+        expected: Version,
+        record: &Record,
+    ) -> Result<Version, StoreError> {
+        let c = Columns::of(&record.meta);
+        // The lease columns are left alone: a write does not need the lease, and must not free
+        // or steal one a refresh is holding.
+        let version: Option<i64> = sqlx::query_scalar(concat!(
+            "UPDATE tokenbroker_links SET version = nextval('tokenbroker_link_version'), \
+             payload = $5, state = $6, relink_reason = $7, relink_since = $8, expires_at = $9, \
+             created_at = $10, updated_at = $11 WHERE ",
+            key_where!(),
+            " AND version = $4 RETURNING version"
+        ))
+        .bind(key.realm.as_str())
+        .bind(key.subject.as_str())
+        .bind(key.provider.as_str())
+        .bind(version_to_db(expected))
+        .bind(record.payload.expose_secret())
+        .bind(c.state)
+        .bind(c.relink_reason)
+        .bind(c.relink_since)
+        .bind(c.expires_at)
+        .bind(c.created_at)
+        .bind(c.updated_at)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        match version {
+            Some(v) => version_from_db(v).map_err(corrupt(key)),
+            None => Err(StoreError::Conflict { key: key.clone() }),
+        }
+    }
+
+    async fn delete(&self, key: &TokenKey, expected: Option<Version>) -> Result<bool, StoreError> {
+        let Some(expected) = expected else {
+            let deleted = sqlx::query(concat!(
+                "DELETE FROM tokenbroker_links WHERE ",
+                key_where!()
+            ))
+            .bind(key.realm.as_str())
+            .bind(key.subject.as_str())
+            .bind(key.provider.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?
+            .rows_affected();
+            return Ok(deleted > 0);
+        };
+        // One statement: the EXISTS sees the snapshot the DELETE started from, so "not deleted"
+        // and "present" describe the same moment.
+        let row = sqlx::query(concat!(
+            "WITH deleted AS (DELETE FROM tokenbroker_links WHERE ",
+            key_where!(),
+            " AND version = $4 RETURNING 1) \
+             SELECT EXISTS (SELECT 1 FROM deleted) AS deleted, \
+             EXISTS (SELECT 1 FROM tokenbroker_links WHERE ",
+            key_where!(),
+            ") AS present"
+        ))
+        .bind(key.realm.as_str())
+        .bind(key.subject.as_str())
+        .bind(key.provider.as_str())
+        .bind(version_to_db(expected))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(backend)?;
+        let deleted: bool = row.try_get("deleted").map_err(backend)?;
+        let present: bool = row.try_get("present").map_err(backend)?;
+        match (deleted, present) {
+            (true, _) => Ok(true),
+            (false, true) => Err(StoreError::Conflict { key: key.clone() }),
+            (false, false) => Ok(false),
+        }
+    }
+
+    async fn list(&self, realm: &Realm, subject: &Subject) -> Result<Vec<TokenKey>, StoreError> {
+        let providers: Vec<String> = sqlx::query_scalar(
+            "SELECT provider FROM tokenbroker_links WHERE realm = $1 AND subject = $2 \
+             ORDER BY provider",
+        )
+        .bind(realm.as_str())
+        .bind(subject.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        providers
+            .iter()
+            .map(|p| super::parse_key(realm.as_str(), subject.as_str(), p))
+            .collect()
+    }
+
+    async fn scan(
+        &self,
+        after: Option<&TokenKey>,
+        limit: usize,
+    ) -> Result<Vec<ScannedLink>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = match after {
+            None => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    link_columns!(),
+                    " FROM tokenbroker_links ORDER BY realm, subject, provider LIMIT $1"
+                ))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+            }
+            Some(after) => {
+                // The columns' "C" collation wins over the parameters' default one, so the
+                // row-value comparison is bytewise and can walk the primary key.
+                sqlx::query(concat!(
+                    "SELECT ",
+                    link_columns!(),
+                    " FROM tokenbroker_links WHERE (realm, subject, provider) > ($1, $2, $3) \
+                     ORDER BY realm, subject, provider LIMIT $4"
+                ))
+                .bind(after.realm.as_str())
+                .bind(after.subject.as_str())
+                .bind(after.provider.as_str())
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+            }
+        }
+        .map_err(backend)?;
+        rows.iter()
+            .map(|row| RawLink::from_row(row).map_err(backend)?.into_scanned())
+            .collect()
+    }
+
+    async fn try_lease(
+        &self,
+        key: &TokenKey,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<LeaseAttempt, StoreError> {
+        // One statement. A concurrent taker blocks on the row lock and then re-checks the WHERE
+        // against the committed row, so only one wins; the EXISTS reads the statement's snapshot,
+        // in which the row we failed to take was present.
+        let row = sqlx::query(concat!(
+            "WITH taken AS (UPDATE tokenbroker_links SET lease_holder = $4, lease_expires_at = ",
+            db_now_ms!(),
+            " + $5 WHERE ",
+            key_where!(),
+            " AND (lease_holder IS NULL OR lease_expires_at <= ",
+            db_now_ms!(),
+            ") RETURNING lease_expires_at) \
+             SELECT (SELECT lease_expires_at FROM taken) AS lease_until, \
+             EXISTS (SELECT 1 FROM tokenbroker_links WHERE ",
+            key_where!(),
+            ") AS present"
+        ))
+        .bind(key.realm.as_str())
+        .bind(key.subject.as_str())
+        .bind(key.provider.as_str())
+        .bind(holder.as_str())
+        .bind(duration_ms(ttl))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(backend)?;
+        let until: Option<i64> = row.try_get("lease_until").map_err(backend)?;
+        let present: bool = row.try_get("present").map_err(backend)?;
+        Ok(match (until, present) {
+            (Some(until), _) => {
+                let expires_at = from_ms(until, "lease_expires_at").map_err(corrupt(key))?;
+                LeaseAttempt::Acquired(Lease::new(key.clone(), holder.clone(), expires_at))
+            }
+            (None, true) => LeaseAttempt::Busy,
+            (None, false) => LeaseAttempt::Missing,
+        })
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        sqlx::query(concat!(
+            "UPDATE tokenbroker_links SET lease_holder = NULL, lease_expires_at = NULL WHERE ",
+            key_where!(),
+            " AND lease_holder = $4"
+        ))
+        .bind(lease.key.realm.as_str())
+        .bind(lease.key.subject.as_str())
+        .bind(lease.key.provider.as_str())
+        .bind(lease.holder.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,526 @@
+//! [`SqliteStore`]: links in one SQLite file, shared by the processes that open it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{
+    Columns, Migration, PurgeReport, RawLink, RetentionPolicy, duration_ms, from_ms, key_where,
+    link_columns, version_from_db, version_to_db,
+};
+use crate::ids::{Realm, Subject, TokenKey};
+use crate::store::{
+    Lease, LeaseAttempt, LeaseHolder, Record, ScannedLink, StoreError, StoredRecord, TokenStore,
+    Version,
+};
+
+const STORE: &str = "sqlite";
+
+/// The database's clock in unix milliseconds. `unixepoch('subsec')` needs SQLite 3.42; the
+/// bundled library is newer. SQLite keeps `'now'` fixed within one statement, so every use in
+/// a statement sees the same instant.
+macro_rules! db_now_ms {
+    () => {
+        "CAST(unixepoch('subsec') * 1000 AS INTEGER)"
+    };
+}
+
+/// The schema, in order. Never edit a shipped migration: append a new one.
+static MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: r#"
+CREATE TABLE tokenbroker_links (
+    realm            TEXT   NOT NULL,
+    subject          TEXT   NOT NULL,
+    provider         TEXT   NOT NULL,
+    version          BIGINT NOT NULL,
+    payload          BLOB   NOT NULL,
+    state            TEXT   NOT NULL,
+    relink_reason    TEXT   NULL,
+    relink_since     BIGINT NULL,
+    expires_at       BIGINT NULL,
+    created_at       BIGINT NOT NULL,
+    updated_at       BIGINT NOT NULL,
+    lease_holder     TEXT   NULL,
+    lease_expires_at BIGINT NULL,
+    -- TEXT compares with BINARY collation (memcmp of UTF-8), the order of Rust's `str`, which
+    -- `scan` relies on. The key's (realm, subject) prefix also serves `list`, so that needs no
+    -- index of its own.
+    PRIMARY KEY (realm, subject, provider)
+);
+-- Sweeps: retention by last write, refresh-ahead by expiry, purge of dead links.
+CREATE INDEX tokenbroker_links_updated_at ON tokenbroker_links (updated_at);
+CREATE INDEX tokenbroker_links_expires_at ON tokenbroker_links (expires_at);
+CREATE INDEX tokenbroker_links_relink_since ON tokenbroker_links (relink_since)
+    WHERE state = 'relink_required';
+-- The version counter: bumped by every write, never reset, so a key deleted and inserted again
+-- gets a version it never had (the broker's guard against ABA).
+CREATE TABLE tokenbroker_link_version (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    n  BIGINT  NOT NULL
+);
+INSERT INTO tokenbroker_link_version (id, n) VALUES (1, 0);
+"#,
+}];
+
+/// A [`TokenStore`] in a SQLite database file (feature `sqlite`).
+///
+/// Several processes may open the same file: versions, compare-and-swap and the refresh lease
+/// all work across them, because every decision is one statement or one `BEGIN IMMEDIATE`
+/// transaction in the database, and leases are judged by SQLite's clock, not the caller's. The
+/// file is in WAL mode, so readers do not wait for the writer; writers queue for up to five
+/// seconds (`busy_timeout`) before a write fails with [`StoreError::Backend`].
+///
+/// Times in [`RecordMeta`](crate::store::RecordMeta) are kept to the millisecond.
+/// Tables are created by [`migrate`](SqliteStore::migrate), which [`open`](SqliteStore::open)
+/// runs for you. Old links are removed with [`purge`](SqliteStore::purge).
+///
+/// ```no_run
+/// # async fn run() -> Result<(), tokenbroker::StoreError> {
+/// use std::sync::Arc;
+/// use tokenbroker::{SqliteStore, TokenStore};
+///
+/// let store: Arc<dyn TokenStore> = Arc::new(SqliteStore::open("/var/lib/myapp/links.db").await?);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A file name carries no credentials; print it and nothing else of the options.
+        f.debug_struct("SqliteStore")
+            .field("file", &self.pool.connect_options().get_filename())
+            .finish_non_exhaustive()
+    }
+}
+
+fn backend(e: sqlx::Error) -> StoreError {
+    StoreError::backend(STORE, e)
+}
+
+impl SqliteStore {
+    /// Opens (creating it if needed) the database file at `path`, in WAL mode with
+    /// `synchronous=NORMAL` and a 5 s busy timeout, and brings its schema up to date.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // NORMAL is durable against application crashes in WAL mode; a power loss may lose
+            // the last commits, which the broker survives (it re-links or refreshes again).
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .map_err(backend)?;
+        let store = SqliteStore::from_pool(pool);
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Uses a pool the host configured. Nothing is checked or created: call
+    /// [`migrate`](Self::migrate) before use. The pool should have a busy timeout (sqlx's
+    /// default is 5 s), or concurrent writers fail at once instead of queueing.
+    pub fn from_pool(pool: SqlitePool) -> Self {
+        SqliteStore { pool }
+    }
+
+    /// The pool, e.g. to share it with the host's own tables.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Applies the embedded migrations the database does not have yet, each in its own
+    /// transaction. Idempotent, and safe when several processes start at once: each migration
+    /// runs under SQLite's write lock, taken before the applied versions are read.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        for migration in MIGRATIONS {
+            // BEGIN IMMEDIATE takes the write lock now (waiting out the busy timeout), so two
+            // processes cannot both see a migration as missing.
+            let mut tx = self
+                .pool
+                .begin_with("BEGIN IMMEDIATE")
+                .await
+                .map_err(backend)?;
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS tokenbroker_schema_migrations \
+                 (version INT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+            let applied: Option<i64> = sqlx::query_scalar(
+                "SELECT 1 FROM tokenbroker_schema_migrations WHERE version = $1",
+            )
+            .bind(migration.version)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+            if applied.is_some() {
+                continue;
+            }
+            sqlx::raw_sql(migration.sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            sqlx::query(concat!(
+                "INSERT INTO tokenbroker_schema_migrations (version, applied_at) VALUES ($1, ",
+                db_now_ms!(),
+                ")"
+            ))
+            .bind(migration.version)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+            tx.commit().await.map_err(backend)?;
+            tracing::info!(
+                store = STORE,
+                version = migration.version,
+                "applied schema migration"
+            );
+        }
+        Ok(())
+    }
+
+    /// Deletes old links as `policy` says, one statement per rule, by the database's clock;
+    /// links with an unexpired lease are kept.
+    pub async fn purge(&self, policy: &RetentionPolicy) -> Result<PurgeReport, StoreError> {
+        let mut report = PurgeReport::default();
+        if let Some(age) = policy.unused_for {
+            report.unused = sqlx::query(concat!(
+                "DELETE FROM tokenbroker_links WHERE updated_at < ",
+                db_now_ms!(),
+                " - $1 AND (lease_holder IS NULL OR lease_expires_at <= ",
+                db_now_ms!(),
+                ")"
+            ))
+            .bind(duration_ms(age))
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?
+            .rows_affected();
+        }
+        if let Some(age) = policy.relink_required_for {
+            report.relink_required = sqlx::query(concat!(
+                "DELETE FROM tokenbroker_links WHERE state = 'relink_required' AND relink_since < ",
+                db_now_ms!(),
+                " - $1 AND (lease_holder IS NULL OR lease_expires_at <= ",
+                db_now_ms!(),
+                ")"
+            ))
+            .bind(duration_ms(age))
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?
+            .rows_affected();
+        }
+        Ok(report)
+    }
+
+    /// Starts a write: takes the write lock and draws the next version. Dropping the
+    /// transaction without committing rolls both back.
+    async fn begin_write(&self) -> Result<(Transaction<'static, Sqlite>, i64), StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(backend)?;
+        let n: i64 = sqlx::query_scalar(
+            "UPDATE tokenbroker_link_version SET n = n + 1 WHERE id = 1 RETURNING n",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(backend)?;
+        Ok((tx, n))
+    }
+
+    async fn exists(conn: &mut sqlx::SqliteConnection, key: &TokenKey) -> Result<bool, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar(concat!(
+            "SELECT 1 FROM tokenbroker_links WHERE ",
+            key_where!()
+        ))
+        .bind(key.realm.as_str())
+        .bind(key.subject.as_str())
+        .bind(key.provider.as_str())
+        .fetch_optional(conn)
+        .await
+        .map_err(backend)?;
+        Ok(found.is_some())
+    }
+}
+
+#[async_trait]
+impl TokenStore for SqliteStore {
+    async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            link_columns!(),
+            ", payload FROM tokenbroker_links WHERE ",
+            key_where!()
+        ))
+        .bind(key.realm.as_str())
+        .bind(key.subject.as_str())
+        .bind(key.provider.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        let Some(row) = row else { return Ok(None) };
+        let payload: Vec<u8> = row.try_get("payload").map_err(backend)?;
+        RawLink::from_row(&row)
+            .map_err(backend)?
+            .into_stored(payload)
+            .map(Some)
+    }
+
+    async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
+        let c = Columns::of(&record.meta);
+        let (mut tx, version) = self.begin_write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO tokenbroker_links (realm, subject, provider, version, payload, state, \
+             relink_reason, relink_since, expires_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             ON CONFLICT (realm, subject, provider) DO NOTHING",
+        )
+        .bind(key.realm.as_str())
+        .bind(key.subject.as_str())
+        .bind(key.provider.as_str())
+        .bind(version)
+        .bind(record.payload.expose_secret())
+        .bind(c.state)
+        .bind(c.relink_reason)
+        .bind(c.relink_since)
+        .bind(c.expires_at)
+        .bind(c.created_at)
+        .bind(c.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(StoreError::Conflict { key: key.clone() });
+        }
+        tx.commit().await.map_err(backend)?;
+        version_from_db(version).map_err(|reason| StoreError::Corrupt {
+            key: key.clone(),
+            reason,
+        })
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &TokenKey,
+        expected: Version,
+        record: &Record,
+    ) -> Result<Version, StoreError> {
+        let c = Columns::of(&record.meta);
+        let (mut tx, version) = self.begin_write().await?;
+        // The lease columns are left alone: a write does not need the lease, and must not free
+        // or steal one a refresh is holding.
+        let updated = sqlx::query(concat!(
+            "UPDATE tokenbroker_links SET version = $5, payload = $6, state = $7, \
+             relink_reason = $8, relink_since = $9, expires_at = $10, created_at = $11, \
+             updated_at = $12 WHERE ",
+            key_where!(),
+            " AND version = $4"
+        ))
+        .bind(key.realm.as_str())
+        .bind(key.subject.as_str())
+        .bind(key.provider.as_str())
+        .bind(version_to_db(expected))
+        .bind(version)
+        .bind(record.payload.expose_secret())
+        .bind(c.state)
+        .bind(c.relink_reason)
+        .bind(c.relink_since)
+        .bind(c.expires_at)
+        .bind(c.created_at)
+        .bind(c.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?
+        .rows_affected();
+        if updated == 0 {
+            return Err(StoreError::Conflict { key: key.clone() });
+        }
+        tx.commit().await.map_err(backend)?;
+        version_from_db(version).map_err(|reason| StoreError::Corrupt {
+            key: key.clone(),
+            reason,
+        })
+    }
+
+    async fn delete(&self, key: &TokenKey, expected: Option<Version>) -> Result<bool, StoreError> {
+        let Some(expected) = expected else {
+            let deleted = sqlx::query(concat!(
+                "DELETE FROM tokenbroker_links WHERE ",
+                key_where!()
+            ))
+            .bind(key.realm.as_str())
+            .bind(key.subject.as_str())
+            .bind(key.provider.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?
+            .rows_affected();
+            return Ok(deleted > 0);
+        };
+        // One transaction, so "not deleted" and "present" are judged on the same state.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(backend)?;
+        let deleted = sqlx::query(concat!(
+            "DELETE FROM tokenbroker_links WHERE ",
+            key_where!(),
+            " AND version = $4"
+        ))
+        .bind(key.realm.as_str())
+        .bind(key.subject.as_str())
+        .bind(key.provider.as_str())
+        .bind(version_to_db(expected))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?
+        .rows_affected();
+        if deleted > 0 {
+            tx.commit().await.map_err(backend)?;
+            return Ok(true);
+        }
+        let present = Self::exists(&mut tx, key).await?;
+        tx.commit().await.map_err(backend)?;
+        if present {
+            Err(StoreError::Conflict { key: key.clone() })
+        } else {
+            Ok(false)
+        }
+    }
+
+    async fn list(&self, realm: &Realm, subject: &Subject) -> Result<Vec<TokenKey>, StoreError> {
+        let providers: Vec<String> = sqlx::query_scalar(
+            "SELECT provider FROM tokenbroker_links WHERE realm = $1 AND subject = $2 \
+             ORDER BY provider",
+        )
+        .bind(realm.as_str())
+        .bind(subject.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        providers
+            .iter()
+            .map(|p| super::parse_key(realm.as_str(), subject.as_str(), p))
+            .collect()
+    }
+
+    async fn scan(
+        &self,
+        after: Option<&TokenKey>,
+        limit: usize,
+    ) -> Result<Vec<ScannedLink>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = match after {
+            None => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    link_columns!(),
+                    " FROM tokenbroker_links ORDER BY realm, subject, provider LIMIT $1"
+                ))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+            }
+            Some(after) => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    link_columns!(),
+                    " FROM tokenbroker_links WHERE (realm, subject, provider) > ($1, $2, $3) \
+                     ORDER BY realm, subject, provider LIMIT $4"
+                ))
+                .bind(after.realm.as_str())
+                .bind(after.subject.as_str())
+                .bind(after.provider.as_str())
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+            }
+        }
+        .map_err(backend)?;
+        rows.iter()
+            .map(|row| RawLink::from_row(row).map_err(backend)?.into_scanned())
+            .collect()
+    }
+
+    async fn try_lease(
+        &self,
+        key: &TokenKey,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<LeaseAttempt, StoreError> {
+        // Under the write lock, so that "not taken" and "present" describe the same moment.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(backend)?;
+        let taken: Option<i64> = sqlx::query_scalar(concat!(
+            "UPDATE tokenbroker_links SET lease_holder = $4, lease_expires_at = ",
+            db_now_ms!(),
+            " + $5 WHERE ",
+            key_where!(),
+            " AND (lease_holder IS NULL OR lease_expires_at <= ",
+            db_now_ms!(),
+            ") RETURNING lease_expires_at"
+        ))
+        .bind(key.realm.as_str())
+        .bind(key.subject.as_str())
+        .bind(key.provider.as_str())
+        .bind(holder.as_str())
+        .bind(duration_ms(ttl))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let attempt = match taken {
+            Some(until) => {
+                let expires_at =
+                    from_ms(until, "lease_expires_at").map_err(|reason| StoreError::Corrupt {
+                        key: key.clone(),
+                        reason,
+                    })?;
+                LeaseAttempt::Acquired(Lease::new(key.clone(), holder.clone(), expires_at))
+            }
+            None if Self::exists(&mut tx, key).await? => LeaseAttempt::Busy,
+            None => LeaseAttempt::Missing,
+        };
+        tx.commit().await.map_err(backend)?;
+        Ok(attempt)
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        sqlx::query(concat!(
+            "UPDATE tokenbroker_links SET lease_holder = NULL, lease_expires_at = NULL WHERE ",
+            key_where!(),
+            " AND lease_holder = $4"
+        ))
+        .bind(lease.key.realm.as_str())
+        .bind(lease.key.subject.as_str())
+        .bind(lease.key.provider.as_str())
+        .bind(lease.holder.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+}

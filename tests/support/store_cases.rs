@@ -1,0 +1,532 @@
+//! Store behaviour checks shared by the SQL store tests (`tests/sqlite_store.rs`,
+//! `tests/postgres_store.rs`). Each takes real stores; "two stores" means two pools on one
+//! database, standing in for two app instances.
+//!
+//! Include it with `#[path = "support/store_cases.rs"] mod store_cases;`.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokenbroker::store::{
+    LeaseAttempt, LeaseHolder, LinkState, Record, RecordMeta, StoreError, Version,
+};
+use tokenbroker::{Payload, TokenKey, TokenStore};
+
+/// Now, cut to whole milliseconds: the SQL stores keep milliseconds, so such times round-trip
+/// exactly.
+pub fn now_ms() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1_000_000 * 1_000_000)
+        .unwrap()
+}
+
+pub fn key(realm: &str, subject: &str, provider: &str) -> TokenKey {
+    TokenKey::parse(realm, subject, provider).unwrap()
+}
+
+pub fn record(secret: &str, state: LinkState, updated_at: OffsetDateTime) -> Record {
+    let created = updated_at - Duration::from_secs(3600);
+    Record::new(
+        Payload::new(secret.as_bytes().to_vec()),
+        RecordMeta::new(
+            state,
+            Some(updated_at + Duration::from_secs(600)),
+            created,
+            updated_at,
+        ),
+    )
+}
+
+pub fn active(secret: &str) -> Record {
+    record(secret, LinkState::Active, now_ms())
+}
+
+pub fn is_conflict<T: std::fmt::Debug>(r: Result<T, StoreError>) -> bool {
+    matches!(r, Err(StoreError::Conflict { .. }))
+}
+
+/// insert / load / compare_and_swap / delete, their conflicts, and round-tripping of every
+/// column.
+pub async fn crud(store: &dyn TokenStore) {
+    let k = key("acme", "alice", "google");
+    assert!(store.load(&k).await.unwrap().is_none());
+
+    let since = now_ms() - Duration::from_secs(60);
+    let first = record(
+        "secret-one",
+        LinkState::RelinkRequired {
+            reason: "invalid_grant: revoked".into(),
+            since,
+        },
+        now_ms(),
+    );
+    let v1 = store.insert(&k, &first).await.unwrap();
+    let loaded = store
+        .load(&k)
+        .await
+        .unwrap()
+        .expect("inserted record loads");
+    assert_eq!(loaded.version, v1);
+    assert_eq!(loaded.record.payload.expose_secret(), b"secret-one");
+    assert_eq!(
+        loaded.record.meta, first.meta,
+        "every meta column round-trips"
+    );
+
+    assert!(
+        is_conflict(store.insert(&k, &active("other")).await),
+        "insert over a present key is a conflict"
+    );
+    let unchanged = store.load(&k).await.unwrap().unwrap();
+    assert_eq!(unchanged.record.payload.expose_secret(), b"secret-one");
+    assert_eq!(unchanged.version, v1);
+
+    let second = active("secret-two");
+    let v2 = store.compare_and_swap(&k, v1, &second).await.unwrap();
+    assert_ne!(v2, v1);
+    let loaded = store.load(&k).await.unwrap().unwrap();
+    assert_eq!(loaded.version, v2);
+    assert_eq!(loaded.record.payload.expose_secret(), b"secret-two");
+    assert_eq!(loaded.record.meta, second.meta);
+
+    assert!(
+        is_conflict(store.compare_and_swap(&k, v1, &active("stale")).await),
+        "a stale version is a conflict"
+    );
+    assert_eq!(
+        store
+            .load(&k)
+            .await
+            .unwrap()
+            .unwrap()
+            .record
+            .payload
+            .expose_secret(),
+        b"secret-two"
+    );
+    let missing = key("acme", "alice", "github");
+    assert!(
+        is_conflict(store.compare_and_swap(&missing, v2, &active("x")).await),
+        "a missing record is a conflict"
+    );
+    assert!(store.load(&missing).await.unwrap().is_none());
+    assert!(
+        is_conflict(
+            store
+                .compare_and_swap(&k, Version::new(u64::MAX), &active("x"))
+                .await
+        ),
+        "a version beyond BIGINT never matches"
+    );
+
+    assert!(
+        is_conflict(store.delete(&k, Some(v1)).await),
+        "deleting a stale version is a conflict"
+    );
+    assert!(store.load(&k).await.unwrap().is_some());
+    assert!(!store.delete(&missing, Some(v1)).await.unwrap());
+    assert!(!store.delete(&missing, None).await.unwrap());
+    assert!(store.delete(&k, Some(v2)).await.unwrap());
+    assert!(store.load(&k).await.unwrap().is_none());
+
+    store.insert(&k, &active("again")).await.unwrap();
+    assert!(store.delete(&k, None).await.unwrap());
+    assert!(store.load(&k).await.unwrap().is_none());
+}
+
+/// Versions are never handed out twice for a key, even across delete and re-insert.
+pub async fn versions_never_repeat(store: &dyn TokenStore) {
+    let k = key("acme", "bob", "google");
+    let mut seen = BTreeSet::new();
+    for round in 0..5 {
+        let mut v = store.insert(&k, &active("a")).await.unwrap();
+        assert!(seen.insert(v), "round {round}: insert reused {v}");
+        for _ in 0..3 {
+            v = store.compare_and_swap(&k, v, &active("b")).await.unwrap();
+            assert!(seen.insert(v), "round {round}: compare_and_swap reused {v}");
+        }
+        assert!(store.delete(&k, Some(v)).await.unwrap());
+    }
+}
+
+/// `list` sees one subject of one realm only.
+pub async fn list_is_scoped(store: &dyn TokenStore) {
+    for (r, s, p) in [
+        ("acme", "alice", "google"),
+        ("acme", "alice", "github"),
+        ("acme", "alice2", "google"),
+        ("acme", "Alice", "google"),
+        ("other", "alice", "google"),
+    ] {
+        store.insert(&key(r, s, p), &active("x")).await.unwrap();
+    }
+    let realm = "acme".parse().unwrap();
+    let mut got = store.list(&realm, &"alice".parse().unwrap()).await.unwrap();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            key("acme", "alice", "github"),
+            key("acme", "alice", "google")
+        ]
+    );
+    assert!(
+        store
+            .list(&realm, &"nobody".parse().unwrap())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// `scan` walks everything in Rust's key order (bytewise, so "B" < "a" < "é"), page by page.
+pub async fn scan_walks_in_key_order(store: &dyn TokenStore) {
+    let mut expected = Vec::new();
+    for r in ["acme", "Acme", "ácme", "b"] {
+        for s in ["a", "B", "a b", "ab", "z", "é", "Ω", "a-1"] {
+            for p in ["google", "a", "0x"] {
+                let k = key(r, s, p);
+                let v = store.insert(&k, &active("x")).await.unwrap();
+                expected.push((k, v));
+            }
+        }
+    }
+    expected.sort_by(|a, b| a.0.cmp(&b.0));
+
+    assert!(store.scan(None, 0).await.unwrap().is_empty());
+    for page_size in [1, 7, 1000] {
+        let mut walked = Vec::new();
+        let mut after: Option<TokenKey> = None;
+        loop {
+            let page = store.scan(after.as_ref(), page_size).await.unwrap();
+            assert!(page.len() <= page_size);
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            walked.extend(page.into_iter().map(|l| (l.key, l.version)));
+        }
+        assert_eq!(walked, expected, "page size {page_size}");
+    }
+    let last = &expected.last().unwrap().0;
+    assert!(store.scan(Some(last), 10).await.unwrap().is_empty());
+
+    // A scanned row carries the same meta as a load.
+    let first = &store.scan(None, 1).await.unwrap()[0];
+    let loaded = store.load(&first.key).await.unwrap().unwrap();
+    assert_eq!(first.meta, loaded.record.meta);
+    assert_eq!(first.version, loaded.version);
+}
+
+/// Lease rules on one store: missing, exclusive, not re-entrant, not a write, survives a CAS,
+/// released only by its holder, dropped with the record.
+pub async fn lease_rules(store: &dyn TokenStore) {
+    let k = key("acme", "carol", "google");
+    let a = LeaseHolder::new("holder-a");
+    let b = LeaseHolder::new("holder-b");
+    let ttl = Duration::from_secs(60);
+    assert_eq!(
+        store.try_lease(&k, &a, ttl).await.unwrap(),
+        LeaseAttempt::Missing
+    );
+
+    let v1 = store.insert(&k, &active("x")).await.unwrap();
+    let before = OffsetDateTime::now_utc();
+    let lease = match store.try_lease(&k, &a, ttl).await.unwrap() {
+        LeaseAttempt::Acquired(lease) => lease,
+        other => panic!("expected the lease, got {other:?}"),
+    };
+    assert_eq!(lease.key, k);
+    assert_eq!(lease.holder, a);
+    // The database's clock decides, but on one machine it agrees with ours to well within this.
+    let until = lease.expires_at - before;
+    assert!(
+        until > time::Duration::seconds(50) && until < time::Duration::seconds(70),
+        "lease expires {until} from now, ttl was {ttl:?}"
+    );
+
+    assert_eq!(
+        store.try_lease(&k, &a, ttl).await.unwrap(),
+        LeaseAttempt::Busy,
+        "not re-entrant"
+    );
+    assert_eq!(
+        store.try_lease(&k, &b, ttl).await.unwrap(),
+        LeaseAttempt::Busy
+    );
+    assert_eq!(
+        store.load(&k).await.unwrap().unwrap().version,
+        v1,
+        "a lease is not a write"
+    );
+
+    // Writes need no lease and keep it.
+    let v2 = store.compare_and_swap(&k, v1, &active("y")).await.unwrap();
+    assert_eq!(
+        store.try_lease(&k, &b, ttl).await.unwrap(),
+        LeaseAttempt::Busy
+    );
+
+    // Only the holder releases.
+    let mut forged = lease.clone();
+    forged.holder = b.clone();
+    store.release_lease(&forged).await.unwrap();
+    assert_eq!(
+        store.try_lease(&k, &b, ttl).await.unwrap(),
+        LeaseAttempt::Busy
+    );
+    store.release_lease(&lease).await.unwrap();
+    store.release_lease(&lease).await.unwrap();
+    let lease_b = match store.try_lease(&k, &b, ttl).await.unwrap() {
+        LeaseAttempt::Acquired(lease) => lease,
+        other => panic!("expected the released lease, got {other:?}"),
+    };
+    // A's late release does not free B's lease.
+    store.release_lease(&lease).await.unwrap();
+    assert_eq!(
+        store.try_lease(&k, &a, ttl).await.unwrap(),
+        LeaseAttempt::Busy
+    );
+    assert_eq!(store.load(&k).await.unwrap().unwrap().version, v2);
+
+    // Deleting drops the lease: a new record starts free.
+    assert!(store.delete(&k, Some(v2)).await.unwrap());
+    assert_eq!(
+        store.try_lease(&k, &a, ttl).await.unwrap(),
+        LeaseAttempt::Missing
+    );
+    store.insert(&k, &active("z")).await.unwrap();
+    assert!(matches!(
+        store.try_lease(&k, &a, ttl).await.unwrap(),
+        LeaseAttempt::Acquired(_)
+    ));
+    store.release_lease(&lease_b).await.unwrap();
+    assert_eq!(
+        store.try_lease(&k, &b, ttl).await.unwrap(),
+        LeaseAttempt::Busy
+    );
+}
+
+/// A short lease expires by itself, and then another holder takes it (possibly through another
+/// store on the same database).
+pub async fn lease_expires(a_store: &dyn TokenStore, b_store: &dyn TokenStore) {
+    let k = key("acme", "dave", "google");
+    a_store.insert(&k, &active("x")).await.unwrap();
+    let a = LeaseHolder::new("holder-a");
+    let b = LeaseHolder::new("holder-b");
+    assert!(matches!(
+        a_store
+            .try_lease(&k, &a, Duration::from_millis(300))
+            .await
+            .unwrap(),
+        LeaseAttempt::Acquired(_)
+    ));
+    assert_eq!(
+        b_store
+            .try_lease(&k, &b, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        LeaseAttempt::Busy
+    );
+    // Poll rather than sleep a fixed time: how long it takes is the database clock's business.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match b_store
+            .try_lease(&k, &b, Duration::from_secs(60))
+            .await
+            .unwrap()
+        {
+            LeaseAttempt::Acquired(lease) => {
+                assert_eq!(lease.holder, b);
+                break;
+            }
+            LeaseAttempt::Busy => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the lease never expired"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            LeaseAttempt::Missing => panic!("record vanished"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // And the former holder cannot take it back while B holds it.
+    assert_eq!(
+        a_store
+            .try_lease(&k, &a, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        LeaseAttempt::Busy
+    );
+}
+
+/// 50 holders, spread over two stores on one database, race for one lease: exactly one wins.
+pub async fn lease_race(stores: [Arc<dyn TokenStore>; 2]) {
+    let k = key("acme", "erin", "google");
+    stores[0].insert(&k, &active("x")).await.unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(50));
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let store = stores[i % 2].clone();
+            let k = k.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store
+                    .try_lease(
+                        &k,
+                        &LeaseHolder::new(format!("holder-{i}")),
+                        Duration::from_secs(60),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut acquired = 0;
+    for t in tasks {
+        match t.await.unwrap().expect("no backend error under contention") {
+            LeaseAttempt::Acquired(_) => acquired += 1,
+            LeaseAttempt::Busy => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(acquired, 1, "exactly one holder gets the lease");
+}
+
+/// 50 writers, spread over two stores on one database, compare-and-swap the same version:
+/// exactly one wins, the others see a conflict.
+pub async fn cas_race(stores: [Arc<dyn TokenStore>; 2]) {
+    let k = key("acme", "frank", "google");
+    let v = stores[0].insert(&k, &active("start")).await.unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(50));
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let store = stores[i % 2].clone();
+            let k = k.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store
+                    .compare_and_swap(&k, v, &active(&format!("writer-{i}")))
+                    .await
+                    .map(|v| (i, v))
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(won) => winners.push(won),
+            Err(StoreError::Conflict { .. }) => {}
+            Err(e) => panic!("unexpected error under contention: {e:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one writer wins: {winners:?}");
+    let (i, won) = winners[0];
+    let stored = stores[1].load(&k).await.unwrap().unwrap();
+    assert_eq!(stored.version, won);
+    assert_eq!(
+        stored.record.payload.expose_secret(),
+        format!("writer-{i}").as_bytes()
+    );
+}
+
+/// What a purge must delete and keep. `purge` runs the store's purge with the given policy.
+pub async fn purge<F, Fut>(store: &dyn TokenStore, purge: F)
+where
+    F: Fn(tokenbroker::store::RetentionPolicy) -> Fut,
+    Fut: std::future::Future<Output = tokenbroker::store::PurgeReport>,
+{
+    use tokenbroker::store::RetentionPolicy;
+    let day = Duration::from_secs(24 * 3600);
+    let now = now_ms();
+    let dead = |since| LinkState::RelinkRequired {
+        reason: "invalid_grant".into(),
+        since,
+    };
+    let old_unused = key("acme", "u1", "google");
+    let fresh = key("acme", "u2", "google");
+    let old_relink = key("acme", "u3", "google");
+    let new_relink = key("acme", "u4", "google");
+    let old_but_leased = key("acme", "u5", "google");
+    let old_relink_leased = key("acme", "u6", "google");
+    store
+        .insert(&old_unused, &record("x", LinkState::Active, now - 10 * day))
+        .await
+        .unwrap();
+    // A second old, so that the zero-age purges below find them strictly older than "now".
+    let second = Duration::from_secs(1);
+    store
+        .insert(&fresh, &record("x", LinkState::Active, now - second))
+        .await
+        .unwrap();
+    store
+        .insert(&old_relink, &record("x", dead(now - 10 * day), now))
+        .await
+        .unwrap();
+    store
+        .insert(&new_relink, &record("x", dead(now - second), now))
+        .await
+        .unwrap();
+    store
+        .insert(
+            &old_but_leased,
+            &record("x", LinkState::Active, now - 10 * day),
+        )
+        .await
+        .unwrap();
+    store
+        .insert(&old_relink_leased, &record("x", dead(now - 10 * day), now))
+        .await
+        .unwrap();
+    for k in [&old_but_leased, &old_relink_leased] {
+        assert!(matches!(
+            store
+                .try_lease(k, &LeaseHolder::new("refresher"), Duration::from_secs(600))
+                .await
+                .unwrap(),
+            LeaseAttempt::Acquired(_)
+        ));
+    }
+
+    let report = purge(RetentionPolicy::default()).await;
+    assert_eq!(report.total(), 0, "the default policy deletes nothing");
+
+    let report = purge(
+        RetentionPolicy::default()
+            .with_unused_for(5 * day)
+            .with_relink_required_for(5 * day),
+    )
+    .await;
+    assert_eq!(
+        (report.unused, report.relink_required),
+        (1, 1),
+        "{report:?}"
+    );
+    assert!(store.load(&old_unused).await.unwrap().is_none());
+    assert!(store.load(&old_relink).await.unwrap().is_none());
+    for kept in [&fresh, &new_relink, &old_but_leased, &old_relink_leased] {
+        assert!(
+            store.load(kept).await.unwrap().is_some(),
+            "{kept} was purged"
+        );
+    }
+
+    // Each rule alone.
+    let report = purge(RetentionPolicy::default().with_relink_required_for(Duration::ZERO)).await;
+    assert_eq!(
+        (report.unused, report.relink_required),
+        (0, 1),
+        "{report:?}"
+    );
+    assert!(store.load(&new_relink).await.unwrap().is_none());
+    let report = purge(RetentionPolicy::default().with_unused_for(Duration::ZERO)).await;
+    assert_eq!(
+        (report.unused, report.relink_required),
+        (1, 0),
+        "{report:?}"
+    );
+    assert!(store.load(&fresh).await.unwrap().is_none());
+}
