@@ -43,12 +43,9 @@
 //! |---|---|---|
 //! | `reqwest` | yes | [`http::ReqwestClient`], the default HTTP transport (rustls, no redirects, time-outs) |
 //! | `testing` | no | `testing`: `FakeProvider`, a loopback fake IdP, `ManualClock`, the store conformance suite |
-//! | `sqlite` | no | a SQLite store (sqlx, bundled SQLite) |
-//! | `postgres` | no | a PostgreSQL store (sqlx) |
-//! | `encryption` | no | `store::EncryptedStore`: envelope encryption of payloads at rest (XChaCha20-Poly1305), with key rotation |
-//! | `testing` | no | [`testing`]: `FakeProvider`, a loopback fake IdP, `ManualClock`, the store conformance suite |
 //! | `sqlite` | no | `SqliteStore`: links in a SQLite file (sqlx, bundled SQLite) |
 //! | `postgres` | no | `PostgresStore`: links in PostgreSQL, for several instances (sqlx) |
+//! | `encryption` | no | `store::EncryptedStore`: envelope encryption of payloads at rest (XChaCha20-Poly1305), with key rotation |
 //!
 //! # Implementing a `TokenStore`
 //!
@@ -104,15 +101,15 @@ pub use events::{BrokerEvent, EventSink, RevocationStatus};
 pub use ids::{InvalidId, ProviderId, Realm, Scopes, Subject, TokenKey};
 pub use provider::{Provider, ProviderError};
 pub use secret::Secret;
-#[cfg(feature = "encryption")]
-#[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
-pub use store::{EncryptedStore, KeyProvider, StaticKeyring};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use store::SqliteStore;
+#[cfg(feature = "encryption")]
+#[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
+pub use store::{EncryptedStore, KeyProvider, StaticKeyring};
 pub use store::{MemoryStore, StoreError, TokenStore};
 pub use token::{DecodeError, Payload, ProviderTokens, TokenSet};
 

@@ -418,3 +418,17 @@ async fn conformance_run_all_on_one_schema() {
     drop(store);
     db.cleanup().await;
 }
+
+/// The conformance suite through `EncryptedStore` over PostgreSQL.
+#[cfg(feature = "encryption")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_run_all_encrypted() {
+    use tokenbroker::store::{EncryptedStore, KeyId, StaticKeyring};
+    let db = TestDb::new().await;
+    let keyring = StaticKeyring::new(KeyId::new("k1").unwrap(), [9u8; 32]);
+    let store: Arc<dyn TokenStore> =
+        Arc::new(EncryptedStore::new(db.open().await, Arc::new(keyring)));
+    tokenbroker::testing::store_conformance::run_all(&store).await;
+    drop(store);
+    db.cleanup().await;
+}

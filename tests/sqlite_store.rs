@@ -408,3 +408,16 @@ async fn conformance_run_all_on_one_file() {
     tokenbroker::testing::store_conformance::run_all(&store).await;
     tokenbroker::testing::store_conformance::run_all(&store).await;
 }
+
+/// The conformance suite through `EncryptedStore` over a SQLite file.
+#[cfg(feature = "encryption")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_run_all_encrypted() {
+    use std::sync::Arc;
+    use tokenbroker::TokenStore;
+    use tokenbroker::store::{EncryptedStore, KeyId, StaticKeyring};
+    let keyring = StaticKeyring::new(KeyId::new("k1").unwrap(), [9u8; 32]);
+    let inner = conformance::InTempDir::shared().await;
+    let store: Arc<dyn TokenStore> = Arc::new(EncryptedStore::new(inner, Arc::new(keyring)));
+    tokenbroker::testing::store_conformance::run_all(&store).await;
+}
