@@ -661,3 +661,109 @@ async fn tenant_paths_are_absent_outside_microsoft() {
     let token = idp.base_url().join("common/oauth2/v2.0/token").unwrap();
     assert_eq!(post_form(&idp, token, true, &[]).await.status, 404);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The broker's generic OAuth 2.0 provider pointed at each flavor
+
+mod broker {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokenbroker::provider::{OAuth2Config, RefreshTokenReuse};
+    use tokenbroker::testing::{FakeIdp, FakeIdpConfig, ManualClock};
+    use tokenbroker::{
+        Callback, Caller, LoginOptions, MemoryStore, ProviderId, ProviderPolicy, RevocationStatus,
+        Scopes, Secret, TokenBroker, TokenKey,
+    };
+
+    /// A broker with one provider, `config`, and a linked key for `alice`.
+    async fn linked(
+        idp: &FakeIdp,
+        config: OAuth2Config,
+    ) -> (TokenBroker, Arc<ManualClock>, TokenKey) {
+        let clock = Arc::new(ManualClock::starting_now());
+        let store = Arc::new(MemoryStore::with_clock(clock.clone()));
+        let key = TokenKey::parse("acme", "alice", "up").unwrap();
+        let broker = TokenBroker::builder()
+            .with_oauth2_provider(config, ProviderPolicy::default())
+            .with_store(store)
+            .with_clock(clock.clone())
+            .build()
+            .unwrap();
+        let start = broker
+            .begin_login(&key, LoginOptions::default())
+            .await
+            .unwrap();
+        let cb = idp.authorize(&start.authorization_url, "alice").unwrap();
+        broker
+            .complete_login(start.pending, &Callback::from_url(&cb.redirect_url))
+            .await
+            .unwrap();
+        (broker, clock, key)
+    }
+
+    fn base_config(idp: &FakeIdp, scopes: &str) -> OAuth2Config {
+        OAuth2Config::new(
+            ProviderId::new("up").unwrap(),
+            idp.client_id(),
+            idp.authorization_endpoint(),
+            idp.token_endpoint(),
+            "http://127.0.0.1:9/callback".parse().unwrap(),
+        )
+        .with_client_secret(Secret::new(idp.client_secret()))
+        .with_scopes(Scopes::parse(scopes))
+    }
+
+    fn caller(key: &TokenKey) -> Caller {
+        Caller::new(key.realm.clone(), key.subject.clone(), "app").with_role("read-token")
+    }
+
+    #[tokio::test]
+    async fn google_flavor() {
+        let idp = FakeIdp::start(FakeIdpConfig::google()).await.unwrap();
+        // Google: offline access is asked for with a parameter, refresh tokens never rotate.
+        let config = base_config(&idp, "openid email")
+            .with_authorize_param("access_type", "offline")
+            .with_revocation_endpoint(idp.revocation_endpoint())
+            .with_refresh_token_reuse(RefreshTokenReuse::Tolerated);
+        let (broker, clock, key) = linked(&idp, config).await;
+        let rt = broker
+            .retrieve(&caller(&key), &key)
+            .await
+            .unwrap()
+            .tokens
+            .refresh_token()
+            .expect("first consent with access_type=offline")
+            .expose_secret()
+            .to_owned();
+        clock.advance(Duration::from_secs(3601));
+        let got = broker.retrieve(&caller(&key), &key).await.unwrap();
+        assert!(got.refreshed);
+        assert_eq!(got.tokens.refresh_token().unwrap().expose_secret(), rt);
+        assert_eq!(idp.counters().refresh_successes, 1);
+        let out = broker.unlink(&key).await.unwrap();
+        assert_eq!(out.revocation, RevocationStatus::Revoked);
+        assert!(!idp.is_active(&rt));
+    }
+
+    #[tokio::test]
+    async fn microsoft_flavor() {
+        let idp = FakeIdp::start(FakeIdpConfig::microsoft("tenant-1"))
+            .await
+            .unwrap();
+        // Microsoft: `offline_access` brings refresh tokens; no revocation endpoint to set.
+        let config = base_config(&idp, "openid offline_access")
+            .with_refresh_token_reuse(RefreshTokenReuse::Tolerated);
+        let (broker, clock, key) = linked(&idp, config).await;
+        let first = broker.retrieve(&caller(&key), &key).await.unwrap().tokens;
+        let rt1 = first.refresh_token().unwrap().expose_secret().to_owned();
+        clock.advance(Duration::from_secs(3601));
+        let got = broker.retrieve(&caller(&key), &key).await.unwrap();
+        assert!(got.refreshed);
+        let rt2 = got.tokens.refresh_token().unwrap().expose_secret();
+        assert_ne!(rt2, rt1, "rotated");
+        assert!(idp.is_active(&rt1), "the old one stays valid at Microsoft");
+        let out = broker.unlink(&key).await.unwrap();
+        assert_eq!(out.revocation, RevocationStatus::NotSupported);
+    }
+}

@@ -46,7 +46,8 @@
 //! `state` and PKCE (`S256` only) are required at `/authorize`, request bodies must be
 //! `application/x-www-form-urlencoded`, parameters must not repeat, and HTTP Basic credentials
 //! are form-url-decoded before comparison (RFC 6749 §2.3.1, so a `+` in a secret must be sent
-//! as `%2B`). Only confidential clients (with a secret) are supported.
+//! as `%2B`). Only confidential clients (with a secret) are supported. The one relaxation is
+//! [`FakeIdpConfig::google`]'s `/revoke`, which, like Google's, also takes a bare token.
 //!
 //! # ID tokens
 //!
