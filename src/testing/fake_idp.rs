@@ -71,6 +71,17 @@
 //! [`FakeIdpConfig::with_signed_id_tokens`]`(false)` brings back unsigned tokens
 //! (`{"alg":"none"}`, empty signature part).
 //!
+//! RSA signing in an unoptimized build takes around 150 ms per token. Tests with short
+//! time-outs should optimize the big-integer code in their own `Cargo.toml`, as this crate does
+//! (profiles of a dependency do not carry over):
+//!
+//! ```toml
+//! [profile.dev.package.num-bigint-dig]
+//! opt-level = 3
+//! [profile.dev.package.rsa]
+//! opt-level = 3
+//! ```
+//!
 //! # Provider flavors
 //!
 //! The default fake is a strict, standards-following provider. Two presets imitate the quirks
@@ -382,7 +393,8 @@ impl FakeIdpConfig {
 /// A snapshot of the fake IdP's call counters. See [`FakeIdp::counters`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// Authorization requests: `GET /authorize` plus [`FakeIdp::authorize`] calls, valid or not.
+    /// Authorization requests: `GET /authorize` (and Microsoft's tenant aliases) plus
+    /// [`FakeIdp::authorize`] calls, valid or not.
     pub authorize_requests: u64,
     /// `authorization_code` grant requests that reached `/token`, including failed and faulted ones.
     pub code_exchanges: u64,
@@ -400,7 +412,7 @@ pub struct Counters {
     pub token_requests: u64,
     /// Requests that reached `/jwks`.
     pub jwks_calls: u64,
-    /// Requests for a discovery document (`…/.well-known/openid-configuration`).
+    /// Discovery documents served (`…/.well-known/openid-configuration`).
     pub discovery_calls: u64,
     /// Accepted authorization requests with `prompt=consent` (the consent screen was forced).
     pub consent_prompts: u64,
@@ -1806,11 +1818,7 @@ fn issue_tokens(
     {
         let claims = id_token_claims(shared, grant, now, ttl, nonce);
         let id_token = if shared.sign_id_tokens {
-            signed_jwt(
-                st.signing_key,
-                &claims,
-                st.tamper_this_response || st.knobs.tamper_id_tokens,
-            )
+            signed_jwt(st.signing_key, &claims, st.tamper_this_response)
         } else {
             unsigned_jwt(&claims)
         };
@@ -2045,8 +2053,11 @@ async fn tenant_authorize_handler(
     query: RawQuery,
 ) -> Response {
     if let Some(refused) = refuse_tenant(&shared, &tenant) {
-        // Counted like any request that reached the authorization endpoint.
-        shared.lock().counters.authorize_requests += 1;
+        // At a Microsoft fake this is its authorization endpoint, answering an error, so it
+        // counts like any authorization request; elsewhere the path does not exist.
+        if matches!(shared.flavor, Flavor::Microsoft { .. }) {
+            shared.lock().counters.authorize_requests += 1;
+        }
         return refused;
     }
     authorize_handler(AxumState(shared), query).await
