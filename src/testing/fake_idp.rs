@@ -9,10 +9,14 @@
 //! | `POST /token` | `authorization_code` and `refresh_token` grants, with rotation and reuse detection |
 //! | `POST /revoke` | RFC 7009 revocation; revoking a refresh token revokes its whole grant |
 //! | `POST /introspect` | RFC 7662-style introspection |
+//! | `GET /.well-known/openid-configuration` | OpenID Connect discovery ([`FakeIdp::discovery_url`]) |
+//! | `GET /jwks` | the public keys that verify ID tokens, with `kid` ([`FakeIdp::jwks_uri`]) |
 //!
 //! Everything that makes a provider hard to live with can be switched on from the test:
 //! refresh-token rotation ([`FakeIdp::set_rotation`]), reuse detection, refresh responses without
-//! a `refresh_token` (Google style), server-side revocation ([`FakeIdp::revoke_user_grants`]),
+//! a `refresh_token` (Google style), Google and Microsoft presets (see
+//! [Provider flavors](#provider-flavors)), signing-key rotation and tampered ID tokens,
+//! server-side revocation ([`FakeIdp::revoke_user_grants`]),
 //! a slow provider ([`FakeIdp::set_token_delay`]) and one-shot faults ([`FakeIdp::inject`]):
 //! 503 pages, 429 with `Retry-After`, garbage or truncated JSON, `invalid_grant`, GitHub-style
 //! errors with status 200, `expires_in` as a string, dropped connections. [`FakeIdp::counters`]
@@ -42,15 +46,72 @@
 //! `state` and PKCE (`S256` only) are required at `/authorize`, request bodies must be
 //! `application/x-www-form-urlencoded`, parameters must not repeat, and HTTP Basic credentials
 //! are form-url-decoded before comparison (RFC 6749 §2.3.1, so a `+` in a secret must be sent
-//! as `%2B`). Only confidential clients (with a secret) are supported.
+//! as `%2B`). Only confidential clients (with a secret) are supported. The one relaxation is
+//! [`FakeIdpConfig::google`]'s `/revoke`, which, like Google's, also takes a bare token.
 //!
 //! # ID tokens
 //!
 //! For the `openid` scope (code exchange and refresh) the response carries an `id_token` with
-//! `iss` ([`FakeIdp::issuer`]), `sub` (the user), `aud` (the client id), `iat`, `exp` and the
-//! `nonce` of the authorization request (kept on refresh). It is **not signed**: the header is
-//! `{"alg":"none","typ":"JWT"}` and the signature part is empty, so it cannot pass a real
-//! signature check, and there is no JWKS or discovery document.
+//! `iss` ([`FakeIdp::issuer`]), `sub` (the user), `aud` and `azp` (the client id), `iat`, `exp`,
+//! `email` (`{user}@example.com` unless the user name has an `@`), `email_verified`, and on
+//! code exchange only the `nonce` of the authorization request (refreshed ID tokens have none).
+//!
+//! ID tokens are **signed with RS256** by one of two RSA keys embedded in this file (test-only,
+//! public: never trust them anywhere else). The header carries the key's `kid`, and
+//! `GET /jwks` publishes the public keys, so a relying party can verify tokens for real, after
+//! discovering everything from [`FakeIdp::discovery_url`]. To exercise its key handling:
+//!
+//! - [`FakeIdp::rotate_signing_key`] switches to the other key (a new `kid`): a relying party
+//!   with a cached key set must re-fetch `/jwks` on the unknown `kid`. The old key stays listed
+//!   unless [`FakeIdp::set_publish_retired_keys`]`(false)`;
+//! - [`FakeIdp::issue_tampered_id_tokens`] (or one [`Fault::TamperedIdToken`]) alters the payload
+//!   after signing, so the signature check must fail;
+//! - [`Counters::jwks_calls`] and [`Counters::discovery_calls`] count the fetches.
+//!
+//! [`FakeIdpConfig::with_signed_id_tokens`]`(false)` brings back unsigned tokens
+//! (`{"alg":"none"}`, empty signature part).
+//!
+//! RSA signing in an unoptimized build takes around 150 ms per token. Tests with short
+//! time-outs should optimize the big-integer code in their own `Cargo.toml`, as this crate does
+//! (profiles of a dependency do not carry over):
+//!
+//! ```toml
+//! [profile.dev.package.num-bigint-dig]
+//! opt-level = 3
+//! [profile.dev.package.rsa]
+//! opt-level = 3
+//! ```
+//!
+//! # Provider flavors
+//!
+//! The default fake is a strict, standards-following provider. Two presets imitate the quirks
+//! of real providers that brokers must survive:
+//!
+//! | | [`FakeIdpConfig::default`] | [`FakeIdpConfig::google`] | [`FakeIdpConfig::microsoft`] |
+//! |---|---|---|---|
+//! | refresh token on code exchange | always | `access_type=offline` and first consent or `prompt=consent` | scope has `offline_access` |
+//! | refresh response | rotated, reuse detection | no `refresh_token`, old one stays valid | rotated, old ones stay valid |
+//! | revocation | `/revoke` | `/revoke` (client auth optional) | none (404, not in discovery) |
+//! | [`FakeIdp::issuer`] | base URL | base URL (real Google: `https://accounts.google.com`) | `{base}/{tenant}/v2.0` |
+//! | extra | | `include_granted_scopes=true` unions scopes | `ext_expires_in`, `tid`, issuer template in multi-tenant discovery |
+//!
+//! Point a provider at a fake with [`FakeIdp::discovery_url`] (OIDC discovery) or with the
+//! single endpoints ([`FakeIdp::authorization_endpoint`], [`FakeIdp::token_endpoint`], …),
+//! which follow the flavor:
+//!
+//! ```
+//! # use tokenbroker::testing::{FakeIdp, FakeIdpConfig};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! let google = FakeIdp::start(FakeIdpConfig::google()).await?;
+//! assert_eq!(google.discovery_url().path(), "/.well-known/openid-configuration");
+//! let microsoft = FakeIdp::start(FakeIdpConfig::microsoft("my-tenant")).await?;
+//! assert_eq!(microsoft.issuer(), format!("{}my-tenant/v2.0", microsoft.base_url()));
+//! assert_eq!(microsoft.authorization_endpoint().path(), "/my-tenant/oauth2/v2.0/authorize");
+//! assert!(!microsoft.supports_revocation());
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # Time
 //!
@@ -65,20 +126,22 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::connect_info::{ConnectInfo, Connected};
-use axum::extract::{RawQuery, State as AxumState};
+use axum::extract::{Path, RawQuery, State as AxumState};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::{IncomingStream, Listener};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use openidconnect::core::{CoreJwsSigningAlgorithm, CoreRsaPrivateSigningKey};
+use openidconnect::{JsonWebKeyId, PrivateSigningKey};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde_json::{Map, Value, json};
@@ -94,7 +157,9 @@ use url::{Position, Url};
 ///
 /// Defaults: client `fake-client` / `fake-client-secret`, any redirect URI accepted, default
 /// user `alice`, access tokens valid for 3600 s, authorization codes for 60 s, refresh-token
-/// rotation and reuse detection on, refresh tokens issued, ID tokens issued for `openid`.
+/// rotation and reuse detection on, refresh tokens issued, RS256-signed ID tokens issued for
+/// `openid`. [`FakeIdpConfig::google`] and [`FakeIdpConfig::microsoft`] are presets that
+/// imitate those providers' quirks.
 #[derive(Clone)]
 pub struct FakeIdpConfig {
     client_id: String,
@@ -107,6 +172,20 @@ pub struct FakeIdpConfig {
     reuse_detection: bool,
     omit_refresh_token: bool,
     issue_id_token: bool,
+    sign_id_tokens: bool,
+    keep_rotated_refresh_tokens: bool,
+    flavor: Flavor,
+}
+
+/// Which real provider's quirks the fake imitates (set by the presets).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Flavor {
+    /// A strict, standards-following provider (the default).
+    Generic,
+    /// [`FakeIdpConfig::google`].
+    Google,
+    /// [`FakeIdpConfig::microsoft`], with the tenant id.
+    Microsoft { tenant: String },
 }
 
 impl Default for FakeIdpConfig {
@@ -122,6 +201,9 @@ impl Default for FakeIdpConfig {
             reuse_detection: true,
             omit_refresh_token: false,
             issue_id_token: true,
+            sign_id_tokens: true,
+            keep_rotated_refresh_tokens: false,
+            flavor: Flavor::Generic,
         }
     }
 }
@@ -139,11 +221,110 @@ impl fmt::Debug for FakeIdpConfig {
             .field("reuse_detection", &self.reuse_detection)
             .field("omit_refresh_token", &self.omit_refresh_token)
             .field("issue_id_token", &self.issue_id_token)
+            .field("sign_id_tokens", &self.sign_id_tokens)
+            .field(
+                "keep_rotated_refresh_tokens",
+                &self.keep_rotated_refresh_tokens,
+            )
+            .field("flavor", &self.flavor)
             .finish()
     }
 }
 
 impl FakeIdpConfig {
+    /// A preset that behaves like Google's OAuth 2.0 / OpenID Connect endpoints:
+    ///
+    /// - `/authorize` issues a code whose exchange carries a `refresh_token` only when the
+    ///   request had `access_type=offline` **and** it is the user's first consent for this
+    ///   client or the request had `prompt=consent` (see [`FakeIdp::has_consented`] and
+    ///   [`Counters::consent_prompts`]);
+    /// - refresh responses carry no `refresh_token` (no rotation) and the old one stays valid;
+    /// - `include_granted_scopes=true` grants the union of the requested scopes and the user's
+    ///   earlier grants to this client (incremental authorization);
+    /// - a dead refresh token gets `400 {"error":"invalid_grant","error_description":"Token has
+    ///   been expired or revoked."}`;
+    /// - `/revoke` works without client authentication too, and revoking either token of a grant
+    ///   revokes the whole grant and forgets the user's consent.
+    ///
+    /// The `iss` of ID tokens stays this fake's [`FakeIdp::issuer`], so that discovery and
+    /// verification can be pointed at it; real Google uses `https://accounts.google.com` and
+    /// sometimes the bare `accounts.google.com`, which a relying party must accept both of.
+    ///
+    /// ```
+    /// # use tokenbroker::testing::{FakeIdp, FakeIdpConfig};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let idp = FakeIdp::start(FakeIdpConfig::google()).await?;
+    /// // A relying party discovers everything from here:
+    /// assert_eq!(idp.discovery_url().as_str(),
+    ///     format!("{}/.well-known/openid-configuration", idp.issuer()));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn google() -> Self {
+        Self {
+            flavor: Flavor::Google,
+            rotate_refresh_tokens: false,
+            reuse_detection: false,
+            ..Self::default()
+        }
+    }
+
+    /// A preset that behaves like the Microsoft identity platform (Entra ID, v2.0 endpoints)
+    /// for the tenant `tenant_id`:
+    ///
+    /// - refresh tokens are issued only when the granted scope includes `offline_access`;
+    /// - every refresh rotates the refresh token, and the old ones **stay valid** (Microsoft does
+    ///   not revoke them on rotation, so there is no reuse detection);
+    /// - token responses carry `ext_expires_in` (a number) next to `expires_in`;
+    /// - there is no revocation endpoint: `/revoke` answers 404 and discovery has no
+    ///   `revocation_endpoint` (a provider must report revocation as unsupported);
+    /// - ID tokens carry `tid` (the tenant id), `ver: "2.0"`, `preferred_username`, and
+    ///   `iss` = `{base}/{tenant_id}/v2.0` ([`FakeIdp::issuer`]);
+    /// - discovery is served at `/{tenant}/v2.0/.well-known/openid-configuration` for
+    ///   `common`, `organizations`, `consumers` and the tenant id. As at Microsoft, the
+    ///   multi-tenant documents have the literal template `{base}/{tenantid}/v2.0` as their
+    ///   `issuer`, and the tenant's own document has the concrete issuer;
+    /// - the authorization and token endpoints live at `/{tenant}/oauth2/v2.0/authorize` and
+    ///   `/{tenant}/oauth2/v2.0/token` (`/authorize` and `/token` keep working as aliases).
+    ///
+    /// ```
+    /// # use tokenbroker::testing::{FakeIdp, FakeIdpConfig};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let idp = FakeIdp::start(FakeIdpConfig::microsoft("tenant-1")).await?;
+    /// assert_eq!(idp.issuer(), format!("{}tenant-1/v2.0", idp.base_url()));
+    /// assert_eq!(idp.token_endpoint().path(), "/tenant-1/oauth2/v2.0/token");
+    /// assert_eq!(idp.discovery_url().path(), "/tenant-1/v2.0/.well-known/openid-configuration");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn microsoft(tenant_id: impl Into<String>) -> Self {
+        Self {
+            flavor: Flavor::Microsoft {
+                tenant: tenant_id.into(),
+            },
+            rotate_refresh_tokens: true,
+            reuse_detection: false,
+            keep_rotated_refresh_tokens: true,
+            ..Self::default()
+        }
+    }
+
+    /// Signs ID tokens with RS256 (default) or, when off, sends them unsigned with
+    /// `{"alg":"none"}` and an empty signature part (the fake's behaviour before signing).
+    pub fn with_signed_id_tokens(mut self, on: bool) -> Self {
+        self.sign_id_tokens = on;
+        self
+    }
+
+    /// When on, a rotated refresh token stays valid after its successor is issued
+    /// (Microsoft style): no reuse detection can happen. Off by default.
+    pub fn with_keep_rotated_refresh_tokens(mut self, on: bool) -> Self {
+        self.keep_rotated_refresh_tokens = on;
+        self
+    }
+
     /// Sets the one registered client's id.
     pub fn with_client_id(mut self, client_id: impl Into<String>) -> Self {
         self.client_id = client_id.into();
@@ -212,7 +393,8 @@ impl FakeIdpConfig {
 /// A snapshot of the fake IdP's call counters. See [`FakeIdp::counters`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// Authorization requests: `GET /authorize` plus [`FakeIdp::authorize`] calls, valid or not.
+    /// Authorization requests: `GET /authorize` (and Microsoft's tenant aliases) plus
+    /// [`FakeIdp::authorize`] calls, valid or not.
     pub authorize_requests: u64,
     /// `authorization_code` grant requests that reached `/token`, including failed and faulted ones.
     pub code_exchanges: u64,
@@ -228,14 +410,21 @@ pub struct Counters {
     pub introspections: u64,
     /// Requests that reached `/token`, whatever their grant type or outcome.
     pub token_requests: u64,
+    /// Requests that reached `/jwks`.
+    pub jwks_calls: u64,
+    /// Discovery documents served (`…/.well-known/openid-configuration`).
+    pub discovery_calls: u64,
+    /// Accepted authorization requests with `prompt=consent` (the consent screen was forced).
+    pub consent_prompts: u64,
 }
 
 /// A one-shot misbehaviour of the `/token` endpoint, queued with [`FakeIdp::inject`].
 ///
 /// Faults are consumed first in, first out, one per `/token` request, whatever the request is
 /// (even a malformed one). A faulted request does not touch grant state: a refresh token
-/// presented in a faulted request is not consumed. Two faults answer normally and so do change
-/// state: [`Fault::Delay`] (after its sleep) and [`Fault::ExpiresInAsString`].
+/// presented in a faulted request is not consumed. Three faults answer normally and so do change
+/// state: [`Fault::Delay`] (after its sleep), [`Fault::ExpiresInAsString`] and
+/// [`Fault::TamperedIdToken`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Fault {
@@ -270,6 +459,10 @@ pub enum Fault {
     ExpiresInAsString,
     /// Close the connection without sending any response byte. The request is not processed.
     DropConnection,
+    /// Process the request normally, but if the answer carries an `id_token`, alter its payload
+    /// after signing (the `sub` changes), so its signature no longer verifies. See also
+    /// [`FakeIdp::issue_tampered_id_tokens`].
+    TamperedIdToken,
 }
 
 /// What the redirect back to the client carries after a successful authorization step.
@@ -345,14 +538,22 @@ impl FakeIdp {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let base_url = Url::parse(&format!("http://{addr}/")).map_err(io::Error::other)?;
+        let base = base_url.as_str().trim_end_matches('/').to_owned();
+        let issuer = match &config.flavor {
+            Flavor::Microsoft { tenant } => format!("{base}/{tenant}/v2.0"),
+            Flavor::Generic | Flavor::Google => base.clone(),
+        };
         let shared = Arc::new(Shared {
             client_id: config.client_id.clone(),
             client_secret: config.client_secret.clone(),
             redirect_uris: config.redirect_uris.clone(),
             default_user: config.default_user.clone(),
-            issuer: base_url.as_str().trim_end_matches('/').to_owned(),
+            base,
+            issuer,
             code_ttl: config.code_ttl,
             issue_id_token: config.issue_id_token,
+            sign_id_tokens: config.sign_id_tokens,
+            flavor: config.flavor.clone(),
             state: Mutex::new(IdpState::new(&config)),
         });
         let router = Router::new()
@@ -360,6 +561,18 @@ impl FakeIdp {
             .route("/token", post(token_handler))
             .route("/revoke", post(revoke_handler))
             .route("/introspect", post(introspect_handler))
+            .route("/.well-known/openid-configuration", get(discovery_handler))
+            .route("/jwks", get(jwks_handler))
+            // Microsoft's tenant-scoped paths; they answer 404 in the other flavors.
+            .route(
+                "/{tenant}/v2.0/.well-known/openid-configuration",
+                get(tenant_discovery_handler),
+            )
+            .route(
+                "/{tenant}/oauth2/v2.0/authorize",
+                get(tenant_authorize_handler),
+            )
+            .route("/{tenant}/oauth2/v2.0/token", post(tenant_token_handler))
             .with_state(Arc::clone(&shared));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -407,24 +620,70 @@ impl FakeIdp {
         self.inner.base_url.clone()
     }
 
-    /// The `iss` of ID tokens: the base URL without its trailing slash.
+    /// The `iss` of ID tokens and the `issuer` of the discovery document: the base URL without
+    /// its trailing slash, or `{base}/{tenant_id}/v2.0` for [`FakeIdpConfig::microsoft`].
+    /// Relying parties that discover from an issuer URL fetch
+    /// `{issuer}/.well-known/openid-configuration` ([`FakeIdp::discovery_url`]).
     pub fn issuer(&self) -> String {
         self.inner.shared.issuer.clone()
     }
 
-    /// `GET /authorize`.
+    /// `GET {issuer}/.well-known/openid-configuration`: the OpenID Connect discovery document.
+    /// Counted in [`Counters::discovery_calls`].
+    pub fn discovery_url(&self) -> Url {
+        let mut url = self.inner.base_url.clone();
+        url.set_path(&match &self.inner.shared.flavor {
+            Flavor::Microsoft { tenant } => {
+                format!("{tenant}/v2.0/.well-known/openid-configuration")
+            }
+            Flavor::Generic | Flavor::Google => ".well-known/openid-configuration".to_owned(),
+        });
+        url
+    }
+
+    /// `GET /jwks`: the JSON Web Key Set with the public keys that verify ID tokens.
+    /// Counted in [`Counters::jwks_calls`].
+    pub fn jwks_uri(&self) -> Url {
+        self.endpoint("jwks")
+    }
+
+    /// The tenant id given to [`FakeIdpConfig::microsoft`], if this is a Microsoft fake.
+    pub fn tenant_id(&self) -> Option<&str> {
+        match &self.inner.shared.flavor {
+            Flavor::Microsoft { tenant } => Some(tenant),
+            Flavor::Generic | Flavor::Google => None,
+        }
+    }
+
+    /// `GET /authorize`, or `GET /{tenant_id}/oauth2/v2.0/authorize` for
+    /// [`FakeIdpConfig::microsoft`] (`/authorize` works there too).
     pub fn authorization_endpoint(&self) -> Url {
-        self.endpoint("authorize")
+        match self.tenant_id() {
+            Some(tenant) => self.endpoint(&format!("{tenant}/oauth2/v2.0/authorize")),
+            None => self.endpoint("authorize"),
+        }
     }
 
-    /// `POST /token`.
+    /// `POST /token`, or `POST /{tenant_id}/oauth2/v2.0/token` for
+    /// [`FakeIdpConfig::microsoft`] (`/token` works there too).
     pub fn token_endpoint(&self) -> Url {
-        self.endpoint("token")
+        match self.tenant_id() {
+            Some(tenant) => self.endpoint(&format!("{tenant}/oauth2/v2.0/token")),
+            None => self.endpoint("token"),
+        }
     }
 
-    /// `POST /revoke` (RFC 7009). Note that it is plain `http`.
+    /// `POST /revoke` (RFC 7009). Note that it is plain `http`. For
+    /// [`FakeIdpConfig::microsoft`] it answers 404, as Microsoft has no revocation endpoint
+    /// (see [`FakeIdp::supports_revocation`]).
     pub fn revocation_endpoint(&self) -> Url {
         self.endpoint("revoke")
+    }
+
+    /// Whether `/revoke` is served and listed in discovery: false only for
+    /// [`FakeIdpConfig::microsoft`].
+    pub fn supports_revocation(&self) -> bool {
+        !matches!(self.inner.shared.flavor, Flavor::Microsoft { .. })
     }
 
     /// `POST /introspect` (RFC 7662).
@@ -454,8 +713,8 @@ impl FakeIdp {
     /// `GET /authorize` (and counts as one authorization request), and returns what the
     /// redirect would carry. The code is shared with the HTTP endpoint: it can be exchanged
     /// at `/token`. `user` overrides any `login_hint`. The URL must point at
-    /// [`FakeIdp::authorization_endpoint`] (scheme, host, port and path), else
-    /// [`FakeIdpError::BadRequest`].
+    /// [`FakeIdp::authorization_endpoint`] (scheme, host, port and path; `/authorize` and, for
+    /// Microsoft, every tenant alias are accepted too), else [`FakeIdpError::BadRequest`].
     #[expect(
         clippy::result_large_err,
         reason = "a rare test-helper error; keeping `Url` unboxed reads better"
@@ -469,7 +728,9 @@ impl FakeIdp {
         let mut st = shared.lock();
         st.counters.authorize_requests += 1;
         let endpoint = self.authorization_endpoint();
-        if authorization_url[..Position::AfterPath] != endpoint[..Position::AfterPath] {
+        let same_server = authorization_url[..Position::BeforePath]
+            == self.inner.base_url[..Position::BeforePath];
+        if !same_server || !shared.is_authorize_path(authorization_url.path()) {
             return Err(FakeIdpError::BadRequest {
                 description: format!("{authorization_url} is not {endpoint}"),
             });
@@ -546,18 +807,74 @@ impl FakeIdp {
     }
 
     /// Server-side revocation: revokes every grant of `user`. Their access tokens become
-    /// inactive and their refresh tokens get `invalid_grant`.
+    /// inactive and their refresh tokens get `invalid_grant`, and their consent is forgotten
+    /// (see [`FakeIdp::has_consented`]).
     pub fn revoke_user_grants(&self, user: &str) {
         let mut st = self.inner.shared.lock();
         for grant in st.grants.values_mut().filter(|g| g.user == user) {
             grant.revoked = true;
         }
+        // As when a user removes an app's access: the next login asks for consent again.
+        st.consents.remove(user);
     }
 
     /// Whether `token` (access or refresh token) is currently active, as `/introspect` would
     /// say, without counting an introspection.
     pub fn is_active(&self, token: &str) -> bool {
         token_info(&self.inner.shared.lock(), token).is_some()
+    }
+
+    /// Whether `user` has consented to this client: an authorization request for them went
+    /// through since the fake started (or since their grants were revoked). With
+    /// [`FakeIdpConfig::google`], only the first consent (or a forced `prompt=consent`) brings
+    /// a refresh token.
+    pub fn has_consented(&self, user: &str) -> bool {
+        self.inner.shared.lock().consents.contains_key(user)
+    }
+
+    /// The scopes `user` has consented to for this client so far (the union over their
+    /// authorization requests), or `None` without consent.
+    pub fn consented_scopes(&self, user: &str) -> Option<Vec<String>> {
+        self.inner.shared.lock().consents.get(user).cloned()
+    }
+
+    /// The `prompt` parameter of the last accepted authorization request (`None` if it had
+    /// none, or if there was no such request yet). Forced consents are also counted in
+    /// [`Counters::consent_prompts`].
+    pub fn last_prompt(&self) -> Option<String> {
+        self.inner.shared.lock().last_prompt.clone()
+    }
+
+    /// Switches ID-token signing to the other embedded test key (a new `kid`) and returns its
+    /// `kid`. By default `/jwks` then lists both keys, as providers do during a rollover; after
+    /// [`FakeIdp::set_publish_retired_keys`]`(false)` it lists only the new one. Either way a
+    /// relying party that cached the old key set must re-fetch it on the unknown `kid`.
+    pub fn rotate_signing_key(&self) -> String {
+        let mut st = self.inner.shared.lock();
+        st.signing_key = (st.signing_key + 1) % KEY_IDS.len();
+        let current = st.signing_key;
+        if !st.used_keys.contains(&current) {
+            st.used_keys.push(current);
+        }
+        KEY_IDS[current].to_owned()
+    }
+
+    /// Whether `/jwks` keeps listing keys that no longer sign (default on). Off: only the
+    /// current signing key is listed.
+    pub fn set_publish_retired_keys(&self, on: bool) {
+        self.inner.shared.lock().knobs.publish_retired_keys = on;
+    }
+
+    /// The `kid` of the key that signs ID tokens now.
+    pub fn signing_key_id(&self) -> String {
+        KEY_IDS[self.inner.shared.lock().signing_key].to_owned()
+    }
+
+    /// While on, every ID token in a token response has its payload altered after signing (the
+    /// `sub` changes), so it fails signature verification. For a single response, inject
+    /// [`Fault::TamperedIdToken`] instead.
+    pub fn issue_tampered_id_tokens(&self, on: bool) {
+        self.inner.shared.lock().knobs.tamper_id_tokens = on;
     }
 }
 
@@ -569,15 +886,43 @@ struct Shared {
     client_secret: String,
     redirect_uris: Vec<Url>,
     default_user: String,
+    /// The base URL without its trailing slash.
+    base: String,
     issuer: String,
     code_ttl: Duration,
     issue_id_token: bool,
+    sign_id_tokens: bool,
+    flavor: Flavor,
     state: Mutex<IdpState>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, IdpState> {
         lock(&self.state)
+    }
+
+    fn is_google(&self) -> bool {
+        self.flavor == Flavor::Google
+    }
+
+    /// Whether `tenant` names a tenant path segment this fake serves: Microsoft's multi-tenant
+    /// names and the configured tenant id. Always false for the other flavors.
+    fn serves_tenant(&self, tenant: &str) -> bool {
+        match &self.flavor {
+            Flavor::Microsoft { tenant: own } => {
+                matches!(tenant, "common" | "organizations" | "consumers") || tenant == own
+            }
+            Flavor::Generic | Flavor::Google => false,
+        }
+    }
+
+    /// `/authorize`, or `/{tenant}/oauth2/v2.0/authorize` for a served tenant.
+    fn is_authorize_path(&self, path: &str) -> bool {
+        path == "/authorize"
+            || path
+                .strip_prefix('/')
+                .and_then(|p| p.strip_suffix("/oauth2/v2.0/authorize"))
+                .is_some_and(|tenant| self.serves_tenant(tenant))
     }
 }
 
@@ -593,6 +938,9 @@ struct Knobs {
     omit_refresh_token: bool,
     deny_consent: bool,
     token_delay: Option<Duration>,
+    keep_rotated: bool,
+    tamper_id_tokens: bool,
+    publish_retired_keys: bool,
 }
 
 type GrantId = u64;
@@ -608,13 +956,14 @@ struct CodeRecord {
     issued: Instant,
     used: bool,
     grant: Option<GrantId>,
+    /// Whether the exchange may carry a refresh token (decided by the flavor at `/authorize`).
+    offline: bool,
 }
 
 struct Grant {
     user: String,
     client_id: String,
     scopes: Vec<String>,
-    nonce: Option<String>,
     revoked: bool,
 }
 
@@ -645,6 +994,15 @@ struct IdpState {
     access_tokens: HashMap<String, AccessRecord>,
     refresh_tokens: HashMap<String, RefreshRecord>,
     next_grant: GrantId,
+    /// Per user: the scopes consented to for the one client.
+    consents: HashMap<String, Vec<String>>,
+    last_prompt: Option<String>,
+    /// Index into [`KEY_IDS`] of the key that signs now.
+    signing_key: usize,
+    /// Keys that have signed, in order of first use (what `/jwks` lists by default).
+    used_keys: Vec<usize>,
+    /// Set by `token_handler` around one request: tamper with its ID token.
+    tamper_this_response: bool,
 }
 
 impl IdpState {
@@ -657,6 +1015,9 @@ impl IdpState {
                 omit_refresh_token: config.omit_refresh_token,
                 deny_consent: false,
                 token_delay: None,
+                keep_rotated: config.keep_rotated_refresh_tokens,
+                tamper_id_tokens: false,
+                publish_retired_keys: true,
             },
             counters: Counters::default(),
             faults: VecDeque::new(),
@@ -665,6 +1026,11 @@ impl IdpState {
             access_tokens: HashMap::new(),
             refresh_tokens: HashMap::new(),
             next_grant: 1,
+            consents: HashMap::new(),
+            last_prompt: None,
+            signing_key: 0,
+            used_keys: vec![0],
+            tamper_this_response: false,
         }
     }
 
@@ -1069,6 +1435,47 @@ fn authorize_core(
         .map(str::to_owned)
         .or_else(|| params.get("login_hint").cloned())
         .unwrap_or_else(|| shared.default_user.clone());
+
+    // Consent: remembered per user, as the union of everything consented to.
+    let requested = split_scopes(params.get("scope"));
+    let prompt = params.get("prompt");
+    let forced_consent = prompt.is_some_and(|p| p.split(' ').any(|v| v == "consent"));
+    if forced_consent {
+        st.counters.consent_prompts += 1;
+    }
+    st.last_prompt = prompt.cloned();
+    let first_consent = !st.consents.contains_key(&user);
+    let consented = st.consents.entry(user.clone()).or_default();
+    let earlier = consented.clone();
+    for scope in &requested {
+        if !consented.contains(scope) {
+            consented.push(scope.clone());
+        }
+    }
+    let incremental = shared.is_google()
+        && params.get("include_granted_scopes").map(String::as_str) == Some("true");
+    let scopes = if incremental {
+        let mut union = earlier;
+        for scope in requested {
+            if !union.contains(&scope) {
+                union.push(scope);
+            }
+        }
+        union
+    } else {
+        requested
+    };
+    let offline = match &shared.flavor {
+        Flavor::Generic => true,
+        // Google hands out a refresh token only for offline access, and only when the consent
+        // screen was shown: the first time, or when forced with `prompt=consent`.
+        Flavor::Google => {
+            params.get("access_type").map(String::as_str) == Some("offline")
+                && (first_consent || forced_consent)
+        }
+        Flavor::Microsoft { .. } => scopes.iter().any(|s| s == "offline_access"),
+    };
+
     let code = random_token("code_");
     st.codes.insert(
         code.clone(),
@@ -1076,12 +1483,13 @@ fn authorize_core(
             client_id: client_id.clone(),
             redirect_uri_param: redirect_param.cloned(),
             user,
-            scopes: split_scopes(params.get("scope")),
+            scopes,
             nonce: params.get("nonce").cloned(),
             code_challenge: challenge.clone(),
             issued: Instant::now(),
             used: false,
             grant: None,
+            offline,
         },
     );
     let mut redirect_url = redirect_uri;
@@ -1121,16 +1529,20 @@ async fn token_handler(
         tokio::time::sleep(delay).await;
     }
     let mut expires_in_as_string = false;
+    let mut tamper = false;
     match fault {
         None => {}
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
         Some(Fault::ExpiresInAsString) => expires_in_as_string = true,
+        Some(Fault::TamperedIdToken) => tamper = true,
         Some(fault) => return fault_response(fault, &conn),
     }
     let result = form.and_then(|form| {
         let mut st = shared.lock();
         authenticate(&shared, &headers, &form)?;
-        match form.get("grant_type").map(String::as_str) {
+        // Read by `issue_tokens` for this request only.
+        st.tamper_this_response = tamper || st.knobs.tamper_id_tokens;
+        let result = match form.get("grant_type").map(String::as_str) {
             Some("authorization_code") => exchange_code(&shared, &mut st, &form),
             Some("refresh_token") => refresh(&shared, &mut st, &form),
             Some(_) => Err(OAuthError::new(
@@ -1139,7 +1551,9 @@ async fn token_handler(
                 "grant_type not supported",
             )),
             None => Err(OAuthError::invalid_request("grant_type missing")),
-        }
+        };
+        st.tamper_this_response = false;
+        result
     });
     match result {
         Ok(mut body) => {
@@ -1197,7 +1611,7 @@ fn fault_response(fault: Fault, conn: &ConnTag) -> Response {
             Response::new(Body::empty())
         }
         // Answered normally by the caller.
-        Fault::Delay(_) | Fault::ExpiresInAsString => OAuthError::new(
+        Fault::Delay(_) | Fault::ExpiresInAsString | Fault::TamperedIdToken => OAuthError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
             "unreachable",
@@ -1260,16 +1674,39 @@ fn exchange_code(
         user: record.user.clone(),
         client_id: record.client_id.clone(),
         scopes: record.scopes.clone(),
-        nonce: record.nonce.clone(),
         revoked: false,
     };
+    let nonce = record.nonce.clone();
+    let with_refresh = !st.knobs.omit_refresh_token && record.offline;
     let scopes = grant.scopes.clone();
     st.grants.insert(grant_id, grant);
-    let with_refresh = !st.knobs.omit_refresh_token;
-    Ok(issue_tokens(shared, st, grant_id, &scopes, with_refresh))
+    Ok(issue_tokens(
+        shared,
+        st,
+        grant_id,
+        &scopes,
+        with_refresh,
+        nonce.as_deref(),
+    ))
 }
 
 fn refresh(
+    shared: &Shared,
+    st: &mut IdpState,
+    form: &Params,
+) -> Result<Map<String, Value>, OAuthError> {
+    let result = refresh_core(shared, st, form);
+    match result {
+        // Google gives one description for every dead refresh token, whatever the reason.
+        Err(mut e) if shared.is_google() && e.error == "invalid_grant" => {
+            e.description = "Token has been expired or revoked.".to_owned();
+            Err(e)
+        }
+        other => other,
+    }
+}
+
+fn refresh_core(
     shared: &Shared,
     st: &mut IdpState,
     form: &Params,
@@ -1319,21 +1756,27 @@ fn refresh(
         }
     };
     let rotate = st.knobs.rotate && !st.knobs.omit_refresh_token;
-    if rotate && let Some(old) = st.refresh_tokens.get_mut(token) {
+    if rotate
+        && !st.knobs.keep_rotated
+        && let Some(old) = st.refresh_tokens.get_mut(token)
+    {
         old.status = RefreshStatus::Consumed;
     }
     st.counters.refresh_successes += 1;
-    Ok(issue_tokens(shared, st, grant_id, &scopes, rotate))
+    // No `nonce` on refresh: it belongs to the authentication request (OIDC Core §12.2).
+    Ok(issue_tokens(shared, st, grant_id, &scopes, rotate, None))
 }
 
 /// Mints an access token (and a refresh token and ID token when due) for `grant_id`, and
-/// builds the RFC 6749 §5.1 response.
+/// builds the RFC 6749 §5.1 response. `nonce` is that of the authorization request, on code
+/// exchange only.
 fn issue_tokens(
     shared: &Shared,
     st: &mut IdpState,
     grant_id: GrantId,
     scopes: &[String],
     with_refresh: bool,
+    nonce: Option<&str>,
 ) -> Map<String, Value> {
     let now = unix_now();
     let ttl = st.knobs.access_token_ttl.as_secs();
@@ -1351,6 +1794,10 @@ fn issue_tokens(
     body.insert("access_token".into(), access_token.into());
     body.insert("token_type".into(), "Bearer".into());
     body.insert("expires_in".into(), ttl.into());
+    if matches!(shared.flavor, Flavor::Microsoft { .. }) {
+        // Microsoft's "extended" lifetime, for resilience during outages; always a number.
+        body.insert("ext_expires_in".into(), ttl.into());
+    }
     if with_refresh {
         let refresh_token = random_token("rt_");
         st.refresh_tokens.insert(
@@ -1369,33 +1816,93 @@ fn issue_tokens(
         && scopes.iter().any(|s| s == "openid")
         && let Some(grant) = st.grants.get(&grant_id)
     {
-        body.insert(
-            "id_token".into(),
-            unsigned_id_token(shared, grant, now, ttl).into(),
-        );
+        let claims = id_token_claims(shared, grant, now, ttl, nonce);
+        let id_token = if shared.sign_id_tokens {
+            signed_jwt(st.signing_key, &claims, st.tamper_this_response)
+        } else {
+            unsigned_jwt(&claims)
+        };
+        body.insert("id_token".into(), id_token.into());
     }
     body
 }
 
-/// A JWT-shaped ID token with `alg: none` and an empty signature part. **Not signed**:
-/// it cannot pass a real signature check.
-fn unsigned_id_token(shared: &Shared, grant: &Grant, now: u64, ttl: u64) -> String {
-    let header = json!({ "alg": "none", "typ": "JWT" });
+/// The claims of an ID token for `grant`, shaped like the flavor's real tokens.
+fn id_token_claims(
+    shared: &Shared,
+    grant: &Grant,
+    now: u64,
+    ttl: u64,
+    nonce: Option<&str>,
+) -> Value {
+    // Users in these tests are plain names; give them a stable address.
+    let email = if grant.user.contains('@') {
+        grant.user.clone()
+    } else {
+        format!("{}@example.com", grant.user)
+    };
     let mut claims = json!({
         "iss": shared.issuer,
         "sub": grant.user,
         "aud": grant.client_id,
+        "azp": grant.client_id,
         "exp": now + ttl,
         "iat": now,
+        "email": email,
+        "email_verified": true,
     });
-    if let Some(nonce) = &grant.nonce {
-        claims["nonce"] = nonce.clone().into();
+    if let Some(nonce) = nonce {
+        claims["nonce"] = nonce.into();
     }
+    if let Flavor::Microsoft { tenant } = &shared.flavor {
+        claims["tid"] = tenant.clone().into();
+        claims["ver"] = "2.0".into();
+        claims["preferred_username"] = email.into();
+    }
+    claims
+}
+
+/// A JWT with `alg: none` and an empty signature part (with
+/// [`FakeIdpConfig::with_signed_id_tokens`] off). It cannot pass a real signature check.
+fn unsigned_jwt(claims: &Value) -> String {
+    let header = json!({ "alg": "none", "typ": "JWT" });
     format!(
         "{}.{}.",
         URL_SAFE_NO_PAD.encode(header.to_string()),
         URL_SAFE_NO_PAD.encode(claims.to_string())
     )
+}
+
+/// A JWS (RS256) over `claims` with the embedded test key `key`. With `tamper`, the payload is
+/// replaced after signing (another `sub`), so that only the signature check can catch it.
+fn signed_jwt(key: usize, claims: &Value, tamper: bool) -> String {
+    let header = json!({ "alg": "RS256", "typ": "JWT", "kid": KEY_IDS[key] });
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    // Signing with a valid embedded key cannot fail; should it anyway, the token goes out with
+    // an empty signature, which every verifier rejects: the safe side for a test IdP.
+    let signature = test_keys()[key]
+        .sign(
+            &CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
+            signing_input.as_bytes(),
+        )
+        .unwrap_or_default();
+    let signed_part = if tamper {
+        let mut forged = claims.clone();
+        let sub = forged["sub"].as_str().unwrap_or_default();
+        forged["sub"] = format!("{sub}-tampered").into();
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(forged.to_string())
+        )
+    } else {
+        signing_input
+    };
+    format!("{signed_part}.{}", URL_SAFE_NO_PAD.encode(signature))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1408,16 +1915,36 @@ async fn revoke_handler(
 ) -> Response {
     let mut st = shared.lock();
     st.counters.revocations += 1;
+    if matches!(shared.flavor, Flavor::Microsoft { .. }) {
+        // Microsoft has no token revocation endpoint.
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let google = shared.is_google();
     let result = parse_form(&headers, &body).and_then(|form| {
-        authenticate(&shared, &headers, &form)?;
+        // Google's endpoint takes just the token; credentials, if sent, must still be right.
+        let sent_credentials = headers.contains_key(header::AUTHORIZATION)
+            || form.contains_key("client_id")
+            || form.contains_key("client_secret");
+        if !google || sent_credentials {
+            authenticate(&shared, &headers, &form)?;
+        }
         let token = form
             .get("token")
             .ok_or_else(|| OAuthError::invalid_request("token missing"))?;
         // `token_type_hint` is only a hint (RFC 7009 §2.1): both kinds are looked up.
-        if let Some(at) = st.access_tokens.get_mut(token) {
+        let grant = if let Some(at) = st.access_tokens.get_mut(token) {
             at.revoked = true;
-        } else if let Some(grant) = st.refresh_tokens.get(token).map(|rt| rt.grant) {
+            // Google revokes the whole grant whichever token is presented.
+            google.then_some(at.grant)
+        } else {
+            st.refresh_tokens.get(token).map(|rt| rt.grant)
+        };
+        if let Some(grant) = grant {
             st.revoke_grant(grant);
+            if google && let Some(user) = st.grants.get(&grant).map(|g| g.user.clone()) {
+                // Revocation removes the app's access: the next login is a first consent.
+                st.consents.remove(&user);
+            }
         }
         Ok(())
     });
@@ -1425,6 +1952,142 @@ async fn revoke_handler(
         // Unknown tokens are answered with 200 too (RFC 7009 §2.2).
         Ok(()) => StatusCode::OK.into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Discovery, JWKS and Microsoft's tenant-scoped aliases
+
+async fn discovery_handler(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
+    match shared.flavor {
+        // Microsoft serves discovery only under a tenant path.
+        Flavor::Microsoft { .. } => StatusCode::NOT_FOUND.into_response(),
+        Flavor::Generic | Flavor::Google => {
+            shared.lock().counters.discovery_calls += 1;
+            json_response(StatusCode::OK, &discovery_document(&shared, None))
+        }
+    }
+}
+
+async fn tenant_discovery_handler(
+    AxumState(shared): AxumState<Arc<Shared>>,
+    Path(tenant): Path<String>,
+) -> Response {
+    if !shared.serves_tenant(&tenant) {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    shared.lock().counters.discovery_calls += 1;
+    json_response(StatusCode::OK, &discovery_document(&shared, Some(&tenant)))
+}
+
+/// The OpenID Connect discovery document; `tenant` is the path segment of a Microsoft request.
+fn discovery_document(shared: &Shared, tenant: Option<&str>) -> Value {
+    let base = &shared.base;
+    let mut doc = json!({
+        "jwks_uri": format!("{base}/jwks"),
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "scopes_supported": ["openid", "email", "profile", "offline_access"],
+        "grant_types_supported": ["authorization_code", "refresh_token"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "code_challenge_methods_supported": ["S256"],
+        "claims_supported": ["iss", "sub", "aud", "azp", "iat", "exp", "nonce", "email", "email_verified"],
+    });
+    match (&shared.flavor, tenant) {
+        (Flavor::Microsoft { tenant: own }, Some(tenant)) => {
+            // As at Microsoft: the multi-tenant documents carry a template that the relying
+            // party fills with the token's `tid`; the tenant's own document is concrete.
+            doc["issuer"] = if tenant == own {
+                shared.issuer.clone().into()
+            } else {
+                format!("{base}/{{tenantid}}/v2.0").into()
+            };
+            doc["authorization_endpoint"] = format!("{base}/{tenant}/oauth2/v2.0/authorize").into();
+            doc["token_endpoint"] = format!("{base}/{tenant}/oauth2/v2.0/token").into();
+            if let Some(claims) = doc["claims_supported"].as_array_mut() {
+                claims.extend(["tid".into(), "ver".into(), "preferred_username".into()]);
+            }
+        }
+        _ => {
+            doc["issuer"] = shared.issuer.clone().into();
+            doc["authorization_endpoint"] = format!("{base}/authorize").into();
+            doc["token_endpoint"] = format!("{base}/token").into();
+            doc["revocation_endpoint"] = format!("{base}/revoke").into();
+            doc["introspection_endpoint"] = format!("{base}/introspect").into();
+        }
+    }
+    doc
+}
+
+async fn jwks_handler(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
+    let keys: Vec<usize> = {
+        let mut st = shared.lock();
+        st.counters.jwks_calls += 1;
+        if st.knobs.publish_retired_keys {
+            st.used_keys.clone()
+        } else {
+            vec![st.signing_key]
+        }
+    };
+    let keys: Vec<Value> = keys.into_iter().map(public_jwk).collect();
+    json_response(StatusCode::OK, &json!({ "keys": keys }))
+}
+
+/// The public half of embedded test key `key` as a JWK, with `kid`, `use` and `alg`.
+fn public_jwk(key: usize) -> Value {
+    let mut jwk =
+        serde_json::to_value(test_keys()[key].as_verification_key()).unwrap_or_else(|_| json!({}));
+    if let Some(fields) = jwk.as_object_mut() {
+        fields.retain(|_, v| !v.is_null());
+        fields.insert("alg".into(), "RS256".into());
+        fields.insert("use".into(), "sig".into());
+    }
+    jwk
+}
+
+async fn tenant_authorize_handler(
+    AxumState(shared): AxumState<Arc<Shared>>,
+    Path(tenant): Path<String>,
+    query: RawQuery,
+) -> Response {
+    if let Some(refused) = refuse_tenant(&shared, &tenant) {
+        // At a Microsoft fake this is its authorization endpoint, answering an error, so it
+        // counts like any authorization request; elsewhere the path does not exist.
+        if matches!(shared.flavor, Flavor::Microsoft { .. }) {
+            shared.lock().counters.authorize_requests += 1;
+        }
+        return refused;
+    }
+    authorize_handler(AxumState(shared), query).await
+}
+
+async fn tenant_token_handler(
+    AxumState(shared): AxumState<Arc<Shared>>,
+    Path(tenant): Path<String>,
+    conn: ConnectInfo<ConnTag>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = refuse_tenant(&shared, &tenant) {
+        return refused;
+    }
+    token_handler(AxumState(shared), conn, headers, body).await
+}
+
+/// The answer for a tenant path this fake does not serve: 404 outside the Microsoft flavor,
+/// Microsoft's "tenant not found" otherwise.
+fn refuse_tenant(shared: &Shared, tenant: &str) -> Option<Response> {
+    if shared.serves_tenant(tenant) {
+        None
+    } else if matches!(shared.flavor, Flavor::Microsoft { .. }) {
+        Some(
+            OAuthError::invalid_request(format!("AADSTS90002: Tenant '{tenant}' not found."))
+                .into_response(),
+        )
+    } else {
+        Some(StatusCode::NOT_FOUND.into_response())
     }
 }
 
@@ -1565,6 +2228,94 @@ impl AsyncWrite for KillableStream {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedded signing keys
+
+// TEST-ONLY KEYS. These RSA private keys are PUBLIC: they are published in this source file so
+// that ID tokens of the fake IdP can be verified by anyone. Never use them for anything else.
+// Generated with `openssl genrsa -traditional 2048` (PKCS #1 PEM, which is what
+// `CoreRsaPrivateSigningKey::from_pem` reads).
+
+/// The `kid`s of [`TEST_KEY_PEMS`], in the same order.
+const KEY_IDS: [&str; 2] = ["fake-idp-test-key-1", "fake-idp-test-key-2"];
+
+/// Test-only, public RSA keys (see above). Key 1 signs first; [`FakeIdp::rotate_signing_key`]
+/// switches to key 2.
+const TEST_KEY_PEMS: [&str; 2] = [
+    "-----BEGIN RSA PRIVATE KEY-----
+MIIEowIBAAKCAQEAtDIEhFD/KR5XVdm1Tm5ppl380ytEjBzs01lGJNrnoS2n+3tn
+xdPRR1klvMN44BCX1U0AFVPhiHtDlRQ7N35tqndV+ftiWFGRFl3+5H1ekUuOPvFd
++A4QkUr2cTZfv6AzOplcm7lM/GYzrlyrzMghRmNEo20+9y7qwKbUoLQ9+Uaow3UL
+DTiD2xaNKxkcju514Q9oKeDbiy+q5QyQ1MHr1tb585OxbCfrhOrsFfITCzjvhL6B
+URmtSGIcay0X8k6O8KlxjQMPR55/LlwMtAbPhI7WAS8x5Y9O/CFxUf14hO6Nk6kf
+Z9/OLwUme+pxplGQwJGqjhkmFV0EtNSuENbdVwIDAQABAoIBADv4RX6Pwku5+FDv
+EqMWpfyjXQgeZ0LGQZ8ZH/oWDG6c1kIg0OmK1CSNq7yFxY20mAN6C+QNNYsJkvVj
+dU3DutW3v5phqlpAUywBflomyzlJzv5tr9tlOuhP7XLCKN2KgGIpNiPxaIi7rsmB
+t/+AP2rAkNBfBEyZhbE2FJ+jPNjftz6x3s+shKna4jCsQA/Ji1PpF83M6gSc8Bnw
+wZah703sW3Y3isVnh1Qo56AUNfU6zepqYeYWgKnFIE0H/llmzOmusvzSMOZowj4E
+MuilOIa6zHZGpLA35sC7fQubC2zZglCNh3voYT7//+TknWVCLncvXqc01cXw3pOo
+CNspbMECgYEA21inMKlYl+6Sf1YwcApZtpuAYutKs7DAV8DtBzSBw2m9KmxhmgCV
+fMf61kmRbVta8+Af4C9diHE5+3j9Gwv9fao5KQt4tjTIUr5MIRjKWjO+KJpotl4q
+II3itCRFyWUZSm5cFkxqekN625QJipbhRaE3mxYhiP3drRmaW2kIErcCgYEA0k6K
+IqBOP0zxNZ0+9QekqVRdt0OH/bLkjCluGaYH6fxne5+28eij2ow/y4OJ1SWkFOkg
+TFw3eDTheE3c/V1Rf4FXJWHZD5R3WlUzykNJrx84v7LpzNiHDiVasBcrV5Dr9cj9
+XPDgmp7YssT9VqK10OwV7YqWpCMBCzzsi9M4amECgYBNvfIj8SGRV+FceHPaghCi
+BCNQ7Awh+/dwItTfxOBpHkUJkDhXmPVisI5a/OAqXkKyRTGHB8Ki5V6jnpI2z90c
+eQShY4t5KOQHT6Mz59Fwfv5a7b9HQ8CyoRdEucZyRv7bvpms3ZCvnNMimCl5kVhu
+kWFf+kwQfcnf3D81Pti5qQKBgQC6krzPnUHtvHfdZaQ9w0scgeEmPX3+318MzZCE
+ppwsxCSWMwodMJN0xqmuBgMYmm0ns+5YcBMxzFAe54zfJZOwt3E1k8n6nW8JL79j
+eDB9cQhqYPI0LgAa157Ny7BC3inHgkjr1DKeWb/LUSGjY3RDZb7KXwHnmbpKWwFL
+xtYs4QKBgDXWH/K8PuGuWoGDsyOe/lcx6OLXaLZv27CPkcDCp6IGUVmIm6JkfGkK
+wbYx76xrHxDS1dmnMl1EhCGacyC1FDFxe065wfpgueqhxMGFyRLxl+i0HfO3oD/g
+ExsLDJLhtSdzYKN2dzW84edWmMlYEE+2cVegLddnBT786LupgDy8
+-----END RSA PRIVATE KEY-----
+",
+    "-----BEGIN RSA PRIVATE KEY-----
+MIIEogIBAAKCAQEAj+QMXopCXSwZVCunjeFAxFVYZ8VfWweSA8Cnc9Iu/2lyNypI
+ARuVcAYnox7TUZQg+TSgmWYvPSCvHA9MLePLmlZOGqJFUVNaGhOl5eXyrE08KJTq
+EH/S6SLxNx9iLRBKzBigcWmwkApzXLtIn0+HwxcGmhY+Lo5/695Pf6TK9adcXIbh
+GL/+t9MQST4dCeoit30YHw6IxKOqj+FWpXWtc11Vl5ltb97QXE3XiNNnFLb5/u74
+sd2NC1L5YuUQChJliduhM+JtFN4BMitUP8TvhPg+NTrCNmhpwTb82UDYAnw/iDLZ
+pjxk83NQICC7rulyIhgcfnNkcWnMtNV3sESXwwIDAQABAoIBAACpvlzZKkEfqOY4
+ZUdEGHZPJl8kC7JxsHyP8LWZ7FmE9N/INBi9Nc0UWi5oP/UKR7SeR3ctf146vlPU
+xjcX66JEb4uz37nmNm4UVRlgG+QrXvGY7hMxY5lrbc0hOeSXRKD4JBUhtYyUX7+3
+pTgGt8twWblwDM1OHszJc3hVHBJRt1hLu1lwXphKxfAi+bao/ZuY7b6MBXIf6PmT
+Zh2jjIEjR07/QXx+EFgte9vb14j1zQjP70Wg1e0MJpklYxO/AtGgo9OvxilCelTr
++Gk5rX7cKLrhnPukVVRVMRU+MuYb9svCt2P+Eqp5DCo+ACSl9uNPVgEF2zGE8e5j
+U637R7ECgYEAxFjoDlo3nW++9QVbvm/MYjaua+YF+XVXqv53SNiz/3PhcqoapdC0
+wjiVHTq3bfzgVNbdDe1jnkY7FVmsPeWB7SxFpomU38IjWQeJEkbQCACLK9xK2pfW
+XK3A3ns2xumy8RDyTTi+eNMW+hm7RwlP7cjGkniZ6uumfzQ4CgzUH68CgYEAu5tK
+WxOKC/PYkt1jWCEmAG20Gt2uti3vhD4GSfQIw3Sl5GOxOx6yq5qK7AcoWr6MDb/U
+0AMdEMa5QC6IUFWnufGKkvigwQDPWP5MXBWz3pWsJc9SWdcY21iHkUibv3VMxxHx
+lf+/e8UNzv95eS7VP3RBKsc9UVz07yCbrPQA2i0CgYAx0fFHuwKDkxgb6bkmsA1n
+GkLVo+7+JhURkTHJLRs3BTs+MgVC75r98Qd8/CoQ4Wo2fLJoV0TAo0dYmoFGz1ZR
+TLt7j0tUH1mCvJO+LHOapDCr92CS6JX+vCPFD/SNMj0yR7+DcpN56u3YlfDcDHPY
+fOpNvgYoApUjj6dsfWbRhwKBgExD+tw/ezUUsgwyN7qR7zLpZfgt+mJRFjd6R3A0
+5oMennnUFS5lcljUgHknB76sC59jRo4xVdWGE7UFtaCC0aaDjMPmkuMjAye4aS5e
+HDr2OX89Ysrm6FHzEVl8XOReORIMN1u1FhCosM5fiPA8m7AqAHv1dvXmhiPX67FJ
+mDcZAoGATTTY+3lj7tKygXgg77+9un8liAdrlTjjGHRnDIf6lIuYZ1qeSIKUAK7m
+C5yZHTvrxkGq26c9NmnQ7iqdNYmEu8gD3g3w2Dyg9T9CXlLn/llckCDPSHTFxcAO
+/Z2QK2Z7wcvLWl7d6CkDT3IIaUPhlKZKoM4HVC3OpKe/aKOFFow=
+-----END RSA PRIVATE KEY-----
+",
+];
+
+/// The parsed keys, shared by every fake in the process (parsing RSA keys is not free).
+fn test_keys() -> &'static [CoreRsaPrivateSigningKey] {
+    static KEYS: OnceLock<Vec<CoreRsaPrivateSigningKey>> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        TEST_KEY_PEMS
+            .iter()
+            .zip(KEY_IDS)
+            .map(|(pem, kid)| {
+                CoreRsaPrivateSigningKey::from_pem(pem, Some(JsonWebKeyId::new(kid.to_owned())))
+                    // A constant of this file: failing here is a bug of the fake, not of a test.
+                    .expect("embedded test key is a valid PKCS #1 PEM")
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]
@@ -1754,7 +2505,9 @@ mod tests {
         assert_eq!(parts.len(), 3, "header.payload.signature");
         let header: Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).expect("b64")).expect("json");
-        assert_eq!(header["alg"], "none");
+        // Signed by default (RS256 with an embedded test key); see `signed_id_tokens_verify`.
+        assert_eq!(header["alg"], "RS256");
+        assert!(KEY_IDS.contains(&header["kid"].as_str().expect("kid")));
         serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).expect("b64")).expect("json")
     }
 
