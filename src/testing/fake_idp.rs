@@ -573,6 +573,11 @@ impl FakeIdp {
                 get(tenant_authorize_handler),
             )
             .route("/{tenant}/oauth2/v2.0/token", post(tenant_token_handler))
+            // Where the Google and Microsoft presets look for keys and send the browser, so a
+            // preset rebased onto the fake (`with_base_url`) finds them.
+            .route("/{tenant}/discovery/v2.0/keys", get(jwks_handler))
+            .route("/oauth2/v3/certs", get(jwks_handler))
+            .route("/o/oauth2/v2/auth", get(authorize_handler))
             .with_state(Arc::clone(&shared));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
