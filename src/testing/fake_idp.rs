@@ -923,7 +923,9 @@ impl Shared {
 
     /// `/authorize`, or `/{tenant}/oauth2/v2.0/authorize` for a served tenant.
     fn is_authorize_path(&self, path: &str) -> bool {
+        // `/o/oauth2/v2/auth` is Google's path, served so the Google preset can be rebased here.
         path == "/authorize"
+            || path == "/o/oauth2/v2/auth"
             || path
                 .strip_prefix('/')
                 .and_then(|p| p.strip_suffix("/oauth2/v2.0/authorize"))

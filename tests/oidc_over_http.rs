@@ -1,0 +1,228 @@
+//! OpenID Connect and the Google and Microsoft presets end to end over real HTTP, against the
+//! loopback FakeIdp in its OIDC, Google and Microsoft modes: discovery, signed ID tokens, key
+//! rotation at the provider, and each preset's quirks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokenbroker::http::ReqwestClient;
+use tokenbroker::provider::{IssuerPolicy, OidcConfig, OidcProvider, ProviderError};
+use tokenbroker::testing::{FakeIdp, FakeIdpConfig, ManualClock};
+use tokenbroker::{
+    Callback, Caller, Error, LoginOptions, ProviderId, ProviderPolicy, RevocationStatus, Scopes,
+    Secret, TokenBroker, TokenKey, TokenSet,
+};
+
+fn redirect() -> url::Url {
+    "http://127.0.0.1:9/callback".parse().unwrap()
+}
+
+fn key(provider: &str) -> TokenKey {
+    TokenKey::parse("acme", "alice", provider).unwrap()
+}
+
+fn caller() -> Caller {
+    let k = key("x");
+    Caller::new(k.realm, k.subject, "app").with_role("read-token")
+}
+
+fn broker(config: OidcConfig, clock: Option<Arc<ManualClock>>) -> TokenBroker {
+    let mut b = TokenBroker::builder().with_oidc_provider(config, ProviderPolicy::default());
+    if let Some(clock) = clock {
+        b = b.with_clock(clock);
+    }
+    b.build().unwrap()
+}
+
+async fn link(broker: &TokenBroker, idp: &FakeIdp, key: &TokenKey) -> Result<TokenSet, Error> {
+    let start = broker.begin_login(key, LoginOptions::default()).await?;
+    let cb = idp.authorize(&start.authorization_url, "alice").unwrap();
+    broker
+        .complete_login(start.pending, &Callback::from_url(&cb.redirect_url))
+        .await
+        .map(|o| o.tokens)
+}
+
+#[tokio::test]
+async fn keys_are_refetched_when_the_provider_rotates_them_and_not_for_made_up_kids() {
+    let idp = FakeIdp::start(FakeIdpConfig::default()).await.unwrap();
+    idp.set_publish_retired_keys(false);
+    let http = Arc::new(ReqwestClient::new().unwrap());
+    let config = OidcConfig::discover(
+        ProviderId::new("corp").unwrap(),
+        &idp.issuer().parse().unwrap(),
+        idp.client_id(),
+        Some(Secret::new(idp.client_secret())),
+        redirect(),
+        &*http,
+    )
+    .await
+    .unwrap();
+    let provider = OidcProvider::new(config.clone(), http.clone());
+    let broker = broker(config, None);
+    let k = key("corp");
+
+    let first = link(&broker, &idp, &k).await.unwrap();
+    assert_eq!(idp.counters().jwks_calls, 1, "keys fetched on first use");
+    idp.rotate_signing_key();
+    // The new token's kid is unknown to the cached set: one re-fetch, then it verifies.
+    let second = link(&broker, &idp, &k)
+        .await
+        .expect("login after key rotation");
+    assert_eq!(idp.counters().jwks_calls, 2);
+    assert!(
+        provider
+            .verify_id_token(second.id_token().unwrap(), None)
+            .await
+            .is_ok()
+    );
+    // The retired key is no longer published: the old token no longer verifies...
+    let provider_jwks_before = idp.counters().jwks_calls;
+    assert!(matches!(
+        provider
+            .verify_id_token(first.id_token().unwrap(), None)
+            .await,
+        Err(ProviderError::IdToken { .. })
+    ));
+    // ...and a burst of tokens with unknown kids costs at most one more fetch per interval.
+    for _ in 0..5 {
+        let _ = provider
+            .verify_id_token(first.id_token().unwrap(), None)
+            .await;
+    }
+    assert!(idp.counters().jwks_calls <= provider_jwks_before + 1);
+}
+
+#[tokio::test]
+async fn a_tampered_id_token_fails_the_login_and_stores_nothing() {
+    let idp = FakeIdp::start(FakeIdpConfig::default()).await.unwrap();
+    let http = Arc::new(ReqwestClient::new().unwrap());
+    let config = OidcConfig::discover(
+        ProviderId::new("corp").unwrap(),
+        &idp.issuer().parse().unwrap(),
+        idp.client_id(),
+        Some(Secret::new(idp.client_secret())),
+        redirect(),
+        &*http,
+    )
+    .await
+    .unwrap();
+    let broker = broker(config, None);
+    let k = key("corp");
+    idp.issue_tampered_id_tokens(true);
+    let err = link(&broker, &idp, &k).await.unwrap_err();
+    assert!(err.to_string().contains("id token"), "{err}");
+    assert!(matches!(
+        broker.retrieve(&caller(), &k).await,
+        Err(Error::NotFound { .. } | Error::Forbidden)
+    ));
+}
+
+#[tokio::test]
+async fn google_preset_consents_once_keeps_its_refresh_token_and_revokes_on_unlink() {
+    let idp = FakeIdp::start(FakeIdpConfig::google()).await.unwrap();
+    let config = OidcConfig::google(
+        ProviderId::new("google").unwrap(),
+        idp.client_id(),
+        Secret::new(idp.client_secret()),
+        redirect(),
+    )
+    .with_base_url(&idp.base_url())
+    .with_issuer(IssuerPolicy::Exact(idp.issuer()));
+    let clock = Arc::new(ManualClock::starting_now());
+    let broker = broker(config, Some(clock.clone()));
+    let k = key("google");
+
+    let linked = link(&broker, &idp, &k).await.unwrap();
+    let rt = linked
+        .refresh_token()
+        .expect("access_type=offline + prompt=consent on the first link")
+        .expose_secret()
+        .to_owned();
+    assert_eq!(idp.counters().consent_prompts, 1);
+    assert!(linked.scopes().contains("email"));
+
+    // The second login asks for no consent; Google sends no refresh token; ours is kept.
+    let relinked = link(&broker, &idp, &k).await.unwrap();
+    assert_eq!(
+        idp.counters().consent_prompts,
+        1,
+        "no consent screen while a token is held"
+    );
+    assert_eq!(relinked.refresh_token().unwrap().expose_secret(), rt);
+
+    clock.advance(Duration::from_secs(3601));
+    let read = broker.retrieve(&caller(), &k).await.unwrap();
+    assert!(read.refreshed);
+    assert_eq!(
+        read.tokens.refresh_token().unwrap().expose_secret(),
+        rt,
+        "no rotation"
+    );
+    assert!(idp.is_active(read.tokens.access_token().expose_secret()));
+
+    let outcome = broker.unlink(&k).await.unwrap();
+    assert_eq!(outcome.revocation, RevocationStatus::Revoked);
+    assert!(!idp.is_active(&rt));
+}
+
+#[tokio::test]
+async fn microsoft_preset_rotates_checks_the_tenant_and_cannot_revoke() {
+    let tenant = "9188040d-6c67-4c5b-b112-36a304b66dad";
+    let idp = FakeIdp::start(FakeIdpConfig::microsoft(tenant))
+        .await
+        .unwrap();
+    let base = idp.base_url();
+    let template = format!("{}/{{tenantid}}/v2.0", base.as_str().trim_end_matches('/'));
+    let preset = |tenants: Option<Vec<String>>| {
+        OidcConfig::microsoft(
+            ProviderId::new("microsoft").unwrap(),
+            "common",
+            idp.client_id(),
+            Secret::new(idp.client_secret()),
+            redirect(),
+        )
+        .with_base_url(&base)
+        .with_issuer(IssuerPolicy::TenantTemplate {
+            template: template.clone(),
+            tenants,
+        })
+    };
+    let clock = Arc::new(ManualClock::starting_now());
+    let broker = broker(preset(None), Some(clock.clone()));
+    let k = key("microsoft");
+
+    let linked = link(&broker, &idp, &k).await.unwrap();
+    let rt = linked
+        .refresh_token()
+        .expect("offline_access is always asked for")
+        .expose_secret()
+        .to_owned();
+    assert!(linked.extras().contains_key("ext_expires_in"));
+    assert!(
+        Scopes::parse("openid offline_access").is_subset(linked.scopes()),
+        "offline_access counted as granted although Microsoft does not echo it"
+    );
+
+    clock.advance(Duration::from_secs(3601));
+    let read = broker.retrieve(&caller(), &k).await.unwrap();
+    assert!(read.refreshed);
+    assert_ne!(
+        read.tokens.refresh_token().unwrap().expose_secret(),
+        rt,
+        "rotated"
+    );
+
+    let outcome = broker.unlink(&k).await.unwrap();
+    assert_eq!(outcome.revocation, RevocationStatus::NotSupported);
+    assert!(outcome.deleted);
+
+    // An app pinned to another tenant refuses this tenant's users.
+    let other = "11111111-1111-1111-1111-111111111111".to_owned();
+    let pinned = TokenBroker::builder()
+        .with_oidc_provider(preset(Some(vec![other])), ProviderPolicy::default())
+        .build()
+        .unwrap();
+    let err = link(&pinned, &idp, &k).await.unwrap_err();
+    assert!(err.to_string().contains("tenant"), "{err}");
+}
