@@ -292,6 +292,10 @@ pub struct ProviderPolicy {
     pub stored_tokens_readable: bool,
     /// Let the refresh token leave the broker in retrieval responses. Default: never.
     pub expose_refresh_token: bool,
+    /// How long the provider keeps an unused refresh token alive, if it says: a
+    /// [`sweep`](crate::TokenBroker::sweep) refreshes links not written for this long
+    /// (Google apps in testing mode: about 7 days; Microsoft: 90 days). Default: none.
+    pub idle_limit: Option<std::time::Duration>,
 }
 
 impl Default for ProviderPolicy {
@@ -300,6 +304,7 @@ impl Default for ProviderPolicy {
             store_tokens: true,
             stored_tokens_readable: false,
             expose_refresh_token: false,
+            idle_limit: None,
         }
     }
 }
@@ -318,6 +323,11 @@ impl ProviderPolicy {
     /// Sets `expose_refresh_token`.
     pub fn expose_refresh_token(mut self, on: bool) -> Self {
         self.expose_refresh_token = on;
+        self
+    }
+    /// Sets `idle_limit`; pick a value comfortably below the provider's.
+    pub fn idle_limit(mut self, limit: std::time::Duration) -> Self {
+        self.idle_limit = Some(limit);
         self
     }
 }

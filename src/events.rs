@@ -65,6 +65,13 @@ pub enum BrokerEvent {
         /// Whether a still-valid access token was served instead.
         served_stale: bool,
     },
+    /// A link that had been failing transiently refreshed successfully again.
+    Recovered {
+        /// The link.
+        key: TokenKey,
+        /// How many consecutive failures preceded the recovery.
+        failures: u32,
+    },
     /// A read was allowed.
     ReadAllowed {
         /// The link read.

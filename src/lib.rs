@@ -91,9 +91,9 @@ pub use access::{
     RoleGrantHook,
 };
 pub use broker::{
-    ACCESS_TOKEN_TYPE, BrokerResponse, Callback, LEASE_MARGIN, LinkOutcome, LoginOptions,
-    LoginStart, PendingLogin, RetrievedTokens, TOKEN_EXCHANGE_GRANT, TokenBroker,
-    TokenBrokerBuilder, UnlinkOutcome,
+    ACCESS_TOKEN_TYPE, BrokerResponse, Callback, GrantStatus, LEASE_MARGIN, LinkOutcome,
+    LoginOptions, LoginStart, PendingLogin, RetrievedTokens, SweepOptions, SweepReport,
+    TOKEN_EXCHANGE_GRANT, TokenBroker, TokenBrokerBuilder, UnlinkOutcome,
 };
 pub use clock::{Clock, SharedClock, SystemClock};
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! The broker: login, retrieval with refresh-and-rotate, unlink, and the retrieval response.
 
 mod exchange;
+mod lifecycle;
 mod login;
 mod refresh;
 mod response;
@@ -25,6 +26,7 @@ use crate::store::{LeaseHolder, MemoryStore, TokenStore};
 use crate::token::TokenSet;
 
 pub use exchange::{ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT};
+pub use lifecycle::{GrantStatus, SweepOptions, SweepReport};
 pub use login::{Callback, LinkOutcome, LoginOptions, LoginStart, PendingLogin};
 pub use response::BrokerResponse;
 
@@ -253,12 +255,41 @@ impl Inner {
             Some(rt) => (rt, TokenKind::RefreshToken),
             None => (set.access_token(), TokenKind::AccessToken),
         };
-        match tokio::time::timeout(self.config.refresh_timeout, provider.revoke(token, kind)).await
-        {
-            Ok(Ok(())) => RevocationStatus::Revoked,
-            Ok(Err(ProviderError::Unsupported { .. })) => RevocationStatus::NotSupported,
-            Ok(Err(e)) => RevocationStatus::Failed(e.to_string()),
-            Err(_) => RevocationStatus::Failed("revocation timed out".into()),
+        // Transient failures are retried a few times before giving up; the local delete follows
+        // whatever happens, so the outcome must say honestly how it ended.
+        const ATTEMPTS: u32 = 3;
+        let mut attempt = 1;
+        loop {
+            let outcome =
+                tokio::time::timeout(self.config.refresh_timeout, provider.revoke(token, kind))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ProviderError::Transient {
+                            status: None,
+                            retry_after: None,
+                            reason: Some("timed out".into()),
+                            source: None,
+                        })
+                    });
+            match outcome {
+                Ok(()) => return RevocationStatus::Revoked,
+                Err(ProviderError::Unsupported { .. }) => return RevocationStatus::NotSupported,
+                Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+                    let pause = e
+                        .retry_after()
+                        .unwrap_or(Duration::from_millis(200 << attempt))
+                        .min(Duration::from_secs(2));
+                    tracing::warn!(target: "tokenbroker", error = %e, attempt, "revocation failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return RevocationStatus::Failed(format!(
+                        "failed after {attempt} attempt{}: {e}",
+                        if attempt == 1 { "" } else { "s" }
+                    ));
+                }
+            }
         }
     }
 

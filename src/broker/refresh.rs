@@ -35,6 +35,43 @@ pub(crate) struct Backoff {
     failures: u32,
 }
 
+/// What a refresh must achieve. A read needs a token valid for the skew; a sweep one valid for
+/// its window (or a link written recently enough to stay alive); a resource server's 401 needs
+/// any token but the one it rejected.
+#[derive(Clone)]
+pub(crate) struct Need {
+    /// The access token must stay valid at least this long.
+    pub(crate) min_validity: Duration,
+    /// The access token must not be this one (a resource server rejected it).
+    pub(crate) reject: Option<crate::secret::Secret>,
+    /// The link must have been written after this instant (keeps idle refresh tokens alive).
+    pub(crate) written_after: Option<OffsetDateTime>,
+}
+
+impl Need {
+    pub(crate) fn fresh(skew: Duration) -> Self {
+        Need {
+            min_validity: skew,
+            reject: None,
+            written_after: None,
+        }
+    }
+
+    fn satisfied_by(
+        &self,
+        set: &TokenSet,
+        written_at: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> bool {
+        set.is_fresh(now, self.min_validity)
+            && self
+                .reject
+                .as_ref()
+                .is_none_or(|r| !r.constant_time_eq(set.access_token()))
+            && self.written_after.is_none_or(|t| written_at > t)
+    }
+}
+
 /// A loaded link, decoded.
 struct Loaded {
     stored: StoredRecord,
@@ -92,7 +129,8 @@ impl Inner {
                     let inner = Arc::clone(self);
                     let key = key.clone();
                     tokio::spawn(async move {
-                        let result = inner.refresh_with_lease(&key).await;
+                        let need = Need::fresh(inner.config.skew);
+                        let result = inner.refresh_with_lease(&key, &need).await;
                         // Remove first: a reader arriving after this starts a new flight, which
                         // finds the fresh record under the lease without calling the provider.
                         inner
@@ -115,8 +153,22 @@ impl Inner {
         }
     }
 
+    /// Refreshes unless `need` is already met, without joining reads in flight: for sweeps and
+    /// for tokens a resource server rejected. Still under the store's lease.
+    pub(crate) async fn refresh_for(
+        &self,
+        key: &TokenKey,
+        need: &Need,
+    ) -> Result<(Arc<TokenSet>, bool)> {
+        self.refresh_with_lease(key, need).await
+    }
+
     /// Step 3: takes the store's lease, or waits for the instance holding it.
-    async fn refresh_with_lease(&self, key: &TokenKey) -> Result<(Arc<TokenSet>, bool)> {
+    async fn refresh_with_lease(
+        &self,
+        key: &TokenKey,
+        need: &Need,
+    ) -> Result<(Arc<TokenSet>, bool)> {
         let deadline = tokio::time::Instant::now() + self.config.lease_wait;
         let mut pause = Duration::from_millis(10);
         loop {
@@ -127,7 +179,7 @@ impl Inner {
             {
                 LeaseAttempt::Missing => return Err(Error::NotFound { key: key.clone() }),
                 LeaseAttempt::Acquired(lease) => {
-                    let result = self.refresh_holding_lease(key).await;
+                    let result = self.refresh_holding_lease(key, need).await;
                     if let Err(e) = self.store.release_lease(&lease).await {
                         // The lease expires on its own; others wait at most its TTL.
                         tracing::warn!(target: "tokenbroker", %key, error = %e, "could not release refresh lease");
@@ -138,7 +190,8 @@ impl Inner {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(250));
                     let loaded = self.load(key).await?;
-                    if loaded.set.is_fresh(self.clock.now(), self.config.skew) {
+                    let written = loaded.stored.record.meta.updated_at;
+                    if need.satisfied_by(&loaded.set, written, self.clock.now()) {
                         return Ok((Arc::new(loaded.set), true));
                     }
                     if tokio::time::Instant::now() >= deadline {
@@ -150,10 +203,14 @@ impl Inner {
     }
 
     /// Steps 4 to 6, holding the lease.
-    async fn refresh_holding_lease(&self, key: &TokenKey) -> Result<(Arc<TokenSet>, bool)> {
+    async fn refresh_holding_lease(
+        &self,
+        key: &TokenKey,
+        need: &Need,
+    ) -> Result<(Arc<TokenSet>, bool)> {
         let Loaded { stored, set } = self.load(key).await?;
         let now = self.clock.now();
-        if set.is_fresh(now, self.config.skew) {
+        if need.satisfied_by(&set, stored.record.meta.updated_at, now) {
             return Ok((Arc::new(set), true));
         }
         let Some(refresh_token) = set.refresh_token().cloned() else {
@@ -382,7 +439,11 @@ impl Inner {
         let mut map = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
         let failures = map.get(key).map_or(1, |b| b.failures.saturating_add(1));
         let doubling = Duration::from_secs(1u64 << failures.saturating_sub(1).min(10));
-        let wait = retry_after.unwrap_or(doubling).min(self.config.max_backoff);
+        // Up to +25 % jitter, so that instances that failed together do not retry together.
+        let jitter = doubling.mul_f64(f64::from(jitter_permille()) / 4000.0);
+        let wait = retry_after
+            .unwrap_or(doubling + jitter)
+            .min(self.config.max_backoff);
         map.insert(
             key.clone(),
             Backoff {
@@ -394,9 +455,44 @@ impl Inner {
     }
 
     fn clear_backoff(&self, key: &TokenKey) {
-        self.backoff
+        let was = self
+            .backoff
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(key);
+        if let Some(backoff) = was {
+            self.emit(BrokerEvent::Recovered {
+                key: key.clone(),
+                failures: backoff.failures,
+            });
+        }
     }
+
+    /// The backoff of a key, if it is backing off now.
+    pub(crate) fn backoff_of(
+        &self,
+        key: &TokenKey,
+        now: OffsetDateTime,
+    ) -> Option<(OffsetDateTime, u32)> {
+        let map = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key)
+            .filter(|b| b.until > now)
+            .map(|b| (b.until, b.failures))
+    }
+
+    /// Whether a refresh of `key` is in flight in this process.
+    pub(crate) fn is_refreshing(&self, key: &TokenKey) -> bool {
+        self.flights
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(key)
+    }
+}
+
+/// A random number in 0..1000.
+fn jitter_permille() -> u32 {
+    let mut b = [0u8; 4];
+    // Jitter is not security-relevant: without randomness, no jitter.
+    let _ = getrandom::fill(&mut b);
+    u32::from_le_bytes(b) % 1000
 }

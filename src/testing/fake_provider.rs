@@ -400,8 +400,12 @@ impl Provider for FakeProvider {
     }
 
     async fn revoke(&self, token: &Secret, _kind: TokenKind) -> Result<(), ProviderError> {
+        self.state().counters.revocations += 1;
+        // Injected faults apply to revocation too (an unlink against a failing provider).
+        if let Some(e) = self.before_call().await {
+            return Err(e);
+        }
         let mut s = self.state();
-        s.counters.revocations += 1;
         let grant = s
             .refresh_tokens
             .get(token.expose_secret())

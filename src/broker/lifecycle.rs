@@ -1,0 +1,353 @@
+//! The life of a grant after login: its health, a keep-alive sweep, and requests signed with
+//! its access token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::TokenBroker;
+use super::refresh::Need;
+use crate::access::Caller;
+use crate::error::{Error, Result};
+use crate::http::{HttpClient, HttpRequest, HttpResponse};
+use crate::ids::TokenKey;
+use crate::store::LinkState;
+use crate::token::TokenSet;
+
+/// The health of one link, as this broker instance sees it.
+///
+/// ```text
+///              refresh ok                        invalid_grant
+///   Active  ─────────────▶ Refreshing ─────────────────────────▶ RelinkRequired
+///     ▲  ◀──────────────────┘   │ 5xx / 429 / time-out                │ login
+///     │      recovered          ▼                                     │
+///     └──────────────────── Backoff ◀─────────────────────────────────┘
+///                                                       unlink ──▶ NotLinked
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GrantStatus {
+    /// Usable; the access token expires at `expires_at` (never, if `None`).
+    Active {
+        /// When the current access token expires.
+        expires_at: Option<OffsetDateTime>,
+        /// Whether a refresh token is held.
+        has_refresh_token: bool,
+    },
+    /// A refresh of this link is running in this process.
+    Refreshing,
+    /// The last refreshes failed transiently; no upstream call before `until`.
+    Backoff {
+        /// When the next attempt may happen.
+        until: OffsetDateTime,
+        /// Consecutive failures.
+        failures: u32,
+    },
+    /// The provider refused the grant: the user must link again.
+    RelinkRequired {
+        /// The provider's reason.
+        reason: String,
+        /// Since when.
+        since: OffsetDateTime,
+    },
+    /// No link is stored (never linked, unlinked, or revoked and removed).
+    NotLinked,
+}
+
+/// Bounds of one [`TokenBroker::sweep`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SweepOptions {
+    /// Refresh links whose access token expires within this window.
+    pub window: Duration,
+    /// At most this many refreshes at once.
+    pub concurrency: usize,
+    /// Stop starting new refreshes after this long (refreshes started finish).
+    pub time_budget: Duration,
+    /// How many links to read per store page.
+    pub page_size: usize,
+}
+
+impl SweepOptions {
+    /// Refresh what expires within `window`, 4 at a time, for at most a minute.
+    pub fn new(window: Duration) -> Self {
+        SweepOptions {
+            window,
+            concurrency: 4,
+            time_budget: Duration::from_secs(60),
+            page_size: 500,
+        }
+    }
+    /// Sets the concurrency (at least 1).
+    pub fn with_concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+    /// Sets the time budget.
+    pub fn with_time_budget(mut self, budget: Duration) -> Self {
+        self.time_budget = budget;
+        self
+    }
+}
+
+/// What a sweep did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SweepReport {
+    /// Links looked at.
+    pub scanned: usize,
+    /// Links refreshed (by this sweep, or by another instance while it waited for the lease).
+    pub refreshed: Vec<TokenKey>,
+    /// Links the provider refused: now relink-required.
+    pub relink_required: Vec<TokenKey>,
+    /// Links whose refresh failed transiently, with when they may be tried again.
+    pub transient: Vec<(TokenKey, Option<OffsetDateTime>)>,
+    /// Whether the time budget ran out before every due link was tried.
+    pub budget_exhausted: bool,
+}
+
+impl TokenBroker {
+    /// The health of a link. For the host's own use (dashboards, webhooks): no caller is
+    /// checked, so do not expose it to end users without your own authorization.
+    pub async fn status(&self, key: &TokenKey) -> Result<GrantStatus> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let Some(stored) = inner.store.load(key).await? else {
+            return Ok(GrantStatus::NotLinked);
+        };
+        if let LinkState::RelinkRequired { reason, since } = &stored.record.meta.state {
+            return Ok(GrantStatus::RelinkRequired {
+                reason: reason.clone(),
+                since: *since,
+            });
+        }
+        if inner.is_refreshing(key) {
+            return Ok(GrantStatus::Refreshing);
+        }
+        if let Some((until, failures)) = inner.backoff_of(key, now) {
+            return Ok(GrantStatus::Backoff { until, failures });
+        }
+        let set = TokenSet::from_payload(&stored.record.payload).map_err(|e| {
+            crate::StoreError::Corrupt {
+                key: key.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(GrantStatus::Active {
+            expires_at: set.expires_at(),
+            has_refresh_token: set.refresh_token().is_some(),
+        })
+    }
+
+    /// Keeps links alive: refreshes every link whose access token expires within
+    /// `options.window`, and every link of a provider with an idle limit
+    /// ([`ProviderPolicy::idle_limit`](crate::ProviderPolicy::idle_limit)) that was not written
+    /// for that long (a refresh token unused for too long dies: Google apps in testing mode
+    /// after about 7 days, Microsoft after 90).
+    ///
+    /// Refreshes go through the same lease as reads, so a sweep on every instance at once is
+    /// safe; links backing off after transient failures are skipped until their time comes.
+    ///
+    /// ```
+    /// # async fn run(broker: tokenbroker::TokenBroker) -> tokenbroker::Result<()> {
+    /// use std::time::Duration;
+    /// use tokenbroker::SweepOptions;
+    ///
+    /// let report = broker
+    ///     .sweep(SweepOptions::new(Duration::from_secs(300)).with_concurrency(8))
+    ///     .await?;
+    /// for key in &report.relink_required {
+    ///     println!("{key}: ask the user to link again");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn sweep(&self, options: SweepOptions) -> Result<SweepReport> {
+        let inner = &self.inner;
+        let started = tokio::time::Instant::now();
+        let mut report = SweepReport::default();
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(options.concurrency.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut cursor: Option<TokenKey> = None;
+        'pages: loop {
+            let page = inner
+                .store
+                .scan(cursor.as_ref(), options.page_size.max(1))
+                .await?;
+            let Some(last) = page.last() else { break };
+            cursor = Some(last.key.clone());
+            for link in page {
+                report.scanned += 1;
+                let Ok(entry) = inner.entry(&link.key.provider) else {
+                    continue; // a provider this instance does not serve
+                };
+                if link.meta.state.is_relink_required() {
+                    continue;
+                }
+                let now = inner.clock.now();
+                let expiring = link
+                    .meta
+                    .expires_at
+                    .is_some_and(|at| at <= now + options.window);
+                let idle_since = entry.policy.idle_limit.map(|limit| now - limit);
+                let idle = idle_since.is_some_and(|t| link.meta.updated_at <= t);
+                if !(expiring || idle) || inner.backoff_of(&link.key, now).is_some() {
+                    continue;
+                }
+                if started.elapsed() >= options.time_budget {
+                    report.budget_exhausted = true;
+                    break 'pages;
+                }
+                let permit = semaphore
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("never closed");
+                let need = Need {
+                    min_validity: options.window,
+                    reject: None,
+                    written_after: idle_since,
+                };
+                let inner = Arc::clone(inner);
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    let result = inner.refresh_for(&link.key, &need).await;
+                    (link.key, result)
+                });
+                while let Some(done) = tasks.try_join_next() {
+                    record(&mut report, done, &self.inner);
+                }
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            record(&mut report, done, &self.inner);
+        }
+        Ok(report)
+    }
+
+    /// Attaches `Authorization: Bearer <access token>` of `key` to `request`, after the same
+    /// authorization and refresh as [`retrieve`](Self::retrieve). The caller's code never sees
+    /// the token.
+    pub async fn authorize_request(
+        &self,
+        caller: &Caller,
+        key: &TokenKey,
+        request: HttpRequest,
+    ) -> Result<HttpRequest> {
+        let read = self.retrieve(caller, key).await?;
+        Ok(with_bearer(request, &read.tokens))
+    }
+
+    /// Sends `request` through `http` with `key`'s access token attached. When the resource
+    /// server answers 401 (the token was revoked or is not accepted yet), the broker forces one
+    /// refresh — unless another reader already replaced that token — and retries once. Any
+    /// other answer, and the second 401, is returned as is.
+    ///
+    /// ```
+    /// # async fn run(broker: tokenbroker::TokenBroker, caller: tokenbroker::Caller,
+    /// #              key: tokenbroker::TokenKey,
+    /// #              http: std::sync::Arc<dyn tokenbroker::http::HttpClient>)
+    /// #              -> tokenbroker::Result<()> {
+    /// let request = http::Request::get("https://api.example/me").body(Vec::new()).unwrap();
+    /// let response = broker.send_authorized(&caller, &key, request, &*http).await?;
+    /// println!("{}", response.status());
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_authorized(
+        &self,
+        caller: &Caller,
+        key: &TokenKey,
+        request: HttpRequest,
+        http: &dyn HttpClient,
+    ) -> Result<HttpResponse> {
+        let read = self.retrieve(caller, key).await?;
+        let retry = clone_request(&request);
+        let response = http
+            .execute(with_bearer(request, &read.tokens))
+            .await
+            .map_err(|e| Error::Unavailable {
+                provider: format!("resource server ({})", key.provider),
+                retry_after: None,
+                source: Some(crate::provider::ProviderError::Transient {
+                    status: None,
+                    retry_after: None,
+                    reason: Some(format!("{:?}", e.kind()).to_lowercase()),
+                    source: Some(Arc::new(e)),
+                }),
+            })?;
+        if response.status() != http::StatusCode::UNAUTHORIZED {
+            return Ok(response);
+        }
+        let Some(retry) = retry else {
+            return Ok(response);
+        };
+        let need = Need {
+            min_validity: self.inner.config.skew,
+            reject: Some(read.tokens.access_token().clone()),
+            written_after: None,
+        };
+        let (fresh, _) = self.inner.refresh_for(key, &need).await?;
+        if fresh
+            .access_token()
+            .constant_time_eq(read.tokens.access_token())
+        {
+            return Ok(response);
+        }
+        http.execute(with_bearer(retry, &fresh))
+            .await
+            .map_err(|e| Error::Unavailable {
+                provider: format!("resource server ({})", key.provider),
+                retry_after: None,
+                source: Some(crate::provider::ProviderError::Transient {
+                    status: None,
+                    retry_after: None,
+                    reason: Some(format!("{:?}", e.kind()).to_lowercase()),
+                    source: Some(Arc::new(e)),
+                }),
+            })
+    }
+}
+
+type Done = std::result::Result<(TokenKey, Result<(Arc<TokenSet>, bool)>), tokio::task::JoinError>;
+
+fn record(report: &mut SweepReport, done: Done, inner: &super::Inner) {
+    let Ok((key, result)) = done else {
+        return; // a panicked refresh task: nothing was written by it after the panic
+    };
+    let now = inner.clock.now();
+    match result {
+        Ok((_, true)) => report.refreshed.push(key),
+        // A still-valid token was kept because the provider failed: a transient failure.
+        Ok((_, false)) => {
+            let until = inner.backoff_of(&key, now).map(|(until, _)| until);
+            report.transient.push((key, until));
+        }
+        Err(Error::RelinkRequired { .. }) => report.relink_required.push(key),
+        Err(Error::Unavailable { retry_after, .. }) => {
+            report.transient.push((key, retry_after.map(|d| now + d)))
+        }
+        Err(_) => report.transient.push((key, None)),
+    }
+}
+
+fn with_bearer(mut request: HttpRequest, tokens: &TokenSet) -> HttpRequest {
+    let value = format!("Bearer {}", tokens.access_token().expose_secret());
+    if let Ok(mut value) = http::HeaderValue::from_str(&value) {
+        value.set_sensitive(true);
+        request
+            .headers_mut()
+            .insert(http::header::AUTHORIZATION, value);
+    }
+    request
+}
+
+fn clone_request(request: &HttpRequest) -> Option<HttpRequest> {
+    let mut builder = http::Request::builder()
+        .method(request.method().clone())
+        .uri(request.uri().clone())
+        .version(request.version());
+    for (name, value) in request.headers() {
+        builder = builder.header(name, value);
+    }
+    builder.body(request.body().clone()).ok()
+}
