@@ -296,6 +296,22 @@ pub struct ProviderPolicy {
     /// [`sweep`](crate::TokenBroker::sweep) refreshes links not written for this long
     /// (Google apps in testing mode: about 7 days; Microsoft: 90 days). Default: none.
     pub idle_limit: Option<std::time::Duration>,
+    /// Which kind of link a login creates. Default: [`LinkKind::Offline`].
+    pub link_kind: LinkKind,
+}
+
+/// The two uses of a stored grant, from Keycloak's design.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum LinkKind {
+    /// Offline access: the link belongs to the user and survives their login sessions.
+    #[default]
+    Offline,
+    /// Authentication: the link belongs to one login session of the host (pass
+    /// [`LoginOptions::with_session`](crate::LoginOptions::with_session)), is read back for that
+    /// session first ([`TokenBroker::retrieve_in_session`](crate::TokenBroker::retrieve_in_session)),
+    /// and is removed by [`TokenBroker::end_session`](crate::TokenBroker::end_session).
+    SessionBound,
 }
 
 impl Default for ProviderPolicy {
@@ -305,6 +321,7 @@ impl Default for ProviderPolicy {
             stored_tokens_readable: false,
             expose_refresh_token: false,
             idle_limit: None,
+            link_kind: LinkKind::Offline,
         }
     }
 }
@@ -323,6 +340,11 @@ impl ProviderPolicy {
     /// Sets `expose_refresh_token`.
     pub fn expose_refresh_token(mut self, on: bool) -> Self {
         self.expose_refresh_token = on;
+        self
+    }
+    /// Sets the kind of link a login creates.
+    pub fn link_kind(mut self, kind: LinkKind) -> Self {
+        self.link_kind = kind;
         self
     }
     /// Sets `idle_limit`; pick a value comfortably below the provider's.

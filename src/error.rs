@@ -12,7 +12,7 @@ use std::time::Duration;
 
 pub use crate::access::AccessError;
 pub use crate::ids::InvalidId;
-use crate::ids::TokenKey;
+use crate::ids::{Scopes, TokenKey};
 pub use crate::provider::ProviderError;
 pub use crate::store::StoreError;
 
@@ -53,6 +53,16 @@ pub enum Error {
     NoRefreshToken {
         /// The link.
         key: TokenKey,
+    },
+
+    /// A read asked for scopes the user never granted. Ask for them with an incremental
+    /// consent ([`TokenBroker::begin_incremental_consent`](crate::TokenBroker::begin_incremental_consent)).
+    #[error("scopes not granted for {key}: {missing}")]
+    ScopesNotGranted {
+        /// The link.
+        key: TokenKey,
+        /// The scopes asked for that the grant does not cover.
+        missing: Scopes,
     },
 
     /// The provider could not be reached or failed temporarily, and no still-valid access
@@ -141,6 +151,7 @@ impl Error {
             }
             Error::UnknownProvider(_) | Error::InvalidId(_) => "invalid_request",
             Error::LoginRejected { .. } => "invalid_state",
+            Error::ScopesNotGranted { .. } => "invalid_scope",
             Error::AuthorizationDenied { .. } => "access_denied",
             Error::Provider { .. } => "upstream_error",
             Error::Store(_) | Error::Access(_) => "server_error",

@@ -87,8 +87,8 @@ pub mod store;
 mod token;
 
 pub use access::{
-    AccessError, Caller, Decision, DenyReason, KeycloakRoles, ProviderPolicy, RoleChecker,
-    RoleGrantHook,
+    AccessError, Caller, Decision, DenyReason, KeycloakRoles, LinkKind, ProviderPolicy,
+    RoleChecker, RoleGrantHook,
 };
 pub use broker::{
     ACCESS_TOKEN_TYPE, BrokerResponse, Callback, GrantStatus, LEASE_MARGIN, LinkOutcome,

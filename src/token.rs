@@ -53,6 +53,28 @@ pub struct TokenSet {
     obtained_at: OffsetDateTime,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     extras: BTreeMap<String, serde_json::Value>,
+    /// Access tokens for narrower scope sets, obtained with this set's refresh token, keyed by
+    /// the normalised scope string.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    narrowed: BTreeMap<String, NarrowedToken>,
+}
+
+/// An access token for a narrower set of scopes (or one audience), obtained with the link's
+/// refresh token and kept beside the link's own access token.
+#[derive(Clone, Serialize, Deserialize)]
+struct NarrowedToken {
+    access_token: Secret,
+    token_type: String,
+    #[serde(
+        default,
+        with = "time::serde::timestamp::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    expires_at: Option<OffsetDateTime>,
+    #[serde(default)]
+    scopes: Scopes,
+    #[serde(with = "time::serde::timestamp")]
+    obtained_at: OffsetDateTime,
 }
 
 impl TokenSet {
@@ -69,6 +91,7 @@ impl TokenSet {
             scopes: Scopes::new(),
             obtained_at,
             extras: BTreeMap::new(),
+            narrowed: BTreeMap::new(),
         }
     }
 
@@ -91,6 +114,7 @@ impl TokenSet {
             scopes: response.scopes.unwrap_or_else(|| requested.clone()),
             obtained_at: now,
             extras: response.extras,
+            narrowed: BTreeMap::new(),
         }
     }
 
@@ -111,8 +135,51 @@ impl TokenSet {
             refresh_token,
             refresh_expires_at,
             id_token: newer.id_token.or_else(|| self.id_token.clone()),
+            // Narrowed tokens stay valid until they expire, whatever happens to the main one.
+            narrowed: self.narrowed.clone(),
             ..newer
         }
+    }
+
+    /// The set as seen through a narrower scope request: the narrowed access token, its expiry
+    /// and scopes, with this set's ID and refresh tokens. `None` when none was obtained yet.
+    pub fn narrowed_to(&self, scopes: &Scopes) -> Option<TokenSet> {
+        let n = self.narrowed.get(&scopes.to_string())?;
+        Some(TokenSet {
+            access_token: n.access_token.clone(),
+            token_type: n.token_type.clone(),
+            expires_at: n.expires_at,
+            scopes: n.scopes.clone(),
+            obtained_at: n.obtained_at,
+            narrowed: BTreeMap::new(),
+            ..self.clone()
+        })
+    }
+
+    /// Keeps the access token of a narrower refresh (`answer`, asked for `scopes`) beside this
+    /// set's own. A refresh token in the answer replaces the stored one (rotation applies to
+    /// the whole link); narrowed tokens that have expired by then are dropped.
+    pub fn with_narrowed(&self, scopes: &Scopes, answer: TokenSet) -> TokenSet {
+        let now = answer.obtained_at;
+        let mut merged = self.clone();
+        merged
+            .narrowed
+            .retain(|_, n| n.expires_at.is_none_or(|at| at > now));
+        if let Some(rt) = answer.refresh_token {
+            merged.refresh_token = Some(rt);
+            merged.refresh_expires_at = answer.refresh_expires_at;
+        }
+        merged.narrowed.insert(
+            scopes.to_string(),
+            NarrowedToken {
+                access_token: answer.access_token,
+                token_type: answer.token_type,
+                expires_at: answer.expires_at,
+                scopes: answer.scopes,
+                obtained_at: now,
+            },
+        );
+        merged
     }
 
     /// Whether `newer` carries a different refresh token than this set (the provider rotated).
@@ -259,6 +326,7 @@ impl fmt::Debug for TokenSet {
             .field("obtained_at", &self.obtained_at)
             // Unknown provider fields may hold secrets: show their names only.
             .field("extras", &self.extras.keys().collect::<Vec<_>>())
+            .field("narrowed", &self.narrowed.keys().collect::<Vec<_>>())
             .finish()
     }
 }

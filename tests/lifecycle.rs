@@ -411,3 +411,222 @@ async fn unlink_retries_a_failing_revocation_and_reports_how_it_ended() {
         GrantStatus::NotLinked
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Narrowed reads
+// ---------------------------------------------------------------------------------------------
+
+async fn link_with_scopes(w: &World, user: &str, scopes: &str) {
+    let start = w
+        .broker
+        .begin_login(
+            &World::key(user),
+            LoginOptions::default().with_scopes(tokenbroker::Scopes::parse(scopes)),
+        )
+        .await
+        .unwrap();
+    let callback = w.idp.approve(&start.authorization_url, user).unwrap();
+    w.broker
+        .complete_login(start.pending, &callback)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_narrowed_read_gets_its_own_token_from_the_same_grant() {
+    use tokenbroker::Scopes;
+    let w = World::new(ProviderPolicy::default());
+    link_with_scopes(&w, "alice", "calendar mail").await;
+    let alice = World::key("alice");
+    let caller = World::caller("alice");
+    let main = w.broker.retrieve(&caller, &alice).await.unwrap().tokens;
+    let wide = main.scopes().clone();
+    assert!(Scopes::parse("calendar mail").is_subset(&wide));
+
+    let narrow = Scopes::parse("calendar");
+    let first = w
+        .broker
+        .retrieve_narrowed(&caller, &alice, &narrow)
+        .await
+        .unwrap();
+    assert!(first.refreshed);
+    assert_eq!(
+        first.tokens.scopes(),
+        &narrow,
+        "the token carries only what was asked"
+    );
+    assert_ne!(
+        first.tokens.access_token().expose_secret(),
+        main.access_token().expose_secret()
+    );
+    assert_eq!(w.idp.counters().refresh_calls, 1);
+    // Kept beside the link: the next narrowed read costs nothing upstream.
+    let again = w
+        .broker
+        .retrieve_narrowed(&caller, &alice, &narrow)
+        .await
+        .unwrap();
+    assert!(!again.refreshed);
+    assert_eq!(
+        again.tokens.access_token().expose_secret(),
+        first.tokens.access_token().expose_secret()
+    );
+    // The link's own token is untouched, and the rotation of the shared refresh token applies
+    // to it: its next refresh presents the new refresh token (reuse would be detected).
+    let own = w.broker.retrieve(&caller, &alice).await.unwrap();
+    assert!(!own.refreshed);
+    assert_eq!(
+        own.tokens.access_token().expose_secret(),
+        main.access_token().expose_secret()
+    );
+    w.clock.advance(HOUR + MINUTE);
+    assert!(w.broker.retrieve(&caller, &alice).await.unwrap().refreshed);
+    assert!(
+        w.broker
+            .retrieve_narrowed(&caller, &alice, &narrow)
+            .await
+            .unwrap()
+            .refreshed
+    );
+    assert_eq!(w.idp.counters().reuse_detected, 0);
+    assert_eq!(w.idp.counters().refresh_calls, 3);
+}
+
+#[tokio::test]
+async fn asking_for_scopes_never_granted_says_which_and_offers_incremental_consent() {
+    use tokenbroker::Scopes;
+    let w = World::new(ProviderPolicy::default());
+    link_with_scopes(&w, "alice", "calendar").await;
+    let alice = World::key("alice");
+    let err = w
+        .broker
+        .retrieve_narrowed(
+            &World::caller("alice"),
+            &alice,
+            &Scopes::parse("calendar drive"),
+        )
+        .await
+        .unwrap_err();
+    match &err {
+        Error::ScopesNotGranted { missing, .. } => assert_eq!(missing, &Scopes::parse("drive")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        w.idp.counters().refresh_calls,
+        0,
+        "nothing was asked upstream"
+    );
+    assert_eq!(tokenbroker::BrokerResponse::from_error(&err).status, 403);
+    let start = w
+        .broker
+        .begin_incremental_consent(&alice, Scopes::parse("drive"))
+        .await
+        .unwrap();
+    let asked: Scopes = start
+        .authorization_url
+        .query_pairs()
+        .find(|(k, _)| k == "scope")
+        .map(|(_, v)| Scopes::parse(&v))
+        .unwrap();
+    assert!(Scopes::parse("calendar drive").is_subset(&asked), "{asked}");
+    // A denied caller learns nothing about scopes.
+    assert!(matches!(
+        w.broker
+            .retrieve_narrowed(&World::caller("mallory"), &alice, &Scopes::parse("drive"))
+            .await,
+        Err(Error::Forbidden)
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Session-bound links
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn session_bound_links_live_and_end_with_their_session() {
+    use tokenbroker::LinkKind;
+    let w = World::new(ProviderPolicy::default().link_kind(LinkKind::SessionBound));
+    let alice = World::key("alice");
+    let caller = World::caller("alice");
+    assert!(matches!(
+        w.broker.begin_login(&alice, LoginOptions::default()).await,
+        Err(Error::Config(_))
+    ));
+    let start = w
+        .broker
+        .begin_login(&alice, LoginOptions::default().with_session("session-1"))
+        .await
+        .unwrap();
+    let callback = w.idp.approve(&start.authorization_url, "alice").unwrap();
+    w.broker
+        .complete_login(start.pending, &callback)
+        .await
+        .unwrap();
+
+    let read = w
+        .broker
+        .retrieve_in_session(&caller, &alice, "session-1")
+        .await
+        .unwrap();
+    assert!(w.idp.is_active(read.tokens.access_token().expose_secret()));
+    // Not an offline link, and not another session's.
+    assert!(matches!(
+        w.broker.retrieve(&caller, &alice).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        w.broker
+            .retrieve_in_session(&caller, &alice, "session-2")
+            .await,
+        Err(Error::NotFound { .. })
+    ));
+    // Someone else cannot read it through the session either.
+    assert!(matches!(
+        w.broker
+            .retrieve_in_session(&World::caller("mallory"), &alice, "session-1")
+            .await,
+        Err(Error::Forbidden)
+    ));
+    let removed = w
+        .broker
+        .end_session(&alice.realm, &alice.subject, "session-1")
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    assert!(matches!(
+        w.broker
+            .retrieve_in_session(&caller, &alice, "session-1")
+            .await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_session_read_falls_back_to_the_offline_link() {
+    let w = World::new(ProviderPolicy::default());
+    w.link("alice").await;
+    let read = w
+        .broker
+        .retrieve_in_session(&World::caller("alice"), &World::key("alice"), "any-session")
+        .await
+        .unwrap();
+    assert!(w.idp.is_active(read.tokens.access_token().expose_secret()));
+    assert_eq!(
+        w.broker
+            .end_session(
+                &World::key("alice").realm,
+                &World::key("alice").subject,
+                "any-session"
+            )
+            .await
+            .unwrap(),
+        0,
+        "ending a session leaves offline links alone"
+    );
+    assert!(
+        w.broker
+            .retrieve(&World::caller("alice"), &World::key("alice"))
+            .await
+            .is_ok()
+    );
+}

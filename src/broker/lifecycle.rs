@@ -207,6 +207,7 @@ impl TokenBroker {
                     min_validity: options.window,
                     reject: None,
                     written_after: idle_since,
+                    scopes: None,
                 };
                 let inner = Arc::clone(inner);
                 tasks.spawn(async move {
@@ -285,6 +286,7 @@ impl TokenBroker {
             min_validity: self.inner.config.skew,
             reject: Some(read.tokens.access_token().clone()),
             written_after: None,
+            scopes: None,
         };
         let (fresh, _) = self.inner.refresh_for(key, &need).await?;
         if fresh

@@ -27,6 +27,8 @@ pub struct LoginOptions {
     pub login_hint: Option<String>,
     /// Extra authorization parameters.
     pub extra_params: Vec<(String, String)>,
+    /// The host's login session, for providers that keep session-bound links.
+    pub session: Option<Secret>,
 }
 
 impl LoginOptions {
@@ -38,6 +40,13 @@ impl LoginOptions {
     /// Sets the `login_hint`.
     pub fn with_login_hint(mut self, hint: impl Into<String>) -> Self {
         self.login_hint = Some(hint.into());
+        self
+    }
+    /// Binds the link to one login session of the host (for providers whose policy keeps
+    /// [`LinkKind::SessionBound`](crate::LinkKind::SessionBound) links). The id is hashed before
+    /// it is used as part of a store key.
+    pub fn with_session(mut self, session_id: impl Into<String>) -> Self {
+        self.session = Some(Secret::new(session_id.into()));
         self
     }
     /// Adds an authorization parameter.
@@ -212,6 +221,18 @@ impl TokenBroker {
     pub async fn begin_login(&self, key: &TokenKey, options: LoginOptions) -> Result<LoginStart> {
         let inner = &self.inner;
         let entry = inner.entry(&key.provider)?;
+        let key = &match entry.policy.link_kind {
+            crate::access::LinkKind::SessionBound => {
+                let Some(session) = &options.session else {
+                    return Err(Error::Config(format!(
+                        "provider {} keeps session-bound links: pass LoginOptions::with_session",
+                        key.provider
+                    )));
+                };
+                super::sessions::session_key(key, session)?
+            }
+            _ => key.clone(),
+        };
         let has_refresh_token = match inner.store.load(key).await? {
             Some(stored) if !stored.record.meta.state.is_relink_required() => {
                 TokenSet::from_payload(&stored.record.payload)

@@ -5,6 +5,7 @@ mod lifecycle;
 mod login;
 mod refresh;
 mod response;
+mod sessions;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -164,6 +165,13 @@ impl TokenBroker {
     /// [`Error::NoRefreshToken`], [`Error::Unavailable`] (the record is unchanged),
     /// [`Error::RefreshInProgress`], [`Error::Store`].
     pub async fn retrieve(&self, caller: &Caller, target: &TokenKey) -> Result<RetrievedTokens> {
+        self.check_read(caller, target).await?;
+        let (tokens, refreshed, stale) = self.inner.fresh_tokens(target).await?;
+        self.read_done(caller, target, tokens, refreshed, stale)
+    }
+
+    /// Authorization and the provider's policy, before anything is loaded.
+    async fn check_read(&self, caller: &Caller, target: &TokenKey) -> Result<()> {
         self.authorize(caller, target).await?;
         let entry = self
             .inner
@@ -176,7 +184,18 @@ impl TokenBroker {
                 key: target.clone(),
             });
         }
-        let (tokens, refreshed, stale) = self.inner.fresh_tokens(target).await?;
+        Ok(())
+    }
+
+    fn read_done(
+        &self,
+        caller: &Caller,
+        target: &TokenKey,
+        tokens: Arc<TokenSet>,
+        refreshed: bool,
+        stale: bool,
+    ) -> Result<RetrievedTokens> {
+        let entry = self.inner.entry(&target.provider)?;
         self.inner.emit(BrokerEvent::ReadAllowed {
             key: target.clone(),
             caller: caller.subject.clone(),

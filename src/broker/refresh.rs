@@ -46,6 +46,8 @@ pub(crate) struct Need {
     pub(crate) reject: Option<crate::secret::Secret>,
     /// The link must have been written after this instant (keeps idle refresh tokens alive).
     pub(crate) written_after: Option<OffsetDateTime>,
+    /// A token for these narrower scopes rather than the link's own.
+    pub(crate) scopes: Option<crate::ids::Scopes>,
 }
 
 impl Need {
@@ -54,6 +56,15 @@ impl Need {
             min_validity: skew,
             reject: None,
             written_after: None,
+            scopes: None,
+        }
+    }
+
+    /// What this need serves from a set: the set itself, or its narrowed view.
+    pub(crate) fn view(&self, set: &TokenSet) -> Option<TokenSet> {
+        match &self.scopes {
+            None => Some(set.clone()),
+            Some(scopes) => set.narrowed_to(scopes),
         }
     }
 
@@ -63,6 +74,9 @@ impl Need {
         written_at: OffsetDateTime,
         now: OffsetDateTime,
     ) -> bool {
+        let Some(set) = self.view(set) else {
+            return false;
+        };
         set.is_fresh(now, self.min_validity)
             && self
                 .reject
@@ -90,6 +104,46 @@ impl Inner {
             return Ok((Arc::new(loaded.set), false, false));
         }
         let (set, refreshed) = self.refresh_shared(key).await?;
+        let stale = !set.is_fresh(self.clock.now(), self.config.skew);
+        Ok((set, refreshed, stale))
+    }
+
+    /// The narrowed read: checks the scopes against the grant, serves a fresh narrowed token,
+    /// or refreshes one under the lease.
+    pub(crate) async fn fresh_narrowed(
+        self: &Arc<Self>,
+        key: &TokenKey,
+        scopes: &crate::ids::Scopes,
+    ) -> Result<(Arc<TokenSet>, bool, bool)> {
+        let loaded = self.load(key).await?;
+        let granted = loaded.set.scopes();
+        let missing: crate::ids::Scopes = scopes
+            .difference(granted)
+            .iter()
+            .filter(|s| !s.starts_with(super::sessions::AUDIENCE_PREFIX))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::ScopesNotGranted {
+                key: key.clone(),
+                missing,
+            });
+        }
+        if scopes == granted || scopes.is_empty() {
+            return self.fresh_tokens(key).await;
+        }
+        let need = Need {
+            min_validity: self.config.skew,
+            reject: None,
+            written_after: None,
+            scopes: Some(scopes.clone()),
+        };
+        let now = self.clock.now();
+        if need.satisfied_by(&loaded.set, loaded.stored.record.meta.updated_at, now)
+            && let Some(view) = need.view(&loaded.set)
+        {
+            return Ok((Arc::new(view), false, false));
+        }
+        let (set, refreshed) = self.refresh_with_lease(key, &need).await?;
         let stale = !set.is_fresh(self.clock.now(), self.config.skew);
         Ok((set, refreshed, stale))
     }
@@ -191,8 +245,10 @@ impl Inner {
                     pause = (pause * 2).min(Duration::from_millis(250));
                     let loaded = self.load(key).await?;
                     let written = loaded.stored.record.meta.updated_at;
-                    if need.satisfied_by(&loaded.set, written, self.clock.now()) {
-                        return Ok((Arc::new(loaded.set), true));
+                    if need.satisfied_by(&loaded.set, written, self.clock.now())
+                        && let Some(view) = need.view(&loaded.set)
+                    {
+                        return Ok((Arc::new(view), true));
                     }
                     if tokio::time::Instant::now() >= deadline {
                         return Err(Error::RefreshInProgress { key: key.clone() });
@@ -210,20 +266,26 @@ impl Inner {
     ) -> Result<(Arc<TokenSet>, bool)> {
         let Loaded { stored, set } = self.load(key).await?;
         let now = self.clock.now();
-        if need.satisfied_by(&set, stored.record.meta.updated_at, now) {
-            return Ok((Arc::new(set), true));
+        if need.satisfied_by(&set, stored.record.meta.updated_at, now)
+            && let Some(view) = need.view(&set)
+        {
+            return Ok((Arc::new(view), true));
         }
+        // What may be served if no refresh happens: never a wider token than was asked for.
+        let fallback = need.view(&set);
         let Some(refresh_token) = set.refresh_token().cloned() else {
-            return self.serve_unexpired(set, now, || Error::NoRefreshToken { key: key.clone() });
+            return self
+                .serve_unexpired(fallback, now, || Error::NoRefreshToken { key: key.clone() });
         };
         if let Some(until) = self.backing_off(key, now) {
             let retry_after = Some((until - now).unsigned_abs());
-            return self.serve_unexpired(set, now, || self.unavailable(key, retry_after, None));
+            return self
+                .serve_unexpired(fallback, now, || self.unavailable(key, retry_after, None));
         }
         let provider = &self.entry(&key.provider)?.provider;
         let answer = tokio::time::timeout(
             self.config.refresh_timeout,
-            provider.refresh(&refresh_token, None),
+            provider.refresh(&refresh_token, need.scopes.as_ref()),
         )
         .await
         .unwrap_or_else(|_| {
@@ -236,13 +298,15 @@ impl Inner {
         });
         match answer {
             Ok(tokens) => {
-                let newer = TokenSet::from_response(tokens, self.clock.now(), set.scopes());
-                self.store_refreshed(key, stored, set, newer).await
+                let asked = need.scopes.as_ref().unwrap_or(set.scopes());
+                let newer = TokenSet::from_response(tokens, self.clock.now(), asked);
+                self.store_refreshed(key, stored, set, newer, need.scopes.as_ref())
+                    .await
             }
             Err(ProviderError::InvalidGrant { description }) => {
                 self.on_invalid_grant(key, stored, description).await
             }
-            Err(e) => self.on_failure(key, set, e),
+            Err(e) => self.on_failure(key, fallback, e),
         }
     }
 
@@ -253,8 +317,12 @@ impl Inner {
         stored: StoredRecord,
         old: TokenSet,
         newer: TokenSet,
+        scopes: Option<&crate::ids::Scopes>,
     ) -> Result<(Arc<TokenSet>, bool)> {
-        let merged = old.merge(newer);
+        let merged = match scopes {
+            None => old.merge(newer),
+            Some(scopes) => old.with_narrowed(scopes, newer),
+        };
         let rotated = old.is_rotated_by(&merged);
         let now = self.clock.now();
         let record = Record::new(
@@ -279,7 +347,11 @@ impl Inner {
                         key: key.clone(),
                         rotated,
                     });
-                    return Ok((Arc::new(merged), true));
+                    let served = match scopes {
+                        None => merged,
+                        Some(scopes) => merged.narrowed_to(scopes).unwrap_or(merged),
+                    };
+                    return Ok((Arc::new(served), true));
                 }
                 Err(StoreError::Conflict { .. }) => {
                     // Someone wrote while we held the lease (a re-link, or a holder whose lease
@@ -288,8 +360,12 @@ impl Inner {
                     self.emit(BrokerEvent::LostRace { key: key.clone() });
                     let loaded = self.load(key).await?;
                     let now = self.clock.now();
+                    let view = match scopes {
+                        None => Some(loaded.set),
+                        Some(scopes) => loaded.set.narrowed_to(scopes),
+                    };
                     return self
-                        .serve_unexpired(loaded.set, now, || Error::RefreshInProgress {
+                        .serve_unexpired(view, now, || Error::RefreshInProgress {
                             key: key.clone(),
                         })
                         .map(|(set, _)| (set, true));
@@ -326,7 +402,7 @@ impl Inner {
             let loaded = self.load(key).await?;
             let now = self.clock.now();
             return self
-                .serve_unexpired(loaded.set, now, || Error::RefreshInProgress {
+                .serve_unexpired(Some(loaded.set), now, || Error::RefreshInProgress {
                     key: key.clone(),
                 })
                 .map(|(set, _)| (set, true));
@@ -365,7 +441,7 @@ impl Inner {
     fn on_failure(
         &self,
         key: &TokenKey,
-        set: TokenSet,
+        set: Option<TokenSet>,
         error: ProviderError,
     ) -> Result<(Arc<TokenSet>, bool)> {
         let now = self.clock.now();
@@ -377,7 +453,7 @@ impl Inner {
             ProviderError::Rejected { status, .. } => Some(*status),
             _ => None,
         };
-        let served_stale = set.is_unexpired(now);
+        let served_stale = set.as_ref().is_some_and(|s| s.is_unexpired(now));
         self.emit(BrokerEvent::TransientFailure {
             key: key.clone(),
             status,
@@ -399,14 +475,13 @@ impl Inner {
 
     fn serve_unexpired(
         &self,
-        set: TokenSet,
+        set: Option<TokenSet>,
         now: OffsetDateTime,
         otherwise: impl FnOnce() -> Error,
     ) -> Result<(Arc<TokenSet>, bool)> {
-        if set.is_unexpired(now) {
-            Ok((Arc::new(set), false))
-        } else {
-            Err(otherwise())
+        match set {
+            Some(set) if set.is_unexpired(now) => Ok((Arc::new(set), false)),
+            _ => Err(otherwise()),
         }
     }
 

@@ -104,6 +104,10 @@ impl BrokerResponse {
                 "a refresh is in progress; try again shortly".to_owned(),
             ),
             Error::InvalidId(e) => (StatusCode::BAD_REQUEST, e.to_string()),
+            Error::ScopesNotGranted { missing, .. } => (
+                StatusCode::FORBIDDEN,
+                format!("the user has not granted: {missing}"),
+            ),
             _ => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal error".to_owned(),
