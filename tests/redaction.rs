@@ -112,6 +112,29 @@ async fn nothing_printable_contains_a_secret() {
     idp.revoke_user("alice");
     let err = broker.retrieve(&caller, &key).await.unwrap_err();
     printed.push(format!("{err:?} {err}"));
+    // Narrowed reads, status, sweep, session logins: new paths that handle tokens.
+    let relinked = {
+        let start = broker.begin_login(&key, LoginOptions::default()).await.unwrap();
+        let cb = idp.approve(&start.authorization_url, "alice").unwrap();
+        broker.complete_login(start.pending, &cb).await.unwrap()
+    };
+    remember(&relinked.tokens);
+    let narrow = tokenbroker::Scopes::parse("openid");
+    if let Ok(n) = broker.retrieve_narrowed(&caller, &key, &narrow).await {
+        remember(&n.tokens);
+        printed.push(format!("{n:?}"));
+    }
+    printed.push(format!("{:?}", broker.status(&key).await.unwrap()));
+    printed.push(format!(
+        "{:?}",
+        broker
+            .sweep(tokenbroker::SweepOptions::new(Duration::from_secs(7200)))
+            .await
+            .unwrap()
+    ));
+    let session_options = LoginOptions::default().with_session("host-session-id-secret-1234");
+    secrets.push("host-session-id-secret-1234".into());
+    printed.push(format!("{session_options:?}"));
     printed.push(format!("{:?}", broker.unlink(&key).await.unwrap()));
     printed.push(format!("{broker:?}"));
 
@@ -126,6 +149,20 @@ async fn nothing_printable_contains_a_secret() {
     .with_client_secret(Secret::new("client-secret-value-42"));
     secrets.push("client-secret-value-42".into());
     printed.push(format!("{config:?}"));
+    let oidc = tokenbroker::provider::OidcConfig::google(
+        ProviderId::new("google").unwrap(),
+        "client",
+        Secret::new("google-client-secret-value-77"),
+        "https://app.example/cb".parse().unwrap(),
+    );
+    secrets.push("google-client-secret-value-77".into());
+    printed.push(format!("{oidc:?}"));
+    let http: Arc<dyn tokenbroker::http::HttpClient> =
+        Arc::new(tokenbroker::http::ReqwestClient::new().unwrap());
+    printed.push(format!(
+        "{:?}",
+        tokenbroker::provider::OidcProvider::new(oidc, http)
+    ));
     printed.push(format!("{:?}", got.tokens.to_payload()));
 
     printed.extend(events.0.lock().unwrap().iter().cloned());
