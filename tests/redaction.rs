@@ -114,7 +114,10 @@ async fn nothing_printable_contains_a_secret() {
     printed.push(format!("{err:?} {err}"));
     // Narrowed reads, status, sweep, session logins: new paths that handle tokens.
     let relinked = {
-        let start = broker.begin_login(&key, LoginOptions::default()).await.unwrap();
+        let start = broker
+            .begin_login(&key, LoginOptions::default())
+            .await
+            .unwrap();
         let cb = idp.approve(&start.authorization_url, "alice").unwrap();
         broker.complete_login(start.pending, &cb).await.unwrap()
     };
