@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use base64::Engine as _;
 use reqwest::StatusCode;
 use reqwest::redirect::Policy;
 use serde_json::{Value, json};
@@ -430,4 +431,94 @@ fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
+}
+
+/// The caller's JWT, claim by claim: what becomes the `Caller`, and what is refused.
+#[test]
+fn caller_jwts_map_keycloak_claims_and_refuse_the_rest() {
+    let auth = server::CallerAuth::new(server::DEV_JWT_KEY, Realm::new(REALM).unwrap());
+    let exp = now() + 300;
+    let caller = auth
+        .verify(&jwt(&json!({
+            "sub": "alice", "azp": "reporting", "exp": exp, "nbf": now() - 5,
+            "scope": "openid read:user_idp_tokens",
+            "realm_access": {"roles": ["offline_access"]},
+            "resource_access": {"broker": {"roles": ["read-token"]}, "account": {"roles": ["manage-account"]}},
+        })))
+        .expect("a valid token");
+    assert_eq!(caller.realm.as_str(), REALM);
+    assert_eq!(caller.subject.as_str(), "alice");
+    assert_eq!(caller.client_id, "reporting");
+    assert!(caller.has_effective_role("read-token"));
+    assert!(caller.has_role("offline_access"), "realm roles count");
+    assert!(
+        !caller.has_role("manage-account"),
+        "other clients' roles do not"
+    );
+    assert!(caller.scopes.contains("read:user_idp_tokens"));
+    // A realm role named read-token is taken too (Keycloak setups that use a realm role).
+    let realm_role = auth.verify(&jwt(
+        &json!({"sub": "bob", "azp": "a", "exp": exp, "realm_access": {"roles": ["read-token"]}}),
+    ));
+    assert!(realm_role.unwrap().has_role("read-token"));
+
+    // Correctly MACed with the key, but the header names another algorithm.
+    let signed_with = |alg: &str, claims: &Value| {
+        use hmac::Mac as _;
+        let input = format!(
+            "{}.{}",
+            base64_url(&format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#)),
+            base64_url(&claims.to_string())
+        );
+        let mut mac =
+            hmac::Hmac::<sha2::Sha256>::new_from_slice(server::DEV_JWT_KEY.as_bytes()).unwrap();
+        mac.update(input.as_bytes());
+        let signature =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{input}.{signature}")
+    };
+    let good = json!({"sub": "alice", "azp": "a", "exp": exp});
+    for (why, token) in [
+        (
+            "not yet valid",
+            jwt(&json!({"sub": "alice", "azp": "a", "exp": exp, "nbf": now() + 600})),
+        ),
+        ("no sub", jwt(&json!({"azp": "a", "exp": exp}))),
+        ("no azp", jwt(&json!({"sub": "alice", "exp": exp}))),
+        (
+            "exp as text",
+            jwt(&json!({"sub": "alice", "azp": "a", "exp": exp.to_string()})),
+        ),
+        (
+            "empty sub",
+            jwt(&json!({"sub": "", "azp": "a", "exp": exp})),
+        ),
+        ("HS512 header", signed_with("HS512", &good)),
+        ("none header", signed_with("none", &good)),
+        ("four parts", format!("{}.x", jwt(&good))),
+        ("empty", String::new()),
+    ] {
+        assert!(auth.verify(&token).is_none(), "{why}");
+    }
+    assert!(auth.verify(&jwt(&good)).is_some());
+    assert!(
+        auth.verify(&signed_with("HS256", &good)).is_some(),
+        "the hand-made signature is right"
+    );
+    // The header must say Bearer.
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert(
+        "authorization",
+        format!("Token {}", jwt(&good)).parse().unwrap(),
+    );
+    assert!(auth.authenticate(&headers).is_none());
+    headers.insert(
+        "authorization",
+        format!("bearer {}", jwt(&good)).parse().unwrap(),
+    );
+    assert!(auth.authenticate(&headers).is_some());
+}
+
+fn base64_url(text: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
 }
