@@ -148,16 +148,20 @@ async fn login(
         "{LOGIN_COOKIE}={session}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
         LOGIN_TTL.as_secs()
     );
-    let mut response = StatusCode::FOUND.into_response();
-    let h = response.headers_mut();
-    // A URL and a cookie made of base64url characters are always valid header values.
-    if let (Ok(location), Ok(cookie)) = (
+    // A URL and a cookie of base64url characters are valid header values; checked anyway.
+    let (Ok(location), Ok(cookie)) = (
         HeaderValue::from_str(start.authorization_url.as_str()),
         HeaderValue::from_str(&cookie),
-    ) {
-        h.insert(header::LOCATION, location);
-        h.insert(header::SET_COOKIE, cookie);
-    }
+    ) else {
+        s.logins.take(&session);
+        return send(BrokerResponse::from_error(&Error::Internal(
+            "unusable authorization URL",
+        )));
+    };
+    let mut response = StatusCode::FOUND.into_response();
+    let h = response.headers_mut();
+    h.insert(header::LOCATION, location);
+    h.insert(header::SET_COOKIE, cookie);
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
@@ -202,7 +206,8 @@ async fn callback(
             }
         }
     };
-    let clear = format!("{LOGIN_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax");
+    let secure = if s.secure_cookies { "; Secure" } else { "" };
+    let clear = format!("{LOGIN_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}");
     if let Ok(clear) = HeaderValue::from_str(&clear) {
         response.headers_mut().insert(header::SET_COOKIE, clear);
     }

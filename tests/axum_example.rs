@@ -426,6 +426,56 @@ async fn a_callback_is_used_once_and_only_with_its_own_cookie() {
     assert_eq!(replay.json()["error"], "invalid_state");
 }
 
+/// The broker's answers go out 1:1: a provider outage is a 502 with the provider's
+/// `Retry-After`; a refused consent is a 400 at the callback and links nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_reach_the_caller_as_the_broker_says() {
+    let mut app = start().await;
+    let alice = user("alice");
+    // Access tokens that expire at once: every read needs a refresh.
+    app.idp.set_access_token_ttl(Duration::ZERO);
+    let linked = app.link("alice").await;
+    assert_eq!(linked.status, StatusCode::OK, "{}", linked.body);
+    app.idp.inject(tokenbroker::testing::Fault::Status {
+        status: 503,
+        body: "<h1>down</h1>".into(),
+        retry_after: Some(7),
+    });
+    let down = app.token(Some(&alice)).await;
+    assert_eq!(down.status, StatusCode::BAD_GATEWAY, "{}", down.body);
+    assert_eq!(down.header("retry-after"), "7");
+    assert_eq!(down.header("cache-control"), "no-store");
+    assert_eq!(down.json()["error"], "temporarily_unavailable");
+    assert!(
+        !down.body.contains("down"),
+        "the provider's page is not passed on"
+    );
+
+    // Consent refused at the provider: the callback carries error=access_denied.
+    app.idp.set_deny_consent(true);
+    let browser = client();
+    let login = app
+        .send(
+            browser
+                .get(app.url(&format!("/broker/{ALIAS}/login")))
+                .bearer_auth(user("bob")),
+        )
+        .await;
+    let to_provider: url::Url = login.header("location").parse().unwrap();
+    let tokenbroker::testing::FakeIdpError::Redirected { redirect_url, .. } =
+        app.idp.authorize(&to_provider, "bob").unwrap_err()
+    else {
+        panic!("expected an error redirect")
+    };
+    let refused = app.send(browser.get(redirect_url.as_str())).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+    assert_eq!(refused.json()["error"], "access_denied");
+    assert_eq!(
+        app.token(Some(&user("bob"))).await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
