@@ -68,7 +68,9 @@ impl BrokerResponse {
         }
     }
 
-    pub(crate) fn error(status: StatusCode, error: &str, description: &str) -> Self {
+    /// An OAuth-style error answer (`{"error", "error_description"}`) with the broker's
+    /// no-store headers, for adapter routes the broker has no handler for.
+    pub fn error(status: StatusCode, error: &str, description: &str) -> Self {
         BrokerResponse::new(
             status,
             &json!({ "error": error, "error_description": description }),
@@ -104,6 +106,11 @@ impl BrokerResponse {
                 "a refresh is in progress; try again shortly".to_owned(),
             ),
             Error::InvalidId(e) => (StatusCode::BAD_REQUEST, e.to_string()),
+            Error::LoginRejected { reason } => (StatusCode::BAD_REQUEST, (*reason).to_owned()),
+            Error::AuthorizationDenied { .. } => (
+                StatusCode::BAD_REQUEST,
+                "the user or provider refused the authorization".to_owned(),
+            ),
             Error::ScopesNotGranted { missing, .. } => (
                 StatusCode::FORBIDDEN,
                 format!("the user has not granted: {missing}"),
@@ -128,7 +135,9 @@ impl BrokerResponse {
         response
     }
 
-    pub(crate) fn unauthenticated() -> Self {
+    /// The `401` (with `WWW-Authenticate: Bearer`) for a request whose caller could not be
+    /// authenticated.
+    pub fn unauthenticated() -> Self {
         let mut response = BrokerResponse::error(
             StatusCode::UNAUTHORIZED,
             "invalid_token",
