@@ -226,3 +226,63 @@ async fn microsoft_preset_rotates_checks_the_tenant_and_cannot_revoke() {
     let err = link(&pinned, &idp, &k).await.unwrap_err();
     assert!(err.to_string().contains("tenant"), "{err}");
 }
+
+/// Re-login keeps what the provider does not resend, for the Microsoft and GitHub presets too
+/// (Google's is covered above, OIDC's in the real-IdP suite).
+#[tokio::test]
+async fn relogin_with_the_microsoft_and_github_presets_keeps_a_working_refresh_token() {
+    // Microsoft: every login brings a new refresh token; the newest is kept and works.
+    let tenant = "9188040d-6c67-4c5b-b112-36a304b66dad";
+    let idp = FakeIdp::start(FakeIdpConfig::microsoft(tenant))
+        .await
+        .unwrap();
+    let base = idp.base_url();
+    let config = OidcConfig::microsoft(
+        ProviderId::new("microsoft").unwrap(),
+        "common",
+        idp.client_id(),
+        Secret::new(idp.client_secret()),
+        redirect(),
+    )
+    .with_base_url(&base)
+    .with_issuer(IssuerPolicy::TenantTemplate {
+        template: format!("{}/{{tenantid}}/v2.0", base.as_str().trim_end_matches('/')),
+        tenants: None,
+    });
+    let clock = Arc::new(ManualClock::starting_now());
+    let broker = broker(config, Some(clock.clone()));
+    let k = key("microsoft");
+    link(&broker, &idp, &k).await.unwrap();
+    let second = link(&broker, &idp, &k).await.unwrap();
+    let rt = second.refresh_token().unwrap().expose_secret().to_owned();
+    clock.advance(Duration::from_secs(3601));
+    let read = broker.retrieve(&caller(), &k).await.unwrap();
+    assert!(read.refreshed, "the kept refresh token works: {rt:.4}…");
+
+    // GitHub (plain OAuth 2.0): a re-login whose answer lacks a refresh token keeps the old one.
+    let idp = FakeIdp::start(FakeIdpConfig::default()).await.unwrap();
+    let config = tokenbroker::provider::OAuth2Config::github(
+        ProviderId::new("github").unwrap(),
+        idp.client_id(),
+        Secret::new(idp.client_secret()),
+        redirect(),
+    )
+    .with_base_url(&idp.base_url())
+    .with_scopes(Scopes::parse("repo"));
+    let clock = Arc::new(ManualClock::starting_now());
+    let broker = TokenBroker::builder()
+        .with_oauth2_provider(config, ProviderPolicy::default())
+        .with_clock(clock.clone())
+        .build()
+        .unwrap();
+    let k = key("github");
+    let first = link(&broker, &idp, &k).await.unwrap();
+    let rt = first.refresh_token().unwrap().expose_secret().to_owned();
+    idp.set_omit_refresh_token(true);
+    let again = link(&broker, &idp, &k).await.unwrap();
+    assert_eq!(again.refresh_token().unwrap().expose_secret(), rt);
+    idp.set_omit_refresh_token(false);
+    clock.advance(Duration::from_secs(3601));
+    assert!(broker.retrieve(&caller(), &k).await.unwrap().refreshed);
+    assert_eq!(idp.counters().reuse_detected, 0);
+}

@@ -578,6 +578,8 @@ impl FakeIdp {
             .route("/{tenant}/discovery/v2.0/keys", get(jwks_handler))
             .route("/oauth2/v3/certs", get(jwks_handler))
             .route("/o/oauth2/v2/auth", get(authorize_handler))
+            .route("/login/oauth/authorize", get(authorize_handler))
+            .route("/login/oauth/access_token", post(token_handler))
             .with_state(Arc::clone(&shared));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -923,9 +925,10 @@ impl Shared {
 
     /// `/authorize`, or `/{tenant}/oauth2/v2.0/authorize` for a served tenant.
     fn is_authorize_path(&self, path: &str) -> bool {
-        // `/o/oauth2/v2/auth` is Google's path, served so the Google preset can be rebased here.
+        // Google's and GitHub's paths, served so that their presets can be rebased here.
         path == "/authorize"
             || path == "/o/oauth2/v2/auth"
+            || path == "/login/oauth/authorize"
             || path
                 .strip_prefix('/')
                 .and_then(|p| p.strip_suffix("/oauth2/v2.0/authorize"))
