@@ -414,8 +414,9 @@ mod tests {
         );
     }
 
-    /// Found by the `token_response` fuzzer: a list item holding a separator became one scope
-    /// whose displayed form parsed back as two, so a stored set changed on reload.
+    /// Found by `tests/properties.rs` (`scopes_survive_storage`, shrunk to `["a য়"]`): a
+    /// list item holding a separator became one scope whose displayed form parsed back as
+    /// two, so a stored set changed on reload.
     #[test]
     fn scopes_never_hold_a_separator() {
         let from_list = serde_json::from_str::<Scopes>(r#"["b a", "c,d", " e "]"#).unwrap();
