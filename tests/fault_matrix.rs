@@ -736,3 +736,88 @@ async fn postgres_unreachable_and_back() {
     assert!(got.refreshed && !got.stale);
     assert_eq!(w.idp.counters().reuse_detected, 0);
 }
+
+/// PostgreSQL goes away *after* the IdP rotated the refresh token, and comes back while the
+/// broker still holds its refresh lease. The rotated token exists only in the pending write:
+/// before the fix the broker gave up after three quick retries (~0.7 s plus the pool's
+/// time-outs), the record kept the retired token, and the next refresh presented a spent
+/// token (reuse detection revoked the grant: the link was lost). Now the write is retried for
+/// as long as the lease keeps other instances away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_gone_during_rotation_and_back_within_the_lease() {
+    let url = postgres_url();
+    let real = url::Url::parse(&url).unwrap();
+    let upstream: std::net::SocketAddr = format!(
+        "{}:{}",
+        real.host_str().unwrap(),
+        real.port().unwrap_or(5432)
+    )
+    .parse()
+    .unwrap();
+    let proxy = Proxy::start(upstream).await;
+    let mut via_proxy = real.clone();
+    via_proxy.set_port(Some(proxy.port)).unwrap();
+    let (_, schema) = postgres_store(&url, None).await;
+    let (store, _) = postgres_store(via_proxy.as_str(), Some(&schema)).await;
+    let store: Arc<dyn TokenStore> = Arc::new(store);
+    let idp = FakeIdp::start(FakeIdpConfig::default().with_id_token(false))
+        .await
+        .unwrap();
+    let clock = Arc::new(ManualClock::starting_now());
+    let events = Arc::new(Events::default());
+    let broker = broker_with(
+        provider_config(&idp, idp.token_endpoint()),
+        store.clone(),
+        clock.clone(),
+        events.clone(),
+    );
+    let w = World {
+        idp,
+        clock,
+        store,
+        events,
+        broker,
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    let key = TokenKey::parse("acme", "alice", "fake").unwrap();
+    w.link(&key).await;
+    w.clock.advance(Duration::from_secs(3601));
+
+    w.idp.inject(Fault::Delay(Duration::from_millis(300)));
+    let reader = {
+        let broker = w.broker.clone();
+        let key = key.clone();
+        tokio::spawn(async move { broker.retrieve(&caller(&key), &key).await })
+    };
+    let waiting = tokio::time::Instant::now();
+    while w.idp.pending_faults() > 0 {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "no refresh request"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.cut();
+    // Down for longer than the old retries lasted, shorter than the lease (5.5 s here).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    proxy.restore();
+    let first = reader.await.unwrap();
+    assert_eq!(w.idp.counters().refresh_successes, 1, "the IdP rotated");
+    let first = first.expect("the rotated token was written once the store was back");
+    assert!(first.refreshed && !first.stale);
+    let stored = w.load(&key).await;
+    let set = tokenbroker::TokenSet::from_payload(&stored.record.payload).unwrap();
+    assert!(
+        w.idp
+            .is_active(set.refresh_token().unwrap().expose_secret())
+    );
+
+    w.clock.advance(Duration::from_secs(3601));
+    let again = w.broker.retrieve(&caller(&key), &key).await;
+    assert_eq!(
+        w.idp.counters().reuse_detected,
+        0,
+        "the spent refresh token was presented again: {again:?}"
+    );
+    assert!(again.is_ok(), "the link survived the outage: {again:?}");
+}

@@ -120,6 +120,8 @@ impl Inner {
         let deadline = tokio::time::Instant::now() + self.config.lease_wait;
         let mut pause = Duration::from_millis(10);
         loop {
+            // Taken before asking, so it is never later than the store's own expiry.
+            let lease_until = tokio::time::Instant::now() + self.config.lease_ttl;
             match self
                 .store
                 .try_lease(key, &self.holder, self.config.lease_ttl)
@@ -127,7 +129,7 @@ impl Inner {
             {
                 LeaseAttempt::Missing => return Err(Error::NotFound { key: key.clone() }),
                 LeaseAttempt::Acquired(lease) => {
-                    let result = self.refresh_holding_lease(key).await;
+                    let result = self.refresh_holding_lease(key, lease_until).await;
                     if let Err(e) = self.store.release_lease(&lease).await {
                         // The lease expires on its own; others wait at most its TTL.
                         tracing::warn!(target: "tokenbroker", %key, error = %e, "could not release refresh lease");
@@ -150,7 +152,11 @@ impl Inner {
     }
 
     /// Steps 4 to 6, holding the lease.
-    async fn refresh_holding_lease(&self, key: &TokenKey) -> Result<(Arc<TokenSet>, bool)> {
+    async fn refresh_holding_lease(
+        &self,
+        key: &TokenKey,
+        lease_until: tokio::time::Instant,
+    ) -> Result<(Arc<TokenSet>, bool)> {
         let Loaded { stored, set } = self.load(key).await?;
         let now = self.clock.now();
         if set.is_fresh(now, self.config.skew) {
@@ -180,7 +186,8 @@ impl Inner {
         match answer {
             Ok(tokens) => {
                 let newer = TokenSet::from_response(tokens, self.clock.now(), set.scopes());
-                self.store_refreshed(key, stored, set, newer).await
+                self.store_refreshed(key, stored, set, newer, lease_until)
+                    .await
             }
             Err(ProviderError::InvalidGrant { description }) => {
                 self.on_invalid_grant(key, stored, description).await
@@ -196,6 +203,7 @@ impl Inner {
         stored: StoredRecord,
         old: TokenSet,
         newer: TokenSet,
+        lease_until: tokio::time::Instant,
     ) -> Result<(Arc<TokenSet>, bool)> {
         let merged = old.merge(newer);
         let rotated = old.is_rotated_by(&merged);
@@ -237,11 +245,18 @@ impl Inner {
                         })
                         .map(|(set, _)| (set, true));
                 }
-                // A store hiccup now would lose a rotated refresh token: retry a few times.
-                Err(e) if attempt < 3 => {
+                // A store hiccup now would lose a rotated refresh token (the IdP has retired
+                // the stored one): retry, a few times at least and then for as long as our
+                // lease keeps other instances from refreshing, so that an outage shorter than
+                // the lease loses nothing.
+                Err(e)
+                    if attempt < 3
+                        || tokio::time::Instant::now() + Self::write_pause(attempt + 1)
+                            < lease_until =>
+                {
                     attempt += 1;
                     tracing::warn!(target: "tokenbroker", %key, error = %e, attempt, "retrying the write of refreshed tokens");
-                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    tokio::time::sleep(Self::write_pause(attempt)).await;
                 }
                 Err(e) => {
                     tracing::error!(target: "tokenbroker", %key, error = %e, rotated, "refreshed tokens could not be stored");
@@ -249,6 +264,11 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// The pause before write retry `attempt` (1-based): 100 ms doubling up to 1.6 s.
+    fn write_pause(attempt: u32) -> Duration {
+        Duration::from_millis(50 << attempt.min(5))
     }
 
     /// `invalid_grant`: a dead grant only if nobody moved the record since we read it.
