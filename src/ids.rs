@@ -263,8 +263,7 @@ impl Scopes {
 
     /// Parses a scope string separated by spaces (RFC 6749 §3.3), commas, or both.
     pub fn parse(text: &str) -> Self {
-        text.split(|c: char| c.is_whitespace() || c == ',')
-            .collect()
+        std::iter::once(text).collect()
     }
 
     /// Whether the set holds `scope`.
@@ -272,11 +271,14 @@ impl Scopes {
         self.0.contains(scope)
     }
 
-    /// Adds a scope (ignored when empty).
+    /// Adds a scope (ignored when empty). A value holding separators (whitespace or commas)
+    /// adds each scope it names, as [`Scopes::parse`] would read it.
     pub fn insert(&mut self, scope: impl Into<String>) {
         let scope = scope.into();
-        if !scope.is_empty() {
+        if split_scopes(&scope).eq([scope.as_str()]) {
             self.0.insert(scope);
+        } else {
+            self.0.extend(split_scopes(&scope).map(String::from));
         }
     }
 
@@ -311,12 +313,21 @@ impl Scopes {
     }
 }
 
+/// The scopes a text names: split on whitespace and commas, empty pieces dropped. Every way
+/// into a [`Scopes`] goes through here, so that no scope holds a separator and the displayed
+/// form parses back to the same set.
+fn split_scopes(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|s| !s.is_empty())
+}
+
+/// Each item may itself hold several scopes (`["a b", "c"]` is `{a, b, c}`): a scope never
+/// contains a separator.
 impl<'a> FromIterator<&'a str> for Scopes {
     fn from_iter<I: IntoIterator<Item = &'a str>>(iter: I) -> Self {
         Scopes(
             iter.into_iter()
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
+                .flat_map(split_scopes)
                 .map(String::from)
                 .collect(),
         )
@@ -401,5 +412,21 @@ mod tests {
                 .to_string(),
             "a c"
         );
+    }
+
+    /// Found by `tests/properties.rs` (`scopes_survive_storage`, shrunk to `["a য়"]`): a
+    /// list item holding a separator became one scope whose displayed form parsed back as
+    /// two, so a stored set changed on reload.
+    #[test]
+    fn scopes_never_hold_a_separator() {
+        let from_list = serde_json::from_str::<Scopes>(r#"["b a", "c,d", " e "]"#).unwrap();
+        assert_eq!(from_list.len(), 5);
+        assert_eq!(Scopes::parse(&from_list.to_string()), from_list);
+        let mut s = Scopes::new();
+        s.insert("x y,z");
+        s.insert(" ");
+        assert_eq!(s.to_string(), "x y z");
+        let json = serde_json::to_string(&from_list).unwrap();
+        assert_eq!(serde_json::from_str::<Scopes>(&json).unwrap(), from_list);
     }
 }

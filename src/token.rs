@@ -77,6 +77,10 @@ struct NarrowedToken {
     obtained_at: OffsetDateTime,
 }
 
+/// The longest lifetime [`TokenSet::from_response`] accepts from a provider (100 years);
+/// longer ones are cut to it.
+const MAX_LIFETIME: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
+
 impl TokenSet {
     /// A set holding only an access token of type `Bearer`, obtained at `obtained_at`, with no
     /// known expiry.
@@ -96,14 +100,16 @@ impl TokenSet {
     }
 
     /// Builds the set a provider's answer describes, turning relative lifetimes into instants
-    /// with `now`. When the answer names no scopes, the granted scopes are `requested`
+    /// with `now` (a lifetime longer than 100 years counts as 100 years). When the answer names no scopes, the granted scopes are `requested`
     /// (RFC 6749 §5.1: the scope is omitted when it equals the requested one).
     pub fn from_response(
         response: ProviderTokens,
         now: OffsetDateTime,
         requested: &Scopes,
     ) -> Self {
-        let at = |d: Option<Duration>| d.map(|d| now + d);
+        // A provider may claim any lifetime (`"expires_in": 1e11`, or u64::MAX seconds);
+        // `now + d` would panic past year 9999. Such a claim is capped, not trusted.
+        let at = |d: Option<Duration>| d.map(|d| now + d.min(MAX_LIFETIME));
         TokenSet {
             access_token: response.access_token,
             token_type: response.token_type.unwrap_or_else(|| "Bearer".into()),
@@ -473,6 +479,23 @@ mod tests {
         assert_eq!(back.expires_at(), s.expires_at());
         assert_eq!(back.refresh_expires_at(), None);
         assert_eq!(back.extras()["ext_expires_in"], 3599);
+    }
+
+    /// Found by the `token_response` fuzzer: `"expires_in": 18446744073709551615` (or any
+    /// lifetime reaching past year 9999) parsed fine and then panicked in `now + d`.
+    #[test]
+    fn absurd_lifetimes_are_capped_not_a_panic() {
+        let now = datetime!(2026-01-01 0:00 UTC);
+        for secs in [u64::MAX, 1_000_000_000_000, 999_999_999_999] {
+            let mut answer = ProviderTokens::new(Secret::new("at"));
+            answer.expires_in = Some(Duration::from_secs(secs));
+            answer.refresh_expires_in = Some(Duration::MAX);
+            let set = TokenSet::from_response(answer, now, &Scopes::new());
+            assert_eq!(set.expires_at(), Some(now + MAX_LIFETIME));
+            assert_eq!(set.refresh_expires_at(), Some(now + MAX_LIFETIME));
+            let back = TokenSet::from_payload(&set.to_payload()).unwrap();
+            assert_eq!(back.expires_at(), set.expires_at());
+        }
     }
 
     #[test]

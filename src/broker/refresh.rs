@@ -226,6 +226,8 @@ impl Inner {
         let deadline = tokio::time::Instant::now() + self.config.lease_wait;
         let mut pause = Duration::from_millis(10);
         loop {
+            // Taken before asking, so it is never later than the store's own expiry.
+            let lease_until = tokio::time::Instant::now() + self.config.lease_ttl;
             match self
                 .store
                 .try_lease(key, &self.holder, self.config.lease_ttl)
@@ -233,7 +235,7 @@ impl Inner {
             {
                 LeaseAttempt::Missing => return Err(Error::NotFound { key: key.clone() }),
                 LeaseAttempt::Acquired(lease) => {
-                    let result = self.refresh_holding_lease(key, need).await;
+                    let result = self.refresh_holding_lease(key, need, lease_until).await;
                     if let Err(e) = self.store.release_lease(&lease).await {
                         // The lease expires on its own; others wait at most its TTL.
                         tracing::warn!(target: "tokenbroker", %key, error = %e, "could not release refresh lease");
@@ -263,6 +265,7 @@ impl Inner {
         &self,
         key: &TokenKey,
         need: &Need,
+        lease_until: tokio::time::Instant,
     ) -> Result<(Arc<TokenSet>, bool)> {
         let Loaded { stored, set } = self.load(key).await?;
         let now = self.clock.now();
@@ -300,7 +303,7 @@ impl Inner {
             Ok(tokens) => {
                 let asked = need.scopes.as_ref().unwrap_or(set.scopes());
                 let newer = TokenSet::from_response(tokens, self.clock.now(), asked);
-                self.store_refreshed(key, stored, set, newer, need.scopes.as_ref())
+                self.store_refreshed(key, stored, set, newer, need.scopes.as_ref(), lease_until)
                     .await
             }
             Err(ProviderError::InvalidGrant { description }) => {
@@ -318,6 +321,7 @@ impl Inner {
         old: TokenSet,
         newer: TokenSet,
         scopes: Option<&crate::ids::Scopes>,
+        lease_until: tokio::time::Instant,
     ) -> Result<(Arc<TokenSet>, bool)> {
         let merged = match scopes {
             None => old.merge(newer),
@@ -370,11 +374,18 @@ impl Inner {
                         })
                         .map(|(set, _)| (set, true));
                 }
-                // A store hiccup now would lose a rotated refresh token: retry a few times.
-                Err(e) if attempt < 3 => {
+                // A store hiccup now would lose a rotated refresh token (the IdP has retired
+                // the stored one): retry, a few times at least and then for as long as our
+                // lease keeps other instances from refreshing, so that an outage shorter than
+                // the lease loses nothing.
+                Err(e)
+                    if attempt < 3
+                        || tokio::time::Instant::now() + Self::write_pause(attempt + 1)
+                            < lease_until =>
+                {
                     attempt += 1;
                     tracing::warn!(target: "tokenbroker", %key, error = %e, attempt, "retrying the write of refreshed tokens");
-                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    tokio::time::sleep(Self::write_pause(attempt)).await;
                 }
                 Err(e) => {
                     tracing::error!(target: "tokenbroker", %key, error = %e, rotated, "refreshed tokens could not be stored");
@@ -382,6 +393,11 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// The pause before write retry `attempt` (1-based): 100 ms doubling up to 1.6 s.
+    fn write_pause(attempt: u32) -> Duration {
+        Duration::from_millis(50 << attempt.min(5))
     }
 
     /// `invalid_grant`: a dead grant only if nobody moved the record since we read it.
