@@ -382,3 +382,22 @@ async fn the_client_allow_list_preset_gates_providers_per_client() {
         403
     );
 }
+
+#[tokio::test]
+async fn an_admin_reads_another_users_token_through_the_explicit_endpoint() {
+    let w = world().await;
+    let alice = TokenKey::parse("acme", "alice", "google").unwrap();
+    let admin = caller("carol").with_scopes(Scopes::parse("read:user_idp_tokens"));
+    let r = w.broker.token_endpoint_for(Some(&admin), &alice).await;
+    assert_eq!(r.status, 200);
+    assert!(r.json().unwrap()["access_token"].as_str().is_some());
+    assert!(r.json().unwrap().get("refresh_token").is_none());
+    // Without the admin scope the same request is a 403, identical for a missing link.
+    let bob = caller("bob").with_role("read-token");
+    let denied = w.broker.token_endpoint_for(Some(&bob), &alice).await;
+    let missing = TokenKey::parse("acme", "nobody", "google").unwrap();
+    let denied_missing = w.broker.token_endpoint_for(Some(&bob), &missing).await;
+    assert_eq!(denied.status, 403);
+    assert_eq!(denied.body, denied_missing.body);
+    assert_eq!(w.broker.token_endpoint_for(None, &alice).await.status, 401);
+}

@@ -184,6 +184,25 @@ impl TokenBroker {
         }
     }
 
+    /// The same answer for an explicit link, which may be another user's: for an admin caller
+    /// (the checker's admin scope, in the spirit of Auth0's `read:user_idp_tokens`) or a
+    /// route such as `GET /admin/realms/{realm}/users/{user}/broker/{alias}/token`. The checker
+    /// decides as for any read; a denied caller gets the same 403 whether or not the link
+    /// exists.
+    pub async fn token_endpoint_for(
+        &self,
+        caller: Option<&Caller>,
+        key: &TokenKey,
+    ) -> BrokerResponse {
+        let Some(caller) = caller else {
+            return BrokerResponse::unauthenticated();
+        };
+        match self.retrieve(caller, key).await {
+            Ok(retrieved) => self.token_body(&retrieved),
+            Err(e) => BrokerResponse::from_error(&e),
+        }
+    }
+
     fn token_body(&self, retrieved: &RetrievedTokens) -> BrokerResponse {
         let now = self.inner.clock.now();
         let set = &retrieved.tokens;
