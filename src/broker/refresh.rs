@@ -35,10 +35,10 @@ pub(crate) struct Backoff {
     failures: u32,
 }
 
-/// A loaded link, decoded.
+/// A loaded link, decoded (or found already decoded in the hot cache).
 struct Loaded {
     stored: StoredRecord,
-    set: TokenSet,
+    set: Arc<TokenSet>,
 }
 
 impl Inner {
@@ -50,14 +50,15 @@ impl Inner {
     ) -> Result<(Arc<TokenSet>, bool, bool)> {
         let loaded = self.load(key).await?;
         if loaded.set.is_fresh(self.clock.now(), self.config.skew) {
-            return Ok((Arc::new(loaded.set), false, false));
+            return Ok((loaded.set, false, false));
         }
         let (set, refreshed) = self.refresh_shared(key).await?;
         let stale = !set.is_fresh(self.clock.now(), self.config.skew);
         Ok((set, refreshed, stale))
     }
 
-    /// Loads and decodes a link; a link marked relink-required is an error.
+    /// Loads and decodes a link; a link marked relink-required is an error. The decode is
+    /// skipped when the hot cache holds the set decoded from these very bytes.
     async fn load(&self, key: &TokenKey) -> Result<Loaded> {
         let stored = self
             .store
@@ -70,11 +71,16 @@ impl Inner {
                 reason: reason.clone(),
             });
         }
+        if let Some(set) = self.hot.get(key, &stored) {
+            return Ok(Loaded { stored, set });
+        }
         let set =
             TokenSet::from_payload(&stored.record.payload).map_err(|e| StoreError::Corrupt {
                 key: key.clone(),
                 reason: e.to_string(),
             })?;
+        let set = Arc::new(set);
+        self.hot.put(key, &stored, Arc::clone(&set));
         Ok(Loaded { stored, set })
     }
 
@@ -139,7 +145,7 @@ impl Inner {
                     pause = (pause * 2).min(Duration::from_millis(250));
                     let loaded = self.load(key).await?;
                     if loaded.set.is_fresh(self.clock.now(), self.config.skew) {
-                        return Ok((Arc::new(loaded.set), true));
+                        return Ok((loaded.set, true));
                     }
                     if tokio::time::Instant::now() >= deadline {
                         return Err(Error::RefreshInProgress { key: key.clone() });
@@ -154,7 +160,7 @@ impl Inner {
         let Loaded { stored, set } = self.load(key).await?;
         let now = self.clock.now();
         if set.is_fresh(now, self.config.skew) {
-            return Ok((Arc::new(set), true));
+            return Ok((set, true));
         }
         let Some(refresh_token) = set.refresh_token().cloned() else {
             return self.serve_unexpired(set, now, || Error::NoRefreshToken { key: key.clone() });
@@ -194,10 +200,10 @@ impl Inner {
         &self,
         key: &TokenKey,
         stored: StoredRecord,
-        old: TokenSet,
+        old: Arc<TokenSet>,
         newer: TokenSet,
     ) -> Result<(Arc<TokenSet>, bool)> {
-        let merged = old.merge(newer);
+        let merged = Arc::new(old.merge(newer));
         let rotated = old.is_rotated_by(&merged);
         let now = self.clock.now();
         let record = Record::new(
@@ -216,13 +222,19 @@ impl Inner {
                 .compare_and_swap(key, stored.version, &record)
                 .await
             {
-                Ok(_) => {
+                Ok(version) => {
+                    // The next read loads exactly these bytes: let it skip the decode.
+                    self.hot.put(
+                        key,
+                        &StoredRecord::new(record.clone(), version),
+                        Arc::clone(&merged),
+                    );
                     self.clear_backoff(key);
                     self.emit(BrokerEvent::Refreshed {
                         key: key.clone(),
                         rotated,
                     });
-                    return Ok((Arc::new(merged), true));
+                    return Ok((merged, true));
                 }
                 Err(StoreError::Conflict { .. }) => {
                     // Someone wrote while we held the lease (a re-link, or a holder whose lease
@@ -308,7 +320,7 @@ impl Inner {
     fn on_failure(
         &self,
         key: &TokenKey,
-        set: TokenSet,
+        set: Arc<TokenSet>,
         error: ProviderError,
     ) -> Result<(Arc<TokenSet>, bool)> {
         let now = self.clock.now();
@@ -342,12 +354,12 @@ impl Inner {
 
     fn serve_unexpired(
         &self,
-        set: TokenSet,
+        set: Arc<TokenSet>,
         now: OffsetDateTime,
         otherwise: impl FnOnce() -> Error,
     ) -> Result<(Arc<TokenSet>, bool)> {
         if set.is_unexpired(now) {
-            Ok((Arc::new(set), false))
+            Ok((set, false))
         } else {
             Err(otherwise())
         }
