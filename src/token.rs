@@ -406,6 +406,11 @@ impl Payload {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Whether both hold the same bytes: the same allocation (a `MemoryStore` hands out its
+    /// own), or equal contents.
+    pub(crate) fn same_bytes(&self, other: &Payload) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.expose_secret() == other.expose_secret()
+    }
 }
 
 impl fmt::Debug for Payload {

@@ -1,6 +1,7 @@
 //! The broker: login, retrieval with refresh-and-rotate, unlink, and the retrieval response.
 
 mod exchange;
+mod hot_cache;
 mod lifecycle;
 mod login;
 mod refresh;
@@ -103,6 +104,8 @@ pub(crate) struct Inner {
     pub(crate) config: Timing,
     pub(crate) holder: LeaseHolder,
     pub(crate) flights: refresh::Flights,
+    /// Decoded sets of recent reads, so that a cached read does not decode JSON.
+    pub(crate) hot: hot_cache::HotCache,
     pub(crate) backoff: Mutex<HashMap<TokenKey, refresh::Backoff>>,
     pub(crate) used_states: Mutex<HashMap<[u8; 32], OffsetDateTime>>,
 }
@@ -196,11 +199,17 @@ impl TokenBroker {
         stale: bool,
     ) -> Result<RetrievedTokens> {
         let entry = self.inner.entry(&target.provider)?;
-        self.inner.emit(BrokerEvent::ReadAllowed {
-            key: target.clone(),
-            caller: caller.subject.clone(),
-            client_id: caller.client_id.clone(),
-        });
+        // The event clones five strings; on the cached-read path that is most of the
+        // allocations, so build it only when a sink or a debug subscriber will see it.
+        if self.inner.events.is_some()
+            || tracing::enabled!(target: "tokenbroker", tracing::Level::DEBUG)
+        {
+            self.inner.emit(BrokerEvent::ReadAllowed {
+                key: target.clone(),
+                caller: caller.subject.clone(),
+                client_id: caller.client_id.clone(),
+            });
+        }
         Ok(RetrievedTokens {
             tokens,
             refreshed,
@@ -322,6 +331,7 @@ impl Inner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(key);
+        self.hot.remove(key);
         self.emit(BrokerEvent::Unlinked {
             key: key.clone(),
             revocation: revocation.clone(),
@@ -355,6 +365,7 @@ pub struct TokenBrokerBuilder {
     refresh_timeout: Option<Duration>,
     lease_wait: Option<Duration>,
     login_ttl: Option<Duration>,
+    hot_cache_capacity: Option<usize>,
 }
 
 impl fmt::Debug for TokenBrokerBuilder {
@@ -455,6 +466,15 @@ impl TokenBrokerBuilder {
         self
     }
 
+    /// How many decoded token sets this instance keeps in memory (default 4096; 0 turns the
+    /// cache off). Every read still loads the link from the store; a set is reused only when
+    /// the loaded record is byte-for-byte the one it was decoded from, which saves the JSON
+    /// decode on every cached read. Entries past the capacity are evicted at random.
+    pub fn with_hot_cache_capacity(mut self, capacity: usize) -> Self {
+        self.hot_cache_capacity = Some(capacity);
+        self
+    }
+
     /// Builds the broker.
     ///
     /// # Errors
@@ -524,6 +544,10 @@ impl TokenBrokerBuilder {
             },
             holder: self.holder.unwrap_or_else(LeaseHolder::random),
             flights: Default::default(),
+            hot: hot_cache::HotCache::new(
+                self.hot_cache_capacity
+                    .unwrap_or(hot_cache::DEFAULT_CAPACITY),
+            ),
             backoff: Mutex::new(HashMap::new()),
             used_states: Mutex::new(HashMap::new()),
         };

@@ -61,16 +61,16 @@ impl Need {
     }
 
     /// What this need serves from a set: the set itself, or its narrowed view.
-    pub(crate) fn view(&self, set: &TokenSet) -> Option<TokenSet> {
+    pub(crate) fn view(&self, set: &Arc<TokenSet>) -> Option<Arc<TokenSet>> {
         match &self.scopes {
-            None => Some(set.clone()),
-            Some(scopes) => set.narrowed_to(scopes),
+            None => Some(Arc::clone(set)),
+            Some(scopes) => set.narrowed_to(scopes).map(Arc::new),
         }
     }
 
     fn satisfied_by(
         &self,
-        set: &TokenSet,
+        set: &Arc<TokenSet>,
         written_at: OffsetDateTime,
         now: OffsetDateTime,
     ) -> bool {
@@ -86,10 +86,10 @@ impl Need {
     }
 }
 
-/// A loaded link, decoded.
+/// A loaded link, decoded (or found already decoded in the hot cache).
 struct Loaded {
     stored: StoredRecord,
-    set: TokenSet,
+    set: Arc<TokenSet>,
 }
 
 impl Inner {
@@ -101,7 +101,7 @@ impl Inner {
     ) -> Result<(Arc<TokenSet>, bool, bool)> {
         let loaded = self.load(key).await?;
         if loaded.set.is_fresh(self.clock.now(), self.config.skew) {
-            return Ok((Arc::new(loaded.set), false, false));
+            return Ok((loaded.set, false, false));
         }
         let (set, refreshed) = self.refresh_shared(key).await?;
         let stale = !set.is_fresh(self.clock.now(), self.config.skew);
@@ -141,14 +141,15 @@ impl Inner {
         if need.satisfied_by(&loaded.set, loaded.stored.record.meta.updated_at, now)
             && let Some(view) = need.view(&loaded.set)
         {
-            return Ok((Arc::new(view), false, false));
+            return Ok((view, false, false));
         }
         let (set, refreshed) = self.refresh_with_lease(key, &need).await?;
         let stale = !set.is_fresh(self.clock.now(), self.config.skew);
         Ok((set, refreshed, stale))
     }
 
-    /// Loads and decodes a link; a link marked relink-required is an error.
+    /// Loads and decodes a link; a link marked relink-required is an error. The decode is
+    /// skipped when the hot cache holds the set decoded from these very bytes.
     async fn load(&self, key: &TokenKey) -> Result<Loaded> {
         let stored = self
             .store
@@ -161,11 +162,16 @@ impl Inner {
                 reason: reason.clone(),
             });
         }
+        if let Some(set) = self.hot.get(key, &stored) {
+            return Ok(Loaded { stored, set });
+        }
         let set =
             TokenSet::from_payload(&stored.record.payload).map_err(|e| StoreError::Corrupt {
                 key: key.clone(),
                 reason: e.to_string(),
             })?;
+        let set = Arc::new(set);
+        self.hot.put(key, &stored, Arc::clone(&set));
         Ok(Loaded { stored, set })
     }
 
@@ -250,7 +256,7 @@ impl Inner {
                     if need.satisfied_by(&loaded.set, written, self.clock.now())
                         && let Some(view) = need.view(&loaded.set)
                     {
-                        return Ok((Arc::new(view), true));
+                        return Ok((view, true));
                     }
                     if tokio::time::Instant::now() >= deadline {
                         return Err(Error::RefreshInProgress { key: key.clone() });
@@ -272,7 +278,7 @@ impl Inner {
         if need.satisfied_by(&set, stored.record.meta.updated_at, now)
             && let Some(view) = need.view(&set)
         {
-            return Ok((Arc::new(view), true));
+            return Ok((view, true));
         }
         // What may be served if no refresh happens: never a wider token than was asked for.
         let fallback = need.view(&set);
@@ -318,15 +324,15 @@ impl Inner {
         &self,
         key: &TokenKey,
         stored: StoredRecord,
-        old: TokenSet,
+        old: Arc<TokenSet>,
         newer: TokenSet,
         scopes: Option<&crate::ids::Scopes>,
         lease_until: tokio::time::Instant,
     ) -> Result<(Arc<TokenSet>, bool)> {
-        let merged = match scopes {
+        let merged = Arc::new(match scopes {
             None => old.merge(newer),
             Some(scopes) => old.with_narrowed(scopes, newer),
-        };
+        });
         let rotated = old.is_rotated_by(&merged);
         let now = self.clock.now();
         let record = Record::new(
@@ -345,7 +351,13 @@ impl Inner {
                 .compare_and_swap(key, stored.version, &record)
                 .await
             {
-                Ok(_) => {
+                Ok(version) => {
+                    // The next read loads exactly these bytes: let it skip the decode.
+                    self.hot.put(
+                        key,
+                        &StoredRecord::new(record.clone(), version),
+                        Arc::clone(&merged),
+                    );
                     self.clear_backoff(key);
                     self.emit(BrokerEvent::Refreshed {
                         key: key.clone(),
@@ -353,9 +365,9 @@ impl Inner {
                     });
                     let served = match scopes {
                         None => merged,
-                        Some(scopes) => merged.narrowed_to(scopes).unwrap_or(merged),
+                        Some(scopes) => merged.narrowed_to(scopes).map_or(merged, Arc::new),
                     };
-                    return Ok((Arc::new(served), true));
+                    return Ok((served, true));
                 }
                 Err(StoreError::Conflict { .. }) => {
                     // Someone wrote while we held the lease (a re-link, or a holder whose lease
@@ -366,7 +378,7 @@ impl Inner {
                     let now = self.clock.now();
                     let view = match scopes {
                         None => Some(loaded.set),
-                        Some(scopes) => loaded.set.narrowed_to(scopes),
+                        Some(scopes) => loaded.set.narrowed_to(scopes).map(Arc::new),
                     };
                     return self
                         .serve_unexpired(view, now, || Error::RefreshInProgress {
@@ -457,7 +469,7 @@ impl Inner {
     fn on_failure(
         &self,
         key: &TokenKey,
-        set: Option<TokenSet>,
+        set: Option<Arc<TokenSet>>,
         error: ProviderError,
     ) -> Result<(Arc<TokenSet>, bool)> {
         let now = self.clock.now();
@@ -491,12 +503,12 @@ impl Inner {
 
     fn serve_unexpired(
         &self,
-        set: Option<TokenSet>,
+        set: Option<Arc<TokenSet>>,
         now: OffsetDateTime,
         otherwise: impl FnOnce() -> Error,
     ) -> Result<(Arc<TokenSet>, bool)> {
         match set {
-            Some(set) if set.is_unexpired(now) => Ok((Arc::new(set), false)),
+            Some(set) if set.is_unexpired(now) => Ok((set, false)),
             _ => Err(otherwise()),
         }
     }

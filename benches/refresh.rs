@@ -1,0 +1,75 @@
+//! A refresh: `retrieve` of an expired link (load, lease, refresh over HTTP against the loopback
+//! `FakeIdp`, merge, compare-and-swap, release) against its floor, a bare `oauth2`
+//! `exchange_refresh_token` to the same endpoint over the same transport. Current-thread
+//! runtime; every iteration moves a `ManualClock` past the expiry so that every read refreshes.
+//!
+//! `cargo bench --all-features --bench refresh`
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::Criterion;
+use std::hint::black_box;
+use tokenbroker::testing::{FakeIdp, FakeIdpConfig, ManualClock};
+use tokenbroker::{MemoryStore, TokenKey};
+
+use common::{BareRefresher, Pair, caller, idp_broker, link};
+
+fn benches(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let idp = rt
+        .block_on(FakeIdp::start(FakeIdpConfig::default()))
+        .unwrap();
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = Arc::new(MemoryStore::with_clock(clock.clone()));
+    let broker = idp_broker(&idp, store, clock.clone());
+    let alice = TokenKey::parse("acme", "alice", "fake").unwrap();
+    let bob = TokenKey::parse("acme", "bob", "fake").unwrap();
+    rt.block_on(link(&idp, &broker, &alice, "alice"));
+    // The floor spends bob's grant, which the broker never touches.
+    let bobs = rt.block_on(link(&idp, &broker, &bob, "bob"));
+    let floor = BareRefresher::new(&idp, bobs.refresh_token().unwrap().expose_secret());
+    let who = caller(&alice);
+
+    // Sanity: one broker refresh is one upstream call.
+    let before = idp.counters().refresh_calls;
+    clock.advance(Duration::from_secs(3601));
+    let got = rt.block_on(broker.retrieve(&who, &alice)).unwrap();
+    assert!(got.refreshed);
+    assert_eq!(idp.counters().refresh_calls, before + 1);
+
+    let mut g = c.benchmark_group("refresh");
+    g.bench_function("tokenbroker", |b| {
+        b.to_async(&rt).iter(|| async {
+            clock.advance(Duration::from_secs(3601));
+            let got = broker.retrieve(&who, &alice).await.unwrap();
+            assert!(got.refreshed);
+            black_box(got)
+        })
+    });
+    g.bench_function("floor_oauth2", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(floor.refresh().await) })
+    });
+    g.finish();
+}
+
+fn main() {
+    let mut c = common::criterion();
+    benches(&mut c);
+    c.final_summary();
+    common::print_summary(
+        "refresh",
+        &[Pair::new(
+            "refresh against FakeIdp (MemoryStore, current-thread)",
+            "refresh/tokenbroker",
+            "refresh/floor_oauth2",
+            1.2,
+        )],
+    );
+}
