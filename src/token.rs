@@ -486,8 +486,9 @@ mod tests {
         assert_eq!(back.extras()["ext_expires_in"], 3599);
     }
 
-    /// Found by the `token_response` fuzzer: `"expires_in": 18446744073709551615` (or any
-    /// lifetime reaching past year 9999) parsed fine and then panicked in `now + d`.
+    /// Found reviewing `parse_token_response` for the `token_response` fuzz target (now a seed
+    /// of it): `"expires_in": 18446744073709551615` (or any lifetime reaching past year 9999)
+    /// parsed fine and then panicked in `now + d` ("overflow adding duration to date").
     #[test]
     fn absurd_lifetimes_are_capped_not_a_panic() {
         let now = datetime!(2026-01-01 0:00 UTC);

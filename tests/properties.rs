@@ -357,23 +357,25 @@ mod sqlite {
     use super::*;
     use tokenbroker::SqliteStore;
 
-    /// Two pools over one SQLite file, as two broker instances would open it.
+    /// Two pools over one SQLite file, as two broker instances would open it. The file lives
+    /// in cargo's scratch directory for integration tests (statics are never dropped, so a
+    /// temporary directory would be left behind in /tmp); each run starts it afresh.
     fn sqlite_stores() -> &'static [Arc<dyn TokenStore>] {
-        static STORES: OnceLock<(tempfile::TempDir, Vec<Arc<dyn TokenStore>>)> = OnceLock::new();
-        &STORES
-            .get_or_init(|| {
-                let dir = tempfile::tempdir().unwrap();
-                let path = dir.path().join("links.db");
-                let stores = runtime().block_on(async {
-                    let mut v: Vec<Arc<dyn TokenStore>> = Vec::new();
-                    for _ in 0..2 {
-                        v.push(Arc::new(SqliteStore::open(&path).await.unwrap()));
-                    }
-                    v
-                });
-                (dir, stores)
+        static STORES: OnceLock<Vec<Arc<dyn TokenStore>>> = OnceLock::new();
+        STORES.get_or_init(|| {
+            let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+            let path = dir.join("properties-interleavings.db");
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+            }
+            runtime().block_on(async {
+                let mut v: Vec<Arc<dyn TokenStore>> = Vec::new();
+                for _ in 0..2 {
+                    v.push(Arc::new(SqliteStore::open(&path).await.unwrap()));
+                }
+                v
             })
-            .1
+        })
     }
 
     proptest! {

@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut headers = HeaderMap::new();
     if data[2] != 0 {
-        headers.insert(http::header::RETRY_AFTER, HeaderValue::from(data[2]));
+        headers.insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from(u16::from(data[2])),
+        );
     }
     let body = &data[3..];
     let quirks: [&dyn Quirks; 4] = [
