@@ -2,10 +2,12 @@
 # The whole test suite, set-up included, on a fresh machine:
 #   - Node packages for the real OpenID Provider (oidc-provider, from tests/idp/package-lock.json)
 #   - a throwaway PostgreSQL cluster (Debian's postgresql package, installed when missing)
-# then every test of every feature, doc tests included.
+# then every test of every feature, doc tests included (the fault matrix and a 60 s soak among
+# them), then a short run of every fuzz target (cargo-fuzz, installed when missing).
 #
 # Usage: scripts/test.sh [extra cargo test arguments]
-# Set TOKENBROKER_TEST_POSTGRES_URL to use an existing server instead of starting one.
+# Set TOKENBROKER_TEST_POSTGRES_URL to use an existing server instead of starting one,
+# TOKENBROKER_SOAK_SECONDS to soak longer, FUZZ_SECONDS to fuzz longer (0: not at all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,3 +25,8 @@ export TOKENBROKER_TEST_POSTGRES_URL
 
 say "cargo test --all-features"
 cargo test --all-features "$@"
+
+say "fuzz targets, ${FUZZ_SECONDS:=20}s each (FUZZ_SECONDS=0 skips)"
+if [ "$FUZZ_SECONDS" -gt 0 ]; then
+  FUZZ_SECONDS="$FUZZ_SECONDS" bash scripts/fuzz.sh
+fi
