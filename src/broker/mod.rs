@@ -2,6 +2,7 @@
 
 mod exchange;
 mod hot_cache;
+mod lease_wake;
 mod login;
 mod refresh;
 mod response;
