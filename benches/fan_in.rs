@@ -82,6 +82,24 @@ fn benches(c: &mut Criterion) {
             b.to_async(&rt)
                 .iter(|| async { black_box(floor.refresh().await) })
         });
+        // A reference, not the target's floor: one bare refresh, then 1,000 spawned tasks that
+        // each read the new token from a shared map. What any fan-in costs on this runtime
+        // before the broker does anything; at 0 ms it dwarfs the refresh itself.
+        g.bench_function("floor_refresh_then_1000_tasks", |b| {
+            b.to_async(&rt).iter(|| async {
+                let token: Arc<std::sync::RwLock<Arc<str>>> =
+                    Arc::new(std::sync::RwLock::new(floor.refresh().await.into()));
+                let readers: Vec<_> = (0..READERS)
+                    .map(|_| {
+                        let token = token.clone();
+                        tokio::spawn(async move { token.read().unwrap().clone() })
+                    })
+                    .collect();
+                for r in readers {
+                    black_box(r.await.unwrap());
+                }
+            })
+        });
         g.finish();
     }
     idp.set_token_delay(None);
@@ -116,6 +134,18 @@ fn main() {
             format!("fan_in_{delay}ms/tokenbroker_4inst"),
             floor,
             2.0,
+        ));
+    }
+    for delay in [0, 50] {
+        pairs.push(Pair::new(
+            if delay == 0 {
+                "reference: 1 refresh + 1,000 spawned tasks, 0 ms IdP"
+            } else {
+                "reference: 1 refresh + 1,000 spawned tasks, 50 ms IdP"
+            },
+            format!("fan_in_{delay}ms/floor_refresh_then_1000_tasks"),
+            format!("fan_in_{delay}ms/floor_one_refresh"),
+            f64::INFINITY,
         ));
     }
     common::print_summary("fan_in", &pairs);

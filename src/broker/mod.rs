@@ -2,6 +2,7 @@
 
 mod exchange;
 mod hot_cache;
+mod lease_wake;
 mod lifecycle;
 mod login;
 mod refresh;

@@ -246,10 +246,24 @@ impl Inner {
                         // The lease expires on its own; others wait at most its TTL.
                         tracing::warn!(target: "tokenbroker", %key, error = %e, "could not release refresh lease");
                     }
+                    super::lease_wake::wake(super::lease_wake::store_id(&self.store), key);
                     return result;
                 }
                 LeaseAttempt::Busy => {
-                    tokio::time::sleep(pause).await;
+                    // An instance of this process sharing the store wakes us when it releases
+                    // the lease; otherwise (another process) the pause runs out.
+                    let store = super::lease_wake::store_id(&self.store);
+                    let notify = super::lease_wake::waiter(store, key);
+                    {
+                        let woken = notify.notified();
+                        tokio::pin!(woken);
+                        woken.as_mut().enable();
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            _ = &mut woken => {}
+                        }
+                    }
+                    super::lease_wake::done_waiting(store, key, notify);
                     pause = (pause * 2).min(Duration::from_millis(250));
                     let loaded = self.load(key).await?;
                     let written = loaded.stored.record.meta.updated_at;
