@@ -3,7 +3,7 @@
 #   - Node packages for the real OpenID Provider (oidc-provider, from tests/idp/package-lock.json)
 #   - a throwaway PostgreSQL cluster (Debian's postgresql package, installed when missing)
 # then every test of every feature, doc tests included (the fault matrix and a 60 s soak among
-# them), then a short run of every fuzz target (cargo-fuzz, installed when missing).
+# them), then a short run of every libFuzzer target (scripts/fuzz.sh).
 #
 # Usage: scripts/test.sh [extra cargo test arguments]
 # Set TOKENBROKER_TEST_POSTGRES_URL to use an existing server instead of starting one,
