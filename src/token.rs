@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretSlice};
@@ -387,16 +387,28 @@ impl ProviderTokens {
 ///
 /// Cheap to clone; zeroized when the last clone is dropped; `Debug` shows only the length.
 #[derive(Clone)]
-pub struct Payload(Arc<SecretSlice<u8>>);
+pub struct Payload(Arc<PayloadInner>);
+
+struct PayloadInner {
+    bytes: SecretSlice<u8>,
+    /// The set decoded from these bytes, for as long as something else (the broker's bounded
+    /// hot cache) keeps it alive. A store that hands out its own payload (`MemoryStore`) thus
+    /// lets a cached read skip both the decode and the hot cache's lookup. Weak, so that the
+    /// decoded tokens never outlive the cache's bound or an unlink.
+    decoded: OnceLock<Weak<TokenSet>>,
+}
 
 impl Payload {
     /// Wraps bytes.
     pub fn new(bytes: Vec<u8>) -> Self {
-        Payload(Arc::new(SecretSlice::from(bytes)))
+        Payload(Arc::new(PayloadInner {
+            bytes: SecretSlice::from(bytes),
+            decoded: OnceLock::new(),
+        }))
     }
     /// The bytes. Stores write them; nothing should log them.
     pub fn expose_secret(&self) -> &[u8] {
-        self.0.expose_secret()
+        self.0.bytes.expose_secret()
     }
     /// The length in bytes.
     pub fn len(&self) -> usize {
@@ -410,6 +422,15 @@ impl Payload {
     /// own), or equal contents.
     pub(crate) fn same_bytes(&self, other: &Payload) -> bool {
         Arc::ptr_eq(&self.0, &other.0) || self.expose_secret() == other.expose_secret()
+    }
+    /// The set decoded from these bytes earlier, if it is still alive.
+    pub(crate) fn decoded(&self) -> Option<Arc<TokenSet>> {
+        self.0.decoded.get()?.upgrade()
+    }
+    /// Remembers `set` as the decoding of these bytes. The first decoding wins; a later one
+    /// (after the first was dropped) is simply not remembered here.
+    pub(crate) fn remember_decoded(&self, set: &Arc<TokenSet>) {
+        let _ = self.0.decoded.set(Arc::downgrade(set));
     }
 }
 

@@ -14,7 +14,7 @@
 //! no bookkeeping on the read path.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::{Arc, RwLock};
 
 use crate::ids::TokenKey;
@@ -22,6 +22,10 @@ use crate::store::{StoredRecord, Version};
 use crate::token::{Payload, TokenSet};
 
 const SHARDS: usize = 16;
+
+/// Seeded at random per cache; see `MemoryStore` for why not SipHash.
+type RandomState = foldhash::fast::RandomState;
+type Shard = HashMap<TokenKey, Entry, RandomState>;
 
 /// The default number of decoded sets a broker keeps (about 2.5 KB each for typical tokens,
 /// plus the payload, which `MemoryStore` shares).
@@ -34,7 +38,7 @@ struct Entry {
 }
 
 pub(crate) struct HotCache {
-    shards: Box<[RwLock<HashMap<TokenKey, Entry>>]>,
+    shards: Box<[RwLock<Shard>]>,
     hasher: RandomState,
     per_shard: usize,
 }
@@ -51,13 +55,15 @@ impl HotCache {
     /// A cache of about `capacity` sets; 0 turns it off.
     pub(crate) fn new(capacity: usize) -> Self {
         HotCache {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(HashMap::default()))
+                .collect(),
+            hasher: RandomState::default(),
             per_shard: capacity.div_ceil(SHARDS),
         }
     }
 
-    fn shard(&self, key: &TokenKey) -> &RwLock<HashMap<TokenKey, Entry>> {
+    fn shard(&self, key: &TokenKey) -> &RwLock<Shard> {
         &self.shards[self.hasher.hash_one(key) as usize % SHARDS]
     }
 

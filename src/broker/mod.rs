@@ -95,7 +95,7 @@ pub(crate) struct Timing {
 }
 
 pub(crate) struct Inner {
-    pub(crate) providers: HashMap<ProviderId, ProviderEntry>,
+    pub(crate) providers: HashMap<ProviderId, ProviderEntry, foldhash::fast::RandomState>,
     pub(crate) store: Arc<dyn TokenStore>,
     pub(crate) checker: Arc<dyn RoleChecker>,
     pub(crate) clock: SharedClock,
@@ -169,13 +169,14 @@ impl TokenBroker {
     /// [`Error::NoRefreshToken`], [`Error::Unavailable`] (the record is unchanged),
     /// [`Error::RefreshInProgress`], [`Error::Store`].
     pub async fn retrieve(&self, caller: &Caller, target: &TokenKey) -> Result<RetrievedTokens> {
-        self.check_read(caller, target).await?;
+        let entry = self.check_read(caller, target).await?;
         let (tokens, refreshed, stale) = self.inner.fresh_tokens(target).await?;
-        self.read_done(caller, target, tokens, refreshed, stale)
+        Ok(self.read_done(caller, target, entry, tokens, refreshed, stale))
     }
 
-    /// Authorization and the provider's policy, before anything is loaded.
-    async fn check_read(&self, caller: &Caller, target: &TokenKey) -> Result<()> {
+    /// Authorization and the provider's policy, before anything is loaded. Returns the
+    /// provider's entry, so that the read looks it up once.
+    async fn check_read(&self, caller: &Caller, target: &TokenKey) -> Result<&ProviderEntry> {
         self.authorize(caller, target).await?;
         let entry = self
             .inner
@@ -188,18 +189,18 @@ impl TokenBroker {
                 key: target.clone(),
             });
         }
-        Ok(())
+        Ok(entry)
     }
 
     fn read_done(
         &self,
         caller: &Caller,
         target: &TokenKey,
+        entry: &ProviderEntry,
         tokens: Arc<TokenSet>,
         refreshed: bool,
         stale: bool,
-    ) -> Result<RetrievedTokens> {
-        let entry = self.inner.entry(&target.provider)?;
+    ) -> RetrievedTokens {
         // The event clones five strings; on the cached-read path that is most of the
         // allocations, so build it only when a sink or a debug subscriber will see it.
         if self.inner.events.is_some()
@@ -211,12 +212,12 @@ impl TokenBroker {
                 client_id: caller.client_id.clone(),
             });
         }
-        Ok(RetrievedTokens {
+        RetrievedTokens {
             tokens,
             refreshed,
             stale,
             expose_refresh_token: entry.policy.expose_refresh_token,
-        })
+        }
     }
 
     async fn authorize(&self, caller: &Caller, target: &TokenKey) -> Result<()> {
@@ -509,7 +510,7 @@ impl TokenBrokerBuilder {
                 providers.push((Arc::new(OidcProvider::new(config, http.clone())), policy));
             }
         }
-        let mut map = HashMap::new();
+        let mut map = HashMap::default();
         for (provider, policy) in providers {
             let id = provider.id().clone();
             if map

@@ -162,6 +162,11 @@ impl Inner {
                 reason: reason.clone(),
             });
         }
+        // The payload itself may know its decoding (a store that hands out its own
+        // allocation); otherwise the hot cache may; otherwise decode.
+        if let Some(set) = stored.record.payload.decoded() {
+            return Ok(Loaded { stored, set });
+        }
         if let Some(set) = self.hot.get(key, &stored) {
             return Ok(Loaded { stored, set });
         }
@@ -171,8 +176,15 @@ impl Inner {
                 reason: e.to_string(),
             })?;
         let set = Arc::new(set);
-        self.hot.put(key, &stored, Arc::clone(&set));
+        self.remember(key, &stored, &set);
         Ok(Loaded { stored, set })
+    }
+
+    /// Keeps `set` as the decoding of `stored`: strongly in the bounded hot cache, weakly in
+    /// the payload.
+    fn remember(&self, key: &TokenKey, stored: &StoredRecord, set: &Arc<TokenSet>) {
+        stored.record.payload.remember_decoded(set);
+        self.hot.put(key, stored, Arc::clone(set));
     }
 
     /// Step 2: joins the refresh in flight for `key`, or starts one. The refresh runs in its
@@ -367,11 +379,7 @@ impl Inner {
             {
                 Ok(version) => {
                     // The next read loads exactly these bytes: let it skip the decode.
-                    self.hot.put(
-                        key,
-                        &StoredRecord::new(record.clone(), version),
-                        Arc::clone(&merged),
-                    );
+                    self.remember(key, &StoredRecord::new(record.clone(), version), &merged);
                     self.clear_backoff(key);
                     self.emit(BrokerEvent::Refreshed {
                         key: key.clone(),

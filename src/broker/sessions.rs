@@ -62,9 +62,9 @@ impl TokenBroker {
         target: &TokenKey,
         scopes: &Scopes,
     ) -> Result<RetrievedTokens> {
-        self.check_read(caller, target).await?;
+        let entry = self.check_read(caller, target).await?;
         let (tokens, refreshed, stale) = self.inner.fresh_narrowed(target, scopes).await?;
-        self.read_done(caller, target, tokens, refreshed, stale)
+        Ok(self.read_done(caller, target, entry, tokens, refreshed, stale))
     }
 
     /// Starts a login that adds `missing` scopes to an existing link (incremental consent);
@@ -97,14 +97,16 @@ impl TokenBroker {
         target: &TokenKey,
         session_id: &str,
     ) -> Result<RetrievedTokens> {
-        self.check_read(caller, target).await?;
+        let entry = self.check_read(caller, target).await?;
         let session = session_key(target, &Secret::new(session_id))?;
-        let key = match self.inner.store.load(&session).await? {
-            Some(_) => session,
-            None => target.clone(),
+        // One load when the session has its own link. `NotFound` also covers a session link
+        // deleted (session ended) while it was being refreshed: the offline link is then the
+        // right answer too.
+        let (tokens, refreshed, stale) = match self.inner.fresh_tokens(&session).await {
+            Err(Error::NotFound { .. }) => self.inner.fresh_tokens(target).await?,
+            other => other?,
         };
-        let (tokens, refreshed, stale) = self.inner.fresh_tokens(&key).await?;
-        self.read_done(caller, target, tokens, refreshed, stale)
+        Ok(self.read_done(caller, target, entry, tokens, refreshed, stale))
     }
 
     /// Ends a login session of the host: deletes every session-bound link of that session
