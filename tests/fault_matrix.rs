@@ -210,10 +210,13 @@ fn caller(key: &TokenKey) -> Caller {
 #[derive(Debug, Clone, Copy)]
 enum Expect {
     /// `Error::Unavailable` (with this `Retry-After`, when given), a `TransientFailure`
-    /// event with this HTTP status, the record untouched, and recovery afterwards.
+    /// event with this HTTP status, the record untouched, and recovery afterwards. With
+    /// `timed_out`, the error must come from the broker's refresh time-out (not, say, from the
+    /// IdP closing the connection later on).
     Transient {
         status: Option<u16>,
         retry_after: Option<u64>,
+        timed_out: bool,
     },
     /// `Error::Provider` with `InvalidClient`, a `TransientFailure` event, the record untouched.
     InvalidClient,
@@ -239,6 +242,12 @@ fn cases() -> Vec<Case> {
     let transient = |status: Option<u16>| Expect::Transient {
         status,
         retry_after: None,
+        timed_out: false,
+    };
+    let timed_out = Expect::Transient {
+        status: None,
+        retry_after: None,
+        timed_out: true,
     };
     vec![
         Case {
@@ -249,7 +258,28 @@ fn cases() -> Vec<Case> {
         Case {
             name: "time-out (delay beyond the refresh time-out)",
             fault: Some(Fault::Delay(REFRESH_TIMEOUT * 4)),
-            expect: transient(None),
+            expect: timed_out,
+        },
+        // Status and headers at once, then a body that does not complete within the refresh
+        // time-out: the time-out must bound the body read too. Either body is cut (never
+        // completed) by the fake only well after the time-out, so an unbounded read would
+        // fail with another reason.
+        Case {
+            // 8 bytes every 100 ms: never idle for long, cut only after about 2 s.
+            name: "slow body (dribbled past the refresh time-out)",
+            fault: Some(Fault::SlowBody {
+                chunk_len: 8,
+                pause: REFRESH_TIMEOUT / 5,
+            }),
+            expect: timed_out,
+        },
+        Case {
+            name: "slow body (stalls mid-body past the refresh time-out)",
+            fault: Some(Fault::SlowBody {
+                chunk_len: usize::MAX,
+                pause: REFRESH_TIMEOUT * 4,
+            }),
+            expect: timed_out,
         },
         Case {
             name: "connection dropped",
@@ -262,6 +292,7 @@ fn cases() -> Vec<Case> {
             expect: Expect::Transient {
                 status: Some(429),
                 retry_after: Some(9),
+                timed_out: false,
             },
         },
         Case {
@@ -275,6 +306,7 @@ fn cases() -> Vec<Case> {
             expect: Expect::Transient {
                 status: Some(503),
                 retry_after: Some(7),
+                timed_out: false,
             },
         },
         Case {
@@ -370,13 +402,30 @@ async fn matrix(kind: StoreKind) {
             Expect::Transient {
                 status,
                 retry_after,
+                timed_out,
             } => {
                 match &err {
                     Error::Unavailable {
-                        retry_after: got, ..
+                        retry_after: got,
+                        source,
+                        ..
                     } => {
                         if let Some(secs) = retry_after {
                             assert_eq!(*got, Some(Duration::from_secs(secs)), "{name}");
+                        }
+                        if timed_out {
+                            assert!(
+                                matches!(
+                                    source,
+                                    Some(ProviderError::Transient {
+                                        status: None,
+                                        reason: Some(reason),
+                                        source: None,
+                                        ..
+                                    }) if reason == "timed out"
+                                ),
+                                "{name}: not the refresh time-out: {source:?}"
+                            );
                         }
                     }
                     other => panic!("{name}: expected Error::Unavailable, got {other:?}"),

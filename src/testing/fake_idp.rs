@@ -19,9 +19,9 @@
 //! server-side revocation ([`FakeIdp::revoke_user_grants`]),
 //! a slow provider ([`FakeIdp::set_token_delay`]) and one-shot faults ([`FakeIdp::inject`]):
 //! 503 pages, 429 with `Retry-After`, garbage or truncated JSON, `invalid_grant`, GitHub-style
-//! errors with status 200, `expires_in` as a string, dropped connections. [`FakeIdp::counters`]
-//! counts what reached the provider, so tests can assert "exactly one refresh call" instead of
-//! measuring time.
+//! errors with status 200, `expires_in` as a string, dropped connections, bodies that stall
+//! after the headers. [`FakeIdp::counters`] counts what reached the provider, so tests can
+//! assert "exactly one refresh call" instead of measuring time.
 //!
 //! # Example
 //!
@@ -459,6 +459,26 @@ pub enum Fault {
     ExpiresInAsString,
     /// Close the connection without sending any response byte. The request is not processed.
     DropConnection,
+    /// A body that stalls after prompt headers: `200` with `Content-Type: application/json`
+    /// and the `Content-Length` of a complete token answer are sent at once, then the body
+    /// `chunk_len` bytes at a time, waiting `pause` before every later chunk. The body never
+    /// completes: after a last `pause`, the connection is closed before its final byte,
+    /// however long the client waits. A client sees the status and headers right away and
+    /// must bound the body read with its own time-out; `chunk_len: usize::MAX` sends all but
+    /// the last byte at once and then stalls for one `pause`.
+    ///
+    /// Like [`Fault::DropConnection`], the request is not processed: the refresh token (or
+    /// code) it presents is not consumed, the grant is not rotated, and the token-shaped body
+    /// holds placeholder tokens that were never issued. A real IdP that has begun a `200`
+    /// answer has usually rotated already ("rotated, answer lost": the client can only carry
+    /// on if the IdP accepts the old refresh token for a while); this fault does not model
+    /// that case.
+    SlowBody {
+        /// Body bytes per write (0 counts as 1).
+        chunk_len: usize,
+        /// The wait before each chunk after the first, and before the connection is closed.
+        pause: Duration,
+    },
     /// Process the request normally, but if the answer carries an `id_token`, alter its payload
     /// after signing (the `sub` changes), so its signature no longer verifies. See also
     /// [`FakeIdp::issue_tampered_id_tokens`].
@@ -1620,6 +1640,7 @@ fn fault_response(fault: Fault, conn: &ConnTag) -> Response {
             conn.kill.store(true, Ordering::SeqCst);
             Response::new(Body::empty())
         }
+        Fault::SlowBody { chunk_len, pause } => slow_body_response(chunk_len, pause),
         // Answered normally by the caller.
         Fault::Delay(_) | Fault::ExpiresInAsString | Fault::TamperedIdToken => OAuthError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -1628,6 +1649,53 @@ fn fault_response(fault: Fault, conn: &ConnTag) -> Response {
         )
         .into_response(),
     }
+}
+
+/// The answer of [`Fault::SlowBody`]: headers at once, then a body that never completes.
+fn slow_body_response(chunk_len: usize, pause: Duration) -> Response {
+    // Token-shaped, so that the Content-Length is that of a plausible answer; never issued.
+    let full = Bytes::from(
+        json!({
+            "access_token": "slow-body-placeholder-never-issued",
+            "token_type": "Bearer",
+            "expires_in": 3600,
+            "refresh_token": "slow-body-placeholder-never-issued",
+        })
+        .to_string(),
+    );
+    let declared = full.len();
+    // The last byte is never sent.
+    let sendable = full.slice(..declared - 1);
+    let chunk_len = chunk_len.max(1);
+    // State: the bytes still to send, and whether one chunk has gone out.
+    let chunks =
+        futures_util::stream::unfold((sendable, false), move |(mut rest, started)| async move {
+            if started {
+                tokio::time::sleep(pause).await;
+            }
+            if rest.is_empty() {
+                // hyper aborts the connection on a body error: the body stays one byte short.
+                return Some((
+                    Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "fake IdP stalled the body (Fault::SlowBody)",
+                    )),
+                    (rest, true),
+                ));
+            }
+            let chunk = rest.split_to(chunk_len.min(rest.len()));
+            Some((Ok(chunk), (rest, true)))
+        });
+    let mut resp = Response::new(Body::from_stream(chunks));
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(declared));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    resp
 }
 
 fn exchange_code(
@@ -3203,6 +3271,73 @@ mod tests {
         assert_eq!(refresh_with(&idp, &rt, &[]).await.status, StatusCode::OK);
         let c = idp.counters();
         assert_eq!((c.refresh_calls, c.refresh_successes), (2, 1));
+    }
+
+    /// Sends a refresh request and returns the response as soon as its headers are in.
+    async fn refresh_headers_only(idp: &FakeIdp, rt: &str) -> reqwest::Response {
+        http()
+            .post(idp.token_endpoint())
+            .basic_auth(idp.client_id(), Some(idp.client_secret()))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("grant_type=refresh_token&refresh_token={rt}"))
+            .send()
+            .await
+            .expect("status and headers arrive")
+    }
+
+    #[tokio::test]
+    async fn fault_slow_body_sends_headers_then_stalls() {
+        let (idp, rt) = idp_with_grant().await;
+        idp.inject(Fault::SlowBody {
+            chunk_len: 16,
+            pause: Duration::from_secs(3600),
+        });
+        let mut resp = refresh_headers_only(&idp, &rt).await;
+        assert_eq!(resp.status().as_u16(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let declared = resp.content_length().expect("Content-Length");
+        let first = resp
+            .chunk()
+            .await
+            .expect("first chunk")
+            .expect("body bytes");
+        assert!(first.starts_with(b"{\""), "{first:?}");
+        assert!((first.len() as u64) < declared);
+        // The rest waits an hour: it is not there a moment later.
+        let more = tokio::time::timeout(Duration::from_millis(50), resp.chunk()).await;
+        assert!(more.is_err(), "the body went on: {more:?}");
+        drop(resp);
+
+        // Counted as a refresh call, and nothing was consumed or rotated.
+        let c = idp.counters();
+        assert_eq!((c.refresh_calls, c.refresh_successes), (1, 0));
+        assert!(idp.is_active(&rt));
+        assert_eq!(refresh_with(&idp, &rt, &[]).await.status, StatusCode::OK);
+        assert_eq!(idp.counters().reuse_detected, 0);
+    }
+
+    #[tokio::test]
+    async fn fault_slow_body_never_completes() {
+        let (idp, rt) = idp_with_grant().await;
+        idp.inject(Fault::SlowBody {
+            chunk_len: 8,
+            pause: Duration::from_millis(1),
+        });
+        let mut resp = refresh_headers_only(&idp, &rt).await;
+        let declared = resp.content_length().expect("Content-Length");
+        let mut got = Vec::new();
+        let end = loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => got.extend_from_slice(&chunk),
+                other => break other,
+            }
+        };
+        assert!(end.is_err(), "the body completed: {end:?}");
+        // Dribbled up to its last byte, which never comes.
+        assert_eq!(got.len() as u64, declared - 1);
+        assert!(serde_json::from_slice::<Value>(&got).is_err());
+        assert!(idp.is_active(&rt));
+        assert_eq!(idp.counters().refresh_successes, 0);
     }
 
     #[tokio::test]
