@@ -2,6 +2,11 @@
 //! in SQLite) should stay flat; and the memory a `MemoryStore` spends per link, measured with a
 //! counting global allocator in this binary, against the serialized size of the set.
 //!
+//! A random lookup in a bigger map is slower on any machine (the map no longer fits the CPU
+//! caches), so each size also measures a floor: a bare `HashMap` lookup of the same keys, in
+//! the same order, in a map of the same size. Flat means our overhead over that floor does not
+//! grow with the number of links.
+//!
 //! Reads go to 1,024 links spread over the whole store, in a scattered order, so that a large
 //! store is not read from a warm corner of the CPU caches.
 //!
@@ -14,8 +19,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use criterion::{BenchmarkGroup, measurement::WallTime};
+use std::collections::HashMap;
 use std::hint::black_box;
 use time::OffsetDateTime;
+use tokenbroker::Payload;
 use tokenbroker::{Caller, MemoryStore, SqliteStore, TokenBroker, TokenKey, TokenStore};
 
 use common::{Pair, caller, key, read_broker, record, token_set};
@@ -107,6 +114,36 @@ fn bench_reads(
     });
 }
 
+/// The floor at `n` links: a bare `HashMap` lookup (plus an `Arc` clone of the payload, which
+/// the map shares with the store, so the floor costs no token memory) of the same keys.
+fn bench_floor(g: &mut BenchmarkGroup<'_, WallTime>, floor: &HashMap<TokenKey, Payload>, n: u64) {
+    let reads = sample(n);
+    let mut i = 0usize;
+    g.bench_function(format!("floor_{n}"), |b| {
+        b.iter(|| {
+            i = (i + 1) % SAMPLE;
+            black_box(floor.get(&reads[i].0).cloned())
+        })
+    });
+}
+
+/// Adds links `from..to` of `store` to the floor map (after the footprint was measured).
+fn fill_floor(
+    rt: &tokio::runtime::Runtime,
+    store: &dyn TokenStore,
+    floor: &mut HashMap<TokenKey, Payload>,
+    from: u64,
+    to: u64,
+) {
+    rt.block_on(async {
+        for i in from..to {
+            let k = key(i);
+            let stored = store.load(&k).await.unwrap().unwrap();
+            floor.insert(k, stored.record.payload);
+        }
+    });
+}
+
 fn allocations_per_read(rt: &tokio::runtime::Runtime, broker: &TokenBroker) -> f64 {
     let reads = sample(1000);
     // Warm whatever the broker caches, then count.
@@ -138,12 +175,15 @@ fn main() {
     let mut footprint = Vec::new();
     {
         let mut g = c.benchmark_group("scale_memory");
+        let mut floor = HashMap::new();
         let mut have = 0;
         for n in [1_000u64, 100_000, 1_000_000] {
             let added = fill(&rt, &*store, have, n);
             footprint.push((n - have, added));
+            fill_floor(&rt, &*store, &mut floor, have, n);
             have = n;
             bench_reads(&mut g, &rt, &broker, n);
+            bench_floor(&mut g, &floor, n);
         }
         g.finish();
     }
@@ -185,6 +225,24 @@ fn main() {
                 1.5,
             ),
             Pair::new(
+                "MemoryStore read vs bare HashMap lookup, 1k links",
+                "scale_memory/links_1000",
+                "scale_memory/floor_1000",
+                f64::INFINITY,
+            ),
+            Pair::new(
+                "MemoryStore read vs bare HashMap lookup, 100k links",
+                "scale_memory/links_100000",
+                "scale_memory/floor_100000",
+                f64::INFINITY,
+            ),
+            Pair::new(
+                "MemoryStore read vs bare HashMap lookup, 1M links",
+                "scale_memory/links_1000000",
+                "scale_memory/floor_1000000",
+                f64::INFINITY,
+            ),
+            Pair::new(
                 "SQLite read, 100k vs 1k links",
                 "scale_sqlite/links_100000",
                 "scale_sqlite/links_1000",
@@ -192,6 +250,21 @@ fn main() {
             ),
         ],
     );
+    println!("## MemoryStore read: overhead over the bare lookup at each size\n");
+    println!("| links | tokenbroker | bare HashMap lookup | overhead |");
+    println!("|---|---|---|---|");
+    for n in [1_000u64, 100_000, 1_000_000] {
+        if let (Some(ours), Some(floor)) = (
+            common::median_ns(&format!("scale_memory/links_{n}")),
+            common::median_ns(&format!("scale_memory/floor_{n}")),
+        ) {
+            println!(
+                "| {n} | {ours:.0} ns | {floor:.0} ns | {:.0} ns |",
+                ours - floor
+            );
+        }
+    }
+    println!();
     println!("## MemoryStore memory per link (serialized set: {serialized} B)\n");
     println!("| links added | live heap bytes per link | ratio to serialized | target |");
     println!("|---|---|---|---|");

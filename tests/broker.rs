@@ -810,3 +810,49 @@ async fn a_relink_after_relink_required_does_not_keep_the_dead_refresh_token() {
     assert!(!stored.record.meta.state.is_relink_required());
     assert!(w.broker.retrieve(&w.caller(), &w.key).await.is_ok());
 }
+
+/// A reader that gives up while it leads a refresh (its request was cancelled) must not cut
+/// the refresh off: the provider has already been asked, and may rotate; the new tokens must
+/// still reach the store, and the old refresh token must never be presented again.
+#[tokio::test]
+async fn a_reader_dropped_mid_refresh_does_not_lose_the_rotated_token() {
+    let w = World::new();
+    let linked = w.link().await;
+    w.clock.advance(HOUR);
+    w.idp.pause();
+    let reader = {
+        let (broker, caller, key) = (w.broker.clone(), w.caller(), w.key.clone());
+        tokio::spawn(async move { broker.retrieve(&caller, &key).await })
+    };
+    w.idp.wait_for_refresh_calls(1).await;
+    reader.abort();
+    assert!(reader.await.unwrap_err().is_cancelled());
+    w.idp.resume();
+
+    // The rest of the refresh runs on its own: wait for its write, counting store reads only.
+    let mut stored = w.stored().await;
+    for _ in 0..1000 {
+        if rt(&TokenSet::from_payload(&stored.record.payload).unwrap()) != rt(&linked) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        stored = w.stored().await;
+    }
+    let now = TokenSet::from_payload(&stored.record.payload).unwrap();
+    assert_ne!(
+        rt(&now),
+        rt(&linked),
+        "the rotated refresh token reached the store"
+    );
+
+    let got = w.broker.retrieve(&w.caller(), &w.key).await.unwrap();
+    assert!(!got.refreshed, "the next reader finds fresh tokens");
+    assert!(w.idp.is_active(got.tokens.access_token().expose_secret()));
+    let counters = w.idp.counters();
+    assert_eq!(counters.refresh_calls, 1);
+    assert_eq!(counters.reuse_detected, 0);
+}
+
+fn rt(set: &TokenSet) -> Option<String> {
+    set.refresh_token().map(|t| t.expose_secret().to_owned())
+}

@@ -1,5 +1,6 @@
 //! The broker: login, retrieval with refresh-and-rotate, unlink, and the retrieval response.
 
+mod detach;
 mod exchange;
 mod hot_cache;
 mod lease_wake;

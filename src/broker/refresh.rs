@@ -28,6 +28,26 @@ type FlightResult = Option<Result<(Arc<TokenSet>, bool)>>;
 /// runs, so the map does not grow with the number of keys ever refreshed.
 pub(crate) type Flights = Mutex<HashMap<TokenKey, watch::Receiver<FlightResult>>>;
 
+/// Ends a flight: removes its entry however the flight ends (a panic included), so that the
+/// next reader leads a new flight rather than joining one that will never answer.
+struct FlightGuard {
+    inner: Arc<Inner>,
+    key: TokenKey,
+    rx: watch::Receiver<FlightResult>,
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        let mut flights = self.inner.flights.lock().unwrap_or_else(|e| e.into_inner());
+        if flights
+            .get(&self.key)
+            .is_some_and(|rx| rx.same_channel(&self.rx))
+        {
+            flights.remove(&self.key);
+        }
+    }
+}
+
 /// A key whose provider failed recently: no upstream call before `until`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Backoff {
@@ -187,35 +207,39 @@ impl Inner {
         self.hot.put(key, stored, Arc::clone(set));
     }
 
-    /// Step 2: joins the refresh in flight for `key`, or starts one. The refresh runs in its
-    /// own task so that a reader giving up (a dropped request) can never cut it off between
-    /// the provider's answer and the store write: a rotated refresh token would be lost.
+    /// Step 2: joins the refresh in flight for `key`, or leads one. The leader runs the
+    /// refresh in its own task, but [`Detached`](super::detach::Detached): if the leader gives
+    /// up (a dropped request), the rest of the refresh is spawned, so that it can never be cut
+    /// off between the provider's answer and the store write (a rotated refresh token would
+    /// be lost).
     async fn refresh_shared(self: &Arc<Self>, key: &TokenKey) -> Result<(Arc<TokenSet>, bool)> {
-        let mut rx = {
+        let (mut rx, flight) = {
             let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
             match flights.get(key) {
-                Some(rx) => rx.clone(),
+                Some(rx) => (rx.clone(), None),
                 None => {
                     let (tx, rx) = watch::channel(None);
                     flights.insert(key.clone(), rx.clone());
-                    let inner = Arc::clone(self);
-                    let key = key.clone();
-                    tokio::spawn(async move {
-                        let need = Need::fresh(inner.config.skew);
-                        let result = inner.refresh_with_lease(&key, &need).await;
+                    let guard = FlightGuard {
+                        inner: Arc::clone(self),
+                        key: key.clone(),
+                        rx: rx.clone(),
+                    };
+                    let flight = async move {
+                        let need = Need::fresh(guard.inner.config.skew);
+                        let result = guard.inner.refresh_with_lease(&guard.key, &need).await;
                         // Remove first: a reader arriving after this starts a new flight, which
                         // finds the fresh record under the lease without calling the provider.
-                        inner
-                            .flights
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&key);
+                        drop(guard);
                         let _ = tx.send(Some(result));
-                    });
-                    rx
+                    };
+                    (rx, Some(super::detach::Detached::new(flight)))
                 }
             }
         };
+        if let Some(flight) = flight {
+            flight.await;
+        }
         let outcome = rx.wait_for(Option::is_some).await;
         match outcome {
             Ok(result) => result
