@@ -20,12 +20,14 @@ use crate::store::TokenStore;
 /// store is dropped can only cause a spurious wake-up, which makes a waiter re-read early.
 type Slot = (usize, TokenKey);
 
-fn waiters() -> &'static Mutex<HashMap<Slot, Arc<Notify>>> {
-    static WAITERS: OnceLock<Mutex<HashMap<Slot, Arc<Notify>>>> = OnceLock::new();
+type Waiters = HashMap<Slot, Arc<Notify>, foldhash::fast::RandomState>;
+
+fn waiters() -> &'static Mutex<Waiters> {
+    static WAITERS: OnceLock<Mutex<Waiters>> = OnceLock::new();
     WAITERS.get_or_init(Default::default)
 }
 
-fn lock() -> std::sync::MutexGuard<'static, HashMap<Slot, Arc<Notify>>> {
+fn lock() -> std::sync::MutexGuard<'static, Waiters> {
     // Every critical section below is a single map operation: a poisoned map is consistent.
     waiters().lock().unwrap_or_else(|e| e.into_inner())
 }

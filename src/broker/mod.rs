@@ -108,7 +108,7 @@ pub(crate) struct Inner {
     pub(crate) flights: refresh::Flights,
     /// Decoded sets of recent reads, so that a cached read does not decode JSON.
     pub(crate) hot: hot_cache::HotCache,
-    pub(crate) backoff: Mutex<HashMap<TokenKey, refresh::Backoff>>,
+    pub(crate) backoff: Mutex<HashMap<TokenKey, refresh::Backoff, foldhash::fast::RandomState>>,
     pub(crate) used_states: Mutex<HashMap<[u8; 32], OffsetDateTime>>,
 }
 
@@ -551,7 +551,7 @@ impl TokenBrokerBuilder {
                 self.hot_cache_capacity
                     .unwrap_or(hot_cache::DEFAULT_CAPACITY),
             ),
-            backoff: Mutex::new(HashMap::new()),
+            backoff: Mutex::default(),
             used_states: Mutex::new(HashMap::new()),
         };
         Ok(TokenBroker {

@@ -26,7 +26,8 @@ type FlightResult = Option<Result<(Arc<TokenSet>, bool)>>;
 
 /// Refreshes in flight in this process, one per key. An entry lives only while its refresh
 /// runs, so the map does not grow with the number of keys ever refreshed.
-pub(crate) type Flights = Mutex<HashMap<TokenKey, watch::Receiver<FlightResult>>>;
+pub(crate) type Flights =
+    Mutex<HashMap<TokenKey, watch::Receiver<FlightResult>, foldhash::fast::RandomState>>;
 
 /// Ends a flight: removes its entry however the flight ends (a panic included), so that the
 /// next reader leads a new flight rather than joining one that will never answer.
