@@ -123,58 +123,79 @@ fn benches(c: &mut Criterion) {
     let peer_token = rt.block_on(peer.token(&scopes)).unwrap();
     assert_eq!(peer_token.token(), Some(set.access_token().expose_secret()));
 
+    // Each side as "run n reads, return the time", shared by criterion and the paired ratio.
+    let ours_1 = |n: u64| {
+        rt.block_on(async {
+            let start = Instant::now();
+            for _ in 0..n {
+                black_box(broker.retrieve(&who, &k).await.unwrap());
+            }
+            start.elapsed()
+        })
+    };
+    let floor_1 = |n: u64| {
+        let start = Instant::now();
+        for _ in 0..n {
+            black_box(floor.get(&k).map(|s| s.clone()));
+        }
+        start.elapsed()
+    };
+    let peer_1 = |n: u64| {
+        rt.block_on(async {
+            let start = Instant::now();
+            for _ in 0..n {
+                black_box(peer.token(&scopes).await.unwrap());
+            }
+            start.elapsed()
+        })
+    };
+    let ours_64 = |iters: u64| {
+        concurrent(&rt, iters, |n| {
+            let (broker, who, k) = (broker.clone(), who.clone(), k.clone());
+            async move {
+                for _ in 0..n {
+                    black_box(broker.retrieve(&who, &k).await.unwrap());
+                }
+            }
+        })
+    };
+    let floor_64 = |iters: u64| {
+        concurrent(&rt, iters, |n| {
+            let (floor, k) = (floor.clone(), k.clone());
+            async move {
+                for _ in 0..n {
+                    black_box(floor.get(&k).map(|s| s.clone()));
+                }
+            }
+        })
+    };
+    let peer_64 = |iters: u64| {
+        concurrent(&rt, iters, |n| {
+            let peer = peer.clone();
+            async move {
+                for _ in 0..n {
+                    black_box(peer.token(&["openid"]).await.unwrap());
+                }
+            }
+        })
+    };
+
     let mut g = c.benchmark_group("cached_read_1task");
-    g.bench_function("tokenbroker", |b| {
-        b.to_async(&rt)
-            .iter(|| async { black_box(broker.retrieve(&who, &k).await.unwrap()) })
-    });
-    g.bench_function("floor_dashmap", |b| {
-        b.iter(|| black_box(floor.get(&k).map(|s| s.clone())))
-    });
-    g.bench_function("peer_yup_oauth2", |b| {
-        b.to_async(&rt)
-            .iter(|| async { black_box(peer.token(&scopes).await.unwrap()) })
-    });
+    g.bench_function("tokenbroker", |b| b.iter_custom(ours_1));
+    g.bench_function("floor_dashmap", |b| b.iter_custom(floor_1));
+    g.bench_function("peer_yup_oauth2", |b| b.iter_custom(peer_1));
     g.finish();
 
     let mut g = c.benchmark_group("cached_read_64tasks");
-    g.bench_function("tokenbroker", |b| {
-        b.iter_custom(|iters| {
-            concurrent(&rt, iters, |n| {
-                let (broker, who, k) = (broker.clone(), who.clone(), k.clone());
-                async move {
-                    for _ in 0..n {
-                        black_box(broker.retrieve(&who, &k).await.unwrap());
-                    }
-                }
-            })
-        })
-    });
-    g.bench_function("floor_dashmap", |b| {
-        b.iter_custom(|iters| {
-            concurrent(&rt, iters, |n| {
-                let (floor, k) = (floor.clone(), k.clone());
-                async move {
-                    for _ in 0..n {
-                        black_box(floor.get(&k).map(|s| s.clone()));
-                    }
-                }
-            })
-        })
-    });
-    g.bench_function("peer_yup_oauth2", |b| {
-        b.iter_custom(|iters| {
-            concurrent(&rt, iters, |n| {
-                let peer = peer.clone();
-                async move {
-                    for _ in 0..n {
-                        black_box(peer.token(&["openid"]).await.unwrap());
-                    }
-                }
-            })
-        })
-    });
+    g.bench_function("tokenbroker", |b| b.iter_custom(ours_64));
+    g.bench_function("floor_dashmap", |b| b.iter_custom(floor_64));
+    g.bench_function("peer_yup_oauth2", |b| b.iter_custom(peer_64));
     g.finish();
+
+    common::paired("cached_read_1task/tokenbroker", ours_1, floor_1);
+    common::paired("cached_read_1task/peer_yup_oauth2", peer_1, floor_1);
+    common::paired("cached_read_64tasks/tokenbroker", ours_64, floor_64);
+    common::paired("cached_read_64tasks/peer_yup_oauth2", peer_64, floor_64);
 }
 
 fn main() {

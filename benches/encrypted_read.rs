@@ -11,6 +11,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use aes_gcm::Aes256Gcm;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload as AeadPayload};
@@ -128,6 +129,26 @@ fn benches(c: &mut Criterion) {
     });
     g.bench_function("floor_aes256gcm", |b| b.iter(|| black_box(read_g())));
     g.finish();
+
+    common::paired(
+        "encrypted_read/tokenbroker",
+        |n| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..n {
+                    black_box(broker.retrieve(&who, &k).await.unwrap());
+                }
+                start.elapsed()
+            })
+        },
+        |n| {
+            let start = Instant::now();
+            for _ in 0..n {
+                black_box(read_x());
+            }
+            start.elapsed()
+        },
+    );
 }
 
 fn main() {

@@ -43,6 +43,45 @@ fn benches(c: &mut Criterion) {
     ));
     let read = Arc::new((caller(&alice), alice.clone()));
 
+    // `iters` fan-ins through `brokers`, each asserted to make exactly one upstream call.
+    let fan_in = |brokers: &[TokenBroker], iters: u64| {
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            clock.advance(Duration::from_secs(3601));
+            let before = idp.counters().refresh_calls;
+            total += rt.block_on(async {
+                let start = Instant::now();
+                let readers: Vec<_> = (0..READERS)
+                    .map(|i| {
+                        // Like the reference below, a task clones two `Arc`s: building a
+                        // caller per request is the host's cost.
+                        let broker = brokers[i % brokers.len()].clone();
+                        let read = read.clone();
+                        tokio::spawn(
+                            async move { broker.retrieve(&read.0, &read.1).await.unwrap() },
+                        )
+                    })
+                    .collect();
+                for r in readers {
+                    black_box(r.await.unwrap());
+                }
+                start.elapsed()
+            });
+            let calls = idp.counters().refresh_calls - before;
+            assert_eq!(calls, 1, "{READERS} readers made {calls} upstream calls");
+        }
+        total
+    };
+    let bare = |iters: u64| {
+        rt.block_on(async {
+            let start = Instant::now();
+            for _ in 0..iters {
+                black_box(floor.refresh().await);
+            }
+            start.elapsed()
+        })
+    };
+
     for delay_ms in [0u64, 50] {
         let mut g = c.benchmark_group(format!("fan_in_{delay_ms}ms"));
         g.sampling_mode(SamplingMode::Flat).sample_size(10);
@@ -50,40 +89,15 @@ fn benches(c: &mut Criterion) {
         for instances in [1usize, 4] {
             let brokers = &brokers[..instances];
             g.bench_function(format!("tokenbroker_{instances}inst"), |b| {
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        clock.advance(Duration::from_secs(3601));
-                        let before = idp.counters().refresh_calls;
-                        total += rt.block_on(async {
-                            let start = Instant::now();
-                            let readers: Vec<_> = (0..READERS)
-                                .map(|i| {
-                                    // Like the reference below, a task clones two `Arc`s:
-                                    // building a caller per request is the host's cost.
-                                    let broker = brokers[i % brokers.len()].clone();
-                                    let read = read.clone();
-                                    tokio::spawn(async move {
-                                        broker.retrieve(&read.0, &read.1).await.unwrap()
-                                    })
-                                })
-                                .collect();
-                            for r in readers {
-                                black_box(r.await.unwrap());
-                            }
-                            start.elapsed()
-                        });
-                        let calls = idp.counters().refresh_calls - before;
-                        assert_eq!(calls, 1, "{READERS} readers made {calls} upstream calls");
-                    }
-                    total
-                })
+                b.iter_custom(|iters| fan_in(brokers, iters))
             });
+            common::paired(
+                &format!("fan_in_{delay_ms}ms/tokenbroker_{instances}inst"),
+                |iters| fan_in(brokers, iters),
+                bare,
+            );
         }
-        g.bench_function("floor_one_refresh", |b| {
-            b.to_async(&rt)
-                .iter(|| async { black_box(floor.refresh().await) })
-        });
+        g.bench_function("floor_one_refresh", |b| b.iter_custom(bare));
         // A reference, not the target's floor: one bare refresh, then 1,000 spawned tasks that
         // each read the new token from a shared map. What any fan-in costs on this runtime
         // before the broker does anything; at 0 ms it dwarfs the refresh itself.

@@ -10,12 +10,13 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use criterion::Criterion;
 use std::hint::black_box;
 use time::OffsetDateTime;
 use tokenbroker::store::sqlx::{self, Row as _};
-use tokenbroker::{SqliteStore, TokenStore};
+use tokenbroker::{Caller, SqliteStore, TokenBroker, TokenKey, TokenStore};
 
 use common::{Pair, caller, key, read_broker, record, token_set};
 
@@ -40,24 +41,56 @@ fn sqlite(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         set.access_token().expose_secret()
     );
 
-    let mut g = c.benchmark_group("sqlite_read");
-    g.bench_function("tokenbroker", |b| {
-        b.to_async(rt)
-            .iter(|| async { black_box(broker.retrieve(&who, &k).await.unwrap()) })
+    let (pool, k) = (&pool, &k);
+    read_vs_select(c, rt, "sqlite_read", &broker, &who, k, move || async move {
+        let row = sqlx::query(BARE_SELECT)
+            .bind(k.realm.as_str())
+            .bind(k.subject.as_str())
+            .bind(k.provider.as_str())
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        row.get::<Vec<u8>, _>(0)
     });
-    g.bench_function("floor_select", |b| {
-        b.to_async(rt).iter(|| async {
-            let row = sqlx::query(BARE_SELECT)
-                .bind(k.realm.as_str())
-                .bind(k.subject.as_str())
-                .bind(k.provider.as_str())
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-            black_box(row.get::<Vec<u8>, _>(0))
+}
+
+/// Criterion and the paired ratio for one SQL store: `retrieve` against `select`, the bare
+/// query on the same pool.
+fn read_vs_select<F, Fut>(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    group: &str,
+    broker: &TokenBroker,
+    who: &Caller,
+    k: &TokenKey,
+    select: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Vec<u8>>,
+{
+    let ours = |n: u64| {
+        rt.block_on(async {
+            let start = Instant::now();
+            for _ in 0..n {
+                black_box(broker.retrieve(who, k).await.unwrap());
+            }
+            start.elapsed()
         })
-    });
+    };
+    let floor = |n: u64| {
+        rt.block_on(async {
+            let start = Instant::now();
+            for _ in 0..n {
+                black_box(select().await);
+            }
+            start.elapsed()
+        })
+    };
+    let mut g = c.benchmark_group(group);
+    g.bench_function("tokenbroker", |b| b.iter_custom(ours));
+    g.bench_function("floor_select", |b| b.iter_custom(floor));
     g.finish();
+    common::paired(&format!("{group}/tokenbroker"), ours, floor);
 }
 
 #[cfg(feature = "postgres")]
@@ -79,24 +112,27 @@ fn postgres(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> bool {
     let store = Arc::new(store);
     let broker = read_broker(store.clone());
 
-    let mut g = c.benchmark_group("postgres_read");
-    g.bench_function("tokenbroker", |b| {
-        b.to_async(rt)
-            .iter(|| async { black_box(broker.retrieve(&who, &k).await.unwrap()) })
-    });
-    g.bench_function("floor_select", |b| {
-        b.to_async(rt).iter(|| async {
-            let row = sqlx::query(BARE_SELECT)
-                .bind(k.realm.as_str())
-                .bind(k.subject.as_str())
-                .bind(k.provider.as_str())
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-            black_box(row.get::<Vec<u8>, _>(0))
-        })
-    });
-    g.finish();
+    {
+        let (pool, k) = (&pool, &k);
+        read_vs_select(
+            c,
+            rt,
+            "postgres_read",
+            &broker,
+            &who,
+            k,
+            move || async move {
+                let row = sqlx::query(BARE_SELECT)
+                    .bind(k.realm.as_str())
+                    .bind(k.subject.as_str())
+                    .bind(k.provider.as_str())
+                    .fetch_one(pool)
+                    .await
+                    .unwrap();
+                row.get::<Vec<u8>, _>(0)
+            },
+        );
+    }
     rt.block_on(store.delete(&k, None)).unwrap();
     true
 }

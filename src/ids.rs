@@ -229,9 +229,17 @@ impl fmt::Debug for TokenKey {
 /// assert_eq!(s.to_string(), "email openid");
 /// assert!(Scopes::parse("openid").is_subset(&s));
 /// ```
-#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(from = "ScopesRepr", into = "String")]
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(from = "ScopesRepr")]
 pub struct Scopes(BTreeSet<String>);
+
+/// As the space-separated string, written straight to the serializer (every stored set has
+/// its scopes serialized on each write).
+impl Serialize for Scopes {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
 
 #[derive(Deserialize)]
 #[serde(untagged)]

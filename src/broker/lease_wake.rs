@@ -9,6 +9,7 @@
 //! before a waiter registers is simply missed, costing one pause, as before).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::Notify;
@@ -37,23 +38,59 @@ pub(crate) fn store_id(store: &Arc<dyn TokenStore>) -> usize {
     Arc::as_ptr(store) as *const () as usize
 }
 
-/// Registers interest in `key`'s lease on `store`; pair with [`done_waiting`].
-pub(crate) fn waiter(store: usize, key: &TokenKey) -> Arc<Notify> {
-    Arc::clone(lock().entry((store, key.clone())).or_default())
+/// Registrations alive, so that a holder releasing a lease nobody waits for (the common case)
+/// skips the registry's lock. A waiter that registers just after the check is missed, as any
+/// wake-up that comes before a registration is.
+static WAITING: AtomicUsize = AtomicUsize::new(0);
+
+/// Interest in one key's lease on one store, for as long as it lives: dropped (a wait that
+/// ended, or a reader that gave up), it leaves the registry as it found it.
+pub(crate) struct Waiter {
+    slot: Slot,
+    notify: Option<Arc<Notify>>,
 }
 
-/// Drops a registration, and the entry when nobody else waits on it.
-pub(crate) fn done_waiting(store: usize, key: &TokenKey, notify: Arc<Notify>) {
-    let mut map = lock();
-    drop(notify);
-    let slot = (store, key.clone());
-    if map.get(&slot).is_some_and(|n| Arc::strong_count(n) == 1) {
-        map.remove(&slot);
+impl Waiter {
+    /// Registers interest in `key`'s lease on `store`.
+    pub(crate) fn register(store: usize, key: &TokenKey) -> Self {
+        WAITING.fetch_add(1, Ordering::SeqCst);
+        let slot = (store, key.clone());
+        let notify = Arc::clone(lock().entry(slot.clone()).or_default());
+        Waiter {
+            slot,
+            notify: Some(notify),
+        }
+    }
+
+    /// What the lease holder signals.
+    pub(crate) fn notify(&self) -> &Notify {
+        self.notify
+            .as_deref()
+            .expect("present until the waiter is dropped")
+    }
+}
+
+impl Drop for Waiter {
+    /// Drops the registration, and the entry when nobody else waits on it.
+    fn drop(&mut self) {
+        let mut map = lock();
+        drop(self.notify.take());
+        if map
+            .get(&self.slot)
+            .is_some_and(|n| Arc::strong_count(n) == 1)
+        {
+            map.remove(&self.slot);
+        }
+        drop(map);
+        WAITING.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 /// Wakes everyone waiting on `key`'s lease on `store` (called after the lease is released).
 pub(crate) fn wake(store: usize, key: &TokenKey) {
+    if WAITING.load(Ordering::SeqCst) == 0 {
+        return;
+    }
     let slot = (store, key.clone());
     if let Some(notify) = lock().remove(&slot) {
         notify.notify_waiters();

@@ -274,6 +274,14 @@ impl Inner {
             .ok_or_else(|| Error::UnknownProvider(id.to_string()))
     }
 
+    /// Emits an event logged at `INFO`, built only when a sink or a subscriber will see it
+    /// (building one clones the key: three allocations on every refresh otherwise).
+    pub(crate) fn emit_info(&self, event: impl FnOnce() -> BrokerEvent) {
+        if self.events.is_some() || tracing::enabled!(target: "tokenbroker", tracing::Level::INFO) {
+            self.emit(event());
+        }
+    }
+
     pub(crate) fn emit(&self, event: BrokerEvent) {
         events::trace(&event);
         if let Some(sink) = &self.events {

@@ -289,10 +289,12 @@ impl Inner {
                 LeaseAttempt::Busy => {
                     // An instance of this process sharing the store wakes us when it releases
                     // the lease; otherwise (another process) the pause runs out.
-                    let store = super::lease_wake::store_id(&self.store);
-                    let notify = super::lease_wake::waiter(store, key);
+                    let waiter = super::lease_wake::Waiter::register(
+                        super::lease_wake::store_id(&self.store),
+                        key,
+                    );
                     {
-                        let woken = notify.notified();
+                        let woken = waiter.notify().notified();
                         tokio::pin!(woken);
                         woken.as_mut().enable();
                         tokio::select! {
@@ -300,7 +302,7 @@ impl Inner {
                             _ = &mut woken => {}
                         }
                     }
-                    super::lease_wake::done_waiting(store, key, notify);
+                    drop(waiter);
                     pause = (pause * 2).min(Duration::from_millis(250));
                     let loaded = self.load(key).await?;
                     let written = loaded.stored.record.meta.updated_at;
@@ -406,7 +408,7 @@ impl Inner {
                     // The next read loads exactly these bytes: let it skip the decode.
                     self.remember(key, &StoredRecord::new(record.clone(), version), &merged);
                     self.clear_backoff(key);
-                    self.emit(BrokerEvent::Refreshed {
+                    self.emit_info(|| BrokerEvent::Refreshed {
                         key: key.clone(),
                         rotated,
                     });

@@ -469,6 +469,10 @@ impl Provider for OAuth2Provider {
 
 /// An `oauth2` HTTP client that forwards to ours and keeps the raw answer, because `oauth2`
 /// drops the HTTP status and rejects answers we can still read.
+///
+/// `oauth2` itself gets the status and an empty body: [`OAuth2Provider::finish`] reads the
+/// kept answer and ignores every conclusion of `oauth2`'s but a transport error, so handing it
+/// the body would only copy and parse every token answer twice.
 struct Capture {
     http: SharedHttpClient,
     response: Mutex<Option<HttpResponse>>,
@@ -498,12 +502,12 @@ impl<'c> oauth2::AsyncHttpClient<'c> for Capture {
     fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
         Box::pin(async move {
             let response = self.http.execute(request).await?;
-            let copy = http::Response::builder()
+            let status_only = http::Response::builder()
                 .status(response.status())
-                .body(response.body().clone())
+                .body(Vec::new())
                 .map_err(|e| HttpError::with_source(HttpErrorKind::Other, e))?;
             *self.response.lock().unwrap_or_else(|e| e.into_inner()) = Some(response);
-            Ok(copy)
+            Ok(status_only)
         })
     }
 }
