@@ -132,6 +132,7 @@ fn benches(c: &mut Criterion) {
 
     common::paired(
         "encrypted_read/tokenbroker",
+        "encrypted_read/floor_xchacha20poly1305",
         |n| {
             rt.block_on(async {
                 let start = Instant::now();

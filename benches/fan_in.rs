@@ -93,6 +93,7 @@ fn benches(c: &mut Criterion) {
             });
             common::paired(
                 &format!("fan_in_{delay_ms}ms/tokenbroker_{instances}inst"),
+                &format!("fan_in_{delay_ms}ms/floor_one_refresh"),
                 |iters| fan_in(brokers, iters),
                 bare,
             );

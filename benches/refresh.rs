@@ -107,7 +107,7 @@ fn benches(c: &mut Criterion) {
     g.bench_function("floor_oauth2", |b| b.iter_custom(bare));
     g.bench_function("tokenbroker_in_process", |b| b.iter_custom(ours_in_process));
     g.finish();
-    common::paired("refresh/tokenbroker", ours, bare);
+    common::paired("refresh/tokenbroker", "refresh/floor_oauth2", ours, bare);
     assert_eq!(fake.counters().reuse_detected, 0);
 }
 

@@ -90,7 +90,12 @@ fn read_vs_select<F, Fut>(
     g.bench_function("tokenbroker", |b| b.iter_custom(ours));
     g.bench_function("floor_select", |b| b.iter_custom(floor));
     g.finish();
-    common::paired(&format!("{group}/tokenbroker"), ours, floor);
+    common::paired(
+        &format!("{group}/tokenbroker"),
+        &format!("{group}/floor_select"),
+        ours,
+        floor,
+    );
 }
 
 #[cfg(feature = "postgres")]

@@ -158,8 +158,8 @@ fn human(ns: f64) -> String {
     }
 }
 
-/// Paired ratios measured in this run, by the criterion id of the tokenbroker side.
-static PAIRED: std::sync::Mutex<Vec<(String, f64)>> = std::sync::Mutex::new(Vec::new());
+/// Paired ratios measured in this run, by the criterion ids of both sides.
+static PAIRED: std::sync::Mutex<Vec<(String, String, f64)>> = std::sync::Mutex::new(Vec::new());
 
 /// Rounds of a paired measurement.
 const ROUNDS: usize = 21;
@@ -167,7 +167,8 @@ const ROUNDS: usize = 21;
 const ROUND_TIME: Duration = Duration::from_millis(40);
 
 /// Measures `ours` against `floor` in alternating rounds (each closure runs `n` iterations and
-/// returns the time they took) and records the median of the per-round ratios under `ours_id`.
+/// returns the time they took) and records the median of the per-round ratios under the
+/// criterion ids of both sides.
 ///
 /// Criterion measures one function after the other, several seconds apart; on a shared machine
 /// the speed of the whole box drifts by ±30 % over that time, and the ratio of two medians
@@ -175,6 +176,7 @@ const ROUND_TIME: Duration = Duration::from_millis(40);
 /// same machine on both sides; their median ratio is what the targets are judged by.
 pub fn paired(
     ours_id: &str,
+    floor_id: &str,
     mut ours: impl FnMut(u64) -> Duration,
     mut floor: impl FnMut(u64) -> Duration,
 ) -> f64 {
@@ -195,7 +197,10 @@ pub fn paired(
         .collect();
     ratios.sort_by(f64::total_cmp);
     let median = ratios[ROUNDS / 2];
-    PAIRED.lock().unwrap().push((ours_id.to_owned(), median));
+    PAIRED
+        .lock()
+        .unwrap()
+        .push((ours_id.to_owned(), floor_id.to_owned(), median));
     median
 }
 
@@ -212,14 +217,14 @@ fn calibrate(f: &mut impl FnMut(u64) -> Duration) -> u64 {
     }
 }
 
-fn paired_ratio(ours_id: &str) -> Option<f64> {
+fn paired_ratio(ours_id: &str, floor_id: &str) -> Option<f64> {
     PAIRED
         .lock()
         .unwrap()
         .iter()
         .rev()
-        .find(|(id, _)| id == ours_id)
-        .map(|(_, r)| *r)
+        .find(|(o, f, _)| o == ours_id && f == floor_id)
+        .map(|(_, _, r)| *r)
 }
 
 /// Prints the ratio of each pair (a Markdown table, pasted into the README), from the
@@ -234,7 +239,7 @@ pub fn print_summary(bench: &str, pairs: &[Pair]) {
         match (median_ns(&p.ours), median_ns(&p.floor)) {
             (Some(o), Some(f)) => {
                 let ratio = o / f;
-                let paired = paired_ratio(&p.ours);
+                let paired = paired_ratio(&p.ours, &p.floor);
                 let judged = paired.unwrap_or(ratio);
                 let target = if p.target.is_finite() {
                     let verdict = if judged <= p.target { "met" } else { "MISSED" };
