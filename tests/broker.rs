@@ -856,3 +856,63 @@ async fn a_reader_dropped_mid_refresh_does_not_lose_the_rotated_token() {
 fn rt(set: &TokenSet) -> Option<String> {
     set.refresh_token().map(|t| t.expose_secret().to_owned())
 }
+
+/// The reader that leads a refresh runs it in its own task. If its future is kept but never
+/// polled again (held by a combinator, say), the readers joined to it must not wait forever:
+/// after the lease wait they go through the store's lease themselves, which the stalled
+/// leader still holds, and get a clear `RefreshInProgress`. Once the leader is dropped, its
+/// refresh finishes on its own and the link is fine, with one upstream call in all.
+#[tokio::test(start_paused = true)]
+async fn a_leader_that_is_never_polled_again_does_not_hold_up_its_joiners() {
+    let w = World::new();
+    w.link().await;
+    let broker = TokenBroker::builder()
+        .with_provider(w.idp.clone(), ProviderPolicy::default())
+        .with_store(w.store.clone())
+        .with_clock(w.clock.clone())
+        .with_refresh_timeout(Duration::from_millis(300))
+        .with_lease_ttl(Duration::from_millis(300) + tokenbroker::LEASE_MARGIN)
+        .with_lease_wait(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    w.clock.advance(HOUR);
+    w.idp.pause();
+
+    // Poll the leader until its refresh is at the provider, then stop polling it.
+    let caller = w.caller();
+    let mut leader = Box::pin(broker.retrieve(&caller, &w.key));
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    for _ in 0..100 {
+        assert!(leader.as_mut().poll(&mut cx).is_pending());
+        if w.idp.counters().refresh_calls == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        w.idp.counters().refresh_calls,
+        1,
+        "the leader reached the provider"
+    );
+
+    let joined = broker.retrieve(&caller, &w.key).await;
+    assert!(
+        matches!(joined, Err(Error::RefreshInProgress { .. })),
+        "{joined:?}"
+    );
+
+    drop(leader);
+    w.idp.resume();
+    let mut refreshed = false;
+    for _ in 0..1000 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if let Ok(got) = w.broker.retrieve(&w.caller(), &w.key).await {
+            refreshed = w.idp.is_active(got.tokens.access_token().expose_secret());
+            break;
+        }
+    }
+    assert!(refreshed, "the dropped leader's refresh completed");
+    assert_eq!(w.idp.counters().refresh_calls, 1);
+    assert_eq!(w.idp.counters().reuse_detected, 0);
+}

@@ -1,7 +1,7 @@
 //! The refresh-and-rotate protocol (REFRESH-PROTOCOL.md), one function per step.
 //!
 //! 1. fast path: one load, no lock;
-//! 2. single-flight in this process: readers of one key share one refresh task;
+//! 2. single-flight in this process: readers of one key share one refresh, led by the first;
 //! 3. the store's lease across processes: a loser waits and re-reads, it never calls the IdP;
 //! 4. under the lease, re-read and re-check (someone may have just finished);
 //! 5. call the provider, bounded by the refresh time-out (shorter than the lease);
@@ -209,10 +209,12 @@ impl Inner {
     }
 
     /// Step 2: joins the refresh in flight for `key`, or leads one. The leader runs the
-    /// refresh in its own task, but [`Detached`](super::detach::Detached): if the leader gives
-    /// up (a dropped request), the rest of the refresh is spawned, so that it can never be cut
-    /// off between the provider's answer and the store write (a rotated refresh token would
-    /// be lost).
+    /// refresh itself, in its own task, as a [`Detached`](super::detach::Detached) future: if
+    /// the leader gives up (a dropped request), the rest of the refresh is spawned, so that it
+    /// can never be cut off between the provider's answer and the store write (a rotated
+    /// refresh token would be lost). The refresh advances as the leader's task polls it; a
+    /// joiner waits for it at most the lease wait (a leader future kept but no longer polled
+    /// must not hold the others up), then goes through the store's lease itself.
     async fn refresh_shared(self: &Arc<Self>, key: &TokenKey) -> Result<(Arc<TokenSet>, bool)> {
         let (mut rx, flight) = {
             let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
@@ -241,12 +243,26 @@ impl Inner {
         if let Some(flight) = flight {
             flight.await;
         }
-        let outcome = rx.wait_for(Option::is_some).await;
-        match outcome {
-            Ok(result) => result
-                .clone()
-                .expect("wait_for returned a completed flight"),
-            Err(_) => Err(Error::Internal("the refresh task ended without an answer")),
+        let waited = tokio::time::timeout(self.config.lease_wait, rx.wait_for(Option::is_some));
+        // Owned before anything else awaits: the channel's guard must not live across one.
+        let answer = match waited.await {
+            Ok(Ok(result)) => Some(
+                result
+                    .clone()
+                    .expect("wait_for returned a completed flight"),
+            ),
+            Ok(Err(_)) => return Err(Error::Internal("the refresh task ended without an answer")),
+            Err(_) => None,
+        };
+        match answer {
+            Some(answer) => answer,
+            // The leader has not finished within the lease wait: its future may be held
+            // somewhere without being polled. Stop waiting on it and go through the store's
+            // lease, as another instance would; the lease still allows one upstream call.
+            None => {
+                self.refresh_with_lease(key, &Need::fresh(self.config.skew))
+                    .await
+            }
         }
     }
 
