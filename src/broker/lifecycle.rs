@@ -266,16 +266,7 @@ impl TokenBroker {
         let response = http
             .execute(with_bearer(request, &read.tokens))
             .await
-            .map_err(|e| Error::Unavailable {
-                provider: format!("resource server ({})", key.provider),
-                retry_after: None,
-                source: Some(crate::provider::ProviderError::Transient {
-                    status: None,
-                    retry_after: None,
-                    reason: Some(format!("{:?}", e.kind()).to_lowercase()),
-                    source: Some(Arc::new(e)),
-                }),
-            })?;
+            .map_err(|e| resource_server_unavailable(key, e))?;
         if response.status() != http::StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
@@ -297,16 +288,7 @@ impl TokenBroker {
         }
         http.execute(with_bearer(retry, &fresh))
             .await
-            .map_err(|e| Error::Unavailable {
-                provider: format!("resource server ({})", key.provider),
-                retry_after: None,
-                source: Some(crate::provider::ProviderError::Transient {
-                    status: None,
-                    retry_after: None,
-                    reason: Some(format!("{:?}", e.kind()).to_lowercase()),
-                    source: Some(Arc::new(e)),
-                }),
-            })
+            .map_err(|e| resource_server_unavailable(key, e))
     }
 }
 
@@ -352,4 +334,19 @@ fn clone_request(request: &HttpRequest) -> Option<HttpRequest> {
         builder = builder.header(name, value);
     }
     builder.body(request.body().clone()).ok()
+}
+
+/// A resource server that could not be reached, as the caller sees it: transient, like an
+/// unreachable provider.
+fn resource_server_unavailable(key: &TokenKey, e: crate::http::HttpError) -> Error {
+    Error::Unavailable {
+        provider: format!("resource server ({})", key.provider),
+        retry_after: None,
+        source: Some(crate::provider::ProviderError::Transient {
+            status: None,
+            retry_after: None,
+            reason: Some(format!("{:?}", e.kind()).to_lowercase()),
+            source: Some(Arc::new(e)),
+        }),
+    }
 }
