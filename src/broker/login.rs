@@ -432,7 +432,7 @@ impl Inner {
                     );
                     match self
                         .store
-                        .compare_and_swap(key, stored.version, &record)
+                        .compare_and_swap(key, stored.version, &record, None)
                         .await
                     {
                         Ok(_) => {

@@ -417,7 +417,7 @@ impl Inner {
         loop {
             match self
                 .store
-                .compare_and_swap(key, stored.version, &record)
+                .compare_and_swap(key, stored.version, &record, None)
                 .await
             {
                 Ok(version) => {
@@ -512,6 +512,7 @@ impl Inner {
                 key,
                 stored.version,
                 &Record::new(stored.record.payload.clone(), meta),
+                None,
             )
             .await
         {

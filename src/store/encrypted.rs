@@ -19,8 +19,8 @@ use secrecy::zeroize::{Zeroize, Zeroizing};
 use secrecy::{ExposeSecret, ExposeSecretMut, SecretBox};
 
 use super::{
-    Lease, LeaseAttempt, LeaseHolder, Record, ScannedLink, StoreError, StoredRecord, TokenStore,
-    Version,
+    Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoreError, StoredRecord,
+    TokenStore, Version,
 };
 use crate::error::BoxError;
 use crate::ids::{InvalidId, Realm, Subject, TokenKey};
@@ -902,7 +902,7 @@ impl<S: TokenStore> EncryptedStore<S> {
             let record = self.encrypt(&link.key, &plain.record).await?;
             match self
                 .inner
-                .compare_and_swap(&link.key, plain.version, &record)
+                .compare_and_swap(&link.key, plain.version, &record, None)
                 .await
             {
                 Ok(_) => report.rewrapped += 1,
@@ -939,9 +939,12 @@ impl<S: TokenStore> TokenStore for EncryptedStore<S> {
         key: &TokenKey,
         expected: Version,
         record: &Record,
+        fence: Option<&LeaseToken>,
     ) -> Result<Version, StoreError> {
         let sealed = self.encrypt(key, record).await?;
-        self.inner.compare_and_swap(key, expected, &sealed).await
+        self.inner
+            .compare_and_swap(key, expected, &sealed, fence)
+            .await
     }
 
     async fn delete(&self, key: &TokenKey, expected: Option<Version>) -> Result<bool, StoreError> {
@@ -971,5 +974,13 @@ impl<S: TokenStore> TokenStore for EncryptedStore<S> {
 
     async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
         self.inner.release_lease(lease).await
+    }
+
+    async fn extend_lease(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        self.inner.extend_lease(lease, ttl).await
     }
 }

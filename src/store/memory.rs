@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::{
-    Lease, LeaseAttempt, LeaseHolder, Record, ScannedLink, StoreError, StoredRecord, TokenStore,
-    Version,
+    Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoreError, StoredRecord,
+    TokenStore, Version,
 };
 use crate::clock::{self, SharedClock};
 use crate::ids::{Realm, Subject, TokenKey};
@@ -62,7 +62,9 @@ type Shard = HashMap<TokenKey, Slot, RandomState>;
 struct Slot {
     record: Record,
     version: Version,
-    lease: Option<(LeaseHolder, OffsetDateTime)>,
+    /// The current lease: its token and expiry. Kept after expiry until released or
+    /// replaced, so that the token stays current (see the trait's contract).
+    lease: Option<(LeaseToken, OffsetDateTime)>,
 }
 
 impl Default for MemoryStore {
@@ -149,10 +151,14 @@ impl TokenStore for MemoryStore {
         key: &TokenKey,
         expected: Version,
         record: &Record,
+        fence: Option<&LeaseToken>,
     ) -> Result<Version, StoreError> {
         let mut shard = write(self.shard(key));
         match shard.get_mut(key) {
-            Some(slot) if slot.version == expected => {
+            Some(slot)
+                if slot.version == expected
+                    && fence.is_none_or(|f| slot.lease.as_ref().is_some_and(|(t, _)| t == f)) =>
+            {
                 slot.version = self.next_version();
                 slot.record = record.clone();
                 Ok(slot.version)
@@ -227,10 +233,12 @@ impl TokenStore for MemoryStore {
             return Ok(LeaseAttempt::Busy);
         }
         let expires_at = now + ttl;
-        slot.lease = Some((holder.clone(), expires_at));
+        let token = LeaseToken::random();
+        slot.lease = Some((token.clone(), expires_at));
         Ok(LeaseAttempt::Acquired(Lease::new(
             key.clone(),
             holder.clone(),
+            token,
             expires_at,
         )))
     }
@@ -241,10 +249,31 @@ impl TokenStore for MemoryStore {
             && slot
                 .lease
                 .as_ref()
-                .is_some_and(|(holder, _)| holder == &lease.holder)
+                .is_some_and(|(token, _)| token == &lease.token)
         {
             slot.lease = None;
         }
         Ok(())
+    }
+
+    async fn extend_lease(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        let now = self.clock.now();
+        let mut shard = write(self.shard(&lease.key));
+        let Some(slot) = shard.get_mut(&lease.key) else {
+            return Ok(None);
+        };
+        match &mut slot.lease {
+            Some((token, until)) if token == &lease.token => {
+                *until = now + ttl;
+                let mut extended = lease.clone();
+                extended.expires_at = *until;
+                Ok(Some(extended))
+            }
+            _ => Ok(None),
+        }
     }
 }

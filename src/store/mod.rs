@@ -16,12 +16,15 @@
 //! CREATE TABLE links (
 //!   realm TEXT, subject TEXT, provider TEXT, version BIGINT NOT NULL,
 //!   payload BLOB NOT NULL, state TEXT NOT NULL, expires_at BIGINT, ...,
-//!   lease_holder TEXT, lease_expires_at BIGINT,
+//!   lease_holder TEXT, lease_token TEXT, lease_expires_at BIGINT,
 //!   PRIMARY KEY (realm, subject, provider));
 //! -- compare_and_swap:  UPDATE links SET ..., version = version + 1
 //! --                    WHERE realm = $1 AND subject = $2 AND provider = $3 AND version = $4
-//! -- try_lease:         UPDATE links SET lease_holder = $4, lease_expires_at = now() + ttl
+//! -- try_lease:         UPDATE links SET lease_holder = $4, lease_token = $5,
+//! --                    lease_expires_at = now() + ttl
 //! --                    WHERE ... AND (lease_holder IS NULL OR lease_expires_at <= now())
+//! -- release_lease:     UPDATE links SET lease_holder = NULL, lease_token = NULL, ...
+//! --                    WHERE ... AND lease_token = $4          -- fenced, never by holder
 //! ```
 
 #[cfg(feature = "encryption")]
@@ -219,7 +222,39 @@ impl fmt::Debug for LeaseHolder {
     }
 }
 
-/// A refresh lease held on one key.
+/// The fencing token of one lease acquisition: unique per successful
+/// [`TokenStore::try_lease`], never reused.
+///
+/// Release, extension and writes made under a lease are checked against this token, never
+/// against the [`LeaseHolder`]: a holder that outlived its lease (stuck in a slow call) must
+/// not free or overwrite a later acquisition, even one made by the same instance. A token is
+/// not a secret; it only tells acquisitions apart.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct LeaseToken(Arc<str>);
+
+impl LeaseToken {
+    /// A fresh random token (128 bits), for stores that do not make their own.
+    pub fn random() -> Self {
+        LeaseToken(crate::secret::random_token(16).into())
+    }
+    /// A token a store made or read back (e.g. from its `lease_token` column).
+    pub fn new(token: impl Into<String>) -> Self {
+        LeaseToken(token.into().into())
+    }
+    /// The token as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LeaseToken({})", self.0)
+    }
+}
+
+/// A refresh lease held on one key: one acquisition, told apart from every other by its
+/// [`token`](Lease::token).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Lease {
@@ -227,16 +262,24 @@ pub struct Lease {
     pub key: TokenKey,
     /// Who holds it.
     pub holder: LeaseHolder,
+    /// This acquisition's fencing token.
+    pub token: LeaseToken,
     /// When it expires, by the store's clock.
     pub expires_at: OffsetDateTime,
 }
 
 impl Lease {
     /// Builds a lease (for store implementations).
-    pub fn new(key: TokenKey, holder: LeaseHolder, expires_at: OffsetDateTime) -> Self {
+    pub fn new(
+        key: TokenKey,
+        holder: LeaseHolder,
+        token: LeaseToken,
+        expires_at: OffsetDateTime,
+    ) -> Self {
         Lease {
             key,
             holder,
+            token,
             expires_at,
         }
     }
@@ -327,7 +370,10 @@ impl StoreError {
 /// - `insert` writes only when the key is absent, and returns the new version; otherwise
 ///   [`StoreError::Conflict`].
 /// - `compare_and_swap` writes only when the stored version equals `expected`, and returns
-///   the new version; a stale version or a missing record is [`StoreError::Conflict`].
+///   the new version; a stale version or a missing record is [`StoreError::Conflict`]. With a
+///   `fence`, it also writes only while that token is the key's **current** lease token (see
+///   below); a stale fence is [`StoreError::Conflict`] too, and writes nothing. Without a fence
+///   the lease is not looked at: writes do not need a lease.
 /// - Versions are assigned by the store and every successful write produces a version the key
 ///   never had before (a counter that only grows is enough).
 /// - `delete` with `Some(version)` deletes only that version (a mismatch is `Conflict`;
@@ -344,11 +390,20 @@ impl StoreError {
 ///   A lease is judged by the **store's** clock and expires `ttl` after it was taken; once
 ///   expired, anyone may take it. Taking a lease on a missing key answers
 ///   [`LeaseAttempt::Missing`]. The holder that already holds an unexpired lease gets `Busy`
-///   too: leases are not re-entrant.
-/// - `release_lease` frees the lease only if it is still held by the same holder (a lease
-///   that expired and was taken by someone else stays theirs). Releasing is idempotent.
-/// - Leases do not change a record's version, and writes do not need a lease: the lease only
-///   keeps refresh tokens from being spent twice; versions keep writes from being lost.
+///   too: leases are not re-entrant. Every acquisition carries a new [`LeaseToken`], which
+///   becomes the key's *current* lease token.
+/// - The current lease token stays current until the lease is released or the next
+///   acquisition replaces it, **expired or not**: a lease that ran out but was not taken over
+///   can still be extended, written under and released by its token (nobody else can have
+///   spent the refresh token meanwhile).
+/// - `release_lease` frees the lease only if `lease.token` is the current lease token; a stale
+///   token (the lease was taken again since, by anyone, this holder included) changes nothing.
+///   Releasing is idempotent.
+/// - `extend_lease` sets the expiry to `ttl` from now (the store's clock) and returns the
+///   extended lease if `lease.token` is the current lease token; otherwise it changes nothing
+///   and returns `Ok(None)`.
+/// - Leases do not change a record's version: the lease only keeps refresh tokens from being
+///   spent twice; versions keep writes from being lost.
 /// - Deleting a record drops its lease.
 #[async_trait]
 pub trait TokenStore: Debug + Send + Sync + 'static {
@@ -358,12 +413,14 @@ pub trait TokenStore: Debug + Send + Sync + 'static {
     /// Writes a record for a key that has none.
     async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError>;
 
-    /// Replaces the record if its version is still `expected`.
+    /// Replaces the record if its version is still `expected` and, with a `fence`, the key's
+    /// current lease token is still `fence`.
     async fn compare_and_swap(
         &self,
         key: &TokenKey,
         expected: Version,
         record: &Record,
+        fence: Option<&LeaseToken>,
     ) -> Result<Version, StoreError>;
 
     /// Deletes the record, if it is at version `expected` (or unconditionally with `None`).
@@ -388,8 +445,13 @@ pub trait TokenStore: Debug + Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<LeaseAttempt, StoreError>;
 
-    /// Releases a lease taken by `try_lease`.
+    /// Releases a lease taken by `try_lease`, if its token is still the current one.
     async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    /// Extends a lease to `ttl` from now, if its token is still the current one: the extended
+    /// lease, or `None` when the lease was taken again since.
+    async fn extend_lease(&self, lease: &Lease, ttl: Duration)
+    -> Result<Option<Lease>, StoreError>;
 }
 
 macro_rules! forward_store {
@@ -408,8 +470,11 @@ macro_rules! forward_store {
                 key: &TokenKey,
                 expected: Version,
                 record: &Record,
+                fence: Option<&LeaseToken>,
             ) -> Result<Version, StoreError> {
-                (**self).compare_and_swap(key, expected, record).await
+                (**self)
+                    .compare_and_swap(key, expected, record, fence)
+                    .await
             }
             async fn delete(
                 &self,
@@ -442,6 +507,13 @@ macro_rules! forward_store {
             }
             async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
                 (**self).release_lease(lease).await
+            }
+            async fn extend_lease(
+                &self,
+                lease: &Lease,
+                ttl: Duration,
+            ) -> Result<Option<Lease>, StoreError> {
+                (**self).extend_lease(lease, ttl).await
             }
         }
     };

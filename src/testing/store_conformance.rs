@@ -214,7 +214,7 @@ pub async fn compare_and_swap_replaces(store: &SharedStore) {
     let k = key(&fresh_realm(), "alice", "example");
     let v1 = must_insert(store, &k, b"one").await;
     let v2 = store
-        .compare_and_swap(&k, v1, &record(b"two"))
+        .compare_and_swap(&k, v1, &record(b"two"), None)
         .await
         .expect("CAS with the current version");
     assert_ne!(v1, v2, "a write must produce a new version");
@@ -228,11 +228,13 @@ pub async fn compare_and_swap_stale_conflicts(store: &SharedStore) {
     let k = key(&fresh_realm(), "alice", "example");
     let v1 = must_insert(store, &k, b"one").await;
     let v2 = store
-        .compare_and_swap(&k, v1, &record(b"two"))
+        .compare_and_swap(&k, v1, &record(b"two"), None)
         .await
         .expect("CAS");
     assert_conflict(
-        store.compare_and_swap(&k, v1, &record(b"three")).await,
+        store
+            .compare_and_swap(&k, v1, &record(b"three"), None)
+            .await,
         "CAS with a stale version",
     );
     let loaded = store.load(&k).await.expect("load").expect("present");
@@ -248,7 +250,7 @@ pub async fn compare_and_swap_missing_conflicts(store: &SharedStore) {
     let other = key(&realm, "bob", "example");
     let v = must_insert(store, &other, b"bob").await;
     assert_conflict(
-        store.compare_and_swap(&k, v, &record(b"x")).await,
+        store.compare_and_swap(&k, v, &record(b"x"), None).await,
         "CAS on a missing key",
     );
     assert!(
@@ -269,7 +271,7 @@ pub async fn versions_never_repeat(store: &SharedStore) {
         );
         for _ in 0..3 {
             v = store
-                .compare_and_swap(&k, v, &record(b"b"))
+                .compare_and_swap(&k, v, &record(b"b"), None)
                 .await
                 .expect("CAS");
             assert!(seen.insert(v), "version {v} repeated after CAS");
@@ -291,7 +293,7 @@ pub async fn delete_semantics(store: &SharedStore) {
     );
     let v1 = must_insert(store, &k, b"one").await;
     let v2 = store
-        .compare_and_swap(&k, v1, &record(b"two"))
+        .compare_and_swap(&k, v1, &record(b"two"), None)
         .await
         .expect("CAS");
     assert_conflict(
@@ -353,7 +355,7 @@ pub async fn realms_are_isolated(store: &SharedStore) {
     );
     must_insert(store, &k2, b"realm-2").await;
     store
-        .compare_and_swap(&k1, v1, &record(b"realm-1b"))
+        .compare_and_swap(&k1, v1, &record(b"realm-1b"), None)
         .await
         .expect("CAS");
     assert_eq!(
@@ -448,7 +450,10 @@ pub async fn metadata_round_trips(store: &SharedStore) {
         since,
     );
     let rec = Record::new(Payload::new(b"y".to_vec()), meta.clone());
-    store.compare_and_swap(&k, v, &rec).await.expect("CAS");
+    store
+        .compare_and_swap(&k, v, &rec, None)
+        .await
+        .expect("CAS");
     let loaded = store.load(&k).await.expect("load").expect("present");
     assert_eq!(loaded.record.meta, meta, "metadata changed on the way");
 }
@@ -585,7 +590,7 @@ pub async fn lease_is_independent_of_writes(store: &SharedStore) {
     let loaded = store.load(&k).await.expect("load").expect("present");
     assert_eq!(loaded.version, v1, "taking a lease changed the version");
     let v2 = store
-        .compare_and_swap(&k, v1, &record(b"y"))
+        .compare_and_swap(&k, v1, &record(b"y"), None)
         .await
         .expect("a CAS must not need the lease");
     assert_eq!(
@@ -637,7 +642,7 @@ pub async fn concurrent_compare_and_swap_has_one_winner(store: &SharedStore) {
             (
                 i,
                 store
-                    .compare_and_swap(&k, v, &record(body.as_bytes()))
+                    .compare_and_swap(&k, v, &record(body.as_bytes()), None)
                     .await,
             )
         }));
