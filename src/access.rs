@@ -298,6 +298,11 @@ pub struct ProviderPolicy {
     pub idle_limit: Option<std::time::Duration>,
     /// Which kind of link a login creates. Default: [`LinkKind::Offline`].
     pub link_kind: LinkKind,
+    /// The audiences a narrowed read may ask a token for (`aud:<client>` scopes of
+    /// [`TokenBroker::retrieve_narrowed`](crate::TokenBroker::retrieve_narrowed)). A grant's
+    /// scope list says nothing about audiences, so the host decides. Default: none, so every
+    /// `aud:` request is refused with [`Error::AudienceNotAllowed`](crate::Error::AudienceNotAllowed).
+    pub allowed_audiences: Vec<String>,
 }
 
 /// The two uses of a stored grant, from Keycloak's design.
@@ -322,6 +327,7 @@ impl Default for ProviderPolicy {
             expose_refresh_token: false,
             idle_limit: None,
             link_kind: LinkKind::Offline,
+            allowed_audiences: Vec::new(),
         }
     }
 }
@@ -351,6 +357,22 @@ impl ProviderPolicy {
     pub fn idle_limit(mut self, limit: std::time::Duration) -> Self {
         self.idle_limit = Some(limit);
         self
+    }
+    /// Lets narrowed reads ask for a token for `audience` (`aud:<audience>`).
+    ///
+    /// ```
+    /// use tokenbroker::ProviderPolicy;
+    /// let policy = ProviderPolicy::default().allow_audience("billing-api");
+    /// assert!(policy.allows_audience("billing-api"));
+    /// assert!(!policy.allows_audience("admin-api"));
+    /// ```
+    pub fn allow_audience(mut self, audience: impl Into<String>) -> Self {
+        self.allowed_audiences.push(audience.into());
+        self
+    }
+    /// Whether narrowed reads may ask for a token for `audience`.
+    pub fn allows_audience(&self, audience: &str) -> bool {
+        self.allowed_audiences.iter().any(|a| a == audience)
     }
 }
 

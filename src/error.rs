@@ -78,9 +78,65 @@ pub enum Error {
         source: Option<ProviderError>,
     },
 
+    /// A narrowed read asked for an audience (`aud:<client>`) that the provider's
+    /// [`ProviderPolicy::allowed_audiences`](crate::ProviderPolicy::allowed_audiences) does not
+    /// list. Nothing was sent upstream.
+    #[error("audience {audience:?} is not allowed for {key}")]
+    AudienceNotAllowed {
+        /// The link.
+        key: TokenKey,
+        /// The audience asked for.
+        audience: String,
+    },
+
+    /// The provider would not issue a token for the narrower scopes of a
+    /// [`retrieve_narrowed`](crate::TokenBroker::retrieve_narrowed) (consent or interaction
+    /// required for them, `invalid_scope`, or the grant refused for this request). The link
+    /// itself is untouched: it is neither marked nor backed off, and plain reads go on working.
+    /// Ask for the scopes with
+    /// [`begin_incremental_consent`](crate::TokenBroker::begin_incremental_consent).
+    #[error("provider {provider} refused a token for scopes {scopes} of {key}: {reason}")]
+    NarrowedRefused {
+        /// The link.
+        key: TokenKey,
+        /// The provider alias.
+        provider: String,
+        /// The scopes asked for.
+        scopes: Scopes,
+        /// What the provider said.
+        reason: String,
+    },
+
     /// Another instance held the refresh lease for longer than the broker waits.
     #[error("refresh of {key} is still in progress elsewhere; try again")]
     RefreshInProgress {
+        /// The link.
+        key: TokenKey,
+    },
+
+    /// The link kept changing under the refresh (re-links, key rotation or other instances
+    /// wrote it first), and the newest record's access token had already expired. Nothing was
+    /// lost; try again.
+    #[error("{key} was changed concurrently during the refresh; try again")]
+    RecordChanged {
+        /// The link.
+        key: TokenKey,
+    },
+
+    /// The provider rotated the refresh token but the store could not take the new tokens
+    /// within the lease. The broker keeps them in memory and goes on writing them in the
+    /// background (see `docs/refresh-protocol.md`); until that lands, reads of the link on
+    /// this instance answer this. A process exit before then loses them.
+    #[error("refreshed tokens for {key} are waiting for the store; try again")]
+    WritePending {
+        /// The link.
+        key: TokenKey,
+    },
+
+    /// The provider's access token cannot be sent in an HTTP `Authorization` header (it holds
+    /// characters a header value may not). Nothing was sent.
+    #[error("access token for {key} is not a valid header value")]
+    InvalidAccessToken {
         /// The link.
         key: TokenKey,
     },
@@ -146,9 +202,12 @@ impl Error {
             Error::Forbidden => "forbidden",
             Error::NotFound { .. } => "not_found",
             Error::RelinkRequired { .. } | Error::NoRefreshToken { .. } => "relink_required",
-            Error::Unavailable { .. } | Error::RefreshInProgress { .. } => {
-                "temporarily_unavailable"
-            }
+            Error::Unavailable { .. }
+            | Error::RefreshInProgress { .. }
+            | Error::RecordChanged { .. }
+            | Error::WritePending { .. } => "temporarily_unavailable",
+            Error::AudienceNotAllowed { .. } | Error::NarrowedRefused { .. } => "invalid_scope",
+            Error::InvalidAccessToken { .. } => "upstream_error",
             Error::UnknownProvider(_) | Error::InvalidId(_) => "invalid_request",
             Error::LoginRejected { .. } => "invalid_state",
             Error::ScopesNotGranted { .. } => "invalid_scope",

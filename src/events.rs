@@ -99,6 +99,38 @@ pub enum BrokerEvent {
         /// What happened upstream.
         revocation: RevocationStatus,
     },
+    /// Another writer (a re-link without a new refresh token, a key rotation, another holder)
+    /// wrote the record during a refresh, but its record still held the refresh token that
+    /// refresh had just spent: the rotated tokens were written on top of it, so they are not
+    /// lost.
+    MergedOntoConcurrentWrite {
+        /// The link.
+        key: TokenKey,
+    },
+    /// A narrowed read (narrower scopes or one audience) failed; the link itself is untouched.
+    NarrowedRefreshFailed {
+        /// The link.
+        key: TokenKey,
+        /// Why, without any token.
+        reason: String,
+    },
+    /// The provider rotated the refresh token but the store did not take the new tokens within
+    /// the lease. They are kept in this process's memory and written in the background; a
+    /// process exit before [`BrokerEvent::ParkedWriteResolved`] loses them.
+    WriteParked {
+        /// The link.
+        key: TokenKey,
+    },
+    /// A parked write ended: stored, or dropped because the record changed in a way that
+    /// made it moot (unlinked, or a newer refresh token was written by someone else).
+    ParkedWriteResolved {
+        /// The link.
+        key: TokenKey,
+        /// Whether the parked tokens were written.
+        stored: bool,
+        /// How many write attempts it took.
+        attempts: u32,
+    },
 }
 
 /// Receives broker events. Called inline: keep it fast and non-blocking (send to a channel).
@@ -125,6 +157,12 @@ pub(crate) fn trace(event: &BrokerEvent) {
         }
         BrokerEvent::RelinkRequired { key, reason } => {
             tracing::warn!(target: "tokenbroker", %key, %reason, "relink required")
+        }
+        BrokerEvent::WriteParked { key } => {
+            tracing::error!(target: "tokenbroker", %key, "refreshed tokens could not be stored; kept in memory and retried")
+        }
+        BrokerEvent::NarrowedRefreshFailed { key, reason } => {
+            tracing::warn!(target: "tokenbroker", %key, %reason, "narrowed refresh failed")
         }
         other => tracing::info!(target: "tokenbroker", event = ?other),
     }

@@ -12,6 +12,9 @@ use time::OffsetDateTime;
 use crate::ids::Scopes;
 use crate::secret::Secret;
 
+/// How many narrowed tokens (distinct scope sets or audiences) a link keeps at most.
+pub(crate) const MAX_NARROWED: usize = 16;
+
 /// The tokens of one link, as the broker keeps them.
 ///
 /// Built from a provider's answer by [`TokenSet::from_response`], and merged with a later answer
@@ -171,12 +174,27 @@ impl TokenSet {
         merged
             .narrowed
             .retain(|_, n| n.expires_at.is_none_or(|at| at > now));
+        // Bounded: every distinct scope set a caller asks for would otherwise stay in the
+        // record (and in every read's decode) until it expires. The least recently refreshed
+        // one makes room; a read that needs it again refreshes it.
+        let slot = scopes.to_string();
+        while merged.narrowed.len() >= MAX_NARROWED && !merged.narrowed.contains_key(&slot) {
+            let oldest = merged
+                .narrowed
+                .iter()
+                .min_by_key(|(_, n)| n.obtained_at)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => merged.narrowed.remove(&k),
+                None => break,
+            };
+        }
         if let Some(rt) = answer.refresh_token {
             merged.refresh_token = Some(rt);
             merged.refresh_expires_at = answer.refresh_expires_at;
         }
         merged.narrowed.insert(
-            scopes.to_string(),
+            slot,
             NarrowedToken {
                 access_token: answer.access_token,
                 token_type: answer.token_type,

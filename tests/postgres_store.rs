@@ -233,7 +233,7 @@ async fn versions_never_repeat_across_stores() {
     let v2 = b.insert(&k, &active("y")).await.unwrap();
     assert_ne!(v1, v2);
     assert!(store_cases::is_conflict(
-        a.compare_and_swap(&k, v1, &active("z")).await
+        a.compare_and_swap(&k, v1, &active("z"), None).await
     ));
     db.cleanup().await;
 }

@@ -210,9 +210,11 @@ impl TokenBroker {
                     scopes: None,
                 };
                 let inner = Arc::clone(inner);
+                // Each task only joins the engine's flight: aborting it (the sweep dropped,
+                // or timed out by the host) cancels no refresh that has started.
                 tasks.spawn(async move {
                     let _permit = permit;
-                    let result = inner.refresh_for(&link.key, &need).await;
+                    let result = inner.refresh(&link.key, need).await;
                     (link.key, result)
                 });
                 while let Some(done) = tasks.try_join_next() {
@@ -236,7 +238,7 @@ impl TokenBroker {
         request: HttpRequest,
     ) -> Result<HttpRequest> {
         let read = self.retrieve(caller, key).await?;
-        Ok(with_bearer(request, &read.tokens))
+        with_bearer(request, key, &read.tokens)
     }
 
     /// Sends `request` through `http` with `key`'s access token attached. When the resource
@@ -264,7 +266,7 @@ impl TokenBroker {
         let read = self.retrieve(caller, key).await?;
         let retry = clone_request(&request);
         let response = http
-            .execute(with_bearer(request, &read.tokens))
+            .execute(with_bearer(request, key, &read.tokens)?)
             .await
             .map_err(|e| resource_server_unavailable(key, e))?;
         if response.status() != http::StatusCode::UNAUTHORIZED {
@@ -279,14 +281,14 @@ impl TokenBroker {
             written_after: None,
             scopes: None,
         };
-        let (fresh, _) = self.inner.refresh_for(key, &need).await?;
+        let (fresh, _) = self.inner.refresh(key, need).await?;
         if fresh
             .access_token()
             .constant_time_eq(read.tokens.access_token())
         {
             return Ok(response);
         }
-        http.execute(with_bearer(retry, &fresh))
+        http.execute(with_bearer(retry, key, &fresh)?)
             .await
             .map_err(|e| resource_server_unavailable(key, e))
     }
@@ -314,15 +316,17 @@ fn record(report: &mut SweepReport, done: Done, inner: &super::Inner) {
     }
 }
 
-fn with_bearer(mut request: HttpRequest, tokens: &TokenSet) -> HttpRequest {
+/// Attaches the bearer token. A token that is not a valid header value is an error: sending
+/// the request without `Authorization` would hide the problem behind the resource server's 401.
+fn with_bearer(mut request: HttpRequest, key: &TokenKey, tokens: &TokenSet) -> Result<HttpRequest> {
     let value = format!("Bearer {}", tokens.access_token().expose_secret());
-    if let Ok(mut value) = http::HeaderValue::from_str(&value) {
-        value.set_sensitive(true);
-        request
-            .headers_mut()
-            .insert(http::header::AUTHORIZATION, value);
-    }
+    let mut value = http::HeaderValue::from_str(&value)
+        .map_err(|_| Error::InvalidAccessToken { key: key.clone() })?;
+    value.set_sensitive(true);
     request
+        .headers_mut()
+        .insert(http::header::AUTHORIZATION, value);
+    Ok(request)
 }
 
 fn clone_request(request: &HttpRequest) -> Option<HttpRequest> {

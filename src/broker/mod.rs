@@ -1,6 +1,6 @@
 //! The broker: login, retrieval with refresh-and-rotate, unlink, and the retrieval response.
 
-mod detach;
+mod engine;
 mod exchange;
 mod hot_cache;
 mod lease_wake;
@@ -34,8 +34,9 @@ pub use lifecycle::{GrantStatus, SweepOptions, SweepReport};
 pub use login::{Callback, LinkOutcome, LoginOptions, LoginStart, PendingLogin};
 pub use response::BrokerResponse;
 
-/// How much longer than the refresh time-out a lease must last, so that a holder gets its
-/// answer (or gives up) before anyone else may take over (REFRESH-PROTOCOL.md, "The lease").
+/// How much longer than the refresh time-out a lease must last by default, so that a holder
+/// gets its answer (or gives up) before anyone else may take over (REFRESH-PROTOCOL.md, "The
+/// lease"). Set another with [`TokenBrokerBuilder::with_lease_margin`].
 pub const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
 /// Brokers upstream tokens: links accounts, serves tokens to allowed callers, and refreshes
@@ -93,6 +94,8 @@ pub(crate) struct Timing {
     pub(crate) lease_wait: Duration,
     pub(crate) login_ttl: Duration,
     pub(crate) max_backoff: Duration,
+    pub(crate) max_retry_after: Duration,
+    pub(crate) lease_margin: Duration,
 }
 
 pub(crate) struct Inner {
@@ -105,7 +108,8 @@ pub(crate) struct Inner {
     pub(crate) read_role: String,
     pub(crate) config: Timing,
     pub(crate) holder: LeaseHolder,
-    pub(crate) flights: refresh::Flights,
+    pub(crate) flights: engine::Flights,
+    pub(crate) parked: engine::Parked,
     /// Decoded sets of recent reads, so that a cached read does not decode JSON.
     pub(crate) hot: hot_cache::HotCache,
     pub(crate) backoff: Mutex<HashMap<TokenKey, refresh::Backoff, foldhash::fast::RandomState>>,
@@ -375,7 +379,10 @@ pub struct TokenBrokerBuilder {
     lease_ttl: Option<Duration>,
     refresh_timeout: Option<Duration>,
     lease_wait: Option<Duration>,
+    lease_margin: Option<Duration>,
     login_ttl: Option<Duration>,
+    max_backoff: Option<Duration>,
+    max_retry_after: Option<Duration>,
     hot_cache_capacity: Option<usize>,
 }
 
@@ -471,6 +478,26 @@ impl TokenBrokerBuilder {
         self.lease_wait = Some(wait);
         self
     }
+    /// How much of a lease a holder keeps in hand (default [`LEASE_MARGIN`], 5 s): the
+    /// provider call is bounded by what is left of the lease minus this margin, so that the
+    /// holder has its answer, or has given up, before another instance may take over. Leave
+    /// room for the clock difference between this host and the store.
+    pub fn with_lease_margin(mut self, margin: Duration) -> Self {
+        self.lease_margin = Some(margin);
+        self
+    }
+    /// The longest the broker leaves a failing provider alone after consecutive transient
+    /// failures without a `Retry-After` (default 60 s; the pause starts at 1 s and doubles).
+    pub fn with_max_backoff(mut self, max: Duration) -> Self {
+        self.max_backoff = Some(max);
+        self
+    }
+    /// The longest `Retry-After` from a provider the broker honours (default 1 h): a provider
+    /// that asks for a longer pause gets this one.
+    pub fn with_max_retry_after(mut self, max: Duration) -> Self {
+        self.max_retry_after = Some(max);
+        self
+    }
     /// How long a pending login stays valid (default 10 min).
     pub fn with_login_ttl(mut self, ttl: Duration) -> Self {
         self.login_ttl = Some(ttl);
@@ -489,15 +516,16 @@ impl TokenBrokerBuilder {
     /// Builds the broker.
     ///
     /// # Errors
-    /// [`Error::Config`] when the lease does not outlast the refresh time-out by
-    /// [`LEASE_MARGIN`], when two providers share an alias, or when an OAuth 2.0 provider
-    /// needs an HTTP client and none is available.
+    /// [`Error::Config`] when the lease does not outlast the refresh time-out by the lease
+    /// margin, when two providers share an alias, or when an OAuth 2.0 provider needs an HTTP
+    /// client and none is available.
     pub fn build(self) -> Result<TokenBroker> {
         let refresh_timeout = self.refresh_timeout.unwrap_or(Duration::from_secs(10));
         let lease_ttl = self.lease_ttl.unwrap_or(Duration::from_secs(30));
-        if lease_ttl < refresh_timeout + LEASE_MARGIN {
+        let lease_margin = self.lease_margin.unwrap_or(LEASE_MARGIN);
+        if lease_ttl < refresh_timeout + lease_margin {
             return Err(Error::Config(format!(
-                "lease TTL ({lease_ttl:?}) must exceed the refresh time-out ({refresh_timeout:?}) by at least {LEASE_MARGIN:?}, \
+                "lease TTL ({lease_ttl:?}) must exceed the refresh time-out ({refresh_timeout:?}) by at least the lease margin ({lease_margin:?}), \
                  or a second instance could spend the same refresh token"
             )));
         }
@@ -549,12 +577,15 @@ impl TokenBrokerBuilder {
                 skew: self.skew.unwrap_or(Duration::from_secs(60)),
                 lease_ttl,
                 refresh_timeout,
-                lease_wait: self.lease_wait.unwrap_or(lease_ttl + LEASE_MARGIN),
+                lease_wait: self.lease_wait.unwrap_or(lease_ttl + lease_margin),
                 login_ttl: self.login_ttl.unwrap_or(Duration::from_secs(600)),
-                max_backoff: Duration::from_secs(60),
+                max_backoff: self.max_backoff.unwrap_or(Duration::from_secs(60)),
+                max_retry_after: self.max_retry_after.unwrap_or(Duration::from_secs(3600)),
+                lease_margin,
             },
             holder: self.holder.unwrap_or_else(LeaseHolder::random),
             flights: Default::default(),
+            parked: Default::default(),
             hot: hot_cache::HotCache::new(
                 self.hot_cache_capacity
                     .unwrap_or(hot_cache::DEFAULT_CAPACITY),

@@ -1,53 +1,32 @@
 //! The refresh-and-rotate protocol (REFRESH-PROTOCOL.md), one function per step.
 //!
-//! 1. fast path: one load, no lock;
-//! 2. single-flight in this process: readers of one key share one refresh, led by the first;
+//! 1. fast path: one load, no lock (in the caller's own future);
+//! 2. the engine (`engine.rs`): one flight per key and scope set in this process, in a task the
+//!    broker owns, which callers join and may abandon;
 //! 3. the store's lease across processes: a loser waits and re-reads, it never calls the IdP;
 //! 4. under the lease, re-read and re-check (someone may have just finished);
-//! 5. call the provider, bounded by the refresh time-out (shorter than the lease);
-//! 6. compare-and-swap the merged set, and only then hand it out.
+//! 5. call the provider, bounded by the refresh time-out and by what is left of the lease;
+//! 6. compare-and-swap the merged set, fenced by the lease, and only then hand it out; a
+//!    concurrent writer whose record still holds the spent refresh token gets ours on top.
+//!
+//! Everything from step 3 on runs inside the engine's task: no caller can cancel it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
-use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::Inner;
+use super::engine::{CatchUnwind, MAX_PARKED, Outcome};
 use crate::error::{Error, Result};
 use crate::events::BrokerEvent;
-use crate::ids::TokenKey;
-use crate::provider::ProviderError;
-use crate::store::{LeaseAttempt, LinkState, Record, RecordMeta, StoreError, StoredRecord};
+use crate::ids::{Scopes, TokenKey};
+use crate::provider::{ProviderError, RefreshTokenReuse, TokenKind};
+use crate::secret::Secret;
+use crate::store::{Lease, LeaseAttempt, LinkState, Record, RecordMeta, StoreError, StoredRecord};
 use crate::token::TokenSet;
-
-type FlightResult = Option<Result<(Arc<TokenSet>, bool)>>;
-
-/// Refreshes in flight in this process, one per key. An entry lives only while its refresh
-/// runs, so the map does not grow with the number of keys ever refreshed.
-pub(crate) type Flights =
-    Mutex<HashMap<TokenKey, watch::Receiver<FlightResult>, foldhash::fast::RandomState>>;
-
-/// Ends a flight: removes its entry however the flight ends (a panic included), so that the
-/// next reader leads a new flight rather than joining one that will never answer.
-struct FlightGuard {
-    inner: Arc<Inner>,
-    key: TokenKey,
-    rx: watch::Receiver<FlightResult>,
-}
-
-impl Drop for FlightGuard {
-    fn drop(&mut self) {
-        let mut flights = self.inner.flights.lock().unwrap_or_else(|e| e.into_inner());
-        if flights
-            .get(&self.key)
-            .is_some_and(|rx| rx.same_channel(&self.rx))
-        {
-            flights.remove(&self.key);
-        }
-    }
-}
 
 /// A key whose provider failed recently: no upstream call before `until`.
 #[derive(Debug, Clone, Copy)]
@@ -64,11 +43,11 @@ pub(crate) struct Need {
     /// The access token must stay valid at least this long.
     pub(crate) min_validity: Duration,
     /// The access token must not be this one (a resource server rejected it).
-    pub(crate) reject: Option<crate::secret::Secret>,
+    pub(crate) reject: Option<Secret>,
     /// The link must have been written after this instant (keeps idle refresh tokens alive).
     pub(crate) written_after: Option<OffsetDateTime>,
     /// A token for these narrower scopes rather than the link's own.
-    pub(crate) scopes: Option<crate::ids::Scopes>,
+    pub(crate) scopes: Option<Scopes>,
 }
 
 impl Need {
@@ -79,6 +58,18 @@ impl Need {
             written_after: None,
             scopes: None,
         }
+    }
+
+    /// Whether two needs ask for the same thing (then one flight answers both).
+    pub(crate) fn same_as(&self, other: &Need) -> bool {
+        self.min_validity == other.min_validity
+            && self.written_after == other.written_after
+            && self.scopes == other.scopes
+            && match (&self.reject, &other.reject) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.constant_time_eq(b),
+                _ => false,
+            }
     }
 
     /// What this need serves from a set: the set itself, or its narrowed view.
@@ -95,26 +86,69 @@ impl Need {
         written_at: OffsetDateTime,
         now: OffsetDateTime,
     ) -> bool {
-        let Some(set) = self.view(set) else {
-            return false;
-        };
-        set.is_fresh(now, self.min_validity)
+        self.view(set)
+            .is_some_and(|view| self.view_serves(&view, now) && self.written_after_ok(written_at))
+    }
+
+    /// Whether a flight's answer (already the view) serves this need too.
+    pub(crate) fn served_by(&self, view: &TokenSet, refreshed: bool, now: OffsetDateTime) -> bool {
+        self.view_serves(view, now) && (self.written_after.is_none() || refreshed)
+    }
+
+    fn view_serves(&self, view: &TokenSet, now: OffsetDateTime) -> bool {
+        view.is_fresh(now, self.min_validity)
             && self
                 .reject
                 .as_ref()
-                .is_none_or(|r| !r.constant_time_eq(set.access_token()))
-            && self.written_after.is_none_or(|t| written_at > t)
+                .is_none_or(|r| !r.constant_time_eq(view.access_token()))
+    }
+
+    fn written_after_ok(&self, written_at: OffsetDateTime) -> bool {
+        self.written_after.is_none_or(|t| written_at > t)
     }
 }
 
 /// A loaded link, decoded (or found already decoded in the hot cache).
-struct Loaded {
-    stored: StoredRecord,
-    set: Arc<TokenSet>,
+pub(crate) struct Loaded {
+    pub(crate) stored: StoredRecord,
+    pub(crate) set: Arc<TokenSet>,
 }
 
+/// The lease this flight holds, and until when it may rely on it.
+struct Held {
+    lease: Lease,
+    /// The lease's end as this instance counts it: taken *before* asking the store, so it is
+    /// never later than the store's own expiry.
+    until: Instant,
+    /// Whether writes go out fenced by the lease. Cleared when the lease was taken over: a
+    /// rotated set must still land then (see `store_refreshed`).
+    fenced: bool,
+}
+
+impl Held {
+    /// What is left of the lease after keeping `margin` in hand.
+    fn left(&self, margin: Duration) -> Duration {
+        self.until
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(margin)
+    }
+}
+
+/// What one turn under the lease came to.
+enum Turn {
+    /// The answer for every waiter.
+    Done(Outcome),
+    /// Release the lease and start over (the record changed under us and the newest one does
+    /// not serve, or too little of the lease was left to call the provider). The error is what
+    /// the waiters get if the turns run out.
+    Again(Error),
+}
+
+/// How many turns under the lease one flight takes at most before it gives up.
+const MAX_TURNS: u32 = 4;
+
 impl Inner {
-    /// Step 1: the fast path, then the shared refresh.
+    /// Step 1: the fast path, then the engine.
     /// Returns the tokens, whether a refresh happened, and whether they are stale.
     pub(crate) async fn fresh_tokens(
         self: &Arc<Self>,
@@ -124,21 +158,33 @@ impl Inner {
         if loaded.set.is_fresh(self.clock.now(), self.config.skew) {
             return Ok((loaded.set, false, false));
         }
-        let (set, refreshed) = self.refresh_shared(key).await?;
+        let (set, refreshed) = self.refresh(key, Need::fresh(self.config.skew)).await?;
         let stale = !set.is_fresh(self.clock.now(), self.config.skew);
         Ok((set, refreshed, stale))
     }
 
-    /// The narrowed read: checks the scopes against the grant, serves a fresh narrowed token,
-    /// or refreshes one under the lease.
+    /// The narrowed read: checks audiences against the provider's policy and the scopes
+    /// against the grant, serves a fresh narrowed token, or refreshes one through the engine.
     pub(crate) async fn fresh_narrowed(
         self: &Arc<Self>,
         key: &TokenKey,
-        scopes: &crate::ids::Scopes,
+        scopes: &Scopes,
     ) -> Result<(Arc<TokenSet>, bool, bool)> {
+        let policy = &self.entry(&key.provider)?.policy;
+        // Before anything is loaded or sent: an audience is the host's decision, not the grant's.
+        if let Some(audience) = scopes
+            .iter()
+            .filter_map(|s| s.strip_prefix(super::sessions::AUDIENCE_PREFIX))
+            .find(|aud| !policy.allows_audience(aud))
+        {
+            return Err(Error::AudienceNotAllowed {
+                key: key.clone(),
+                audience: audience.to_owned(),
+            });
+        }
         let loaded = self.load(key).await?;
         let granted = loaded.set.scopes();
-        let missing: crate::ids::Scopes = scopes
+        let missing: Scopes = scopes
             .difference(granted)
             .iter()
             .filter(|s| !s.starts_with(super::sessions::AUDIENCE_PREFIX))
@@ -153,10 +199,8 @@ impl Inner {
             return self.fresh_tokens(key).await;
         }
         let need = Need {
-            min_validity: self.config.skew,
-            reject: None,
-            written_after: None,
             scopes: Some(scopes.clone()),
+            ..Need::fresh(self.config.skew)
         };
         let now = self.clock.now();
         if need.satisfied_by(&loaded.set, loaded.stored.record.meta.updated_at, now)
@@ -164,14 +208,13 @@ impl Inner {
         {
             return Ok((view, false, false));
         }
-        let (set, refreshed) = self.refresh_with_lease(key, &need).await?;
+        let (set, refreshed) = self.refresh(key, need).await?;
         let stale = !set.is_fresh(self.clock.now(), self.config.skew);
         Ok((set, refreshed, stale))
     }
 
-    /// Loads and decodes a link; a link marked relink-required is an error. The decode is
-    /// skipped when the hot cache holds the set decoded from these very bytes.
-    async fn load(&self, key: &TokenKey) -> Result<Loaded> {
+    /// Loads and decodes a link; a link marked relink-required is an error.
+    pub(crate) async fn load(&self, key: &TokenKey) -> Result<Loaded> {
         let stored = self
             .store
             .load(key)
@@ -183,13 +226,18 @@ impl Inner {
                 reason: reason.clone(),
             });
         }
-        // The payload itself may know its decoding (a store that hands out its own
-        // allocation); otherwise the hot cache may; otherwise decode.
+        let set = self.decode(key, &stored)?;
+        Ok(Loaded { stored, set })
+    }
+
+    /// Decodes a record. Skipped when the payload itself knows its decoding (a store that
+    /// hands out its own allocation) or the hot cache holds the set decoded from these bytes.
+    fn decode(&self, key: &TokenKey, stored: &StoredRecord) -> Result<Arc<TokenSet>> {
         if let Some(set) = stored.record.payload.decoded() {
-            return Ok(Loaded { stored, set });
+            return Ok(set);
         }
-        if let Some(set) = self.hot.get(key, &stored) {
-            return Ok(Loaded { stored, set });
+        if let Some(set) = self.hot.get(key, stored) {
+            return Ok(set);
         }
         let set =
             TokenSet::from_payload(&stored.record.payload).map_err(|e| StoreError::Corrupt {
@@ -197,8 +245,8 @@ impl Inner {
                 reason: e.to_string(),
             })?;
         let set = Arc::new(set);
-        self.remember(key, &stored, &set);
-        Ok(Loaded { stored, set })
+        self.remember(key, stored, &set);
+        Ok(set)
     }
 
     /// Keeps `set` as the decoding of `stored`: strongly in the bounded hot cache, weakly in
@@ -208,99 +256,63 @@ impl Inner {
         self.hot.put(key, stored, Arc::clone(set));
     }
 
-    /// Step 2: joins the refresh in flight for `key`, or leads one. The leader runs the
-    /// refresh itself, in its own task, as a [`Detached`](super::detach::Detached) future: if
-    /// the leader gives up (a dropped request), the rest of the refresh is spawned, so that it
-    /// can never be cut off between the provider's answer and the store write (a rotated
-    /// refresh token would be lost). The refresh advances as the leader's task polls it; a
-    /// joiner waits for it at most the lease wait (a leader future kept but no longer polled
-    /// must not hold the others up), then goes through the store's lease itself.
-    async fn refresh_shared(self: &Arc<Self>, key: &TokenKey) -> Result<(Arc<TokenSet>, bool)> {
-        let (mut rx, flight) = {
-            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-            match flights.get(key) {
-                Some(rx) => (rx.clone(), None),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    flights.insert(key.clone(), rx.clone());
-                    let guard = FlightGuard {
-                        inner: Arc::clone(self),
-                        key: key.clone(),
-                        rx: rx.clone(),
-                    };
-                    let flight = async move {
-                        let need = Need::fresh(guard.inner.config.skew);
-                        let result = guard.inner.refresh_with_lease(&guard.key, &need).await;
-                        // Remove first: a reader arriving after this starts a new flight, which
-                        // finds the fresh record under the lease without calling the provider.
-                        drop(guard);
-                        let _ = tx.send(Some(result));
-                    };
-                    (rx, Some(super::detach::Detached::new(flight)))
-                }
+    /// A store call the engine makes, bounded so that a hung store cannot hold up the flight
+    /// (and with it every joined caller) for longer than `limit`.
+    async fn bounded<T, E: Into<Error>>(
+        &self,
+        limit: Duration,
+        call: impl Future<Output = std::result::Result<T, E>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(limit, call).await {
+            Ok(result) => result.map_err(Into::into),
+            Err(_) => Err(StoreError::Backend {
+                store: "store",
+                source: Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("store call took longer than {limit:?}"),
+                )),
             }
-        };
-        if let Some(flight) = flight {
-            flight.await;
-        }
-        let waited = tokio::time::timeout(self.config.lease_wait, rx.wait_for(Option::is_some));
-        // Owned before anything else awaits: the channel's guard must not live across one.
-        let answer = match waited.await {
-            Ok(Ok(result)) => Some(
-                result
-                    .clone()
-                    .expect("wait_for returned a completed flight"),
-            ),
-            Ok(Err(_)) => return Err(Error::Internal("the refresh task ended without an answer")),
-            Err(_) => None,
-        };
-        match answer {
-            Some(answer) => answer,
-            // The leader has not finished within the lease wait: its future may be held
-            // somewhere without being polled. Stop waiting on it and go through the store's
-            // lease, as another instance would; the lease still allows one upstream call.
-            None => {
-                self.refresh_with_lease(key, &Need::fresh(self.config.skew))
-                    .await
-            }
+            .into()),
         }
     }
 
-    /// Refreshes unless `need` is already met, without joining reads in flight: for sweeps and
-    /// for tokens a resource server rejected. Still under the store's lease.
-    pub(crate) async fn refresh_for(
-        &self,
+    /// Step 3 (the engine's task): takes the store's lease, or waits for the instance holding
+    /// it; then runs a turn under the lease and releases it, whatever the turn did.
+    pub(crate) async fn refresh_with_lease(
+        self: &Arc<Self>,
         key: &TokenKey,
         need: &Need,
-    ) -> Result<(Arc<TokenSet>, bool)> {
-        self.refresh_with_lease(key, need).await
-    }
-
-    /// Step 3: takes the store's lease, or waits for the instance holding it.
-    async fn refresh_with_lease(
-        &self,
-        key: &TokenKey,
-        need: &Need,
-    ) -> Result<(Arc<TokenSet>, bool)> {
-        let deadline = tokio::time::Instant::now() + self.config.lease_wait;
+    ) -> Outcome {
+        let ttl = self.config.lease_ttl;
+        let deadline = Instant::now() + self.config.lease_wait;
         let mut pause = Duration::from_millis(10);
+        let mut turns = 0;
         loop {
-            // Taken before asking, so it is never later than the store's own expiry.
-            let lease_until = tokio::time::Instant::now() + self.config.lease_ttl;
+            let asked_at = Instant::now();
             match self
-                .store
-                .try_lease(key, &self.holder, self.config.lease_ttl)
+                .bounded(ttl, self.store.try_lease(key, &self.holder, ttl))
                 .await?
             {
                 LeaseAttempt::Missing => return Err(Error::NotFound { key: key.clone() }),
                 LeaseAttempt::Acquired(lease) => {
-                    let result = self.refresh_holding_lease(key, need, lease_until).await;
-                    if let Err(e) = self.store.release_lease(&lease).await {
-                        // The lease expires on its own; others wait at most its TTL.
-                        tracing::warn!(target: "tokenbroker", %key, error = %e, "could not release refresh lease");
+                    let mut held = Held {
+                        lease,
+                        until: asked_at + ttl,
+                        fenced: true,
+                    };
+                    let turn = CatchUnwind::new(self.refresh_holding_lease(key, need, &mut held))
+                        .await
+                        .unwrap_or(Turn::Done(Err(Error::Internal("a refresh panicked"))));
+                    self.release(&held.lease).await;
+                    match turn {
+                        Turn::Done(outcome) => return outcome,
+                        Turn::Again(error) => {
+                            turns += 1;
+                            if turns >= MAX_TURNS || Instant::now() >= deadline {
+                                return Err(error);
+                            }
+                        }
                     }
-                    super::lease_wake::wake(super::lease_wake::store_id(&self.store), key);
-                    return result;
                 }
                 LeaseAttempt::Busy => {
                     // An instance of this process sharing the store wakes us when it releases
@@ -320,14 +332,14 @@ impl Inner {
                     }
                     drop(waiter);
                     pause = (pause * 2).min(Duration::from_millis(250));
-                    let loaded = self.load(key).await?;
+                    let loaded = self.bounded(ttl, self.load(key)).await?;
                     let written = loaded.stored.record.meta.updated_at;
                     if need.satisfied_by(&loaded.set, written, self.clock.now())
                         && let Some(view) = need.view(&loaded.set)
                     {
                         return Ok((view, true));
                     }
-                    if tokio::time::Instant::now() >= deadline {
+                    if Instant::now() >= deadline {
                         return Err(Error::RefreshInProgress { key: key.clone() });
                     }
                 }
@@ -335,170 +347,407 @@ impl Inner {
         }
     }
 
-    /// Steps 4 to 6, holding the lease.
+    /// Frees the lease (fenced by its token: a lease taken again since is left alone) and wakes
+    /// the instances of this process waiting for it.
+    async fn release(&self, lease: &Lease) {
+        let limit = self.config.lease_ttl;
+        if let Err(e) = self.bounded(limit, self.store.release_lease(lease)).await {
+            // The lease expires on its own; others wait at most its TTL.
+            tracing::warn!(target: "tokenbroker", key = %lease.key, error = %e, "could not release refresh lease");
+        }
+        super::lease_wake::wake(super::lease_wake::store_id(&self.store), &lease.key);
+    }
+
+    /// Steps 4 and 5, holding the lease.
     async fn refresh_holding_lease(
-        &self,
+        self: &Arc<Self>,
         key: &TokenKey,
         need: &Need,
-        lease_until: tokio::time::Instant,
-    ) -> Result<(Arc<TokenSet>, bool)> {
-        let Loaded { stored, set } = self.load(key).await?;
+        held: &mut Held,
+    ) -> Turn {
+        let margin = self.config.lease_margin;
+        let Loaded { stored, set } = match self.bounded(held.left(margin), self.load(key)).await {
+            Ok(loaded) => loaded,
+            Err(e) => return Turn::Done(Err(e)),
+        };
         let now = self.clock.now();
         if need.satisfied_by(&set, stored.record.meta.updated_at, now)
             && let Some(view) = need.view(&set)
         {
-            return Ok((view, true));
+            return Turn::Done(Ok((view, true)));
         }
         // What may be served if no refresh happens: never a wider token than was asked for.
         let fallback = need.view(&set);
-        let Some(refresh_token) = set.refresh_token().cloned() else {
-            return self
-                .serve_unexpired(fallback, now, || Error::NoRefreshToken { key: key.clone() });
+        let Some(spent) = set.refresh_token().cloned() else {
+            return Turn::Done(
+                self.serve_unexpired(fallback, now, || Error::NoRefreshToken { key: key.clone() }),
+            );
         };
+        // The link's backoff (its provider is failing) holds narrowed refreshes back too; only
+        // the link's own refreshes set it.
         if let Some(until) = self.backing_off(key, now) {
             let retry_after = Some((until - now).unsigned_abs());
-            return self
-                .serve_unexpired(fallback, now, || self.unavailable(key, retry_after, None));
+            return Turn::Done(
+                self.serve_unexpired(fallback, now, || self.unavailable(key, retry_after, None)),
+            );
         }
-        let provider = &self.entry(&key.provider)?.provider;
-        let answer = tokio::time::timeout(
-            self.config.refresh_timeout,
-            provider.refresh(&refresh_token, need.scopes.as_ref()),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(ProviderError::Transient {
-                status: None,
-                retry_after: None,
-                reason: Some("timed out".into()),
-                source: None,
-            })
-        });
+        let provider = match self.entry(&key.provider) {
+            Ok(entry) => Arc::clone(&entry.provider),
+            Err(e) => return Turn::Done(Err(e)),
+        };
+        let mut retried = false;
+        let answer = loop {
+            // Bounded by what is left of the lease, counted from when it was taken: a holder
+            // either has its answer, or has given up, before anyone else may take over.
+            let budget = held.left(margin);
+            if budget < self.config.refresh_timeout / 2 {
+                return Turn::Again(self.unavailable(
+                    key,
+                    None,
+                    Some(ProviderError::Transient {
+                        status: None,
+                        retry_after: None,
+                        reason: Some("store calls left too little of the lease to refresh".into()),
+                        source: None,
+                    }),
+                ));
+            }
+            let limit = self.config.refresh_timeout.min(budget);
+            let answer =
+                tokio::time::timeout(limit, provider.refresh(&spent, need.scopes.as_ref()))
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out()));
+            // No answer at all (a time-out, a dropped connection): the provider may or may not
+            // have used the token. Where old tokens stay valid, asking again is free.
+            let unknown = matches!(answer, Err(ProviderError::Transient { status: None, .. }));
+            if unknown && !retried && provider.refresh_token_reuse() == RefreshTokenReuse::Tolerated
+            {
+                retried = true;
+                continue;
+            }
+            break answer;
+        };
+        let narrowed = need.scopes.is_some();
         match answer {
             Ok(tokens) => {
                 let asked = need.scopes.as_ref().unwrap_or(set.scopes());
                 let newer = TokenSet::from_response(tokens, self.clock.now(), asked);
-                self.store_refreshed(key, stored, set, newer, need.scopes.as_ref(), lease_until)
+                self.store_refreshed(key, need, stored, &set, spent, newer, held)
                     .await
             }
+            Err(e) if narrowed => Turn::Done(self.on_narrowed_failure(key, need, fallback, e)),
             Err(ProviderError::InvalidGrant { description }) => {
-                self.on_invalid_grant(key, stored, description).await
+                self.on_invalid_grant(key, need, stored, description, held)
+                    .await
             }
-            Err(e) => self.on_failure(key, fallback, e),
+            Err(e) => Turn::Done(self.on_failure(key, fallback, e)),
         }
     }
 
-    /// Step 6: writes the merged set with compare-and-swap before anyone sees it.
+    /// Step 6: writes the merged set with compare-and-swap, fenced by the lease, before anyone
+    /// sees it.
+    ///
+    /// On a conflict the record is read again. If the newer record still holds the refresh
+    /// token this refresh spent (a re-link that brought no refresh token, a key rotation, a
+    /// holder that outlived its lease), the answer is merged onto it and written again: its
+    /// writer could not know that token was spent, and dropping ours would leave a spent token
+    /// as the link's only one. Only a record with another refresh token wins outright.
+    #[allow(clippy::too_many_arguments)]
     async fn store_refreshed(
-        &self,
+        self: &Arc<Self>,
         key: &TokenKey,
+        need: &Need,
         stored: StoredRecord,
-        old: Arc<TokenSet>,
+        old: &TokenSet,
+        spent: Secret,
         newer: TokenSet,
-        scopes: Option<&crate::ids::Scopes>,
-        lease_until: tokio::time::Instant,
-    ) -> Result<(Arc<TokenSet>, bool)> {
-        let merged = Arc::new(match scopes {
-            None => old.merge(newer),
-            Some(scopes) => old.with_narrowed(scopes, newer),
-        });
-        let rotated = old.is_rotated_by(&merged);
-        let now = self.clock.now();
-        let record = Record::new(
-            merged.to_payload(),
-            RecordMeta::new(
-                LinkState::Active,
-                merged.expires_at(),
-                stored.record.meta.created_at,
-                now,
-            ),
-        );
-        let mut attempt = 0;
+        held: &mut Held,
+    ) -> Turn {
+        let scopes = need.scopes.as_ref();
+        let rotated = newer
+            .refresh_token()
+            .is_some_and(|rt| !rt.constant_time_eq(&spent));
+        let mut merged = Arc::new(merge_answer(old, &newer, scopes));
+        let mut expected = stored.version;
+        let mut created_at = stored.record.meta.created_at;
+        // Past this, a store that keeps failing gets the set parked rather than written.
+        let write_deadline = Instant::now() + self.config.lease_ttl;
+        let mut failures = 0u32;
         loop {
-            match self
-                .store
-                .compare_and_swap(key, stored.version, &record, None)
-                .await
-            {
+            let record = Record::new(
+                merged.to_payload(),
+                RecordMeta::new(
+                    LinkState::Active,
+                    merged.expires_at(),
+                    created_at,
+                    self.clock.now(),
+                ),
+            );
+            let fence = held.fenced.then_some(&held.lease.token);
+            let limit = write_deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(100));
+            let written = self
+                .bounded(
+                    limit,
+                    self.store.compare_and_swap(key, expected, &record, fence),
+                )
+                .await;
+            let conflict = match written {
                 Ok(version) => {
                     // The next read loads exactly these bytes: let it skip the decode.
-                    self.remember(key, &StoredRecord::new(record.clone(), version), &merged);
-                    self.clear_backoff(key);
+                    self.remember(key, &StoredRecord::new(record, version), &merged);
+                    if scopes.is_none() {
+                        self.clear_backoff(key);
+                    }
                     self.emit_info(|| BrokerEvent::Refreshed {
                         key: key.clone(),
                         rotated,
                     });
-                    let served = match scopes {
-                        None => merged,
-                        Some(scopes) => merged.narrowed_to(scopes).map_or(merged, Arc::new),
-                    };
-                    return Ok((served, true));
+                    let served = need.view(&merged).unwrap_or(merged);
+                    return Turn::Done(Ok((served, true)));
                 }
-                Err(StoreError::Conflict { .. }) => {
-                    // Someone wrote while we held the lease (a re-link, or a holder whose lease
-                    // we outlived). Their record wins; ours is dropped.
-                    tracing::warn!(target: "tokenbroker", %key, rotated, "record changed during refresh; using the newer record");
-                    self.emit(BrokerEvent::LostRace { key: key.clone() });
-                    let loaded = self.load(key).await?;
-                    let now = self.clock.now();
-                    let view = match scopes {
-                        None => Some(loaded.set),
-                        Some(scopes) => loaded.set.narrowed_to(scopes).map(Arc::new),
+                Err(Error::Store(StoreError::Conflict { .. })) => true,
+                Err(_) => false,
+            };
+            if conflict {
+                let current = match self.bounded(limit, self.store.load(key)).await {
+                    Ok(current) => Some(current),
+                    Err(_) => None, // as a failed write: retried below
+                };
+                if let Some(current) = current {
+                    let Some(current) = current else {
+                        // Unlinked meanwhile: the rotated token belongs to no link now.
+                        if rotated {
+                            self.revoke_orphan(key, &newer);
+                        }
+                        return Turn::Done(Err(Error::NotFound { key: key.clone() }));
                     };
-                    return self
-                        .serve_unexpired(view, now, || Error::RefreshInProgress {
-                            key: key.clone(),
-                        })
-                        .map(|(set, _)| (set, true));
+                    let theirs = match self.decode(key, &current) {
+                        Ok(set) => set,
+                        Err(e) => return Turn::Done(Err(e)),
+                    };
+                    let holds_spent = theirs
+                        .refresh_token()
+                        .is_some_and(|rt| rt.constant_time_eq(&spent));
+                    if !holds_spent {
+                        self.emit(BrokerEvent::LostRace { key: key.clone() });
+                        return self.serve_winner(key, need, current, theirs);
+                    }
+                    if current.version == expected {
+                        // Same version, so only the fence failed: the lease was taken over.
+                        // The rotated token must land all the same; the version still keeps
+                        // any other write from being lost.
+                        held.fenced = false;
+                    } else {
+                        tracing::info!(target: "tokenbroker", %key, "record changed during refresh but holds the spent refresh token; writing the refreshed tokens onto it");
+                        self.emit(BrokerEvent::MergedOntoConcurrentWrite { key: key.clone() });
+                    }
+                    merged = Arc::new(merge_answer(&theirs, &newer, scopes));
+                    expected = current.version;
+                    created_at = current.record.meta.created_at;
+                    continue;
                 }
-                // A store hiccup now would lose a rotated refresh token (the IdP has retired
-                // the stored one): retry, a few times at least and then for as long as our
-                // lease keeps other instances from refreshing, so that an outage shorter than
-                // the lease loses nothing.
-                Err(e)
-                    if attempt < 3
-                        || tokio::time::Instant::now() + Self::write_pause(attempt + 1)
-                            < lease_until =>
+            }
+            // A store failure now would lose a rotated refresh token (the IdP has retired the
+            // stored one): retry while the lease keeps other instances from refreshing, keeping
+            // it alive, then park the set and keep trying in the background.
+            failures += 1;
+            let pause = write_pause(failures);
+            if failures >= 3 && Instant::now() + pause >= write_deadline {
+                return Turn::Done(self.park(key, spent, newer, scopes.cloned()));
+            }
+            tracing::warn!(target: "tokenbroker", %key, attempt = failures, "retrying the write of refreshed tokens");
+            tokio::time::sleep(pause).await;
+            if held.fenced {
+                match self
+                    .bounded(
+                        limit,
+                        self.store.extend_lease(&held.lease, self.config.lease_ttl),
+                    )
+                    .await
                 {
-                    attempt += 1;
-                    tracing::warn!(target: "tokenbroker", %key, error = %e, attempt, "retrying the write of refreshed tokens");
-                    tokio::time::sleep(Self::write_pause(attempt)).await;
-                }
-                Err(e) => {
-                    tracing::error!(target: "tokenbroker", %key, error = %e, rotated, "refreshed tokens could not be stored");
-                    return Err(e.into());
+                    Ok(Some(extended)) => {
+                        held.until = Instant::now() + self.config.lease_ttl;
+                        held.lease = extended;
+                    }
+                    Ok(None) => held.fenced = false,
+                    Err(_) => {}
                 }
             }
         }
     }
 
-    /// The pause before write retry `attempt` (1-based): 100 ms doubling up to 1.6 s.
-    fn write_pause(attempt: u32) -> Duration {
-        Duration::from_millis(50 << attempt.min(5))
+    /// The answer after losing a race to a record with another refresh token: its tokens if
+    /// they serve, otherwise another turn.
+    fn serve_winner(
+        &self,
+        key: &TokenKey,
+        need: &Need,
+        current: StoredRecord,
+        theirs: Arc<TokenSet>,
+    ) -> Turn {
+        if let LinkState::RelinkRequired { reason, .. } = &current.record.meta.state {
+            return Turn::Done(Err(Error::RelinkRequired {
+                key: key.clone(),
+                reason: reason.clone(),
+            }));
+        }
+        let now = self.clock.now();
+        if need.satisfied_by(&theirs, current.record.meta.updated_at, now)
+            && let Some(view) = need.view(&theirs)
+        {
+            return Turn::Done(Ok((view, true)));
+        }
+        Turn::Again(Error::RecordChanged { key: key.clone() })
     }
 
-    /// `invalid_grant`: a dead grant only if nobody moved the record since we read it.
+    /// Keeps a rotated set that the store would not take in memory, and goes on writing it in
+    /// a task of its own: the provider has retired the stored refresh token, so this set is the
+    /// link's only live one. Until it lands, no flight starts for the key in this process.
+    fn park(
+        self: &Arc<Self>,
+        key: &TokenKey,
+        spent: Secret,
+        newer: TokenSet,
+        scopes: Option<Scopes>,
+    ) -> Outcome {
+        {
+            let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+            if parked.len() >= MAX_PARKED {
+                tracing::error!(target: "tokenbroker", %key, "refreshed tokens could not be stored and too many are already waiting; they are lost");
+                return Err(Error::WritePending { key: key.clone() });
+            }
+            parked.insert(key.clone(), ());
+        }
+        self.emit(BrokerEvent::WriteParked { key: key.clone() });
+        let inner = Arc::clone(self);
+        let parked_key = key.clone();
+        tokio::spawn(async move {
+            let key = parked_key;
+            let (stored, attempts) = inner
+                .write_parked(&key, &spent, &newer, scopes.as_ref())
+                .await;
+            inner
+                .parked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+            inner.emit(BrokerEvent::ParkedWriteResolved {
+                key,
+                stored,
+                attempts,
+            });
+        });
+        Err(Error::WritePending { key: key.clone() })
+    }
+
+    /// The parked write's loop: by the same rule as `store_refreshed`, for as long as the
+    /// process lives. Returns whether the set was written, and after how many attempts.
+    async fn write_parked(
+        &self,
+        key: &TokenKey,
+        spent: &Secret,
+        newer: &TokenSet,
+        scopes: Option<&Scopes>,
+    ) -> (bool, u32) {
+        let limit = self.config.lease_ttl;
+        let mut pause = Duration::from_secs(1);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(30));
+            let current = match self.bounded(limit, self.store.load(key)).await {
+                Ok(Some(current)) => current,
+                Ok(None) => {
+                    self.revoke_orphan(key, newer);
+                    return (false, attempts);
+                }
+                Err(_) => continue,
+            };
+            let Ok(theirs) = self.decode(key, &current) else {
+                return (false, attempts);
+            };
+            if !theirs
+                .refresh_token()
+                .is_some_and(|rt| rt.constant_time_eq(spent))
+            {
+                return (false, attempts); // someone wrote a newer refresh token
+            }
+            let merged = Arc::new(merge_answer(&theirs, newer, scopes));
+            let record = Record::new(
+                merged.to_payload(),
+                RecordMeta::new(
+                    LinkState::Active,
+                    merged.expires_at(),
+                    current.record.meta.created_at,
+                    self.clock.now(),
+                ),
+            );
+            match self
+                .bounded(
+                    limit,
+                    self.store
+                        .compare_and_swap(key, current.version, &record, None),
+                )
+                .await
+            {
+                Ok(version) => {
+                    self.remember(key, &StoredRecord::new(record, version), &merged);
+                    return (true, attempts);
+                }
+                Err(Error::Store(StoreError::Conflict { .. })) => {
+                    pause = Duration::from_millis(10);
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Revokes a rotated refresh token whose link was deleted while it was being obtained, so
+    /// that no live grant is left upstream without a record. Best effort, in the background.
+    fn revoke_orphan(&self, key: &TokenKey, newer: &TokenSet) {
+        let Some(token) = newer.refresh_token().cloned() else {
+            return;
+        };
+        let Ok(entry) = self.entry(&key.provider) else {
+            return;
+        };
+        let provider = Arc::clone(&entry.provider);
+        let timeout = self.config.refresh_timeout;
+        let key = key.clone();
+        tokio::spawn(async move {
+            let outcome =
+                tokio::time::timeout(timeout, provider.revoke(&token, TokenKind::RefreshToken))
+                    .await;
+            tracing::info!(target: "tokenbroker", %key, revoked = matches!(outcome, Ok(Ok(()))), "link was deleted during its refresh; revoked the new refresh token");
+        });
+    }
+
+    /// `invalid_grant` on the link's own refresh: a dead grant only if nobody moved the record
+    /// since we read it.
     async fn on_invalid_grant(
         &self,
         key: &TokenKey,
+        need: &Need,
         stored: StoredRecord,
         description: Option<String>,
-    ) -> Result<(Arc<TokenSet>, bool)> {
-        let current = self
-            .store
-            .load(key)
-            .await?
-            .ok_or_else(|| Error::NotFound { key: key.clone() })?;
+        held: &Held,
+    ) -> Turn {
+        let limit = held.left(Duration::ZERO).max(Duration::from_millis(100));
+        let current = match self.bounded(limit, self.store.load(key)).await {
+            Ok(Some(current)) => current,
+            Ok(None) => return Turn::Done(Err(Error::NotFound { key: key.clone() })),
+            Err(e) => return Turn::Done(Err(e)),
+        };
         if current.version != stored.version {
             // Lost race: another writer refreshed (or re-linked) with a newer token.
             self.emit(BrokerEvent::LostRace { key: key.clone() });
-            let loaded = self.load(key).await?;
-            let now = self.clock.now();
-            return self
-                .serve_unexpired(Some(loaded.set), now, || Error::RefreshInProgress {
-                    key: key.clone(),
-                })
-                .map(|(set, _)| (set, true));
+            return match self.decode(key, &current) {
+                Ok(theirs) => self.serve_winner(key, need, current, theirs),
+                Err(e) => Turn::Done(Err(e)),
+            };
         }
         let reason = description.unwrap_or_else(|| "refresh token rejected (invalid_grant)".into());
         let mut meta = stored.record.meta.clone();
@@ -506,17 +755,21 @@ impl Inner {
             reason: reason.clone(),
             since: self.clock.now(),
         };
+        let marked = Record::new(stored.record.payload.clone(), meta);
+        let fence = held.fenced.then_some(&held.lease.token);
         match self
-            .store
-            .compare_and_swap(
-                key,
-                stored.version,
-                &Record::new(stored.record.payload.clone(), meta),
-                None,
+            .bounded(
+                limit,
+                self.store
+                    .compare_and_swap(key, stored.version, &marked, fence),
             )
             .await
         {
-            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            Ok(_) => {}
+            // Written meanwhile (or the lease was taken over): look again on the next turn.
+            Err(Error::Store(StoreError::Conflict { .. })) => {
+                return Turn::Again(Error::RecordChanged { key: key.clone() });
+            }
             Err(e) => {
                 tracing::warn!(target: "tokenbroker", %key, error = %e, "could not mark link relink-required")
             }
@@ -525,19 +778,20 @@ impl Inner {
             key: key.clone(),
             reason: reason.clone(),
         });
-        Err(Error::RelinkRequired {
+        Turn::Done(Err(Error::RelinkRequired {
             key: key.clone(),
             reason,
-        })
+        }))
     }
 
-    /// Any other failure: the record stays exactly as it was; a still-valid token is served.
+    /// Any other failure of the link's own refresh: the record stays exactly as it was; a
+    /// still-valid token is served.
     fn on_failure(
         &self,
         key: &TokenKey,
         set: Option<Arc<TokenSet>>,
         error: ProviderError,
-    ) -> Result<(Arc<TokenSet>, bool)> {
+    ) -> Outcome {
         let now = self.clock.now();
         let retry_after = self.note_failure(key, now, error.retry_after());
         let status = match &error {
@@ -567,12 +821,50 @@ impl Inner {
         })
     }
 
+    /// A narrowed refresh failed. The link is not marked and not backed off: the provider may
+    /// refuse these scopes (consent or interaction required, `invalid_scope`) while the link's
+    /// own refresh token is alive, and a link's health is only judged by its own refreshes.
+    fn on_narrowed_failure(
+        &self,
+        key: &TokenKey,
+        need: &Need,
+        fallback: Option<Arc<TokenSet>>,
+        error: ProviderError,
+    ) -> Outcome {
+        self.emit(BrokerEvent::NarrowedRefreshFailed {
+            key: key.clone(),
+            reason: error.to_string(),
+        });
+        let now = self.clock.now();
+        let provider = key.provider.to_string();
+        match error {
+            ProviderError::InvalidGrant { .. } | ProviderError::Rejected { .. } => {
+                Err(Error::NarrowedRefused {
+                    key: key.clone(),
+                    provider,
+                    scopes: need.scopes.clone().unwrap_or_default(),
+                    reason: error.to_string(),
+                })
+            }
+            e if e.is_transient() => {
+                let retry_after = e.retry_after();
+                self.serve_unexpired(fallback, now, || {
+                    self.unavailable(key, retry_after, Some(e))
+                })
+            }
+            e => Err(Error::Provider {
+                provider,
+                source: e,
+            }),
+        }
+    }
+
     fn serve_unexpired(
         &self,
         set: Option<Arc<TokenSet>>,
         now: OffsetDateTime,
         otherwise: impl FnOnce() -> Error,
-    ) -> Result<(Arc<TokenSet>, bool)> {
+    ) -> Outcome {
         match set {
             Some(set) if set.is_unexpired(now) => Ok((set, false)),
             _ => Err(otherwise()),
@@ -597,8 +889,9 @@ impl Inner {
         map.get(key).map(|b| b.until).filter(|until| *until > now)
     }
 
-    /// Records a failure and returns how long to leave the provider alone: its `Retry-After`,
-    /// or 1 s doubling per consecutive failure up to the maximum.
+    /// Records a failure and returns how long to leave the provider alone: its `Retry-After`
+    /// (up to the configured maximum), or 1 s doubling per consecutive failure up to the
+    /// maximum backoff.
     fn note_failure(
         &self,
         key: &TokenKey,
@@ -606,13 +899,23 @@ impl Inner {
         retry_after: Option<Duration>,
     ) -> Duration {
         let mut map = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        // Pruned as it is used: an entry whose backoff ended long ago only kept a failure
+        // count, and a key that fails again after that long starts over.
+        if map.len() >= 64 {
+            let forget = self.config.max_backoff.max(Duration::from_secs(60));
+            map.retain(|_, b| b.until + forget > now);
+        }
         let failures = map.get(key).map_or(1, |b| b.failures.saturating_add(1));
-        let doubling = Duration::from_secs(1u64 << failures.saturating_sub(1).min(10));
-        // Up to +25 % jitter, so that instances that failed together do not retry together.
-        let jitter = doubling.mul_f64(f64::from(jitter_permille()) / 4000.0);
-        let wait = retry_after
-            .unwrap_or(doubling + jitter)
-            .min(self.config.max_backoff);
+        let wait = match retry_after {
+            Some(after) => after.min(self.config.max_retry_after),
+            None => {
+                let doubling = Duration::from_secs(1u64 << failures.saturating_sub(1).min(20));
+                // Up to +25 % jitter, so that instances that failed together do not retry
+                // together.
+                let jitter = doubling.mul_f64(f64::from(jitter_permille()) / 4000.0);
+                (doubling + jitter).min(self.config.max_backoff)
+            }
+        };
         map.insert(
             key.clone(),
             Backoff {
@@ -624,11 +927,13 @@ impl Inner {
     }
 
     fn clear_backoff(&self, key: &TokenKey) {
-        let was = self
-            .backoff
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+        let was = {
+            let mut map = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+            if map.is_empty() {
+                return;
+            }
+            map.remove(key)
+        };
         if let Some(backoff) = was {
             self.emit(BrokerEvent::Recovered {
                 key: key.clone(),
@@ -648,14 +953,29 @@ impl Inner {
             .filter(|b| b.until > now)
             .map(|b| (b.until, b.failures))
     }
+}
 
-    /// Whether a refresh of `key` is in flight in this process.
-    pub(crate) fn is_refreshing(&self, key: &TokenKey) -> bool {
-        self.flights
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(key)
+/// A provider's answer applied to a record: the link's own refresh merges (keeping the refresh
+/// token when the answer has none); a narrowed one is kept beside the link's tokens.
+fn merge_answer(base: &TokenSet, newer: &TokenSet, scopes: Option<&Scopes>) -> TokenSet {
+    match scopes {
+        None => base.merge(newer.clone()),
+        Some(scopes) => base.with_narrowed(scopes, newer.clone()),
     }
+}
+
+fn timed_out() -> ProviderError {
+    ProviderError::Transient {
+        status: None,
+        retry_after: None,
+        reason: Some("timed out".into()),
+        source: None,
+    }
+}
+
+/// The pause before write retry `attempt` (1-based): 100 ms doubling up to 1.6 s.
+fn write_pause(attempt: u32) -> Duration {
+    Duration::from_millis(50 << attempt.min(5))
 }
 
 /// A random number in 0..1000.

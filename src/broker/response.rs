@@ -105,6 +105,22 @@ impl BrokerResponse {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "a refresh is in progress; try again shortly".to_owned(),
             ),
+            Error::RecordChanged { .. } | Error::WritePending { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the tokens are being updated; try again shortly".to_owned(),
+            ),
+            Error::InvalidAccessToken { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "the identity provider issued an unusable access token".to_owned(),
+            ),
+            Error::AudienceNotAllowed { .. } => (
+                StatusCode::FORBIDDEN,
+                "tokens for this audience may not be requested".to_owned(),
+            ),
+            Error::NarrowedRefused { .. } => (
+                StatusCode::FORBIDDEN,
+                "the identity provider refused a token for these scopes".to_owned(),
+            ),
             Error::InvalidId(e) => (StatusCode::BAD_REQUEST, e.to_string()),
             Error::LoginRejected { reason } => (StatusCode::BAD_REQUEST, (*reason).to_owned()),
             Error::AuthorizationDenied { .. } => (
@@ -123,7 +139,9 @@ impl BrokerResponse {
         let mut response = BrokerResponse::error(status, error.code(), &description);
         let retry_after = match error {
             Error::Unavailable { retry_after, .. } => *retry_after,
-            Error::RefreshInProgress { .. } => Some(std::time::Duration::from_secs(1)),
+            Error::RefreshInProgress { .. }
+            | Error::RecordChanged { .. }
+            | Error::WritePending { .. } => Some(std::time::Duration::from_secs(1)),
             _ => None,
         };
         if let Some(after) = retry_after {
