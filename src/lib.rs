@@ -49,9 +49,9 @@
 //!
 //! # Implementing a `TokenStore`
 //!
-//! Implement the seven methods of [`TokenStore`] following its `# Contract` (versions assigned
-//! by the store, compare-and-swap on the version, an atomic refresh lease), then run the
-//! conformance suite from the `testing` feature against it.
+//! Implement the nine methods of [`TokenStore`] following its `# Contract` (versions assigned
+//! by the store, compare-and-swap on the version, an atomic refresh lease fenced by a token per
+//! acquisition), then run the conformance suite from the `testing` feature against it.
 //!
 //! # Security
 //!

@@ -498,6 +498,24 @@ mod tests {
     }
 
     #[test]
+    fn narrowed_tokens_are_bounded_and_the_least_recently_refreshed_makes_room() {
+        let mut link = set(Some("rt-1"));
+        let base = datetime!(2026-01-01 0:00 UTC);
+        for i in 0..MAX_NARROWED + 4 {
+            let at = base + Duration::from_secs(i as u64);
+            let answer = TokenSet::new(Secret::new(format!("at-{i}")), at)
+                .with_expires_at(at + Duration::from_secs(3600));
+            link = link.with_narrowed(&Scopes::parse(&format!("scope-{i}")), answer);
+        }
+        assert_eq!(link.narrowed.len(), MAX_NARROWED);
+        assert!(link.narrowed_to(&Scopes::parse("scope-0")).is_none());
+        assert!(link.narrowed_to(&Scopes::parse("scope-3")).is_none());
+        let newest = format!("scope-{}", MAX_NARROWED + 3);
+        assert!(link.narrowed_to(&Scopes::parse(&newest)).is_some());
+        assert!(link.narrowed_to(&Scopes::parse("scope-4")).is_some());
+    }
+
+    #[test]
     fn freshness_uses_the_skew() {
         let s = set(None);
         let skew = Duration::from_secs(60);

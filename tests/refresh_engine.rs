@@ -7,13 +7,13 @@
 //! strict `FakeProvider`: rotating refresh tokens, and a consumed one presented again revokes
 //! the whole grant. Nothing asserts on wall-clock time; upstream calls are counted.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
-use tokenbroker::http::{HttpError, HttpRequest, HttpResponse};
+use tokenbroker::http::{HttpError, HttpRequest};
 use tokenbroker::provider::ProviderError;
 use tokenbroker::store::{
     Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoredRecord, Version,
@@ -58,6 +58,10 @@ struct GatedStore {
     inner: MemoryStore,
     hold_writes: watch::Sender<bool>,
     writes_waiting: AtomicU64,
+    /// Every compare-and-swap fails as a backend error (a database that is down).
+    fail_writes: AtomicBool,
+    /// Every load takes this long (a database that is slow).
+    load_delay: Mutex<Duration>,
 }
 
 impl GatedStore {
@@ -66,6 +70,8 @@ impl GatedStore {
             inner: MemoryStore::with_clock(clock),
             hold_writes: watch::channel(false).0,
             writes_waiting: AtomicU64::new(0),
+            fail_writes: AtomicBool::new(false),
+            load_delay: Mutex::new(Duration::ZERO),
         })
     }
 
@@ -92,6 +98,10 @@ impl GatedStore {
 #[async_trait]
 impl TokenStore for GatedStore {
     async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError> {
+        let delay = *self.load_delay.lock().unwrap();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         self.inner.load(key).await
     }
     async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
@@ -110,6 +120,12 @@ impl TokenStore for GatedStore {
             self.writes_waiting.fetch_add(1, Ordering::SeqCst);
             let _ = gate.wait_for(|held| !*held).await;
             self.writes_waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        if self.fail_writes.load(Ordering::SeqCst) {
+            return Err(StoreError::backend(
+                "gated",
+                std::io::Error::other("database is down"),
+            ));
         }
         self.inner
             .compare_and_swap(key, expected, record, fence)
@@ -611,4 +627,307 @@ async fn scenario_5_invalid_grant_on_a_narrowed_refresh_does_not_mark_the_link()
         "the link is not marked"
     );
     w.assert_link_alive(&broker).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine's smaller rules.
+
+fn count(events: &Events, f: impl Fn(&BrokerEvent) -> bool) -> usize {
+    events.0.lock().unwrap().iter().filter(|e| f(e)).count()
+}
+
+/// A lost race to a record with another refresh token whose access token has already expired
+/// is not an error for the reader: the flight takes another turn and refreshes the winner's
+/// token (and never the one it spent).
+#[tokio::test(start_paused = true)]
+async fn a_lost_race_to_an_expired_winner_refreshes_the_winner() {
+    let w = World::new();
+    let broker = w.instance(ProviderPolicy::default());
+    w.link(&broker).await;
+    w.expire().await;
+    w.store.hold_writes();
+    let reader = {
+        let (broker, caller, key) = (broker.clone(), w.caller(), w.key.clone());
+        tokio::spawn(async move { broker.retrieve(&caller, &key).await })
+    };
+    w.store.wait_for_held_write().await;
+    // A re-link that brought a new grant, written with an access token that is already past
+    // its expiry by the time the refresh looks at it.
+    let start = broker
+        .begin_login(&w.key, LoginOptions::default())
+        .await
+        .unwrap();
+    let callback = w.idp.approve(&start.authorization_url, "alice").unwrap();
+    let relinked = broker
+        .complete_login(start.pending, &callback)
+        .await
+        .unwrap();
+    let current = w.store.inner.load(&w.key).await.unwrap().unwrap();
+    let expired = relinked
+        .tokens
+        .clone()
+        .with_expires_at(w.clock.now() - Duration::from_secs(1));
+    let mut record = current.record.clone();
+    record.payload = expired.to_payload();
+    w.store
+        .inner
+        .compare_and_swap(&w.key, current.version, &record, None)
+        .await
+        .unwrap();
+    w.store.release_writes();
+
+    let read = reader.await.unwrap().unwrap();
+    assert!(w.idp.is_active(read.tokens.access_token().expose_secret()));
+    assert_ne!(
+        rt(&read.tokens),
+        rt(&relinked.tokens),
+        "the winner's token was refreshed"
+    );
+    assert_eq!(w.idp.counters().refresh_calls, 2);
+    assert_eq!(w.idp.counters().reuse_detected, 0);
+    assert_eq!(
+        count(&w.events, |e| matches!(e, BrokerEvent::LostRace { .. })),
+        1
+    );
+}
+
+/// An unlink that lands while a refresh is between the provider and its write: the refresh's
+/// rotated token belongs to no link any more, so it is revoked rather than left alive upstream.
+#[tokio::test(start_paused = true)]
+async fn an_unlink_during_a_refresh_revokes_the_rotated_token_too() {
+    let w = World::new();
+    let broker = w.instance(ProviderPolicy::default());
+    w.link(&broker).await;
+    w.expire().await;
+    w.store.hold_writes();
+    let reader = {
+        let (broker, caller, key) = (broker.clone(), w.caller(), w.key.clone());
+        tokio::spawn(async move { broker.retrieve(&caller, &key).await })
+    };
+    w.store.wait_for_held_write().await;
+    let unlinked = broker.unlink(&w.key).await.unwrap();
+    assert!(unlinked.deleted);
+    w.store.release_writes();
+    let read = reader.await.unwrap();
+    assert!(matches!(read, Err(Error::NotFound { .. })), "{read:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        w.idp.counters().revocations,
+        2,
+        "the old and the rotated token"
+    );
+    assert!(w.store.load(&w.key).await.unwrap().is_none());
+}
+
+/// A store that does not take the write of a rotated set: retried for a lease's length, then
+/// kept in memory and written in the background once the store is back. Meanwhile reads on
+/// this instance say so, and never present the spent token again.
+#[tokio::test(start_paused = true)]
+async fn a_store_that_refuses_the_write_gets_the_rotated_set_once_it_is_back() {
+    let w = World::new();
+    let broker = w.instance(ProviderPolicy::default());
+    let linked = w.link(&broker).await;
+    w.expire().await;
+    w.store.fail_writes.store(true, Ordering::SeqCst);
+    let first = broker.retrieve(&w.caller(), &w.key).await;
+    assert!(
+        matches!(first, Err(Error::WritePending { .. })),
+        "{first:?}"
+    );
+    let again = broker.retrieve(&w.caller(), &w.key).await;
+    assert!(
+        matches!(again, Err(Error::WritePending { .. })),
+        "{again:?}"
+    );
+    assert_eq!(
+        w.idp.counters().refresh_calls,
+        1,
+        "the spent token is not presented again"
+    );
+    assert_eq!(
+        count(&w.events, |e| matches!(e, BrokerEvent::WriteParked { .. })),
+        1
+    );
+
+    w.store.fail_writes.store(false, Ordering::SeqCst);
+    let stored = w.wait_for_rotation(&linked).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        count(&w.events, |e| matches!(
+            e,
+            BrokerEvent::ParkedWriteResolved { stored: true, .. }
+        )),
+        1
+    );
+    let read = broker.retrieve(&w.caller(), &w.key).await.unwrap();
+    assert!(!read.refreshed);
+    assert_eq!(rt(&read.tokens), rt(&stored));
+    assert_eq!(w.idp.counters().refresh_calls, 1);
+    w.assert_link_alive(&broker).await;
+}
+
+/// Store calls that eat the lease leave no time for the provider: the engine releases the
+/// lease and does not call the provider with a time-out it could not wait out.
+#[tokio::test(start_paused = true)]
+async fn the_provider_is_not_called_when_the_store_left_too_little_of_the_lease() {
+    let w = World::new();
+    let broker = w.instance(ProviderPolicy::default());
+    w.link(&broker).await;
+    w.expire().await;
+    // Lease 30 s, margin 5 s: a 22 s load leaves 3 s, less than half the 10 s time-out.
+    *w.store.load_delay.lock().unwrap() = Duration::from_secs(22);
+    let read = broker.retrieve(&w.caller(), &w.key).await;
+    assert!(matches!(read, Err(Error::Unavailable { .. })), "{read:?}");
+    assert_eq!(w.idp.counters().refresh_calls, 0);
+    *w.store.load_delay.lock().unwrap() = Duration::ZERO;
+    w.assert_no_lease_held().await;
+    w.assert_link_alive(&broker).await;
+}
+
+/// A request that got no answer may have spent the token. A provider known to keep old tokens
+/// valid is asked again at once; a strict one is not.
+#[tokio::test(start_paused = true)]
+async fn a_time_out_is_asked_again_only_where_reuse_is_tolerated() {
+    for tolerated in [true, false] {
+        let w = World::new();
+        w.idp.set_strict_reuse(!tolerated);
+        let broker = w.instance(ProviderPolicy::default());
+        w.link(&broker).await;
+        w.expire().await;
+        w.idp.inject(FakeFault::Delay(Duration::from_secs(60)));
+        let read = broker.retrieve(&w.caller(), &w.key).await;
+        if tolerated {
+            assert!(read.is_ok(), "{read:?}");
+            assert_eq!(w.idp.counters().refresh_calls, 2);
+        } else {
+            assert!(matches!(read, Err(Error::Unavailable { .. })), "{read:?}");
+            assert_eq!(w.idp.counters().refresh_calls, 1);
+        }
+    }
+}
+
+/// `Retry-After` is honoured past a minute, up to the configured maximum.
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured_up_to_the_configured_maximum() {
+    for (max, expected) in [(None, 600), (Some(Duration::from_secs(300)), 300)] {
+        let w = World::new();
+        let mut builder = TokenBroker::builder()
+            .with_provider(w.idp.clone(), ProviderPolicy::default())
+            .with_store(w.store.clone())
+            .with_clock(w.clock.clone());
+        if let Some(max) = max {
+            builder = builder.with_max_retry_after(max);
+        }
+        let broker = builder.build().unwrap();
+        w.link(&broker).await;
+        w.expire().await;
+        w.idp.inject(FakeFault::Error(ProviderError::Transient {
+            status: Some(503),
+            retry_after: Some(Duration::from_secs(600)),
+            reason: None,
+            source: None,
+        }));
+        let read = broker.retrieve(&w.caller(), &w.key).await;
+        match read {
+            Err(Error::Unavailable { retry_after, .. }) => {
+                assert_eq!(retry_after, Some(Duration::from_secs(expected)))
+            }
+            other => panic!("{other:?}"),
+        }
+        let GrantStatus::Backoff { until, .. } = broker.status(&w.key).await.unwrap() else {
+            panic!("backing off");
+        };
+        assert_eq!((until - w.clock.now()).whole_seconds(), expected as i64);
+    }
+}
+
+/// The backoff without `Retry-After` doubles up to the configured maximum.
+#[tokio::test(start_paused = true)]
+async fn the_maximum_backoff_is_configurable() {
+    let w = World::new();
+    let broker = TokenBroker::builder()
+        .with_provider(w.idp.clone(), ProviderPolicy::default())
+        .with_store(w.store.clone())
+        .with_clock(w.clock.clone())
+        .with_max_backoff(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    w.link(&broker).await;
+    w.expire().await;
+    for _ in 0..5 {
+        w.idp.inject(FakeFault::Error(ProviderError::Transient {
+            status: Some(503),
+            retry_after: None,
+            reason: None,
+            source: None,
+        }));
+        let _ = broker.retrieve(&w.caller(), &w.key).await;
+        let GrantStatus::Backoff { until, .. } = broker.status(&w.key).await.unwrap() else {
+            panic!("backing off");
+        };
+        assert!(until - w.clock.now() <= time::Duration::seconds(3));
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+}
+
+/// The lease must outlast the refresh time-out by the configured margin.
+#[test]
+fn the_lease_margin_is_checked_when_the_broker_is_built() {
+    let built = TokenBroker::builder()
+        .with_refresh_timeout(Duration::from_secs(10))
+        .with_lease_ttl(Duration::from_secs(15))
+        .with_lease_margin(Duration::from_secs(6))
+        .build();
+    assert!(matches!(built, Err(Error::Config(_))));
+    let built = TokenBroker::builder()
+        .with_refresh_timeout(Duration::from_secs(10))
+        .with_lease_ttl(Duration::from_secs(15))
+        .with_lease_margin(Duration::from_secs(5))
+        .build();
+    assert!(built.is_ok());
+}
+
+/// An access token that cannot be a header value is an error, not a request sent without
+/// `Authorization`.
+#[tokio::test(start_paused = true)]
+async fn send_authorized_refuses_a_token_that_is_not_a_header_value() {
+    let w = World::new();
+    let broker = w.instance(ProviderPolicy::default());
+    let now = w.clock.now();
+    let set =
+        TokenSet::new(tokenbroker::Secret::new("line\nbreak"), now).with_expires_at(now + HOUR);
+    let record = Record::new(
+        set.to_payload(),
+        tokenbroker::store::RecordMeta::new(
+            tokenbroker::store::LinkState::Active,
+            set.expires_at(),
+            now,
+            now,
+        ),
+    );
+    w.store.insert(&w.key, &record).await.unwrap();
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    let resource_server = move |_request: HttpRequest| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async {
+            Ok::<_, HttpError>(
+                http::Response::builder()
+                    .status(200)
+                    .body(Vec::new())
+                    .unwrap(),
+            )
+        }
+    };
+    let request = http::Request::get("https://api.example/me")
+        .body(Vec::new())
+        .unwrap();
+    let outcome = broker
+        .send_authorized(&w.caller(), &w.key, request, &resource_server)
+        .await;
+    assert!(
+        matches!(outcome, Err(Error::InvalidAccessToken { .. })),
+        "{outcome:?}"
+    );
+    assert_eq!(sent.load(Ordering::SeqCst), 0);
 }

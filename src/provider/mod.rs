@@ -109,6 +109,11 @@ impl TokenKind {
 }
 
 /// How a provider treats a refresh token that was already used once.
+///
+/// The broker uses it in one place: when a refresh request got no answer at all (a time-out, a
+/// dropped connection), it cannot know whether the provider used the token. With `Tolerated`
+/// it asks once more at once, within the same lease; with `Rejected` it does not, because a
+/// second use might revoke the grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RefreshTokenReuse {
@@ -160,7 +165,8 @@ pub trait Provider: Debug + Send + Sync + 'static {
         })
     }
 
-    /// How the provider treats a used refresh token. The default is the strict answer.
+    /// How the provider treats a used refresh token. The default is the strict answer; say
+    /// `Tolerated` only for a provider that keeps old refresh tokens valid.
     fn refresh_token_reuse(&self) -> RefreshTokenReuse {
         RefreshTokenReuse::Rejected
     }

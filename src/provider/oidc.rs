@@ -191,8 +191,9 @@ impl OidcConfig {
 
     /// Microsoft identity platform v2, with [`MicrosoftQuirks`]. `tenant` is `common`,
     /// `organizations`, `consumers`, a tenant id or a verified domain. Scopes
-    /// `openid profile email offline_access`; new refresh token on every refresh (old ones are
-    /// not revoked by Microsoft, so a lost race is retried for free); no RFC 7009 revocation
+    /// `openid profile email offline_access`; new refresh token on every refresh (old ones stay
+    /// valid at Microsoft, so the preset says [`RefreshTokenReuse::Tolerated`] and a refresh
+    /// whose answer was lost is asked again at once, within the same lease); no RFC 7009 revocation
     /// (unlink reports "not supported upstream" and deletes). ID tokens are checked against the
     /// `{tenantid}` issuer template with the token's own `tid`; with a specific tenant, only
     /// that tenant is accepted.
