@@ -3,6 +3,13 @@
 //! task moves forward fast (so access tokens expire every few hundred milliseconds), random
 //! injected upstream faults, one grant revoked at the IdP mid-run, and concurrent readers.
 //!
+//! Beside the readers, callers that give up: every entry point (`retrieve`,
+//! `retrieve_in_session`, `send_authorized` against a resource server that answers 401 half the
+//! time, `sweep`, the token endpoint, token exchange) started and dropped after a random few
+//! milliseconds, wherever it is. Re-logins, with and without a new refresh token, race the
+//! refreshes; over the memory store, instances encrypt under different primary keys and a task
+//! rewraps every link to one of them all the time.
+//!
 //! At the end: links lost = 0, refresh tokens presented twice = 0, reads that returned an
 //! expired token = 0 (a `stale` token only while faults were being injected, and never an
 //! expired one), links marked relink-required that the IdP did not revoke = 0.
@@ -14,16 +21,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokenbroker::http::{HttpClient, HttpError, HttpRequest};
 use tokenbroker::provider::OAuth2Config;
+use tokenbroker::store::{EncryptedStore, KeyId, StaticKeyring};
 use tokenbroker::testing::{FakeIdp, FakeIdpConfig, Fault, ManualClock};
 use tokenbroker::{
     Callback, Caller, Clock, Error, LoginOptions, MemoryStore, ProviderId, ProviderPolicy, Scopes,
-    Secret, TokenBroker, TokenKey, TokenSet, TokenStore,
+    Secret, SweepOptions, TokenBroker, TokenKey, TokenSet, TokenStore,
 };
 
 const INSTANCES: usize = 3;
 const USERS: usize = 6;
 const READERS: usize = 12;
+/// Tasks that start a call on a random entry point and drop it after a few milliseconds.
+const DROPPERS: usize = 3;
 /// Access-token lifetime the IdP grants, in clock time; the broker refreshes 60 s (its skew)
 /// before the end.
 const ACCESS_TTL: Duration = Duration::from_secs(120);
@@ -131,9 +142,66 @@ struct Tally {
     stale_without_faults: AtomicU64,
     errors: Mutex<HashMap<String, u64>>,
     unexpected_errors: Mutex<Vec<String>>,
+    dropped: AtomicU64,
+    relogins: AtomicU64,
+    rewrapped: AtomicU64,
 }
 
-async fn soak(stores: Vec<Arc<dyn TokenStore>>, label: &str) {
+/// Runs key rotation over the shared store, again and again (see `soak_..._memory_store`).
+type Rewrapper = Arc<EncryptedStore<Arc<MemoryStore>>>;
+
+/// A resource server that answers 401 to every other request, so `send_authorized` forces a
+/// refresh half the time.
+fn resource_server() -> Arc<dyn HttpClient> {
+    let calls = Arc::new(AtomicU64::new(0));
+    Arc::new(move |_request: HttpRequest| {
+        let status = if calls.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+            401
+        } else {
+            200
+        };
+        async move {
+            Ok::<_, HttpError>(
+                http::Response::builder()
+                    .status(status)
+                    .body(Vec::new())
+                    .unwrap(),
+            )
+        }
+    })
+}
+
+/// Starts a call on one entry point; the caller drops it after a random few milliseconds.
+async fn call_entry_point(
+    entry: usize,
+    broker: &TokenBroker,
+    key: &TokenKey,
+    http: &Arc<dyn HttpClient>,
+) {
+    let caller = caller(key);
+    match entry {
+        0 => drop(broker.retrieve(&caller, key).await),
+        1 => drop(broker.retrieve_in_session(&caller, key, "session-1").await),
+        2 => {
+            let request = http::Request::get("https://api.example/me")
+                .body(Vec::new())
+                .unwrap();
+            drop(broker.send_authorized(&caller, key, request, &**http).await)
+        }
+        3 => drop(
+            broker
+                .sweep(SweepOptions::new(ACCESS_TTL).with_concurrency(2))
+                .await,
+        ),
+        4 => drop(broker.token_endpoint(Some(&caller), "acme", "fake").await),
+        _ => {
+            let form = b"grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&requested_issuer=fake";
+            drop(broker.token_exchange(Some(&caller), "acme", form).await)
+        }
+    }
+}
+
+async fn soak(stores: Vec<Arc<dyn TokenStore>>, rewrapper: Option<Rewrapper>, label: &str) {
     let duration = soak_duration();
     let idp = Arc::new(
         FakeIdp::start(
@@ -210,6 +278,76 @@ async fn soak(stores: Vec<Arc<dyn TokenStore>>, label: &str) {
             }
         }));
     }
+    // Callers that give up: every entry point, dropped wherever it is after 0-30 ms.
+    for d in 0..DROPPERS {
+        let (brokers, stop, tally) = (brokers.clone(), stop.clone(), tally.clone());
+        tasks.push(tokio::spawn(async move {
+            let http = resource_server();
+            let mut rng = Rng::new(5000 + d as u64);
+            while !stop.load(Ordering::Relaxed) {
+                let key = key(rng.below(USERS));
+                let broker = &brokers[rng.below(brokers.len())];
+                let patience = Duration::from_millis(rng.below(30) as u64);
+                let entry = rng.below(6);
+                if tokio::time::timeout(patience, call_entry_point(entry, broker, &key, &http))
+                    .await
+                    .is_err()
+                {
+                    tally.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    // Re-logins racing the refreshes: with a new refresh token, and (a re-consent at Google, or
+    // at oidc-provider without prompt=consent) without one, which keeps the stored one.
+    {
+        let (idp, brokers, stop, tally) =
+            (idp.clone(), brokers.clone(), stop.clone(), tally.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(77);
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                // Not the user whose grant gets revoked: a re-link would revive it.
+                let user = rng.below(USERS - 1);
+                let without_refresh_token = rng.below(2) == 0;
+                if without_refresh_token {
+                    idp.set_omit_refresh_token(true);
+                }
+                let broker = &brokers[rng.below(brokers.len())];
+                let started = broker
+                    .begin_login(&key(user), LoginOptions::default())
+                    .await;
+                if let Ok(start) = started
+                    && let Ok(cb) = idp.authorize(&start.authorization_url, &format!("user-{user}"))
+                {
+                    let done = broker
+                        .complete_login(start.pending, &Callback::from_url(&cb.redirect_url))
+                        .await;
+                    if done.is_ok() {
+                        tally.relogins.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if without_refresh_token {
+                    idp.set_omit_refresh_token(false);
+                }
+            }
+        }));
+    }
+    // Key rotation, all the time, over every link.
+    if let Some(rewrapper) = rewrapper {
+        let (stop, tally) = (stop.clone(), tally.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(report) = rewrapper.rewrap(100).await {
+                    tally
+                        .rewrapped
+                        .fetch_add(report.rewrapped as u64, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
     // Readers.
     let quiet_grace = Arc::new(AtomicBool::new(false));
     for r in 0..READERS {
@@ -252,6 +390,7 @@ async fn soak(stores: Vec<Arc<dyn TokenStore>>, label: &str) {
                         let kind = match &e {
                             Error::Unavailable { .. } => "unavailable",
                             Error::RefreshInProgress { .. } => "refresh in progress",
+                            Error::RecordChanged { .. } => "record changed",
                             Error::RelinkRequired { .. } => "relink required",
                             _ => "other",
                         };
@@ -261,6 +400,9 @@ async fn soak(stores: Vec<Arc<dyn TokenStore>>, label: &str) {
                             Error::Unavailable { .. } => faults_were_on,
                             // Another instance is refreshing slowly (a delayed IdP).
                             Error::RefreshInProgress { .. } => faults_were_on,
+                            // Re-logins and rewraps kept winning the write: nothing lost,
+                            // the reader is asked to try again.
+                            Error::RecordChanged { .. } => true,
                             Error::RelinkRequired { .. } => {
                                 user == revoked_user && revoked.load(Ordering::SeqCst)
                             }
@@ -333,12 +475,16 @@ async fn soak(stores: Vec<Arc<dyn TokenStore>>, label: &str) {
     let unexpected = tally.unexpected_errors.lock().unwrap().clone();
     eprintln!(
         "soak {label} ({}s): reads={} refreshed={} stale={} errors={errors:?} faults={} \
+         dropped calls={} re-logins={} rewrapped={} \
          idp refresh_calls={} successes={} reuse_detected={}",
         duration.as_secs(),
         tally.reads.load(Ordering::Relaxed),
         tally.refreshed.load(Ordering::Relaxed),
         tally.stale.load(Ordering::Relaxed),
         faults_injected.load(Ordering::Relaxed),
+        tally.dropped.load(Ordering::Relaxed),
+        tally.relogins.load(Ordering::Relaxed),
+        tally.rewrapped.load(Ordering::Relaxed),
         c.refresh_calls,
         c.refresh_successes,
         c.reuse_detected,
@@ -373,6 +519,10 @@ async fn soak(stores: Vec<Arc<dyn TokenStore>>, label: &str) {
         "{label}: the soak did too little ({} refreshes)",
         c.refresh_successes
     );
+    assert!(
+        tally.dropped.load(Ordering::Relaxed) > 20 && tally.relogins.load(Ordering::Relaxed) > 5,
+        "{label}: too few dropped calls or re-logins to mean anything"
+    );
     idp.shutdown().await;
 }
 
@@ -387,12 +537,29 @@ async fn soak_three_instances_over_one_sqlite_file() {
             tokenbroker::SqliteStore::open(&path).await.unwrap(),
         ));
     }
-    soak(stores, "sqlite").await;
+    soak(stores, None, "sqlite").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn soak_three_instances_over_one_memory_store() {
-    // Leases follow the real clock (the store's), token expiry the fast ManualClock.
-    let store: Arc<dyn TokenStore> = Arc::new(MemoryStore::new());
-    soak(vec![store.clone(), store.clone(), store], "memory").await;
+async fn soak_three_instances_over_one_encrypted_memory_store() {
+    // Leases follow the real clock (the store's), token expiry the fast ManualClock. Each
+    // instance encrypts under its own primary key; the rewrapper moves every link to k1.
+    let shared = Arc::new(MemoryStore::new());
+    let keyring = |primary: &str| {
+        let ring = StaticKeyring::new(KeyId::new("k1").unwrap(), [1; 32])
+            .with_key(KeyId::new("k2").unwrap(), [2; 32])
+            .unwrap()
+            .with_key(KeyId::new("k3").unwrap(), [3; 32])
+            .unwrap()
+            .with_primary(&KeyId::new(primary).unwrap())
+            .unwrap();
+        Arc::new(ring)
+    };
+    let rewrapper = Arc::new(EncryptedStore::new(shared.clone(), keyring("k1")));
+    let stores: Vec<Arc<dyn TokenStore>> = vec![
+        rewrapper.clone(),
+        Arc::new(EncryptedStore::new(shared.clone(), keyring("k2"))),
+        Arc::new(EncryptedStore::new(shared, keyring("k3"))),
+    ];
+    soak(stores, Some(rewrapper), "encrypted memory").await;
 }
