@@ -10,8 +10,8 @@ use base64::Engine as _;
 use time::macros::datetime;
 use tokenbroker::store::{
     DataKey, EncryptedStore, KeyError, KeyId, KeyProvider, KeyringError, Lease, LeaseAttempt,
-    LeaseHolder, LinkState, Record, RecordMeta, ScannedLink, StaticKeyring, StoredRecord, Version,
-    WrappedKey, key_id_of,
+    LeaseHolder, LeaseToken, LinkState, Record, RecordMeta, ScannedLink, StaticKeyring,
+    StoredRecord, Version, WrappedKey, key_id_of,
 };
 use tokenbroker::{
     MemoryStore, Payload, Realm, Secret, StoreError, Subject, TokenKey, TokenSet, TokenStore,
@@ -94,7 +94,10 @@ async fn put_raw(inner: &MemoryStore, key: &TokenKey, bytes: Vec<u8>) {
     let meta = record("x").meta;
     let rec = Record::new(Payload::new(bytes), meta);
     match current {
-        Some(c) => inner.compare_and_swap(key, c.version, &rec).await.unwrap(),
+        Some(c) => inner
+            .compare_and_swap(key, c.version, &rec, None)
+            .await
+            .unwrap(),
         None => inner.insert(key, &rec).await.unwrap(),
     };
 }
@@ -117,7 +120,7 @@ async fn round_trip_keeps_payload_meta_and_versions() {
     assert_eq!(access_token(&loaded), "at-round-trip");
 
     let v2 = store
-        .compare_and_swap(&k, v1, &record("at-second"))
+        .compare_and_swap(&k, v1, &record("at-second"), None)
         .await
         .unwrap();
     assert_ne!(v1, v2);
@@ -126,7 +129,7 @@ async fn round_trip_keeps_payload_meta_and_versions() {
         "at-second"
     );
     assert!(matches!(
-        store.compare_and_swap(&k, v1, &record("stale")).await,
+        store.compare_and_swap(&k, v1, &record("stale"), None).await,
         Err(StoreError::Conflict { .. })
     ));
     assert!(matches!(
@@ -315,7 +318,7 @@ async fn rotation_reads_old_records_and_writes_under_the_new_primary() {
     // A rewrite of an old record moves it to the primary too.
     let v = rotated.load(&old).await.unwrap().unwrap().version;
     rotated
-        .compare_and_swap(&old, v, &record("at-old-2"))
+        .compare_and_swap(&old, v, &record("at-old-2"), None)
         .await
         .unwrap();
     assert_eq!(key_id_of(&raw(&inner, &old).await), Some(id("k2")));
@@ -341,7 +344,7 @@ async fn rewrap_moves_everything_to_the_primary_in_batches() {
     // One record already under the primary.
     let v = store.load(&keys[3]).await.unwrap().unwrap().version;
     store
-        .compare_and_swap(&keys[3], v, &record("at-3"))
+        .compare_and_swap(&keys[3], v, &record("at-3"), None)
         .await
         .unwrap();
     let meta_before: Vec<ScannedLink> = inner.scan(None, 100).await.unwrap();
@@ -426,7 +429,7 @@ impl TokenStore for RacingStore {
         };
         if let (Some((_, write)), Some(stored)) = (armed, &loaded) {
             self.inner
-                .compare_and_swap(key, stored.version, &write)
+                .compare_and_swap(key, stored.version, &write, None)
                 .await
                 .expect("the concurrent writer's CAS");
         }
@@ -440,8 +443,11 @@ impl TokenStore for RacingStore {
         key: &TokenKey,
         expected: Version,
         record: &Record,
+        fence: Option<&LeaseToken>,
     ) -> Result<Version, StoreError> {
-        self.inner.compare_and_swap(key, expected, record).await
+        self.inner
+            .compare_and_swap(key, expected, record, fence)
+            .await
     }
     async fn delete(&self, key: &TokenKey, expected: Option<Version>) -> Result<bool, StoreError> {
         self.inner.delete(key, expected).await
@@ -466,6 +472,13 @@ impl TokenStore for RacingStore {
     }
     async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
         self.inner.release_lease(lease).await
+    }
+    async fn extend_lease(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        self.inner.extend_lease(lease, ttl).await
     }
 }
 

@@ -117,7 +117,7 @@ async fn connect_migrates_and_debug_hides_the_password() {
     let debug = format!("{store:?}");
     assert!(!debug.contains("hunter2"), "{debug}");
     assert!(debug.contains("127.0.0.1"), "{debug}");
-    assert_eq!(migrations_applied(&store).await, vec![1]);
+    assert_eq!(migrations_applied(&store).await, vec![1, 2]);
     // connect() used the default search_path (public): clean up there.
     sqlx::raw_sql(
         "DROP TABLE tokenbroker_links; DROP TABLE tokenbroker_schema_migrations; \
@@ -160,7 +160,7 @@ async fn migrations_are_idempotent() {
     let store = db.open().await;
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
-    assert_eq!(migrations_applied(&store).await, vec![1]);
+    assert_eq!(migrations_applied(&store).await, vec![1, 2]);
     db.cleanup().await;
 }
 
@@ -179,7 +179,7 @@ async fn instances_starting_at_once_migrate_once() {
     for t in tasks {
         t.await.unwrap().expect("concurrent migrate succeeds");
     }
-    assert_eq!(migrations_applied(&stores[0]).await, vec![1]);
+    assert_eq!(migrations_applied(&stores[0]).await, vec![1, 2]);
     let k = key("acme", "alice", "google");
     let v = stores[0].insert(&k, &active("x")).await.unwrap();
     assert_eq!(stores[3].load(&k).await.unwrap().unwrap().version, v);
@@ -233,7 +233,7 @@ async fn versions_never_repeat_across_stores() {
     let v2 = b.insert(&k, &active("y")).await.unwrap();
     assert_ne!(v1, v2);
     assert!(store_cases::is_conflict(
-        a.compare_and_swap(&k, v1, &active("z")).await
+        a.compare_and_swap(&k, v1, &active("z"), None).await
     ));
     db.cleanup().await;
 }

@@ -237,7 +237,7 @@ async fn run_task(
                 .await
                 .map(|v| log.writes.push((None, v, tag))),
             (Op::Cas, Some(cur)) => store
-                .compare_and_swap(&key, cur.version, &record(&tag))
+                .compare_and_swap(&key, cur.version, &record(&tag), None)
                 .await
                 .map(|v| log.writes.push((Some(cur.version), v, tag))),
             (Op::Cas, None) => continue,

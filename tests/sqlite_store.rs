@@ -70,13 +70,13 @@ async fn migrations_are_idempotent() {
     let store = db.open().await;
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
-    assert_eq!(migrations_applied(&store).await, vec![1]);
+    assert_eq!(migrations_applied(&store).await, vec![1, 2]);
     // Reopening runs them again, as a restart would.
     let k = key("acme", "alice", "google");
     store.insert(&k, &active("x")).await.unwrap();
     let reopened = db.open().await;
     assert!(reopened.load(&k).await.unwrap().is_some());
-    assert_eq!(migrations_applied(&reopened).await, vec![1]);
+    assert_eq!(migrations_applied(&reopened).await, vec![1, 2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -88,7 +88,7 @@ async fn instances_opening_one_new_file_at_once_migrate_once() {
     });
     let stores: Vec<SqliteStore> = futures_join_all(opens).await;
     for store in &stores {
-        assert_eq!(migrations_applied(store).await, vec![1]);
+        assert_eq!(migrations_applied(store).await, vec![1, 2]);
     }
     // All of them work on the one schema.
     let k = key("acme", "alice", "google");
@@ -156,7 +156,7 @@ async fn versions_never_repeat_across_stores() {
     let v2 = b.insert(&k, &active("y")).await.unwrap();
     assert_ne!(v1, v2);
     assert!(store_cases::is_conflict(
-        a.compare_and_swap(&k, v1, &active("z")).await
+        a.compare_and_swap(&k, v1, &active("z"), None).await
     ));
 }
 
@@ -326,7 +326,8 @@ mod conformance {
 
     use async_trait::async_trait;
     use tokenbroker::store::{
-        Lease, LeaseAttempt, LeaseHolder, Record, ScannedLink, StoreError, StoredRecord, Version,
+        Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoreError,
+        StoredRecord, Version,
     };
     use tokenbroker::{Realm, SqliteStore, Subject, TokenKey, TokenStore};
 
@@ -361,8 +362,11 @@ mod conformance {
             key: &TokenKey,
             expected: Version,
             record: &Record,
+            fence: Option<&LeaseToken>,
         ) -> Result<Version, StoreError> {
-            self.store.compare_and_swap(key, expected, record).await
+            self.store
+                .compare_and_swap(key, expected, record, fence)
+                .await
         }
         async fn delete(
             &self,
@@ -395,6 +399,13 @@ mod conformance {
         }
         async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
             self.store.release_lease(lease).await
+        }
+        async fn extend_lease(
+            &self,
+            lease: &Lease,
+            ttl: Duration,
+        ) -> Result<Option<Lease>, StoreError> {
+            self.store.extend_lease(lease, ttl).await
         }
     }
 

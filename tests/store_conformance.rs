@@ -40,7 +40,8 @@ mod catches_broken_stores {
 
     use async_trait::async_trait;
     use tokenbroker::store::{
-        Lease, LeaseAttempt, LeaseHolder, Record, ScannedLink, StoreError, StoredRecord, Version,
+        Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoreError,
+        StoredRecord, Version,
     };
     use tokenbroker::testing::store_conformance::{self, SharedStore};
     use tokenbroker::{MemoryStore, Realm, Subject, TokenKey, TokenStore};
@@ -90,6 +91,7 @@ mod catches_broken_stores {
             key: &TokenKey,
             expected: Version,
             record: &Record,
+            fence: Option<&LeaseToken>,
         ) -> Result<Version, StoreError> {
             match self.flaw {
                 Flaw::CasIgnoresVersion => {
@@ -98,18 +100,22 @@ mod catches_broken_stores {
                         return Err(StoreError::Conflict { key: key.clone() });
                     };
                     self.inner
-                        .compare_and_swap(key, current.version, record)
+                        .compare_and_swap(key, current.version, record, fence)
                         .await
                 }
                 Flaw::VersionsRestart => {
                     let offset = self.restart.load(Ordering::SeqCst);
                     let v = self
                         .inner
-                        .compare_and_swap(key, Version::new(expected.get() + offset), record)
+                        .compare_and_swap(key, Version::new(expected.get() + offset), record, fence)
                         .await?;
                     Ok(Version::new(v.get() - offset))
                 }
-                _ => self.inner.compare_and_swap(key, expected, record).await,
+                _ => {
+                    self.inner
+                        .compare_and_swap(key, expected, record, fence)
+                        .await
+                }
             }
         }
         async fn delete(
@@ -155,6 +161,7 @@ mod catches_broken_stores {
                     Ok(LeaseAttempt::Acquired(Lease::new(
                         key.clone(),
                         holder.clone(),
+                        LeaseToken::random(),
                         time::OffsetDateTime::now_utc() + ttl,
                     )))
                 }
@@ -163,6 +170,13 @@ mod catches_broken_stores {
         }
         async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
             self.inner.release_lease(lease).await
+        }
+        async fn extend_lease(
+            &self,
+            lease: &Lease,
+            ttl: Duration,
+        ) -> Result<Option<Lease>, StoreError> {
+            self.inner.extend_lease(lease, ttl).await
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use tokenbroker::store::{
-    LeaseAttempt, LeaseHolder, LinkState, Record, RecordMeta, StoreError, Version,
+    LeaseAttempt, LeaseHolder, LeaseToken, LinkState, Record, RecordMeta, StoreError, Version,
 };
 use tokenbroker::{Payload, TokenKey, TokenStore};
 
@@ -85,7 +85,7 @@ pub async fn crud(store: &dyn TokenStore) {
     assert_eq!(unchanged.version, v1);
 
     let second = active("secret-two");
-    let v2 = store.compare_and_swap(&k, v1, &second).await.unwrap();
+    let v2 = store.compare_and_swap(&k, v1, &second, None).await.unwrap();
     assert_ne!(v2, v1);
     let loaded = store.load(&k).await.unwrap().unwrap();
     assert_eq!(loaded.version, v2);
@@ -93,7 +93,7 @@ pub async fn crud(store: &dyn TokenStore) {
     assert_eq!(loaded.record.meta, second.meta);
 
     assert!(
-        is_conflict(store.compare_and_swap(&k, v1, &active("stale")).await),
+        is_conflict(store.compare_and_swap(&k, v1, &active("stale"), None).await),
         "a stale version is a conflict"
     );
     assert_eq!(
@@ -109,14 +109,18 @@ pub async fn crud(store: &dyn TokenStore) {
     );
     let missing = key("acme", "alice", "github");
     assert!(
-        is_conflict(store.compare_and_swap(&missing, v2, &active("x")).await),
+        is_conflict(
+            store
+                .compare_and_swap(&missing, v2, &active("x"), None)
+                .await
+        ),
         "a missing record is a conflict"
     );
     assert!(store.load(&missing).await.unwrap().is_none());
     assert!(
         is_conflict(
             store
-                .compare_and_swap(&k, Version::new(u64::MAX), &active("x"))
+                .compare_and_swap(&k, Version::new(u64::MAX), &active("x"), None)
                 .await
         ),
         "a version beyond BIGINT never matches"
@@ -145,7 +149,10 @@ pub async fn versions_never_repeat(store: &dyn TokenStore) {
         let mut v = store.insert(&k, &active("a")).await.unwrap();
         assert!(seen.insert(v), "round {round}: insert reused {v}");
         for _ in 0..3 {
-            v = store.compare_and_swap(&k, v, &active("b")).await.unwrap();
+            v = store
+                .compare_and_swap(&k, v, &active("b"), None)
+                .await
+                .unwrap();
             assert!(seen.insert(v), "round {round}: compare_and_swap reused {v}");
         }
         assert!(store.delete(&k, Some(v)).await.unwrap());
@@ -220,7 +227,7 @@ pub async fn scan_walks_in_key_order(store: &dyn TokenStore) {
 }
 
 /// Lease rules on one store: missing, exclusive, not re-entrant, not a write, survives a CAS,
-/// released only by its holder, dropped with the record.
+/// released only by its token, dropped with the record.
 pub async fn lease_rules(store: &dyn TokenStore) {
     let k = key("acme", "carol", "google");
     let a = LeaseHolder::new("holder-a");
@@ -262,15 +269,19 @@ pub async fn lease_rules(store: &dyn TokenStore) {
     );
 
     // Writes need no lease and keep it.
-    let v2 = store.compare_and_swap(&k, v1, &active("y")).await.unwrap();
+    let v2 = store
+        .compare_and_swap(&k, v1, &active("y"), None)
+        .await
+        .unwrap();
     assert_eq!(
         store.try_lease(&k, &b, ttl).await.unwrap(),
         LeaseAttempt::Busy
     );
 
-    // Only the holder releases.
+    // Only the lease's token releases it (never the holder id: a forged token of the holder
+    // itself frees nothing).
     let mut forged = lease.clone();
-    forged.holder = b.clone();
+    forged.token = LeaseToken::random();
     store.release_lease(&forged).await.unwrap();
     assert_eq!(
         store.try_lease(&k, &b, ttl).await.unwrap(),
@@ -409,7 +420,7 @@ pub async fn cas_race(stores: [Arc<dyn TokenStore>; 2]) {
             tokio::spawn(async move {
                 barrier.wait().await;
                 store
-                    .compare_and_swap(&k, v, &active(&format!("writer-{i}")))
+                    .compare_and_swap(&k, v, &active(&format!("writer-{i}")), None)
                     .await
                     .map(|v| (i, v))
             })
