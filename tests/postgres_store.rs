@@ -189,6 +189,28 @@ async fn instances_starting_at_once_migrate_once() {
     db.cleanup().await;
 }
 
+/// A database made before fenced leases (schema migration 1 only) is upgraded in place by
+/// `migrate`: its links and the lease an instance of that version holds are kept, and the whole
+/// contract, fenced leases included, holds on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_schema_1_database_is_upgraded_in_place() {
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    sqlx::raw_sql(include_str!("support/schema_v1/postgres.sql"))
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let store = PostgresStore::from_pool(pool);
+    store.migrate().await.unwrap();
+    assert_eq!(migrations_applied(&store).await, vec![1, 2]);
+    store_cases::upgraded_from_v1(&store).await;
+    let store: Arc<dyn TokenStore> = Arc::new(store);
+    tokenbroker::testing::store_conformance::run_all(&store).await;
+    drop(store);
+    db.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_pool_from_the_host_needs_migrate() {
     let db = TestDb::new().await;

@@ -109,6 +109,31 @@ where
     out
 }
 
+/// A database made before fenced leases (schema migration 1 only) is upgraded in place when
+/// opened: its links and the lease an instance of that version holds are kept, and the whole
+/// contract, fenced leases included, holds on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_schema_1_database_is_upgraded_in_place() {
+    let db = TestDb::new();
+    let options = tokenbroker::store::sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&db.path)
+        .create_if_missing(true);
+    let old = tokenbroker::store::sqlx::SqlitePool::connect_with(options)
+        .await
+        .unwrap();
+    tokenbroker::store::sqlx::raw_sql(include_str!("support/schema_v1/sqlite.sql"))
+        .execute(&old)
+        .await
+        .unwrap();
+    old.close().await;
+
+    let store = db.open().await;
+    assert_eq!(migrations_applied(&store).await, vec![1, 2]);
+    store_cases::upgraded_from_v1(&store).await;
+    let store: Arc<dyn TokenStore> = Arc::new(store);
+    tokenbroker::testing::store_conformance::run_all(&store).await;
+}
+
 #[tokio::test]
 async fn a_pool_from_the_host_needs_migrate() {
     let db = TestDb::new();
