@@ -2,6 +2,7 @@
 //! rewrap (including a rewrap racing a writer), key configuration and redaction.
 #![cfg(feature = "encryption")]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,9 +11,10 @@ use base64::Engine as _;
 use time::macros::datetime;
 use tokenbroker::store::{
     DataKey, EncryptedStore, KeyError, KeyId, KeyProvider, KeyringError, Lease, LeaseAttempt,
-    LeaseHolder, LinkState, Record, RecordMeta, ScannedLink, StaticKeyring, StoredRecord, Version,
-    WrappedKey, key_id_of,
+    LeaseHolder, LeaseToken, LinkState, Record, RecordMeta, ScannedLink, StaticKeyring,
+    StoredRecord, Version, WrappedKey, key_id_of,
 };
+use tokenbroker::testing::ManualClock;
 use tokenbroker::{
     MemoryStore, Payload, Realm, Secret, StoreError, Subject, TokenKey, TokenSet, TokenStore,
 };
@@ -94,7 +96,10 @@ async fn put_raw(inner: &MemoryStore, key: &TokenKey, bytes: Vec<u8>) {
     let meta = record("x").meta;
     let rec = Record::new(Payload::new(bytes), meta);
     match current {
-        Some(c) => inner.compare_and_swap(key, c.version, &rec).await.unwrap(),
+        Some(c) => inner
+            .compare_and_swap(key, c.version, &rec, None)
+            .await
+            .unwrap(),
         None => inner.insert(key, &rec).await.unwrap(),
     };
 }
@@ -117,7 +122,7 @@ async fn round_trip_keeps_payload_meta_and_versions() {
     assert_eq!(access_token(&loaded), "at-round-trip");
 
     let v2 = store
-        .compare_and_swap(&k, v1, &record("at-second"))
+        .compare_and_swap(&k, v1, &record("at-second"), None)
         .await
         .unwrap();
     assert_ne!(v1, v2);
@@ -126,7 +131,7 @@ async fn round_trip_keeps_payload_meta_and_versions() {
         "at-second"
     );
     assert!(matches!(
-        store.compare_and_swap(&k, v1, &record("stale")).await,
+        store.compare_and_swap(&k, v1, &record("stale"), None).await,
         Err(StoreError::Conflict { .. })
     ));
     assert!(matches!(
@@ -315,7 +320,7 @@ async fn rotation_reads_old_records_and_writes_under_the_new_primary() {
     // A rewrite of an old record moves it to the primary too.
     let v = rotated.load(&old).await.unwrap().unwrap().version;
     rotated
-        .compare_and_swap(&old, v, &record("at-old-2"))
+        .compare_and_swap(&old, v, &record("at-old-2"), None)
         .await
         .unwrap();
     assert_eq!(key_id_of(&raw(&inner, &old).await), Some(id("k2")));
@@ -341,7 +346,7 @@ async fn rewrap_moves_everything_to_the_primary_in_batches() {
     // One record already under the primary.
     let v = store.load(&keys[3]).await.unwrap().unwrap().version;
     store
-        .compare_and_swap(&keys[3], v, &record("at-3"))
+        .compare_and_swap(&keys[3], v, &record("at-3"), None)
         .await
         .unwrap();
     let meta_before: Vec<ScannedLink> = inner.scan(None, 100).await.unwrap();
@@ -404,12 +409,47 @@ async fn rewrap_counts_and_skips_records_it_cannot_read() {
     );
 }
 
-/// A MemoryStore that, right after the first load of one key, lets a "concurrent writer"
-/// compare-and-swap that key: the rewrap then holds a stale version.
+/// What a [`RacingStore`] does when the rewrap loads the contested key under its lease.
+#[derive(Debug)]
+enum Race {
+    /// A writer that takes no lease (a re-link, say) compare-and-swaps the key.
+    Write(Record),
+    /// The rewrap's lease expires (the store's clock jumps) and a refresher takes it over.
+    StealLease(Arc<ManualClock>, LeaseHolder),
+}
+
+/// A MemoryStore that fires a [`Race`] on one key at the first load after a lease on that key
+/// was acquired: between the rewrap's load under the lease and its write.
 #[derive(Debug)]
 struct RacingStore {
     inner: MemoryStore,
-    race: Mutex<Option<(TokenKey, Record)>>,
+    race: Mutex<Option<(TokenKey, Race)>>,
+    /// Whether the contested key's lease has been acquired (the race is due at the next load).
+    due: AtomicBool,
+    /// Set by [`Race::StealLease`]: the refresher's lease.
+    stolen: Mutex<Option<Lease>>,
+    /// Holders of every lease acquired through this store.
+    holders: Mutex<Vec<LeaseHolder>>,
+}
+
+impl RacingStore {
+    fn new(inner: MemoryStore) -> Self {
+        RacingStore {
+            inner,
+            race: Mutex::new(None),
+            due: AtomicBool::new(false),
+            stolen: Mutex::new(None),
+            holders: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn arm(&self, key: &TokenKey, race: Race) {
+        *self.race.lock().unwrap() = Some((key.clone(), race));
+    }
+
+    fn fired(&self) -> bool {
+        self.race.lock().unwrap().is_none()
+    }
 }
 
 #[async_trait]
@@ -418,17 +458,31 @@ impl TokenStore for RacingStore {
         let loaded = self.inner.load(key).await?;
         let armed = {
             let mut race = self.race.lock().unwrap();
-            if race.as_ref().is_some_and(|(k, _)| k == key) {
+            if race.as_ref().is_some_and(|(k, _)| k == key) && self.due.load(Ordering::SeqCst) {
                 race.take()
             } else {
                 None
             }
         };
-        if let (Some((_, write)), Some(stored)) = (armed, &loaded) {
-            self.inner
-                .compare_and_swap(key, stored.version, &write)
-                .await
-                .expect("the concurrent writer's CAS");
+        match (armed, &loaded) {
+            (Some((_, Race::Write(write))), Some(stored)) => {
+                self.inner
+                    .compare_and_swap(key, stored.version, &write, None)
+                    .await
+                    .expect("the concurrent writer's CAS");
+            }
+            (Some((_, Race::StealLease(clock, thief))), Some(_)) => {
+                clock.advance(Duration::from_secs(3600));
+                let LeaseAttempt::Acquired(lease) = self
+                    .inner
+                    .try_lease(key, &thief, Duration::from_secs(60))
+                    .await?
+                else {
+                    panic!("the expired lease could not be taken over");
+                };
+                *self.stolen.lock().unwrap() = Some(lease);
+            }
+            _ => {}
         }
         Ok(loaded)
     }
@@ -440,8 +494,11 @@ impl TokenStore for RacingStore {
         key: &TokenKey,
         expected: Version,
         record: &Record,
+        fence: Option<&LeaseToken>,
     ) -> Result<Version, StoreError> {
-        self.inner.compare_and_swap(key, expected, record).await
+        self.inner
+            .compare_and_swap(key, expected, record, fence)
+            .await
     }
     async fn delete(&self, key: &TokenKey, expected: Option<Version>) -> Result<bool, StoreError> {
         self.inner.delete(key, expected).await
@@ -462,50 +519,78 @@ impl TokenStore for RacingStore {
         holder: &LeaseHolder,
         ttl: Duration,
     ) -> Result<LeaseAttempt, StoreError> {
-        self.inner.try_lease(key, holder, ttl).await
+        let attempt = self.inner.try_lease(key, holder, ttl).await?;
+        if matches!(attempt, LeaseAttempt::Acquired(_)) {
+            self.holders.lock().unwrap().push(holder.clone());
+            if self
+                .race
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|(k, _)| k == key)
+            {
+                self.due.store(true, Ordering::SeqCst);
+            }
+        }
+        Ok(attempt)
     }
     async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
         self.inner.release_lease(lease).await
+    }
+    async fn extend_lease(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        self.inner.extend_lease(lease, ttl).await
+    }
+}
+
+/// The record as a broker on the new keyring would write it for `key`: encrypted under k2.
+async fn sealed_under_k2(key: &TokenKey, access: &str) -> Record {
+    let scratch = EncryptedStore::new(MemoryStore::new(), ring_k2());
+    scratch.insert(key, &record(access)).await.unwrap();
+    scratch.inner().load(key).await.unwrap().unwrap().record
+}
+
+/// Fails unless every key's lease is free: a rewrap must leave none held.
+async fn assert_no_lease_held(store: &dyn TokenStore, keys: &[TokenKey]) {
+    for k in keys {
+        match store
+            .try_lease(k, &LeaseHolder::random(), Duration::from_secs(30))
+            .await
+            .unwrap()
+        {
+            LeaseAttempt::Acquired(lease) => store.release_lease(&lease).await.unwrap(),
+            other => panic!("{k}: lease left held after the rewrap ({other:?})"),
+        }
     }
 }
 
 #[tokio::test]
 async fn a_rewrap_racing_a_writer_loses_nothing() {
-    let racing = Arc::new(RacingStore {
-        inner: MemoryStore::new(),
-        race: Mutex::new(None),
-    });
+    let racing = Arc::new(RacingStore::new(MemoryStore::new()));
     let keys: Vec<TokenKey> = (0..4).map(|i| key(&format!("user-{i}"))).collect();
     let old = EncryptedStore::new(racing.clone(), ring_k1());
     for k in &keys {
         old.insert(k, &record("at-before")).await.unwrap();
     }
 
-    // The writer's value, encrypted as a broker on the new keyring would write it.
+    // A writer that takes no lease writes between the rewrap's load under the lease and its
+    // write.
     let contested = keys[2].clone();
-    let scratch = EncryptedStore::new(MemoryStore::new(), ring_k2());
-    scratch
-        .insert(&contested, &record("at-from-writer"))
-        .await
-        .unwrap();
-    let writer_record = scratch
-        .inner()
-        .load(&contested)
-        .await
-        .unwrap()
-        .unwrap()
-        .record;
-    *racing.race.lock().unwrap() = Some((contested.clone(), writer_record));
+    racing.arm(
+        &contested,
+        Race::Write(sealed_under_k2(&contested, "at-from-writer").await),
+    );
 
     let store = EncryptedStore::new(racing.clone(), ring_k2());
     let report = store.rewrap(2).await.unwrap();
-    assert!(
-        racing.race.lock().unwrap().is_none(),
-        "the race never fired"
-    );
+    assert!(racing.fired(), "the race never fired");
     assert_eq!(report.scanned, 4);
     assert_eq!(report.skipped_conflict, 1);
     assert_eq!(report.rewrapped, 3);
+    assert_eq!(report.skipped_busy, 0);
 
     assert_eq!(
         access_token(&store.load(&contested).await.unwrap().unwrap()),
@@ -515,7 +600,213 @@ async fn a_rewrap_racing_a_writer_loses_nothing() {
         let raw = racing.inner.load(k).await.unwrap().unwrap();
         assert_eq!(key_id_of(&raw), Some(id("k2")), "{k}");
     }
+    assert_no_lease_held(&racing.inner, &keys).await;
     assert_eq!(store.rewrap(2).await.unwrap().already_primary, 4);
+}
+
+#[tokio::test]
+async fn rewrap_skips_and_reports_leased_keys_and_leaves_them_untouched() {
+    let inner = Arc::new(MemoryStore::new());
+    let keys: Vec<TokenKey> = (0..4).map(|i| key(&format!("user-{i}"))).collect();
+    let old = EncryptedStore::new(inner.clone(), ring_k1());
+    for (i, k) in keys.iter().enumerate() {
+        old.insert(k, &record(&format!("at-{i}"))).await.unwrap();
+    }
+    let store = EncryptedStore::new(inner.clone(), ring_k2());
+
+    // A refresh is under way on key 1: it loaded the record and holds the lease.
+    let refreshing = &keys[1];
+    let loaded = store.load(refreshing).await.unwrap().unwrap();
+    let refresher = LeaseHolder::new("refresher");
+    let LeaseAttempt::Acquired(refresh_lease) = store
+        .try_lease(refreshing, &refresher, Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!("the refresher's lease was not acquired");
+    };
+    // Another key's lease is held by someone who will give it up without writing.
+    let idle = &keys[3];
+    let LeaseAttempt::Acquired(idle_lease) = inner
+        .try_lease(idle, &LeaseHolder::random(), Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!("lease not acquired");
+    };
+    let before = [raw(&inner, refreshing).await, raw(&inner, idle).await];
+
+    let report = store.rewrap(10).await.unwrap();
+    assert_eq!(report.scanned, 4);
+    assert_eq!(report.rewrapped, 2);
+    assert_eq!(report.skipped_busy, 2);
+    assert_eq!(
+        (
+            report.already_primary,
+            report.skipped_conflict,
+            report.corrupt
+        ),
+        (0, 0, 0)
+    );
+    for (k, before) in [refreshing, idle].into_iter().zip(&before) {
+        let after = raw(&inner, k).await;
+        assert_eq!(after.version, before.version, "{k}: rewritten while leased");
+        assert_eq!(
+            after.record.payload.expose_secret(),
+            before.record.payload.expose_secret(),
+            "{k}: payload changed while leased"
+        );
+        assert_eq!(after.record.meta, before.record.meta);
+        assert_eq!(key_id_of(&after), Some(id("k1")));
+    }
+    // The leases are still there, and the refresh's write at the version it loaded succeeds.
+    assert_eq!(
+        inner
+            .try_lease(refreshing, &LeaseHolder::random(), Duration::from_secs(60))
+            .await
+            .unwrap(),
+        LeaseAttempt::Busy
+    );
+    store
+        .compare_and_swap(
+            refreshing,
+            loaded.version,
+            &record("at-refreshed"),
+            Some(&refresh_lease.token),
+        )
+        .await
+        .expect("the refresh's write did not conflict with the rewrap");
+    store.release_lease(&refresh_lease).await.unwrap();
+    inner.release_lease(&idle_lease).await.unwrap();
+
+    // The next pass finishes the job.
+    let again = store.rewrap(10).await.unwrap();
+    assert_eq!(
+        (again.rewrapped, again.already_primary, again.skipped_busy),
+        (1, 3, 0)
+    );
+    for k in &keys {
+        assert_eq!(key_id_of(&raw(&inner, k).await), Some(id("k2")), "{k}");
+    }
+    assert_eq!(
+        access_token(&store.load(refreshing).await.unwrap().unwrap()),
+        "at-refreshed"
+    );
+    assert_no_lease_held(&*inner, &keys).await;
+}
+
+#[tokio::test]
+async fn a_rewrap_that_lost_its_lease_writes_nothing_and_frees_nothing() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let racing = Arc::new(RacingStore::new(MemoryStore::with_clock(clock.clone())));
+    let k = key("alice");
+    EncryptedStore::new(racing.clone(), ring_k1())
+        .insert(&k, &record("at-before"))
+        .await
+        .unwrap();
+    let before = racing.inner.load(&k).await.unwrap().unwrap();
+
+    // The rewrap stalls past its lease (the clock jumps) and a refresher takes the lease over
+    // before the rewrap writes. Nobody wrote meanwhile, so only the fence stops the write.
+    let thief = LeaseHolder::new("refresher");
+    racing.arm(&k, Race::StealLease(clock.clone(), thief.clone()));
+    let store = EncryptedStore::new(racing.clone(), ring_k2())
+        .with_lease_holder(LeaseHolder::new("rotation-job"));
+    let report = store.rewrap(10).await.unwrap();
+    assert!(racing.fired(), "the race never fired");
+    assert_eq!(
+        (report.rewrapped, report.skipped_conflict),
+        (0, 1),
+        "{report:?}"
+    );
+    assert_eq!(
+        racing.holders.lock().unwrap()[0],
+        LeaseHolder::new("rotation-job"),
+        "the rewrap took its lease as the holder it was given"
+    );
+
+    let after = racing.inner.load(&k).await.unwrap().unwrap();
+    assert_eq!(after.version, before.version);
+    assert_eq!(
+        after.record.payload.expose_secret(),
+        before.record.payload.expose_secret()
+    );
+    // The rewrap's release (with its own, stale, token) left the refresher's lease alone.
+    assert_eq!(
+        racing
+            .inner
+            .try_lease(&k, &LeaseHolder::random(), Duration::from_secs(60))
+            .await
+            .unwrap(),
+        LeaseAttempt::Busy
+    );
+    let stolen = racing.stolen.lock().unwrap().take().unwrap();
+    assert_eq!(stolen.holder, thief);
+    racing
+        .inner
+        .compare_and_swap(
+            &k,
+            before.version,
+            &sealed_under_k2(&k, "at-refreshed").await,
+            Some(&stolen.token),
+        )
+        .await
+        .expect("the refresher's write under its lease");
+}
+
+/// Unwraps with the old keys but cannot wrap: a key service that fails half-way.
+#[derive(Debug)]
+struct WrapFails(Arc<dyn KeyProvider>);
+
+#[async_trait]
+impl KeyProvider for WrapFails {
+    fn primary_key_id(&self) -> KeyId {
+        self.0.primary_key_id()
+    }
+    async fn wrap(&self, _: &DataKey, _: &[u8]) -> Result<WrappedKey, KeyError> {
+        Err(KeyError::unavailable(Unreachable))
+    }
+    async fn unwrap(
+        &self,
+        key_id: &KeyId,
+        wrapped: &[u8],
+        aad: &[u8],
+    ) -> Result<DataKey, KeyError> {
+        self.0.unwrap(key_id, wrapped, aad).await
+    }
+}
+
+#[tokio::test]
+async fn no_lease_is_left_held_after_a_rewrap() {
+    let inner = Arc::new(MemoryStore::new());
+    let old = EncryptedStore::new(inner.clone(), ring_k1());
+    let new = EncryptedStore::new(inner.clone(), ring_k2());
+    // One of each outcome: rewrapped, already primary, corrupt.
+    let (moved, current, garbage) = (key("moved"), key("current"), key("garbage"));
+    old.insert(&moved, &record("at-moved")).await.unwrap();
+    new.insert(&current, &record("at-current")).await.unwrap();
+    put_raw(&inner, &garbage, b"garbage".to_vec()).await;
+    let all = [moved.clone(), current.clone(), garbage.clone()];
+
+    let report = new.rewrap(10).await.unwrap();
+    assert_eq!(
+        (report.rewrapped, report.already_primary, report.corrupt),
+        (1, 1, 1)
+    );
+    assert_no_lease_held(&*inner, &all).await;
+
+    // A pass that fails half-way (the key service cannot wrap) releases the lease it held.
+    let failing_key = key("failing");
+    old.insert(&failing_key, &record("at-failing"))
+        .await
+        .unwrap();
+    let failing = EncryptedStore::new(inner.clone(), Arc::new(WrapFails(ring_k2())));
+    match failing.rewrap(10).await {
+        Err(StoreError::Backend { store, .. }) => assert_eq!(store, "encryption"),
+        other => panic!("expected a Backend error, got {other:?}"),
+    }
+    assert_eq!(key_id_of(&raw(&inner, &failing_key).await), Some(id("k1")));
+    assert_no_lease_held(&*inner, &[&all[..], &[failing_key]].concat()).await;
 }
 
 /// A key service that is down.

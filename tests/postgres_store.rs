@@ -117,7 +117,7 @@ async fn connect_migrates_and_debug_hides_the_password() {
     let debug = format!("{store:?}");
     assert!(!debug.contains("hunter2"), "{debug}");
     assert!(debug.contains("127.0.0.1"), "{debug}");
-    assert_eq!(migrations_applied(&store).await, vec![1]);
+    assert_eq!(migrations_applied(&store).await, vec![1, 2]);
     // connect() used the default search_path (public): clean up there.
     sqlx::raw_sql(
         "DROP TABLE tokenbroker_links; DROP TABLE tokenbroker_schema_migrations; \
@@ -160,7 +160,7 @@ async fn migrations_are_idempotent() {
     let store = db.open().await;
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
-    assert_eq!(migrations_applied(&store).await, vec![1]);
+    assert_eq!(migrations_applied(&store).await, vec![1, 2]);
     db.cleanup().await;
 }
 
@@ -179,13 +179,35 @@ async fn instances_starting_at_once_migrate_once() {
     for t in tasks {
         t.await.unwrap().expect("concurrent migrate succeeds");
     }
-    assert_eq!(migrations_applied(&stores[0]).await, vec![1]);
+    assert_eq!(migrations_applied(&stores[0]).await, vec![1, 2]);
     let k = key("acme", "alice", "google");
     let v = stores[0].insert(&k, &active("x")).await.unwrap();
     assert_eq!(stores[3].load(&k).await.unwrap().unwrap().version, v);
     for s in stores {
         s.pool().close().await;
     }
+    db.cleanup().await;
+}
+
+/// A database made before fenced leases (schema migration 1 only) is upgraded in place by
+/// `migrate`: its links and the lease an instance of that version holds are kept, and the whole
+/// contract, fenced leases included, holds on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_schema_1_database_is_upgraded_in_place() {
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    sqlx::raw_sql(include_str!("support/schema_v1/postgres.sql"))
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let store = PostgresStore::from_pool(pool);
+    store.migrate().await.unwrap();
+    assert_eq!(migrations_applied(&store).await, vec![1, 2]);
+    store_cases::upgraded_from_v1(&store).await;
+    let store: Arc<dyn TokenStore> = Arc::new(store);
+    tokenbroker::testing::store_conformance::run_all(&store).await;
+    drop(store);
     db.cleanup().await;
 }
 

@@ -70,13 +70,13 @@ async fn migrations_are_idempotent() {
     let store = db.open().await;
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
-    assert_eq!(migrations_applied(&store).await, vec![1]);
+    assert_eq!(migrations_applied(&store).await, vec![1, 2]);
     // Reopening runs them again, as a restart would.
     let k = key("acme", "alice", "google");
     store.insert(&k, &active("x")).await.unwrap();
     let reopened = db.open().await;
     assert!(reopened.load(&k).await.unwrap().is_some());
-    assert_eq!(migrations_applied(&reopened).await, vec![1]);
+    assert_eq!(migrations_applied(&reopened).await, vec![1, 2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -88,7 +88,7 @@ async fn instances_opening_one_new_file_at_once_migrate_once() {
     });
     let stores: Vec<SqliteStore> = futures_join_all(opens).await;
     for store in &stores {
-        assert_eq!(migrations_applied(store).await, vec![1]);
+        assert_eq!(migrations_applied(store).await, vec![1, 2]);
     }
     // All of them work on the one schema.
     let k = key("acme", "alice", "google");
@@ -107,6 +107,31 @@ where
         out.push(t.await.unwrap().expect("concurrent open succeeds"));
     }
     out
+}
+
+/// A database made before fenced leases (schema migration 1 only) is upgraded in place when
+/// opened: its links and the lease an instance of that version holds are kept, and the whole
+/// contract, fenced leases included, holds on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_schema_1_database_is_upgraded_in_place() {
+    let db = TestDb::new();
+    let options = tokenbroker::store::sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&db.path)
+        .create_if_missing(true);
+    let old = tokenbroker::store::sqlx::SqlitePool::connect_with(options)
+        .await
+        .unwrap();
+    tokenbroker::store::sqlx::raw_sql(include_str!("support/schema_v1/sqlite.sql"))
+        .execute(&old)
+        .await
+        .unwrap();
+    old.close().await;
+
+    let store = db.open().await;
+    assert_eq!(migrations_applied(&store).await, vec![1, 2]);
+    store_cases::upgraded_from_v1(&store).await;
+    let store: Arc<dyn TokenStore> = Arc::new(store);
+    tokenbroker::testing::store_conformance::run_all(&store).await;
 }
 
 #[tokio::test]
@@ -156,7 +181,7 @@ async fn versions_never_repeat_across_stores() {
     let v2 = b.insert(&k, &active("y")).await.unwrap();
     assert_ne!(v1, v2);
     assert!(store_cases::is_conflict(
-        a.compare_and_swap(&k, v1, &active("z")).await
+        a.compare_and_swap(&k, v1, &active("z"), None).await
     ));
 }
 
@@ -326,7 +351,8 @@ mod conformance {
 
     use async_trait::async_trait;
     use tokenbroker::store::{
-        Lease, LeaseAttempt, LeaseHolder, Record, ScannedLink, StoreError, StoredRecord, Version,
+        Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoreError,
+        StoredRecord, Version,
     };
     use tokenbroker::{Realm, SqliteStore, Subject, TokenKey, TokenStore};
 
@@ -361,8 +387,11 @@ mod conformance {
             key: &TokenKey,
             expected: Version,
             record: &Record,
+            fence: Option<&LeaseToken>,
         ) -> Result<Version, StoreError> {
-            self.store.compare_and_swap(key, expected, record).await
+            self.store
+                .compare_and_swap(key, expected, record, fence)
+                .await
         }
         async fn delete(
             &self,
@@ -395,6 +424,13 @@ mod conformance {
         }
         async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
             self.store.release_lease(lease).await
+        }
+        async fn extend_lease(
+            &self,
+            lease: &Lease,
+            ttl: Duration,
+        ) -> Result<Option<Lease>, StoreError> {
+            self.store.extend_lease(lease, ttl).await
         }
     }
 

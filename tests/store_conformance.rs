@@ -34,13 +34,16 @@ async fn run_all_on_one_shared_memory_store() {
 /// The suite must catch broken stores, or passing it means nothing. Each broken store below
 /// wraps a `MemoryStore` and breaks one rule of the contract.
 mod catches_broken_stores {
-    use std::sync::Arc;
+    use std::collections::HashMap;
+    use std::future::Future;
     use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     use async_trait::async_trait;
     use tokenbroker::store::{
-        Lease, LeaseAttempt, LeaseHolder, Record, ScannedLink, StoreError, StoredRecord, Version,
+        Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoreError,
+        StoredRecord, Version,
     };
     use tokenbroker::testing::store_conformance::{self, SharedStore};
     use tokenbroker::{MemoryStore, Realm, Subject, TokenKey, TokenStore};
@@ -55,6 +58,17 @@ mod catches_broken_stores {
         ReentrantLease,
         /// `scan` pages are not ordered.
         UnorderedScan,
+        /// `release_lease` frees the key's lease when the holder id matches, whatever the
+        /// token (leases before fencing).
+        ReleaseByHolder,
+        /// `compare_and_swap` ignores its fence.
+        FenceIgnored,
+        /// `extend_lease` extends the key's current lease, whatever the token.
+        ExtendByKey,
+        /// `extend_lease` reports a later expiry but changes nothing.
+        ExtendDoesNothing,
+        /// An expired lease's token stops working even though nobody took the lease over.
+        ExpiredTokenDropped,
     }
 
     #[derive(Debug)]
@@ -62,6 +76,30 @@ mod catches_broken_stores {
         inner: MemoryStore,
         flaw: Flaw,
         restart: AtomicU64,
+        /// The last lease acquired on each key.
+        leases: Mutex<HashMap<TokenKey, Lease>>,
+    }
+
+    impl Broken {
+        fn shared(flaw: Flaw) -> SharedStore {
+            Arc::new(Broken {
+                inner: MemoryStore::new(),
+                flaw,
+                restart: AtomicU64::new(0),
+                leases: Mutex::new(HashMap::new()),
+            })
+        }
+
+        fn current_lease(&self, key: &TokenKey) -> Option<Lease> {
+            self.leases.lock().unwrap().get(key).cloned()
+        }
+
+        /// Whether `token` is the key's last lease and that lease has expired.
+        fn expired(&self, key: &TokenKey, token: &LeaseToken) -> bool {
+            self.current_lease(key).is_some_and(|l| {
+                &l.token == token && l.expires_at <= time::OffsetDateTime::now_utc()
+            })
+        }
     }
 
     #[async_trait]
@@ -90,7 +128,20 @@ mod catches_broken_stores {
             key: &TokenKey,
             expected: Version,
             record: &Record,
+            fence: Option<&LeaseToken>,
         ) -> Result<Version, StoreError> {
+            match self.flaw {
+                Flaw::FenceIgnored => {
+                    return self
+                        .inner
+                        .compare_and_swap(key, expected, record, None)
+                        .await;
+                }
+                Flaw::ExpiredTokenDropped if fence.is_some_and(|f| self.expired(key, f)) => {
+                    return Err(StoreError::Conflict { key: key.clone() });
+                }
+                _ => {}
+            }
             match self.flaw {
                 Flaw::CasIgnoresVersion => {
                     let current = self.inner.load(key).await?;
@@ -98,18 +149,22 @@ mod catches_broken_stores {
                         return Err(StoreError::Conflict { key: key.clone() });
                     };
                     self.inner
-                        .compare_and_swap(key, current.version, record)
+                        .compare_and_swap(key, current.version, record, fence)
                         .await
                 }
                 Flaw::VersionsRestart => {
                     let offset = self.restart.load(Ordering::SeqCst);
                     let v = self
                         .inner
-                        .compare_and_swap(key, Version::new(expected.get() + offset), record)
+                        .compare_and_swap(key, Version::new(expected.get() + offset), record, fence)
                         .await?;
                     Ok(Version::new(v.get() - offset))
                 }
-                _ => self.inner.compare_and_swap(key, expected, record).await,
+                _ => {
+                    self.inner
+                        .compare_and_swap(key, expected, record, fence)
+                        .await
+                }
             }
         }
         async fn delete(
@@ -155,24 +210,65 @@ mod catches_broken_stores {
                     Ok(LeaseAttempt::Acquired(Lease::new(
                         key.clone(),
                         holder.clone(),
+                        LeaseToken::random(),
                         time::OffsetDateTime::now_utc() + ttl,
                     )))
+                }
+                LeaseAttempt::Acquired(lease) => {
+                    self.leases
+                        .lock()
+                        .unwrap()
+                        .insert(key.clone(), lease.clone());
+                    Ok(LeaseAttempt::Acquired(lease))
                 }
                 other => Ok(other),
             }
         }
         async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
-            self.inner.release_lease(lease).await
+            match self.current_lease(&lease.key) {
+                Some(current)
+                    if self.flaw == Flaw::ReleaseByHolder && current.holder == lease.holder =>
+                {
+                    self.inner.release_lease(&current).await
+                }
+                _ => self.inner.release_lease(lease).await,
+            }
+        }
+        async fn extend_lease(
+            &self,
+            lease: &Lease,
+            ttl: Duration,
+        ) -> Result<Option<Lease>, StoreError> {
+            match self.flaw {
+                Flaw::ExtendByKey => match self.current_lease(&lease.key) {
+                    Some(current) => self.inner.extend_lease(&current, ttl).await,
+                    None => Ok(None),
+                },
+                Flaw::ExtendDoesNothing => {
+                    let mut claimed = lease.clone();
+                    claimed.expires_at = time::OffsetDateTime::now_utc() + ttl;
+                    Ok(Some(claimed))
+                }
+                Flaw::ExpiredTokenDropped if self.expired(&lease.key, &lease.token) => Ok(None),
+                _ => self.inner.extend_lease(lease, ttl).await,
+            }
         }
     }
 
     async fn suite_panics(flaw: Flaw) -> bool {
-        let store: SharedStore = Arc::new(Broken {
-            inner: MemoryStore::new(),
-            flaw,
-            restart: AtomicU64::new(0),
-        });
+        let store = Broken::shared(flaw);
         tokio::spawn(async move { store_conformance::run_all(&store).await })
+            .await
+            .is_err_and(|e| e.is_panic())
+    }
+
+    /// Whether `check` alone panics on a store with `flaw`.
+    async fn check_panics<F, Fut>(flaw: Flaw, check: F) -> bool
+    where
+        F: FnOnce(SharedStore) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        tokio::spawn(check(Broken::shared(flaw)))
             .await
             .is_err_and(|e| e.is_panic())
     }
@@ -184,12 +280,47 @@ mod catches_broken_stores {
             Flaw::VersionsRestart,
             Flaw::ReentrantLease,
             Flaw::UnorderedScan,
+            Flaw::ReleaseByHolder,
+            Flaw::FenceIgnored,
+            Flaw::ExtendByKey,
+            Flaw::ExtendDoesNothing,
+            Flaw::ExpiredTokenDropped,
         ] {
             assert!(
                 suite_panics(flaw).await,
                 "the suite passed a store with {flaw:?}"
             );
         }
+    }
+
+    /// Each fencing flaw is caught by the check written for it, not only by some other check
+    /// on the way through `run_all`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn fencing_flaws_are_caught_by_their_checks() {
+        macro_rules! caught {
+            ($flaw:expr, $check:ident) => {
+                assert!(
+                    check_panics(
+                        $flaw,
+                        |s| async move { store_conformance::$check(&s).await }
+                    )
+                    .await,
+                    "{} passed a store with {:?}",
+                    stringify!($check),
+                    $flaw
+                );
+            };
+        }
+        caught!(Flaw::ReleaseByHolder, stale_lease_token_is_fenced_out);
+        caught!(Flaw::ExtendByKey, stale_lease_token_is_fenced_out);
+        caught!(Flaw::FenceIgnored, stale_lease_token_is_fenced_out);
+        caught!(Flaw::FenceIgnored, released_lease_token_cannot_write);
+        caught!(Flaw::FenceIgnored, fenced_write_with_current_token_succeeds);
+        caught!(Flaw::ExtendDoesNothing, extend_lease_moves_expiry);
+        caught!(
+            Flaw::ExpiredTokenDropped,
+            expired_lease_not_taken_over_stays_current
+        );
     }
 }
 

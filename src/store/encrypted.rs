@@ -37,6 +37,11 @@ const TAG_LEN: usize = 16;
 const KEY_LEN: usize = 32;
 /// A [`StaticKeyring`]'s wrapped data key: nonce, encrypted key, tag.
 const STATIC_WRAPPED_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
+/// How long a rewrap holds one key's refresh lease: enough for a load, an unwrap and a wrap
+/// (possibly at a key service) and a write. It only matters if the rewrap stops without
+/// releasing (a crash, a dropped future): refreshes of that key then wait this long at most.
+/// A rewrap slower than this loses nothing either: its write is fenced by the lease.
+const REWRAP_LEASE_TTL: Duration = Duration::from_secs(30);
 
 /// The id of a key-encryption key, stored in clear in every envelope so that reads find the key.
 ///
@@ -658,6 +663,11 @@ pub struct RewrapReport {
     /// Records changed or deleted between the load and the write: left as the concurrent writer
     /// left them (a concurrent write already uses the primary key).
     pub skipped_conflict: usize,
+    /// Records not under the primary key whose refresh lease was held by someone else (a
+    /// refresh, or another rewrap, at work on them): left untouched, so as not to make that
+    /// refresh's write conflict. Run the rewrap again later; do not retire an old key while
+    /// this is not zero.
+    pub skipped_busy: usize,
     /// Records that could not be decrypted (see [`StoreError::Corrupt`]), left untouched. Do not
     /// retire an old key while this is not zero: the records are logged with their keys.
     pub corrupt: usize,
@@ -669,8 +679,30 @@ impl RewrapReport {
         self.rewrapped += other.rewrapped;
         self.already_primary += other.already_primary;
         self.skipped_conflict += other.skipped_conflict;
+        self.skipped_busy += other.skipped_busy;
         self.corrupt += other.corrupt;
     }
+
+    fn count(&mut self, outcome: Rewrapped) {
+        let counter = match outcome {
+            Rewrapped::Done => &mut self.rewrapped,
+            Rewrapped::AlreadyPrimary => &mut self.already_primary,
+            Rewrapped::Conflict => &mut self.skipped_conflict,
+            Rewrapped::Busy => &mut self.skipped_busy,
+            Rewrapped::Corrupt => &mut self.corrupt,
+        };
+        *counter += 1;
+    }
+}
+
+/// What a rewrap did with one record (one counter of [`RewrapReport`] each).
+#[derive(Debug, Clone, Copy)]
+enum Rewrapped {
+    Done,
+    AlreadyPrimary,
+    Conflict,
+    Busy,
+    Corrupt,
 }
 
 /// A [`TokenStore`] that encrypts payloads before they reach the inner store.
@@ -695,7 +727,9 @@ impl RewrapReport {
 ///
 /// Key rotation: make a new key primary while keeping the old ones; new writes use it, old
 /// records still read, and [`EncryptedStore::rewrap`] moves old records over so that the old
-/// keys can be retired.
+/// keys can be retired. A rewrap writes each record under the key's refresh lease, taken as
+/// [`EncryptedStore::lease_holder`] (random unless set with
+/// [`with_lease_holder`](EncryptedStore::with_lease_holder)).
 ///
 /// **No decrypted copy is kept here.** Every load unwraps the data key and decrypts (some
 /// 7 µs for a 2.5 KB set on a 2-core bench machine, `benches/encrypted_read.rs`), so every
@@ -726,12 +760,31 @@ impl RewrapReport {
 pub struct EncryptedStore<S> {
     inner: S,
     keys: Arc<dyn KeyProvider>,
+    holder: LeaseHolder,
 }
 
 impl<S: TokenStore> EncryptedStore<S> {
-    /// Encrypts what goes into `inner` with keys from `keys`.
+    /// Encrypts what goes into `inner` with keys from `keys`. Rewraps take leases as a random
+    /// [`LeaseHolder`].
     pub fn new(inner: S, keys: Arc<dyn KeyProvider>) -> Self {
-        EncryptedStore { inner, keys }
+        EncryptedStore {
+            inner,
+            keys,
+            holder: LeaseHolder::random(),
+        }
+    }
+
+    /// Sets the holder id under which [`rewrap`](Self::rewrap) takes refresh leases, e.g. to
+    /// tell a rotation job's leases apart in the database. Like every holder id, it must be
+    /// unique among the instances sharing the store.
+    pub fn with_lease_holder(mut self, holder: LeaseHolder) -> Self {
+        self.holder = holder;
+        self
+    }
+
+    /// The holder id under which [`rewrap`](Self::rewrap) takes refresh leases.
+    pub fn lease_holder(&self) -> &LeaseHolder {
+        &self.holder
     }
 
     /// The inner store, which holds envelopes.
@@ -846,9 +899,12 @@ impl<S: TokenStore> EncryptedStore<S> {
     /// Re-encrypts every record that is not under the primary key, walking the inner store in
     /// pages of `batch_size` (at least 1). See [`EncryptedStore::rewrap_page`].
     ///
-    /// Safe to run on a live store and to repeat: writes are compare-and-swap on the loaded
-    /// version, so a concurrent write is never overwritten, and a second pass finds nothing to
-    /// do. On an error the pass stops; what it rewrote stays rewritten.
+    /// Safe to run on a live store and to repeat: each record is rewritten under its key's
+    /// refresh lease, with a compare-and-swap on the version loaded under the lease and fenced
+    /// by it, so a concurrent write is never overwritten, a refresh in progress never has its
+    /// write made to conflict (which could lose a rotated refresh token), and a second pass
+    /// finds nothing to do. On an error the pass stops; what it rewrote stays rewritten, and no
+    /// lease it took is left held.
     pub async fn rewrap(&self, batch_size: usize) -> Result<RewrapReport, StoreError> {
         let mut total = RewrapReport::default();
         let mut cursor: Option<TokenKey> = None;
@@ -866,11 +922,17 @@ impl<S: TokenStore> EncryptedStore<S> {
     /// least 1) strictly after `after`, and returns the cursor to pass next (`None` when the
     /// walk is done). Lets a host bound the work per call.
     ///
-    /// Each record not under the primary key is loaded, decrypted, encrypted with a fresh data
-    /// key under the primary, and written with `compare_and_swap` on the loaded version; a
-    /// conflict means someone wrote meanwhile (under the primary key) and is counted in
-    /// [`RewrapReport::skipped_conflict`]. Records that do not decrypt are counted in
-    /// [`RewrapReport::corrupt`], logged, and left alone.
+    /// Key rotation is a writer that is not a refresh, so it must not race one: a refresh that
+    /// has spent a refresh token and then finds its write in conflict may lose the rotated
+    /// token. For each record not under the primary key (read first without a lease, so that
+    /// records already moved cost no lease), the rewrap takes the key's refresh lease
+    /// (for 30 s, as [`lease_holder`](Self::lease_holder)); a busy lease skips the record,
+    /// counted in [`RewrapReport::skipped_busy`]. Under the lease the record is loaded again,
+    /// decrypted, encrypted with a fresh data key under the primary, and written with a
+    /// `compare_and_swap` on that version, fenced by the lease; then the lease is released,
+    /// also when something failed. A conflict means someone wrote meanwhile (under the primary
+    /// key) and is counted in [`RewrapReport::skipped_conflict`]. Records that do not decrypt
+    /// are counted in [`RewrapReport::corrupt`], logged, and left alone.
     pub async fn rewrap_page(
         &self,
         after: Option<&TokenKey>,
@@ -882,33 +944,7 @@ impl<S: TokenStore> EncryptedStore<S> {
         let mut report = RewrapReport::default();
         for link in &links {
             report.scanned += 1;
-            let Some(raw) = self.inner.load(&link.key).await? else {
-                report.skipped_conflict += 1;
-                continue;
-            };
-            if key_id_of(&raw).as_ref() == Some(&primary) {
-                report.already_primary += 1;
-                continue;
-            }
-            let plain = match self.decrypt(&link.key, raw).await {
-                Ok(plain) => plain,
-                Err(StoreError::Corrupt { key, reason }) => {
-                    tracing::warn!(%key, %reason, "rewrap: record does not decrypt; left as is");
-                    report.corrupt += 1;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let record = self.encrypt(&link.key, &plain.record).await?;
-            match self
-                .inner
-                .compare_and_swap(&link.key, plain.version, &record, None)
-                .await
-            {
-                Ok(_) => report.rewrapped += 1,
-                Err(StoreError::Conflict { .. }) => report.skipped_conflict += 1,
-                Err(e) => return Err(e),
-            }
+            report.count(self.rewrap_one(&link.key, &primary).await?);
         }
         let next = if links.len() == limit {
             links.last().map(|l| l.key.clone())
@@ -916,6 +952,71 @@ impl<S: TokenStore> EncryptedStore<S> {
             None
         };
         Ok((report, next))
+    }
+
+    /// Rewraps one record under its lease (see [`rewrap_page`](Self::rewrap_page)).
+    async fn rewrap_one(&self, key: &TokenKey, primary: &KeyId) -> Result<Rewrapped, StoreError> {
+        match self.inner.load(key).await? {
+            None => return Ok(Rewrapped::Conflict),
+            Some(raw) if key_id_of(&raw).as_ref() == Some(primary) => {
+                return Ok(Rewrapped::AlreadyPrimary);
+            }
+            Some(_) => {}
+        }
+        let lease = match self
+            .inner
+            .try_lease(key, &self.holder, REWRAP_LEASE_TTL)
+            .await?
+        {
+            LeaseAttempt::Acquired(lease) => lease,
+            LeaseAttempt::Busy => return Ok(Rewrapped::Busy),
+            LeaseAttempt::Missing => return Ok(Rewrapped::Conflict),
+        };
+        let outcome = self.rewrap_leased(key, primary, &lease).await;
+        let released = self.inner.release_lease(&lease).await;
+        match (outcome, released) {
+            (Ok(outcome), Ok(())) => Ok(outcome),
+            (Err(e), Ok(())) | (Ok(_), Err(e)) => Err(e),
+            (Err(e), Err(release)) => {
+                // The first error is the one to report; the lease expires by itself.
+                tracing::warn!(%key, error = %release, "rewrap: releasing the lease failed");
+                Err(e)
+            }
+        }
+    }
+
+    /// The part of [`rewrap_one`](Self::rewrap_one) done under the lease.
+    async fn rewrap_leased(
+        &self,
+        key: &TokenKey,
+        primary: &KeyId,
+        lease: &Lease,
+    ) -> Result<Rewrapped, StoreError> {
+        // Loaded again: the record may have been written between the first read and the lease.
+        let Some(raw) = self.inner.load(key).await? else {
+            return Ok(Rewrapped::Conflict);
+        };
+        if key_id_of(&raw).as_ref() == Some(primary) {
+            return Ok(Rewrapped::AlreadyPrimary);
+        }
+        let plain = match self.decrypt(key, raw).await {
+            Ok(plain) => plain,
+            Err(StoreError::Corrupt { key, reason }) => {
+                tracing::warn!(%key, %reason, "rewrap: record does not decrypt; left as is");
+                return Ok(Rewrapped::Corrupt);
+            }
+            Err(e) => return Err(e),
+        };
+        let record = self.encrypt(key, &plain.record).await?;
+        match self
+            .inner
+            .compare_and_swap(key, plain.version, &record, Some(&lease.token))
+            .await
+        {
+            Ok(_) => Ok(Rewrapped::Done),
+            Err(StoreError::Conflict { .. }) => Ok(Rewrapped::Conflict),
+            Err(e) => Err(e),
+        }
     }
 }
 

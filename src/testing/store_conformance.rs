@@ -26,7 +26,10 @@
 //! ```
 //!
 //! Leases are checked with real time (a short TTL and polling), because a store judges leases by
-//! its own clock, which for a database is the server's.
+//! its own clock, which for a database is the server's. To learn that a lease has expired
+//! without taking it over, a check takes a second lease with the same TTL on a probe key right
+//! after it, and polls the probe: once the probe can be taken, the store's clock is past the
+//! first lease's expiry too.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -36,17 +39,18 @@ use time::OffsetDateTime;
 
 use crate::ids::{ProviderId, Realm, Subject, TokenKey};
 use crate::store::{
-    LeaseAttempt, LeaseHolder, LinkState, Record, RecordMeta, StoreError, TokenStore, Version,
+    Lease, LeaseAttempt, LeaseHolder, LeaseToken, LinkState, Record, RecordMeta, StoreError,
+    TokenStore, Version,
 };
 use crate::token::Payload;
 
 /// A store as the checks take it: shared, so that concurrency checks can hand it to tasks.
 pub type SharedStore = Arc<dyn TokenStore>;
 
-/// The lease TTL used by the expiry check.
+/// The lease TTL used by the checks that wait for a lease to expire.
 pub const SHORT_LEASE: Duration = Duration::from_millis(300);
 
-/// How long the expiry check waits for an expired lease to become free before failing.
+/// How long the expiry checks wait for an expired lease to become free before failing.
 const LEASE_EXPIRY_PATIENCE: Duration = Duration::from_secs(20);
 
 /// How many tasks race in the concurrency checks.
@@ -72,6 +76,12 @@ pub async fn run_all(store: &SharedStore) {
     lease_expires(store).await;
     lease_is_independent_of_writes(store).await;
     delete_drops_lease(store).await;
+    stale_lease_token_is_fenced_out(store).await;
+    expired_lease_not_taken_over_stays_current(store).await;
+    fenced_write_with_current_token_succeeds(store).await;
+    extend_lease_moves_expiry(store).await;
+    released_lease_token_cannot_write(store).await;
+    unfenced_write_ignores_lease(store).await;
     concurrent_compare_and_swap_has_one_winner(store).await;
     concurrent_insert_has_one_winner(store).await;
     concurrent_lease_has_one_holder(store).await;
@@ -102,6 +112,9 @@ macro_rules! store_conformance_tests {
             scan_walks_in_key_order, metadata_round_trips, large_and_odd_values,
             lease_is_exclusive, lease_on_missing_key, lease_expires,
             lease_is_independent_of_writes, delete_drops_lease,
+            stale_lease_token_is_fenced_out, expired_lease_not_taken_over_stays_current,
+            fenced_write_with_current_token_succeeds, extend_lease_moves_expiry,
+            released_lease_token_cannot_write, unfenced_write_ignores_lease,
             concurrent_compare_and_swap_has_one_winner, concurrent_insert_has_one_winner,
             concurrent_lease_has_one_holder);
     };
@@ -169,6 +182,79 @@ fn assert_conflict<T: std::fmt::Debug>(result: Result<T, StoreError>, what: &str
     match result {
         Err(StoreError::Conflict { .. }) => {}
         other => panic!("{what}: expected StoreError::Conflict, got {other:?}"),
+    }
+}
+
+/// Takes a lease on a key that is expected to be free.
+async fn must_lease(
+    store: &SharedStore,
+    key: &TokenKey,
+    holder: &LeaseHolder,
+    ttl: Duration,
+) -> Lease {
+    match store.try_lease(key, holder, ttl).await.expect("lease") {
+        LeaseAttempt::Acquired(lease) => lease,
+        other => panic!("a lease on a free key was not acquired: {other:?}"),
+    }
+}
+
+/// Polls `try_lease` until the key's current lease has expired by the store's clock and
+/// `holder` gets it; panics after [`LEASE_EXPIRY_PATIENCE`].
+async fn lease_after_expiry(
+    store: &SharedStore,
+    key: &TokenKey,
+    holder: &LeaseHolder,
+    ttl: Duration,
+) -> Lease {
+    let deadline = tokio::time::Instant::now() + LEASE_EXPIRY_PATIENCE;
+    loop {
+        match store.try_lease(key, holder, ttl).await.expect("lease") {
+            LeaseAttempt::Acquired(lease) => return lease,
+            LeaseAttempt::Busy => {}
+            LeaseAttempt::Missing => panic!("the record vanished"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a lease with a {SHORT_LEASE:?} TTL was still held after {LEASE_EXPIRY_PATIENCE:?}"
+        );
+        tokio::time::sleep(SHORT_LEASE / 4).await;
+    }
+}
+
+/// A probe for "has a lease taken just before now expired?", judged by the store's clock:
+/// leases `probe` for [`SHORT_LEASE`] now; [`ExpiryProbe::wait`] returns once that lease has
+/// expired, hence every lease of at most [`SHORT_LEASE`] taken before the probe too.
+struct ExpiryProbe {
+    key: TokenKey,
+}
+
+impl ExpiryProbe {
+    async fn start(store: &SharedStore, realm: &Realm) -> Self {
+        let key = key(realm, "expiry-probe", "example");
+        must_insert(store, &key, b"probe").await;
+        must_lease(store, &key, &LeaseHolder::random(), SHORT_LEASE).await;
+        ExpiryProbe { key }
+    }
+
+    async fn wait(self, store: &SharedStore) {
+        let lease = lease_after_expiry(store, &self.key, &LeaseHolder::random(), SHORT_LEASE).await;
+        store.release_lease(&lease).await.expect("release");
+    }
+}
+
+/// Whether another holder finds the key's lease busy.
+async fn held_by_someone(store: &SharedStore, key: &TokenKey) -> bool {
+    match store
+        .try_lease(key, &LeaseHolder::random(), Duration::from_secs(60))
+        .await
+        .expect("lease")
+    {
+        LeaseAttempt::Busy => true,
+        LeaseAttempt::Acquired(lease) => {
+            store.release_lease(&lease).await.expect("release");
+            false
+        }
+        LeaseAttempt::Missing => panic!("the record vanished"),
     }
 }
 
@@ -487,7 +573,8 @@ pub async fn large_and_odd_values(store: &SharedStore) {
     assert_eq!(payload_of(store, &empty).await.as_deref(), Some(&b""[..]));
 }
 
-/// One holder at a time; not re-entrant; only the holder releases; release is idempotent.
+/// One holder at a time; not re-entrant; only the lease's token releases it; release is
+/// idempotent.
 pub async fn lease_is_exclusive(store: &SharedStore) {
     let k = key(&fresh_realm(), "alice", "example");
     must_insert(store, &k, b"x").await;
@@ -507,13 +594,14 @@ pub async fn lease_is_exclusive(store: &SharedStore) {
         LeaseAttempt::Busy,
         "leases must not be re-entrant"
     );
-    // A release by someone else (a forged lease for b) frees nothing.
+    // A release with another token (a forged lease) frees nothing, even from the holder.
     let mut forged = lease.clone();
-    forged.holder = b.clone();
+    forged.token = LeaseToken::random();
     store.release_lease(&forged).await.expect("release");
     assert_eq!(
         store.try_lease(&k, &b, ttl).await.expect("lease"),
-        LeaseAttempt::Busy
+        LeaseAttempt::Busy,
+        "a release with a token that was never handed out freed the lease"
     );
     store.release_lease(&lease).await.expect("release");
     store
@@ -540,32 +628,17 @@ pub async fn lease_on_missing_key(store: &SharedStore) {
 }
 
 /// A lease expires after its TTL by the store's clock, and then anyone may take it; the old
-/// holder's late release does not free the new holder's lease.
+/// holder's late release does not free the new holder's lease, which has a token of its own.
 pub async fn lease_expires(store: &SharedStore) {
     let k = key(&fresh_realm(), "alice", "example");
     must_insert(store, &k, b"x").await;
     let (a, b) = (LeaseHolder::random(), LeaseHolder::random());
-    let LeaseAttempt::Acquired(old) = store.try_lease(&k, &a, SHORT_LEASE).await.expect("lease")
-    else {
-        panic!("the first lease on a free key was not acquired");
-    };
-    let deadline = tokio::time::Instant::now() + LEASE_EXPIRY_PATIENCE;
-    let new = loop {
-        match store
-            .try_lease(&k, &b, SHORT_LEASE * 100)
-            .await
-            .expect("lease")
-        {
-            LeaseAttempt::Acquired(lease) => break lease,
-            LeaseAttempt::Busy => {}
-            LeaseAttempt::Missing => panic!("the record vanished"),
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a lease with a {SHORT_LEASE:?} TTL was still held after {LEASE_EXPIRY_PATIENCE:?}"
-        );
-        tokio::time::sleep(SHORT_LEASE / 4).await;
-    };
+    let old = must_lease(store, &k, &a, SHORT_LEASE).await;
+    let new = lease_after_expiry(store, &k, &b, SHORT_LEASE * 100).await;
+    assert_ne!(
+        old.token, new.token,
+        "two acquisitions of one key got the same lease token"
+    );
     store.release_lease(&old).await.expect("late release");
     assert_eq!(
         store.try_lease(&k, &a, SHORT_LEASE).await.expect("lease"),
@@ -628,6 +701,242 @@ pub async fn delete_drops_lease(store: &SharedStore) {
         ),
         "a deleted record's lease survived into the new record"
     );
+}
+
+/// A lease token replaced by a later acquisition (here by the same holder, as an instance
+/// whose refresh outlived its lease would) can neither release, extend nor write: the later
+/// lease stays held and the record unchanged.
+pub async fn stale_lease_token_is_fenced_out(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    must_insert(store, &k, b"x").await;
+    let holder = LeaseHolder::random();
+    let stale = must_lease(store, &k, &holder, SHORT_LEASE).await;
+    let current = lease_after_expiry(store, &k, &holder, Duration::from_secs(60)).await;
+    assert_ne!(
+        stale.token, current.token,
+        "two acquisitions of one key got the same lease token"
+    );
+    let before = store.load(&k).await.expect("load").expect("present");
+
+    store.release_lease(&stale).await.expect("release");
+    assert!(
+        held_by_someone(store, &k).await,
+        "a stale lease token released a later acquisition by the same holder"
+    );
+    assert_eq!(
+        store
+            .extend_lease(&stale, Duration::from_secs(60))
+            .await
+            .expect("extend"),
+        None,
+        "a stale lease token was extended"
+    );
+    assert_conflict(
+        store
+            .compare_and_swap(&k, before.version, &record(b"stale"), Some(&stale.token))
+            .await,
+        "a write fenced by a stale lease token",
+    );
+    let after = store.load(&k).await.expect("load").expect("present");
+    assert_eq!(
+        (after.version, after.record.payload.expose_secret()),
+        (before.version, &b"x"[..]),
+        "a write fenced by a stale lease token changed the record"
+    );
+    assert!(
+        held_by_someone(store, &k).await,
+        "the later acquisition was lost"
+    );
+    store.release_lease(&current).await.expect("release");
+}
+
+/// A lease that expired but was not taken over is still current: its token extends it and
+/// writes under it.
+pub async fn expired_lease_not_taken_over_stays_current(store: &SharedStore) {
+    let realm = fresh_realm();
+    let k = key(&realm, "alice", "example");
+    let v1 = must_insert(store, &k, b"x").await;
+    let lease = must_lease(store, &k, &LeaseHolder::random(), SHORT_LEASE).await;
+    ExpiryProbe::start(store, &realm).await.wait(store).await;
+
+    let v2 = store
+        .compare_and_swap(&k, v1, &record(b"late"), Some(&lease.token))
+        .await
+        .unwrap_or_else(|e| {
+            panic!("a write fenced by an expired lease that nobody took over failed: {e}")
+        });
+    assert_eq!(payload_of(store, &k).await.as_deref(), Some(&b"late"[..]));
+    let extended = store
+        .extend_lease(&lease, Duration::from_secs(60))
+        .await
+        .expect("extend")
+        .unwrap_or_else(|| panic!("an expired lease that nobody took over was not extended"));
+    assert_eq!(
+        (&extended.key, &extended.holder, &extended.token),
+        (&lease.key, &lease.holder, &lease.token),
+        "extend_lease changed the lease's key, holder or token"
+    );
+    assert!(
+        held_by_someone(store, &k).await,
+        "an extended lease was free to take"
+    );
+    store
+        .compare_and_swap(&k, v2, &record(b"later"), Some(&extended.token))
+        .await
+        .expect("a write fenced by an extended lease");
+    store.release_lease(&extended).await.expect("release");
+    assert!(
+        !held_by_someone(store, &k).await,
+        "releasing an extended lease did not free it"
+    );
+}
+
+/// A write fenced by the current lease token succeeds and keeps the lease; a fence on a key
+/// that has no lease is a conflict.
+pub async fn fenced_write_with_current_token_succeeds(store: &SharedStore) {
+    let realm = fresh_realm();
+    let k = key(&realm, "alice", "example");
+    let v1 = must_insert(store, &k, b"x").await;
+    let lease = must_lease(store, &k, &LeaseHolder::random(), Duration::from_secs(60)).await;
+    let v2 = store
+        .compare_and_swap(&k, v1, &record(b"fenced"), Some(&lease.token))
+        .await
+        .unwrap_or_else(|e| panic!("a write fenced by the current lease token failed: {e}"));
+    assert_ne!(v1, v2, "a write must produce a new version");
+    let loaded = store.load(&k).await.expect("load").expect("present");
+    assert_eq!(
+        (loaded.version, loaded.record.payload.expose_secret()),
+        (v2, &b"fenced"[..])
+    );
+    assert!(
+        held_by_someone(store, &k).await,
+        "a fenced write dropped the lease"
+    );
+    assert_conflict(
+        store
+            .compare_and_swap(&k, v1, &record(b"stale"), Some(&lease.token))
+            .await,
+        "a fenced write with a stale version",
+    );
+    store
+        .compare_and_swap(&k, v2, &record(b"again"), Some(&lease.token))
+        .await
+        .expect("a second write under the same lease");
+    store.release_lease(&lease).await.expect("release");
+
+    let never_leased = key(&realm, "bob", "example");
+    let v = must_insert(store, &never_leased, b"y").await;
+    assert_conflict(
+        store
+            .compare_and_swap(&never_leased, v, &record(b"z"), Some(&LeaseToken::random()))
+            .await,
+        "a write fenced by a token on a key that has no lease",
+    );
+    assert_eq!(
+        payload_of(store, &never_leased).await.as_deref(),
+        Some(&b"y"[..])
+    );
+}
+
+/// `extend_lease` really moves the expiry: another holder stays `Busy` past the original TTL.
+pub async fn extend_lease_moves_expiry(store: &SharedStore) {
+    let realm = fresh_realm();
+    let k = key(&realm, "alice", "example");
+    must_insert(store, &k, b"x").await;
+    let lease = must_lease(store, &k, &LeaseHolder::random(), SHORT_LEASE).await;
+    let probe = ExpiryProbe::start(store, &realm).await;
+    let extended = store
+        .extend_lease(&lease, Duration::from_secs(60))
+        .await
+        .expect("extend")
+        .unwrap_or_else(|| panic!("the current lease was not extended"));
+    assert_eq!(
+        (&extended.key, &extended.holder, &extended.token),
+        (&lease.key, &lease.holder, &lease.token),
+        "extend_lease changed the lease's key, holder or token"
+    );
+    assert!(
+        extended.expires_at > lease.expires_at,
+        "extend_lease did not report a later expiry ({} then {})",
+        lease.expires_at,
+        extended.expires_at
+    );
+    probe.wait(store).await;
+    assert!(
+        held_by_someone(store, &k).await,
+        "an extended lease could be taken once its original TTL ran out"
+    );
+    // The token is unchanged, so the lease as first taken releases it.
+    store.release_lease(&lease).await.expect("release");
+    assert!(
+        !held_by_someone(store, &k).await,
+        "releasing an extended lease did not free it"
+    );
+}
+
+/// A released lease token no longer writes, nor extends.
+pub async fn released_lease_token_cannot_write(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    let v = must_insert(store, &k, b"x").await;
+    let lease = must_lease(store, &k, &LeaseHolder::random(), Duration::from_secs(60)).await;
+    store.release_lease(&lease).await.expect("release");
+    assert_conflict(
+        store
+            .compare_and_swap(&k, v, &record(b"after-release"), Some(&lease.token))
+            .await,
+        "a write fenced by a released lease token",
+    );
+    assert_eq!(
+        store
+            .extend_lease(&lease, Duration::from_secs(60))
+            .await
+            .expect("extend"),
+        None,
+        "a released lease was extended"
+    );
+    let loaded = store.load(&k).await.expect("load").expect("present");
+    assert_eq!(
+        (loaded.version, loaded.record.payload.expose_secret()),
+        (v, &b"x"[..]),
+        "a write fenced by a released lease token changed the record"
+    );
+    assert!(
+        !held_by_someone(store, &k).await,
+        "extending a released lease took it again"
+    );
+}
+
+/// A write without a fence ignores the lease: it succeeds while another holder has the lease,
+/// and neither frees nor replaces that lease's token.
+pub async fn unfenced_write_ignores_lease(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    let v1 = must_insert(store, &k, b"x").await;
+    let lease = must_lease(store, &k, &LeaseHolder::random(), Duration::from_secs(60)).await;
+    let v2 = store
+        .compare_and_swap(&k, v1, &record(b"unfenced"), None)
+        .await
+        .unwrap_or_else(|e| panic!("an unfenced write failed while a lease was held: {e}"));
+    assert!(
+        held_by_someone(store, &k).await,
+        "an unfenced write dropped the lease"
+    );
+    store
+        .compare_and_swap(&k, v2, &record(b"fenced"), Some(&lease.token))
+        .await
+        .unwrap_or_else(|e| {
+            panic!("the lease token stopped being current after an unfenced write: {e}")
+        });
+    store.release_lease(&lease).await.expect("release");
+    let v3 = store
+        .load(&k)
+        .await
+        .expect("load")
+        .expect("present")
+        .version;
+    store
+        .compare_and_swap(&k, v3, &record(b"no-lease"), None)
+        .await
+        .unwrap_or_else(|e| panic!("an unfenced write failed on a key without a lease: {e}"));
 }
 
 /// Many tasks compare-and-swap on one version at once: exactly one wins, the rest conflict.

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use tokenbroker::store::{
-    LeaseAttempt, LeaseHolder, LinkState, Record, RecordMeta, StoreError, Version,
+    Lease, LeaseAttempt, LeaseHolder, LeaseToken, LinkState, Record, RecordMeta, StoreError,
+    Version,
 };
 use tokenbroker::{Payload, TokenKey, TokenStore};
 
@@ -227,7 +228,7 @@ pub async fn scan_walks_in_key_order(store: &dyn TokenStore) {
 }
 
 /// Lease rules on one store: missing, exclusive, not re-entrant, not a write, survives a CAS,
-/// released only by its holder, dropped with the record.
+/// released only by its token, dropped with the record.
 pub async fn lease_rules(store: &dyn TokenStore) {
     let k = key("acme", "carol", "google");
     let a = LeaseHolder::new("holder-a");
@@ -278,9 +279,10 @@ pub async fn lease_rules(store: &dyn TokenStore) {
         LeaseAttempt::Busy
     );
 
-    // Only the holder releases.
+    // Only the lease's token releases it (never the holder id: a forged token of the holder
+    // itself frees nothing).
     let mut forged = lease.clone();
-    forged.holder = b.clone();
+    forged.token = LeaseToken::random();
     store.release_lease(&forged).await.unwrap();
     assert_eq!(
         store.try_lease(&k, &b, ttl).await.unwrap(),
@@ -539,4 +541,118 @@ where
         "{report:?}"
     );
     assert!(store.load(&fresh).await.unwrap().is_none());
+}
+
+/// What a database made before fenced leases (`tests/support/schema_v1/*.sql`, schema
+/// migration 1 only) must hold after `migrate`: its links as they were, the lease an instance of
+/// that version holds still keeping others out (and no token freeing or fencing it), an expired
+/// one taken over with a token that fences, and versions going on from the old counter.
+pub async fn upgraded_from_v1(store: &dyn TokenStore) {
+    let idle = key("acme", "idle", "google");
+    let leased = key("acme", "leased", "google");
+    let expired = key("acme", "expired", "google");
+    let written_at = OffsetDateTime::from_unix_timestamp(1_767_225_600).unwrap();
+    for (k, version, payload) in [
+        (&idle, 1, "payload-idle"),
+        (&leased, 2, "payload-leased"),
+        (&expired, 3, "payload-expired"),
+    ] {
+        let stored = store.load(k).await.unwrap().expect("the link was kept");
+        assert_eq!(stored.version, Version::new(version), "{k}");
+        assert_eq!(stored.record.payload.expose_secret(), payload.as_bytes());
+        assert_eq!(stored.record.meta.state, LinkState::Active);
+        assert_eq!(stored.record.meta.updated_at, written_at);
+        assert_eq!(
+            stored.record.meta.expires_at,
+            Some(written_at + Duration::from_secs(3600))
+        );
+    }
+    let mut versions: BTreeSet<Version> = (1..=3).map(Version::new).collect();
+    let holder = LeaseHolder::new("holder-new");
+    let ttl = Duration::from_secs(60);
+
+    // The old instance's lease: still held, and no token reaches it.
+    assert_eq!(
+        store.try_lease(&leased, &holder, ttl).await.unwrap(),
+        LeaseAttempt::Busy,
+        "a lease taken before the upgrade was lost"
+    );
+    let forged = Lease::new(
+        leased.clone(),
+        LeaseHolder::new("tb-old-instance"),
+        LeaseToken::random(),
+        OffsetDateTime::now_utc() + ttl,
+    );
+    store.release_lease(&forged).await.unwrap();
+    assert_eq!(store.extend_lease(&forged, ttl).await.unwrap(), None);
+    assert!(is_conflict(
+        store
+            .compare_and_swap(
+                &leased,
+                Version::new(2),
+                &active("fenced"),
+                Some(&forged.token)
+            )
+            .await
+    ));
+    assert_eq!(
+        store.try_lease(&leased, &holder, ttl).await.unwrap(),
+        LeaseAttempt::Busy
+    );
+    // Writes without a fence go on as before.
+    versions.insert(
+        store
+            .compare_and_swap(&leased, Version::new(2), &active("unfenced"), None)
+            .await
+            .unwrap(),
+    );
+
+    // The lease the old version never released has expired: taken over, with a fencing token.
+    let lease = match store.try_lease(&expired, &holder, ttl).await.unwrap() {
+        LeaseAttempt::Acquired(lease) => lease,
+        other => panic!("the expired lease was not taken over: {other:?}"),
+    };
+    let v = store
+        .compare_and_swap(
+            &expired,
+            Version::new(3),
+            &active("refreshed"),
+            Some(&lease.token),
+        )
+        .await
+        .unwrap();
+    versions.insert(v);
+    assert!(store.extend_lease(&lease, ttl).await.unwrap().is_some());
+    store.release_lease(&lease).await.unwrap();
+    assert!(is_conflict(
+        store
+            .compare_and_swap(&expired, v, &active("late"), Some(&lease.token))
+            .await
+    ));
+
+    // A row that never had a lease.
+    let lease = match store.try_lease(&idle, &holder, ttl).await.unwrap() {
+        LeaseAttempt::Acquired(lease) => lease,
+        other => panic!("the free row's lease was not acquired: {other:?}"),
+    };
+    versions.insert(
+        store
+            .compare_and_swap(
+                &idle,
+                Version::new(1),
+                &active("idle-2"),
+                Some(&lease.token),
+            )
+            .await
+            .unwrap(),
+    );
+    store.release_lease(&lease).await.unwrap();
+
+    // Versions go on from the old counter: none is handed out twice.
+    let v = store
+        .insert(&key("acme", "new", "google"), &active("new"))
+        .await
+        .unwrap();
+    assert!(versions.insert(v), "{v} was handed out before the upgrade");
+    assert_eq!(versions.len(), 7);
 }

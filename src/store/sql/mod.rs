@@ -4,7 +4,9 @@
 //! Both stores keep one row per [`TokenKey`] in `tokenbroker_links`. Times are `BIGINT` unix
 //! milliseconds (so no date-time type mapping differs between drivers), versions come from a
 //! counter that never goes back (so a key deleted and inserted again never reuses a version),
-//! and the refresh lease lives in the same row, judged by the database's clock.
+//! and the refresh lease lives in the same row, judged by the database's clock: its holder, its
+//! expiry and the fencing token of the current acquisition (`lease_token`), which release,
+//! extension and fenced writes compare in the same statement that acts.
 
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
@@ -154,6 +156,65 @@ macro_rules! key_where {
     };
 }
 pub(crate) use key_where;
+
+/// The condition "the key's lease may be taken": nobody holds it (never taken, or released),
+/// or it expired by the database's clock `$now` (each store's `db_now_ms!()`). Purges use it
+/// too, so a row is purged exactly when a refresh could take its lease.
+///
+/// It looks at the holder, not at `lease_token`: a lease taken by an instance of a version
+/// before fencing (migration 2) has a holder and no token, and must still keep others out until
+/// it expires.
+macro_rules! lease_is_free {
+    ($now:expr) => {
+        concat!("(lease_holder IS NULL OR lease_expires_at <= ", $now, ")")
+    };
+}
+pub(crate) use lease_is_free;
+
+/// The fence of a compare-and-swap, for `WHERE` clauses: true when the bound fence `$p` is
+/// `NULL` (an unfenced write), or is the key's current lease token. Expiry is not looked at:
+/// a lease that ran out but was not taken over is still current (see the trait's contract).
+macro_rules! fence_holds {
+    ($p:literal) => {
+        concat!("(", $p, " IS NULL OR lease_token = ", $p, ")")
+    };
+}
+pub(crate) use fence_holds;
+
+/// Releases the lease whose token is bound as `$4`, and only that one: a stale token (the
+/// lease was taken again since) matches no row. Clearing the holder too is what frees the
+/// lease for `lease_is_free!`.
+pub(crate) const RELEASE_LEASE: &str = concat!(
+    "UPDATE tokenbroker_links SET lease_holder = NULL, lease_token = NULL, \
+     lease_expires_at = NULL WHERE ",
+    key_where!(),
+    " AND lease_token = $4"
+);
+
+/// Extends the lease whose token is bound as `$4` to `$5` milliseconds after the database's
+/// clock `$now`, returning the new expiry; a stale token matches no row.
+macro_rules! extend_lease_sql {
+    ($now:expr) => {
+        concat!(
+            "UPDATE tokenbroker_links SET lease_expires_at = ",
+            $now,
+            " + $5 WHERE ",
+            $crate::store::sql::key_where!(),
+            " AND lease_token = $4 RETURNING lease_expires_at"
+        )
+    };
+}
+pub(crate) use extend_lease_sql;
+
+/// Migration 2 (both engines): the fencing token of the current lease acquisition.
+///
+/// Existing rows get `NULL`. A lease taken before the upgrade keeps its holder and expiry, so
+/// it still keeps new holders out until it expires; no token matches it, which is right, since
+/// its holder (an instance of the earlier version) never fences. Instances of the earlier
+/// version keep working on the new table, as they never name the column, but a lease they take
+/// leaves the previous token in place: fencing holds once every instance runs this version.
+pub(crate) const ADD_LEASE_TOKEN: &str =
+    "ALTER TABLE tokenbroker_links ADD COLUMN lease_token TEXT NULL;";
 
 /// One row as the database returned it, before validation.
 pub(crate) struct RawLink {

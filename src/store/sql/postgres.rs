@@ -8,13 +8,14 @@ use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::{
-    Columns, Migration, PurgeReport, RawLink, RetentionPolicy, duration_ms, from_ms, key_where,
-    link_columns, version_from_db, version_to_db,
+    ADD_LEASE_TOKEN, Columns, Migration, PurgeReport, RELEASE_LEASE, RawLink, RetentionPolicy,
+    duration_ms, extend_lease_sql, fence_holds, from_ms, key_where, lease_is_free, link_columns,
+    version_from_db, version_to_db,
 };
 use crate::ids::{Realm, Subject, TokenKey};
 use crate::store::{
-    Lease, LeaseAttempt, LeaseHolder, Record, ScannedLink, StoreError, StoredRecord, TokenStore,
-    Version,
+    Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoreError, StoredRecord,
+    TokenStore, Version,
 };
 
 const STORE: &str = "postgres";
@@ -31,9 +32,10 @@ macro_rules! db_now_ms {
 const MIGRATION_LOCK: i64 = 0x746f_6b65_6e62_726b;
 
 /// The schema, in order. Never edit a shipped migration: append a new one.
-static MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: r#"
+static MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: r#"
 CREATE TABLE tokenbroker_links (
     -- COLLATE "C": bytewise order, the order of Rust's `str`, which `scan` relies on (the
     -- database default collation may be locale-aware). The key's (realm, subject) prefix also
@@ -62,14 +64,20 @@ CREATE INDEX tokenbroker_links_relink_since ON tokenbroker_links (relink_since)
 -- never had (the broker's guard against ABA). Gaps are fine.
 CREATE SEQUENCE tokenbroker_link_version AS BIGINT START 1;
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        sql: ADD_LEASE_TOKEN,
+    },
+];
 
 /// A [`TokenStore`] in PostgreSQL (feature `postgres`), for deployments of several instances.
 ///
 /// Every decision is one statement: compare-and-swap is an `UPDATE ... WHERE version = $n`,
 /// versions come from a sequence, and the refresh lease is taken by one `UPDATE` judged by the
 /// database server's clock, so instances with skewed clocks still never refresh the same link
-/// at once.
+/// at once. Each acquisition stores a fresh fencing token; release, extension and fenced
+/// compare-and-swap compare it in the same statement.
 ///
 /// Times in [`RecordMeta`](crate::store::RecordMeta) are kept to the millisecond.
 ///
@@ -142,6 +150,10 @@ impl PostgresStore {
     /// Applies the embedded migrations the database does not have yet, each in its own
     /// transaction. Idempotent, and safe when several instances start at once: each migration
     /// runs under a transaction-scoped advisory lock, taken before the applied versions are read.
+    ///
+    /// A database made by an earlier version is upgraded in place, its links and leases kept.
+    /// Instances of the earlier version keep working on it during a rolling upgrade, but their
+    /// leases carry no fencing token: fencing holds once every instance runs this version.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         for migration in MIGRATIONS {
             let mut tx = self.pool.begin().await.map_err(backend)?;
@@ -200,9 +212,8 @@ impl PostgresStore {
             report.unused = sqlx::query(concat!(
                 "DELETE FROM tokenbroker_links WHERE updated_at < ",
                 db_now_ms!(),
-                " - $1 AND (lease_holder IS NULL OR lease_expires_at <= ",
-                db_now_ms!(),
-                ")"
+                " - $1 AND ",
+                lease_is_free!(db_now_ms!())
             ))
             .bind(duration_ms(age))
             .execute(&self.pool)
@@ -214,9 +225,8 @@ impl PostgresStore {
             report.relink_required = sqlx::query(concat!(
                 "DELETE FROM tokenbroker_links WHERE state = 'relink_required' AND relink_since < ",
                 db_now_ms!(),
-                " - $1 AND (lease_holder IS NULL OR lease_expires_at <= ",
-                db_now_ms!(),
-                ")"
+                " - $1 AND ",
+                lease_is_free!(db_now_ms!())
             ))
             .bind(duration_ms(age))
             .execute(&self.pool)
@@ -290,16 +300,21 @@ impl TokenStore for PostgresStore {
         key: &TokenKey,
         expected: Version,
         record: &Record,
+        fence: Option<&LeaseToken>,
     ) -> Result<Version, StoreError> {
         let c = Columns::of(&record.meta);
         // The lease columns are left alone: a write does not need the lease, and must not free
-        // or steal one a refresh is holding.
+        // or steal one a refresh is holding. The fence is checked in the same statement: a
+        // concurrent try_lease that changes the token either commits first (and we re-check
+        // the WHERE against its row, and write nothing) or waits for our row lock.
         let version: Option<i64> = sqlx::query_scalar(concat!(
             "UPDATE tokenbroker_links SET version = nextval('tokenbroker_link_version'), \
              payload = $5, state = $6, relink_reason = $7, relink_since = $8, expires_at = $9, \
              created_at = $10, updated_at = $11 WHERE ",
             key_where!(),
-            " AND version = $4 RETURNING version"
+            " AND version = $4 AND ",
+            fence_holds!("$12"),
+            " RETURNING version"
         ))
         .bind(key.realm.as_str())
         .bind(key.subject.as_str())
@@ -312,6 +327,7 @@ impl TokenStore for PostgresStore {
         .bind(c.expires_at)
         .bind(c.created_at)
         .bind(c.updated_at)
+        .bind(fence.map(LeaseToken::as_str))
         .fetch_optional(&self.pool)
         .await
         .map_err(backend)?;
@@ -431,14 +447,16 @@ impl TokenStore for PostgresStore {
         // One statement. A concurrent taker blocks on the row lock and then re-checks the WHERE
         // against the committed row, so only one wins; the EXISTS reads the statement's snapshot,
         // in which the row we failed to take was present.
+        let token = LeaseToken::random();
         let row = sqlx::query(concat!(
-            "WITH taken AS (UPDATE tokenbroker_links SET lease_holder = $4, lease_expires_at = ",
+            "WITH taken AS (UPDATE tokenbroker_links SET lease_holder = $4, lease_token = $6, \
+             lease_expires_at = ",
             db_now_ms!(),
             " + $5 WHERE ",
             key_where!(),
-            " AND (lease_holder IS NULL OR lease_expires_at <= ",
-            db_now_ms!(),
-            ") RETURNING lease_expires_at) \
+            " AND ",
+            lease_is_free!(db_now_ms!()),
+            " RETURNING lease_expires_at) \
              SELECT (SELECT lease_expires_at FROM taken) AS lease_until, \
              EXISTS (SELECT 1 FROM tokenbroker_links WHERE ",
             key_where!(),
@@ -449,6 +467,7 @@ impl TokenStore for PostgresStore {
         .bind(key.provider.as_str())
         .bind(holder.as_str())
         .bind(duration_ms(ttl))
+        .bind(token.as_str())
         .fetch_one(&self.pool)
         .await
         .map_err(backend)?;
@@ -457,7 +476,7 @@ impl TokenStore for PostgresStore {
         Ok(match (until, present) {
             (Some(until), _) => {
                 let expires_at = from_ms(until, "lease_expires_at").map_err(corrupt(key))?;
-                LeaseAttempt::Acquired(Lease::new(key.clone(), holder.clone(), expires_at))
+                LeaseAttempt::Acquired(Lease::new(key.clone(), holder.clone(), token, expires_at))
             }
             (None, true) => LeaseAttempt::Busy,
             (None, false) => LeaseAttempt::Missing,
@@ -465,18 +484,34 @@ impl TokenStore for PostgresStore {
     }
 
     async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
-        sqlx::query(concat!(
-            "UPDATE tokenbroker_links SET lease_holder = NULL, lease_expires_at = NULL WHERE ",
-            key_where!(),
-            " AND lease_holder = $4"
-        ))
-        .bind(lease.key.realm.as_str())
-        .bind(lease.key.subject.as_str())
-        .bind(lease.key.provider.as_str())
-        .bind(lease.holder.as_str())
-        .execute(&self.pool)
-        .await
-        .map_err(backend)?;
+        sqlx::query(RELEASE_LEASE)
+            .bind(lease.key.realm.as_str())
+            .bind(lease.key.subject.as_str())
+            .bind(lease.key.provider.as_str())
+            .bind(lease.token.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
         Ok(())
+    }
+
+    async fn extend_lease(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        let until: Option<i64> = sqlx::query_scalar(extend_lease_sql!(db_now_ms!()))
+            .bind(lease.key.realm.as_str())
+            .bind(lease.key.subject.as_str())
+            .bind(lease.key.provider.as_str())
+            .bind(lease.token.as_str())
+            .bind(duration_ms(ttl))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        let Some(until) = until else { return Ok(None) };
+        let mut extended = lease.clone();
+        extended.expires_at = from_ms(until, "lease_expires_at").map_err(corrupt(&lease.key))?;
+        Ok(Some(extended))
     }
 }

@@ -10,13 +10,14 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    Columns, Migration, PurgeReport, RawLink, RetentionPolicy, duration_ms, from_ms, key_where,
-    link_columns, version_from_db, version_to_db,
+    ADD_LEASE_TOKEN, Columns, Migration, PurgeReport, RELEASE_LEASE, RawLink, RetentionPolicy,
+    duration_ms, extend_lease_sql, fence_holds, from_ms, key_where, lease_is_free, link_columns,
+    version_from_db, version_to_db,
 };
 use crate::ids::{Realm, Subject, TokenKey};
 use crate::store::{
-    Lease, LeaseAttempt, LeaseHolder, Record, ScannedLink, StoreError, StoredRecord, TokenStore,
-    Version,
+    Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoreError, StoredRecord,
+    TokenStore, Version,
 };
 
 const STORE: &str = "sqlite";
@@ -31,9 +32,10 @@ macro_rules! db_now_ms {
 }
 
 /// The schema, in order. Never edit a shipped migration: append a new one.
-static MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: r#"
+static MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: r#"
 CREATE TABLE tokenbroker_links (
     realm            TEXT   NOT NULL,
     subject          TEXT   NOT NULL,
@@ -66,7 +68,12 @@ CREATE TABLE tokenbroker_link_version (
 );
 INSERT INTO tokenbroker_link_version (id, n) VALUES (1, 0);
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        sql: ADD_LEASE_TOKEN,
+    },
+];
 
 /// A [`TokenStore`] in a SQLite database file (feature `sqlite`).
 ///
@@ -74,7 +81,9 @@ INSERT INTO tokenbroker_link_version (id, n) VALUES (1, 0);
 /// all work across them, because every decision is one statement or one `BEGIN IMMEDIATE`
 /// transaction in the database, and leases are judged by SQLite's clock, not the caller's. The
 /// file is in WAL mode, so readers do not wait for the writer; writers queue for up to five
-/// seconds (`busy_timeout`) before a write fails with [`StoreError::Backend`].
+/// seconds (`busy_timeout`) before a write fails with [`StoreError::Backend`]. Each lease
+/// acquisition stores a fresh fencing token; release, extension and fenced compare-and-swap
+/// compare it in the same statement.
 ///
 /// Times in [`RecordMeta`](crate::store::RecordMeta) are kept to the millisecond.
 /// Tables are created by [`migrate`](SqliteStore::migrate), which [`open`](SqliteStore::open)
@@ -143,6 +152,10 @@ impl SqliteStore {
     /// Applies the embedded migrations the database does not have yet, each in its own
     /// transaction. Idempotent, and safe when several processes start at once: each migration
     /// runs under SQLite's write lock, taken before the applied versions are read.
+    ///
+    /// A database made by an earlier version is upgraded in place, its links and leases kept.
+    /// Instances of the earlier version keep working on it during a rolling upgrade, but their
+    /// leases carry no fencing token: fencing holds once every instance runs this version.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         for migration in MIGRATIONS {
             // BEGIN IMMEDIATE takes the write lock now (waiting out the busy timeout), so two
@@ -200,9 +213,8 @@ impl SqliteStore {
             report.unused = sqlx::query(concat!(
                 "DELETE FROM tokenbroker_links WHERE updated_at < ",
                 db_now_ms!(),
-                " - $1 AND (lease_holder IS NULL OR lease_expires_at <= ",
-                db_now_ms!(),
-                ")"
+                " - $1 AND ",
+                lease_is_free!(db_now_ms!())
             ))
             .bind(duration_ms(age))
             .execute(&self.pool)
@@ -214,9 +226,8 @@ impl SqliteStore {
             report.relink_required = sqlx::query(concat!(
                 "DELETE FROM tokenbroker_links WHERE state = 'relink_required' AND relink_since < ",
                 db_now_ms!(),
-                " - $1 AND (lease_holder IS NULL OR lease_expires_at <= ",
-                db_now_ms!(),
-                ")"
+                " - $1 AND ",
+                lease_is_free!(db_now_ms!())
             ))
             .bind(duration_ms(age))
             .execute(&self.pool)
@@ -321,17 +332,19 @@ impl TokenStore for SqliteStore {
         key: &TokenKey,
         expected: Version,
         record: &Record,
+        fence: Option<&LeaseToken>,
     ) -> Result<Version, StoreError> {
         let c = Columns::of(&record.meta);
         let (mut tx, version) = self.begin_write().await?;
         // The lease columns are left alone: a write does not need the lease, and must not free
-        // or steal one a refresh is holding.
+        // or steal one a refresh is holding. The fence is checked in the same statement.
         let updated = sqlx::query(concat!(
             "UPDATE tokenbroker_links SET version = $5, payload = $6, state = $7, \
              relink_reason = $8, relink_since = $9, expires_at = $10, created_at = $11, \
              updated_at = $12 WHERE ",
             key_where!(),
-            " AND version = $4"
+            " AND version = $4 AND ",
+            fence_holds!("$13")
         ))
         .bind(key.realm.as_str())
         .bind(key.subject.as_str())
@@ -345,6 +358,7 @@ impl TokenStore for SqliteStore {
         .bind(c.expires_at)
         .bind(c.created_at)
         .bind(c.updated_at)
+        .bind(fence.map(LeaseToken::as_str))
         .execute(&mut *tx)
         .await
         .map_err(backend)?
@@ -475,20 +489,23 @@ impl TokenStore for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(backend)?;
+        let token = LeaseToken::random();
         let taken: Option<i64> = sqlx::query_scalar(concat!(
-            "UPDATE tokenbroker_links SET lease_holder = $4, lease_expires_at = ",
+            "UPDATE tokenbroker_links SET lease_holder = $4, lease_token = $6, \
+             lease_expires_at = ",
             db_now_ms!(),
             " + $5 WHERE ",
             key_where!(),
-            " AND (lease_holder IS NULL OR lease_expires_at <= ",
-            db_now_ms!(),
-            ") RETURNING lease_expires_at"
+            " AND ",
+            lease_is_free!(db_now_ms!()),
+            " RETURNING lease_expires_at"
         ))
         .bind(key.realm.as_str())
         .bind(key.subject.as_str())
         .bind(key.provider.as_str())
         .bind(holder.as_str())
         .bind(duration_ms(ttl))
+        .bind(token.as_str())
         .fetch_optional(&mut *tx)
         .await
         .map_err(backend)?;
@@ -499,7 +516,7 @@ impl TokenStore for SqliteStore {
                         key: key.clone(),
                         reason,
                     })?;
-                LeaseAttempt::Acquired(Lease::new(key.clone(), holder.clone(), expires_at))
+                LeaseAttempt::Acquired(Lease::new(key.clone(), holder.clone(), token, expires_at))
             }
             None if Self::exists(&mut tx, key).await? => LeaseAttempt::Busy,
             None => LeaseAttempt::Missing,
@@ -509,18 +526,39 @@ impl TokenStore for SqliteStore {
     }
 
     async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
-        sqlx::query(concat!(
-            "UPDATE tokenbroker_links SET lease_holder = NULL, lease_expires_at = NULL WHERE ",
-            key_where!(),
-            " AND lease_holder = $4"
-        ))
-        .bind(lease.key.realm.as_str())
-        .bind(lease.key.subject.as_str())
-        .bind(lease.key.provider.as_str())
-        .bind(lease.holder.as_str())
-        .execute(&self.pool)
-        .await
-        .map_err(backend)?;
+        sqlx::query(RELEASE_LEASE)
+            .bind(lease.key.realm.as_str())
+            .bind(lease.key.subject.as_str())
+            .bind(lease.key.provider.as_str())
+            .bind(lease.token.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
         Ok(())
+    }
+
+    async fn extend_lease(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        let until: Option<i64> = sqlx::query_scalar(extend_lease_sql!(db_now_ms!()))
+            .bind(lease.key.realm.as_str())
+            .bind(lease.key.subject.as_str())
+            .bind(lease.key.provider.as_str())
+            .bind(lease.token.as_str())
+            .bind(duration_ms(ttl))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        let Some(until) = until else { return Ok(None) };
+        let expires_at =
+            from_ms(until, "lease_expires_at").map_err(|reason| StoreError::Corrupt {
+                key: lease.key.clone(),
+                reason,
+            })?;
+        let mut extended = lease.clone();
+        extended.expires_at = expires_at;
+        Ok(Some(extended))
     }
 }
