@@ -155,7 +155,7 @@ type Rewrapper = Arc<EncryptedStore<Arc<MemoryStore>>>;
 fn resource_server() -> Arc<dyn HttpClient> {
     let calls = Arc::new(AtomicU64::new(0));
     Arc::new(move |_request: HttpRequest| {
-        let status = if calls.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+        let status = if calls.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
             401
         } else {
             200

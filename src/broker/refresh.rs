@@ -511,10 +511,8 @@ impl Inner {
                 Err(_) => false,
             };
             if conflict {
-                let current = match self.bounded(limit, self.store.load(key)).await {
-                    Ok(current) => Some(current),
-                    Err(_) => None, // as a failed write: retried below
-                };
+                // A failed read counts as a failed write: retried below.
+                let current = self.bounded(limit, self.store.load(key)).await.ok();
                 if let Some(current) = current {
                     let Some(current) = current else {
                         // Unlinked meanwhile: the rotated token belongs to no link now.
