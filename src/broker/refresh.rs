@@ -484,9 +484,13 @@ impl Inner {
                 ),
             );
             let fence = held.fenced.then_some(&held.lease.token);
-            let limit = write_deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(100));
+            // Within the lease while we hold it (a write that outlasts it is retried under an
+            // extended one); within the write deadline once it was taken over.
+            let mut limit = write_deadline.saturating_duration_since(Instant::now());
+            if held.fenced {
+                limit = limit.min(held.left(Duration::ZERO));
+            }
+            let limit = limit.max(Duration::from_millis(100));
             let written = self
                 .bounded(
                     limit,
