@@ -179,6 +179,11 @@ impl PostgresStore {
             .await
             .map_err(backend)?;
             if applied.is_some() {
+                // Ended here, not on drop: a dropped transaction is rolled back only when its
+                // connection is next used, and until then it keeps the write lock (the
+                // advisory lock in PostgreSQL) that the next migration's transaction, on
+                // another connection of the same pool, would wait for.
+                tx.rollback().await.map_err(backend)?;
                 continue;
             }
             sqlx::raw_sql(migration.sql)
