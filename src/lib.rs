@@ -75,6 +75,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod access;
+mod account;
 mod broker;
 mod clock;
 pub mod error;
@@ -90,6 +91,7 @@ pub use access::{
     AccessError, Caller, Decision, DenyReason, KeycloakRoles, LinkKind, ProviderPolicy,
     RoleChecker, RoleGrantHook,
 };
+pub use account::UpstreamAccount;
 pub use broker::{
     ACCESS_TOKEN_TYPE, BrokerResponse, Callback, GrantStatus, LEASE_MARGIN, LinkOutcome,
     LoginOptions, LoginStart, PendingLogin, RetrievedTokens, SweepOptions, SweepReport,

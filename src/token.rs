@@ -9,6 +9,7 @@ use secrecy::{ExposeSecret, SecretSlice};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::account::UpstreamAccount;
 use crate::ids::Scopes;
 use crate::secret::Secret;
 
@@ -60,6 +61,9 @@ pub struct TokenSet {
     /// the normalised scope string.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     narrowed: BTreeMap<String, NarrowedToken>,
+    /// The upstream account these tokens belong to, when known.
+    #[serde(skip)]
+    account: Option<UpstreamAccount>,
 }
 
 /// An access token for a narrower set of scopes (or one audience), obtained with the link's
@@ -99,6 +103,7 @@ impl TokenSet {
             obtained_at,
             extras: BTreeMap::new(),
             narrowed: BTreeMap::new(),
+            account: None,
         }
     }
 
@@ -124,6 +129,7 @@ impl TokenSet {
             obtained_at: now,
             extras: response.extras,
             narrowed: BTreeMap::new(),
+            account: response.account,
         }
     }
 
@@ -146,6 +152,9 @@ impl TokenSet {
             id_token: newer.id_token.or_else(|| self.id_token.clone()),
             // Narrowed tokens stay valid until they expire, whatever happens to the main one.
             narrowed: self.narrowed.clone(),
+            // A refresh that names no account (no ID token) is still the link's account; one
+            // that names another never gets this far (the broker checks before merging).
+            account: newer.account.or_else(|| self.account.clone()),
             ..newer
         }
     }
@@ -265,6 +274,10 @@ impl TokenSet {
     pub fn extras(&self) -> &BTreeMap<String, serde_json::Value> {
         &self.extras
     }
+    /// The upstream account the tokens belong to, when known.
+    pub fn account(&self) -> Option<&UpstreamAccount> {
+        self.account.as_ref()
+    }
 
     /// Sets the token type.
     pub fn with_token_type(mut self, token_type: impl Into<String>) -> Self {
@@ -289,6 +302,11 @@ impl TokenSet {
     /// Sets the refresh token's expiry.
     pub fn with_refresh_expires_at(mut self, at: OffsetDateTime) -> Self {
         self.refresh_expires_at = Some(at);
+        self
+    }
+    /// Sets the upstream account the tokens belong to.
+    pub fn with_account(mut self, account: UpstreamAccount) -> Self {
+        self.account = Some(account);
         self
     }
     /// Sets the granted scopes.
@@ -383,6 +401,9 @@ pub struct ProviderTokens {
     pub scopes: Option<Scopes>,
     /// Other fields worth keeping (e.g. `ext_expires_in`).
     pub extras: BTreeMap<String, serde_json::Value>,
+    /// The upstream account the tokens belong to, when the provider can say (from a verified
+    /// ID token, or an account endpoint).
+    pub account: Option<UpstreamAccount>,
 }
 
 impl ProviderTokens {
@@ -397,6 +418,7 @@ impl ProviderTokens {
             refresh_expires_in: None,
             scopes: None,
             extras: BTreeMap::new(),
+            account: None,
         }
     }
 }
