@@ -290,8 +290,12 @@ pub struct ProviderPolicy {
     /// Grant the read role to a user the first time they link this provider, through the
     /// broker's [`RoleGrantHook`] (Keycloak `addReadTokenRoleOnCreate`). Default: off.
     pub stored_tokens_readable: bool,
-    /// Let the refresh token leave the broker in retrieval responses. Default: never.
+    /// Let the refresh token leave the broker in retrieval responses and in the
+    /// [`TokenView`](crate::TokenView) a read returns. Default: never.
     pub expose_refresh_token: bool,
+    /// Let the ID token leave the broker in retrieval responses and reads. Default: yes, as
+    /// Keycloak returns it.
+    pub expose_id_token: bool,
     /// How long the provider keeps an unused refresh token alive, if it says: a
     /// [`sweep`](crate::TokenBroker::sweep) refreshes links not written for this long
     /// (Google apps in testing mode: about 7 days; Microsoft: 90 days). Default: none.
@@ -325,6 +329,7 @@ impl Default for ProviderPolicy {
             store_tokens: true,
             stored_tokens_readable: false,
             expose_refresh_token: false,
+            expose_id_token: true,
             idle_limit: None,
             link_kind: LinkKind::Offline,
             allowed_audiences: Vec::new(),
@@ -346,6 +351,11 @@ impl ProviderPolicy {
     /// Sets `expose_refresh_token`.
     pub fn expose_refresh_token(mut self, on: bool) -> Self {
         self.expose_refresh_token = on;
+        self
+    }
+    /// Sets `expose_id_token`.
+    pub fn expose_id_token(mut self, on: bool) -> Self {
+        self.expose_id_token = on;
         self
     }
     /// Sets the kind of link a login creates.

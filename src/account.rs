@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::secret::Secret;
+
 /// The account at the upstream provider that a link's tokens belong to.
 ///
 /// Recorded when the link is made: from the verified ID token for OpenID Connect providers
@@ -98,4 +100,20 @@ impl fmt::Display for UpstreamAccount {
             None => f.write_str(&self.subject),
         }
     }
+}
+
+/// The account an ID token names, read without verifying it again: for ID tokens that were
+/// verified when they were stored.
+pub(crate) fn account_in_id_token(raw: &Secret) -> Option<UpstreamAccount> {
+    use base64::Engine as _;
+    let claims = raw.expose_secret().split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(claims.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    let text = |name: &str| claims.get(name)?.as_str().map(str::to_owned);
+    let mut account = UpstreamAccount::new(text("iss"), text("sub")?);
+    account.tenant_id = text("tid");
+    account.email = text("email");
+    Some(account)
 }

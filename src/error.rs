@@ -48,6 +48,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A refresh answered with an ID token naming another upstream account than the link's
+    /// (OpenID Connect Core §12.2). Nothing of that answer was stored or served, and the link
+    /// is marked relink-required: the user must link the account again.
+    #[error("the provider's refreshed tokens for {key} name another account; user must re-link")]
+    AccountMismatch {
+        /// The link.
+        key: TokenKey,
+    },
+
     /// The access token expired and there is no refresh token to renew it.
     #[error("access token for {key} expired and no refresh token is stored; user must re-link")]
     NoRefreshToken {
@@ -201,7 +210,9 @@ impl Error {
         match self {
             Error::Forbidden => "forbidden",
             Error::NotFound { .. } => "not_found",
-            Error::RelinkRequired { .. } | Error::NoRefreshToken { .. } => "relink_required",
+            Error::RelinkRequired { .. }
+            | Error::NoRefreshToken { .. }
+            | Error::AccountMismatch { .. } => "relink_required",
             Error::Unavailable { .. }
             | Error::RefreshInProgress { .. }
             | Error::RecordChanged { .. }

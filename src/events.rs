@@ -35,6 +35,22 @@ pub enum BrokerEvent {
         /// Whether a record existed before.
         relinked: bool,
     },
+    /// A re-link brought another upstream account's tokens: the link's tokens were replaced
+    /// (never merged), and the previous account's grant was revoked upstream where the provider
+    /// supports it.
+    AccountChanged {
+        /// The link.
+        key: TokenKey,
+        /// What happened to the previous account's grant upstream.
+        revocation: RevocationStatus,
+    },
+    /// A refresh answered with an ID token naming another account than the link's (OpenID
+    /// Connect Core §12.2). Nothing of that answer was stored or served; the link was marked
+    /// relink-required.
+    AccountMismatch {
+        /// The link.
+        key: TokenKey,
+    },
     /// A refresh succeeded and was stored.
     Refreshed {
         /// The link.

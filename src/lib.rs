@@ -94,8 +94,8 @@ pub use access::{
 pub use account::UpstreamAccount;
 pub use broker::{
     ACCESS_TOKEN_TYPE, BrokerResponse, Callback, GrantStatus, LEASE_MARGIN, LinkOutcome,
-    LoginOptions, LoginStart, PendingLogin, RetrievedTokens, SweepOptions, SweepReport,
-    TOKEN_EXCHANGE_GRANT, TokenBroker, TokenBrokerBuilder, UnlinkOutcome,
+    LoginOptions, LoginStart, PendingLogin, ReplacedAccount, RetrievedTokens, SweepOptions,
+    SweepReport, TOKEN_EXCHANGE_GRANT, TokenBroker, TokenBrokerBuilder, TokenView, UnlinkOutcome,
 };
 pub use clock::{Clock, SharedClock, SystemClock};
 pub use error::{Error, Result};

@@ -96,8 +96,8 @@ impl World {
         self.broker
             .complete_login(start.pending, &callback)
             .await
-            .unwrap()
-            .tokens
+            .unwrap();
+        self.stored_set().await
     }
 
     async fn stored(&self) -> StoredRecord {
@@ -118,11 +118,26 @@ impl World {
     }
 }
 
-fn secret(s: &TokenSet) -> (String, Option<String>) {
-    (
-        s.access_token().expose_secret().to_owned(),
-        s.refresh_token().map(|r| r.expose_secret().to_owned()),
-    )
+/// The access token of a stored set or of what a read returned (which never shows the
+/// refresh token under the default policy).
+trait AccessToken {
+    fn access(&self) -> &tokenbroker::Secret;
+}
+
+impl AccessToken for TokenSet {
+    fn access(&self) -> &tokenbroker::Secret {
+        self.access_token()
+    }
+}
+
+impl AccessToken for tokenbroker::TokenView {
+    fn access(&self) -> &tokenbroker::Secret {
+        self.access_token()
+    }
+}
+
+fn secret(s: &impl AccessToken) -> String {
+    s.access().expose_secret().to_owned()
 }
 
 #[tokio::test]

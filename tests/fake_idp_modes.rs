@@ -685,7 +685,7 @@ mod broker {
         let store = Arc::new(MemoryStore::with_clock(clock.clone()));
         let key = TokenKey::parse("acme", "alice", "up").unwrap();
         let broker = TokenBroker::builder()
-            .with_oauth2_provider(config, ProviderPolicy::default())
+            .with_oauth2_provider(config, ProviderPolicy::default().expose_refresh_token(true))
             .with_store(store)
             .with_clock(clock.clone())
             .build()

@@ -111,7 +111,8 @@ async fn a_grant_goes_through_its_states_and_says_so() {
         w.broker.status(&alice).await.unwrap(),
         GrantStatus::Active {
             has_refresh_token: true,
-            expires_at: Some(_)
+            expires_at: Some(_),
+            ..
         }
     ));
 

@@ -10,7 +10,7 @@ use tokenbroker::provider::{IssuerPolicy, OidcConfig, OidcProvider, ProviderErro
 use tokenbroker::testing::{FakeIdp, FakeIdpConfig, ManualClock};
 use tokenbroker::{
     Callback, Caller, Error, LoginOptions, ProviderId, ProviderPolicy, RevocationStatus, Scopes,
-    Secret, TokenBroker, TokenKey, TokenSet,
+    Secret, TokenBroker, TokenKey, TokenView,
 };
 
 fn redirect() -> url::Url {
@@ -27,14 +27,15 @@ fn caller() -> Caller {
 }
 
 fn broker(config: OidcConfig, clock: Option<Arc<ManualClock>>) -> TokenBroker {
-    let mut b = TokenBroker::builder().with_oidc_provider(config, ProviderPolicy::default());
+    let mut b = TokenBroker::builder()
+        .with_oidc_provider(config, ProviderPolicy::default().expose_refresh_token(true));
     if let Some(clock) = clock {
         b = b.with_clock(clock);
     }
     b.build().unwrap()
 }
 
-async fn link(broker: &TokenBroker, idp: &FakeIdp, key: &TokenKey) -> Result<TokenSet, Error> {
+async fn link(broker: &TokenBroker, idp: &FakeIdp, key: &TokenKey) -> Result<TokenView, Error> {
     let start = broker.begin_login(key, LoginOptions::default()).await?;
     let cb = idp.authorize(&start.authorization_url, "alice").unwrap();
     broker
@@ -220,7 +221,10 @@ async fn microsoft_preset_rotates_checks_the_tenant_and_cannot_revoke() {
     // An app pinned to another tenant refuses this tenant's users.
     let other = "11111111-1111-1111-1111-111111111111".to_owned();
     let pinned = TokenBroker::builder()
-        .with_oidc_provider(preset(Some(vec![other])), ProviderPolicy::default())
+        .with_oidc_provider(
+            preset(Some(vec![other])),
+            ProviderPolicy::default().expose_refresh_token(true),
+        )
         .build()
         .unwrap();
     let err = link(&pinned, &idp, &k).await.unwrap_err();
@@ -271,7 +275,7 @@ async fn relogin_with_the_microsoft_and_github_presets_keeps_a_working_refresh_t
     .with_scopes(Scopes::parse("repo"));
     let clock = Arc::new(ManualClock::starting_now());
     let broker = TokenBroker::builder()
-        .with_oauth2_provider(config, ProviderPolicy::default())
+        .with_oauth2_provider(config, ProviderPolicy::default().expose_refresh_token(true))
         .with_clock(clock.clone())
         .build()
         .unwrap();

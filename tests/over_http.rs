@@ -9,7 +9,7 @@ use tokenbroker::store::TokenStore;
 use tokenbroker::testing::{FakeIdp, FakeIdpConfig, Fault, ManualClock};
 use tokenbroker::{
     Callback, Caller, Error, LoginOptions, MemoryStore, ProviderId, ProviderPolicy,
-    RevocationStatus, Scopes, Secret, TokenBroker, TokenKey, TokenSet,
+    RevocationStatus, Scopes, Secret, TokenBroker, TokenKey, TokenView,
 };
 
 struct World {
@@ -57,7 +57,10 @@ fn broker_on(
     auth: ClientAuth,
 ) -> TokenBroker {
     TokenBroker::builder()
-        .with_oauth2_provider(config(idp, auth), ProviderPolicy::default())
+        .with_oauth2_provider(
+            config(idp, auth),
+            ProviderPolicy::default().expose_refresh_token(true),
+        )
         .with_store(store.clone())
         .with_clock(clock.clone())
         .with_refresh_timeout(Duration::from_millis(500))
@@ -75,7 +78,7 @@ impl World {
         Caller::new(self.key.realm.clone(), self.key.subject.clone(), "app").with_role("read-token")
     }
 
-    async fn link(&self) -> TokenSet {
+    async fn link(&self) -> TokenView {
         let start = self
             .broker
             .begin_login(&self.key, LoginOptions::default())

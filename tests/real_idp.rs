@@ -17,7 +17,7 @@ use tokenbroker::provider::{
 use tokenbroker::store::TokenStore;
 use tokenbroker::{
     Callback, Caller, Error, LoginOptions, MemoryStore, ProviderId, ProviderPolicy,
-    RevocationStatus, Scopes, Secret, TokenBroker, TokenKey, TokenSet,
+    RevocationStatus, Scopes, Secret, TokenBroker, TokenKey, TokenView,
 };
 
 const TTL: u64 = 2;
@@ -42,7 +42,7 @@ fn config(idp: &OidcProvider, auth: ClientAuth, scopes: &str) -> OAuth2Config {
 
 fn broker(config: OAuth2Config, store: &Arc<MemoryStore>) -> TokenBroker {
     TokenBroker::builder()
-        .with_oauth2_provider(config, ProviderPolicy::default())
+        .with_oauth2_provider(config, ProviderPolicy::default().expose_refresh_token(true))
         .with_store(store.clone())
         // Access tokens live 2 s here; refresh only once they are really gone.
         .with_skew(Duration::from_millis(200))
@@ -59,7 +59,7 @@ fn alice() -> Caller {
     Caller::new(key.realm, key.subject, "app").with_role("read-token")
 }
 
-async fn link(broker: &TokenBroker, idp: &OidcProvider, options: LoginOptions) -> TokenSet {
+async fn link(broker: &TokenBroker, idp: &OidcProvider, options: LoginOptions) -> TokenView {
     let start = broker
         .begin_login(&key(), options.with_login_hint("alice"))
         .await
@@ -309,7 +309,7 @@ async fn discovered(idp: &OidcProvider, auth: ClientAuth, scopes: &str) -> OidcC
 
 fn oidc_broker(config: OidcConfig, store: &Arc<MemoryStore>) -> TokenBroker {
     TokenBroker::builder()
-        .with_oidc_provider(config, ProviderPolicy::default())
+        .with_oidc_provider(config, ProviderPolicy::default().expose_refresh_token(true))
         .with_store(store.clone())
         .with_skew(Duration::from_millis(200))
         .build()

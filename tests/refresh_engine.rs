@@ -193,10 +193,11 @@ impl World {
         }
     }
 
-    /// A broker instance on the shared store, with default timing.
+    /// A broker instance on the shared store, with default timing. Reads expose the refresh
+    /// token here, so that tests can follow rotation through what readers get.
     fn instance(&self, policy: ProviderPolicy) -> TokenBroker {
         TokenBroker::builder()
-            .with_provider(self.idp.clone(), policy)
+            .with_provider(self.idp.clone(), policy.expose_refresh_token(true))
             .with_store(self.store.clone())
             .with_clock(self.clock.clone())
             .with_event_sink(self.events.clone())
@@ -217,8 +218,8 @@ impl World {
         broker
             .complete_login(start.pending, &callback)
             .await
-            .unwrap()
-            .tokens
+            .unwrap();
+        self.stored_set().await
     }
 
     async fn stored_set(&self) -> TokenSet {
@@ -276,8 +277,25 @@ impl World {
     }
 }
 
-fn rt(set: &TokenSet) -> Option<String> {
-    set.refresh_token().map(|t| t.expose_secret().to_owned())
+/// The refresh token of a stored set, or of what a read handed out.
+trait RefreshToken {
+    fn refresh(&self) -> Option<&tokenbroker::Secret>;
+}
+
+impl RefreshToken for TokenSet {
+    fn refresh(&self) -> Option<&tokenbroker::Secret> {
+        self.refresh_token()
+    }
+}
+
+impl RefreshToken for tokenbroker::TokenView {
+    fn refresh(&self) -> Option<&tokenbroker::Secret> {
+        self.refresh_token()
+    }
+}
+
+fn rt(set: &impl RefreshToken) -> Option<String> {
+    set.refresh().map(|t| t.expose_secret().to_owned())
 }
 
 /// Scenario 1: a leading reader kept but not polled. Its refresh reached the provider; the
@@ -658,13 +676,13 @@ async fn a_lost_race_to_an_expired_winner_refreshes_the_winner() {
         .await
         .unwrap();
     let callback = w.idp.approve(&start.authorization_url, "alice").unwrap();
-    let relinked = broker
+    broker
         .complete_login(start.pending, &callback)
         .await
         .unwrap();
+    let relinked = w.stored_set().await;
     let current = w.store.inner.load(&w.key).await.unwrap().unwrap();
     let expired = relinked
-        .tokens
         .clone()
         .with_expires_at(w.clock.now() - Duration::from_secs(1));
     let mut record = current.record.clone();
@@ -680,7 +698,7 @@ async fn a_lost_race_to_an_expired_winner_refreshes_the_winner() {
     assert!(w.idp.is_active(read.tokens.access_token().expose_secret()));
     assert_ne!(
         rt(&read.tokens),
-        rt(&relinked.tokens),
+        rt(&relinked),
         "the winner's token was refreshed"
     );
     assert_eq!(w.idp.counters().refresh_calls, 2);

@@ -309,8 +309,9 @@ pub async fn link(
             &tokenbroker::Callback::from_url(&cb.redirect_url),
         )
         .await
-        .unwrap()
-        .tokens
+        .unwrap();
+    let stored = broker.store().load(key).await.unwrap().unwrap();
+    TokenSet::from_payload(&stored.record.payload).unwrap()
 }
 
 /// The floor of a refresh: a bare `oauth2` `exchange_refresh_token` to the same endpoint over

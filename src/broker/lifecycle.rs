@@ -12,6 +12,7 @@ use crate::access::Caller;
 use crate::error::{Error, Result};
 use crate::http::{HttpClient, HttpRequest, HttpResponse};
 use crate::ids::TokenKey;
+use crate::secret::Secret;
 use crate::store::LinkState;
 use crate::token::TokenSet;
 
@@ -34,6 +35,8 @@ pub enum GrantStatus {
         expires_at: Option<OffsetDateTime>,
         /// Whether a refresh token is held.
         has_refresh_token: bool,
+        /// The upstream account the link holds, when known ("linked as ...").
+        account: Option<crate::account::UpstreamAccount>,
     },
     /// A refresh of this link is running in this process.
     Refreshing,
@@ -137,6 +140,7 @@ impl TokenBroker {
         Ok(GrantStatus::Active {
             expires_at: set.expires_at(),
             has_refresh_token: set.refresh_token().is_some(),
+            account: set.account().cloned(),
         })
     }
 
@@ -238,7 +242,7 @@ impl TokenBroker {
         request: HttpRequest,
     ) -> Result<HttpRequest> {
         let read = self.retrieve(caller, key).await?;
-        with_bearer(request, key, &read.tokens)
+        with_bearer(request, key, read.tokens.access_token())
     }
 
     /// Sends `request` through `http` with `key`'s access token attached. When the resource
@@ -266,7 +270,7 @@ impl TokenBroker {
         let read = self.retrieve(caller, key).await?;
         let retry = clone_request(&request);
         let response = http
-            .execute(with_bearer(request, key, &read.tokens)?)
+            .execute(with_bearer(request, key, read.tokens.access_token())?)
             .await
             .map_err(|e| resource_server_unavailable(key, e))?;
         if response.status() != http::StatusCode::UNAUTHORIZED {
@@ -288,7 +292,7 @@ impl TokenBroker {
         {
             return Ok(response);
         }
-        http.execute(with_bearer(retry, key, &fresh)?)
+        http.execute(with_bearer(retry, key, fresh.access_token())?)
             .await
             .map_err(|e| resource_server_unavailable(key, e))
     }
@@ -318,8 +322,12 @@ fn record(report: &mut SweepReport, done: Done, inner: &super::Inner) {
 
 /// Attaches the bearer token. A token that is not a valid header value is an error: sending
 /// the request without `Authorization` would hide the problem behind the resource server's 401.
-fn with_bearer(mut request: HttpRequest, key: &TokenKey, tokens: &TokenSet) -> Result<HttpRequest> {
-    let value = format!("Bearer {}", tokens.access_token().expose_secret());
+fn with_bearer(
+    mut request: HttpRequest,
+    key: &TokenKey,
+    access_token: &Secret,
+) -> Result<HttpRequest> {
+    let value = format!("Bearer {}", access_token.expose_secret());
     let mut value = http::HeaderValue::from_str(&value)
         .map_err(|_| Error::InvalidAccessToken { key: key.clone() })?;
     value.set_sensitive(true);

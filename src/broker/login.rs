@@ -9,8 +9,12 @@ use time::OffsetDateTime;
 use url::Url;
 
 use super::{Inner, TokenBroker};
+use std::sync::Arc;
+
+use super::TokenView;
+use crate::account::UpstreamAccount;
 use crate::error::{Error, Result};
-use crate::events::BrokerEvent;
+use crate::events::{BrokerEvent, RevocationStatus};
 use crate::ids::{Scopes, TokenKey};
 use crate::provider::{AuthorizationRequest, CodeExchange, ProviderError};
 use crate::secret::{Secret, random_token};
@@ -207,8 +211,36 @@ pub struct LinkOutcome {
     /// Whether the tokens were stored (the provider's `store_tokens` policy).
     pub stored: bool,
     /// The tokens as stored (merged with an earlier link's refresh token if the provider sent
-    /// none this time).
-    pub tokens: TokenSet,
+    /// none this time and the account is the same), as the provider's policy lets them out.
+    pub tokens: TokenView,
+    /// When the link held another upstream account before this login: that account (if it
+    /// was known) and what happened to its grant upstream. The old tokens were replaced, never
+    /// merged.
+    pub replaced_account: Option<ReplacedAccount>,
+}
+
+/// A re-link with another upstream account replaced the link's tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReplacedAccount {
+    /// The account the link held before, when it was known.
+    pub previous: Option<UpstreamAccount>,
+    /// The revocation of the previous account's grant upstream.
+    pub revocation: RevocationStatus,
+}
+
+/// What a login did to the stored link.
+enum Upsert {
+    /// No link before.
+    Created(TokenSet),
+    /// The same account (or one that cannot be told apart): merged.
+    Merged(TokenSet),
+    /// Replaced: another account, a record marked relink-required, or one that did not decode.
+    Replaced {
+        set: TokenSet,
+        /// The previous set, when it decoded and held another account.
+        other_account: Option<TokenSet>,
+    },
 }
 
 impl TokenBroker {
@@ -352,17 +384,43 @@ impl TokenBroker {
                 key: pending.key,
                 first_link: false,
                 stored: false,
-                tokens: set,
+                tokens: TokenView::new(Arc::new(set), &entry.policy),
+                replaced_account: None,
             });
         }
-        let (tokens, first_link) = inner.upsert_link(&pending.key, set).await?;
+        let upsert = inner.upsert_link(&pending.key, set).await?;
+        let first_link = matches!(upsert, Upsert::Created(_));
         if first_link
             && entry.policy.stored_tokens_readable
             && let Some(hook) = &inner.role_grants
         {
-            hook.grant_role(&pending.key.realm, &pending.key.subject, &inner.read_role)
+            // The user's own realm, also for a session-bound link (whose key lives in a realm
+            // derived for the session): roles belong to the user.
+            let realm = super::sessions::user_realm(&pending.key.realm);
+            hook.grant_role(&realm, &pending.key.subject, &inner.read_role)
                 .await?;
         }
+        let (tokens, replaced_account) = match upsert {
+            Upsert::Created(set) | Upsert::Merged(set) => (set, None),
+            Upsert::Replaced { set, other_account } => {
+                let replaced = match other_account {
+                    Some(old) => {
+                        // The old account's grant has no link any more: revoke it.
+                        let revocation = inner.revoke_upstream(&*entry.provider, &old).await;
+                        inner.emit(BrokerEvent::AccountChanged {
+                            key: pending.key.clone(),
+                            revocation: revocation.clone(),
+                        });
+                        Some(ReplacedAccount {
+                            previous: old.account().cloned(),
+                            revocation,
+                        })
+                    }
+                    None => None,
+                };
+                (set, replaced)
+            }
+        };
         inner.emit(BrokerEvent::Linked {
             key: pending.key.clone(),
             relinked: !first_link,
@@ -371,7 +429,8 @@ impl TokenBroker {
             key: pending.key,
             first_link,
             stored: true,
-            tokens,
+            tokens: TokenView::new(Arc::new(tokens), &entry.policy),
+            replaced_account,
         })
     }
 }
@@ -394,9 +453,10 @@ impl Inner {
         Ok(())
     }
 
-    /// Inserts a link, or merges into the existing one (re-link). Returns the stored set and
-    /// whether the link is new.
-    async fn upsert_link(&self, key: &TokenKey, set: TokenSet) -> Result<(TokenSet, bool)> {
+    /// Inserts a link, or merges into the existing one (re-link with the same account), or
+    /// replaces it (another account, a link marked relink-required, a record that does not
+    /// decode). Never merges two accounts' tokens.
+    async fn upsert_link(&self, key: &TokenKey, set: TokenSet) -> Result<Upsert> {
         for _ in 0..5 {
             let now = self.clock.now();
             match self.store.load(key).await? {
@@ -406,30 +466,61 @@ impl Inner {
                         RecordMeta::new(LinkState::Active, set.expires_at(), now, now),
                     );
                     match self.store.insert(key, &record).await {
-                        Ok(_) => return Ok((set, true)),
+                        Ok(_) => return Ok(Upsert::Created(set)),
                         Err(StoreError::Conflict { .. }) => continue,
                         Err(e) => return Err(e.into()),
                     }
                 }
                 Some(stored) => {
-                    // Replaced rather than merged: a record we cannot decode (unusable), and a
-                    // link marked relink-required (its refresh token is known to be dead, and
-                    // keeping it would only earn the next refresh another invalid_grant).
-                    let merged = match TokenSet::from_payload(&stored.record.payload) {
-                        Ok(old) if !stored.record.meta.state.is_relink_required() => {
-                            old.merge(set.clone())
+                    let outcome = match TokenSet::from_payload(&stored.record.payload) {
+                        // A link marked relink-required: its refresh token is known to be
+                        // dead, and keeping it would only earn the next refresh another
+                        // invalid_grant.
+                        Ok(_) if stored.record.meta.state.is_relink_required() => {
+                            Upsert::Replaced {
+                                set: set.clone(),
+                                other_account: None,
+                            }
                         }
-                        _ => set.clone(),
+                        Ok(old) => match account_of(&old, &set) {
+                            Account::Same => Upsert::Merged(old.merge(set.clone())),
+                            Account::Other => Upsert::Replaced {
+                                set: set.clone(),
+                                other_account: Some(old),
+                            },
+                            // Cannot tell: merge only to keep a refresh token the login did not
+                            // bring again (a re-consent at Google); with a new one, replacing
+                            // loses nothing. Nothing is revoked: it may be the same grant.
+                            Account::Unknown if set.refresh_token().is_none() => {
+                                Upsert::Merged(old.merge(set.clone()))
+                            }
+                            Account::Unknown => Upsert::Replaced {
+                                set: set.clone(),
+                                other_account: None,
+                            },
+                        },
+                        // A record we cannot decode is unusable: the new tokens replace it.
+                        Err(_) => Upsert::Replaced {
+                            set: set.clone(),
+                            other_account: None,
+                        },
+                    };
+                    let written = match &outcome {
+                        Upsert::Created(s)
+                        | Upsert::Merged(s)
+                        | Upsert::Replaced { set: s, .. } => s,
                     };
                     let record = Record::new(
-                        merged.to_payload(),
+                        written.to_payload(),
                         RecordMeta::new(
                             LinkState::Active,
-                            merged.expires_at(),
+                            written.expires_at(),
                             stored.record.meta.created_at,
                             now,
                         ),
                     );
+                    // A refresh that rotates meanwhile makes this conflict; the next turn
+                    // merges onto its newer refresh token (or replaces it for another account).
                     match self
                         .store
                         .compare_and_swap(key, stored.version, &record, None)
@@ -440,7 +531,7 @@ impl Inner {
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
                                 .remove(key);
-                            return Ok((merged, false));
+                            return Ok(outcome);
                         }
                         Err(StoreError::Conflict { .. }) => continue,
                         Err(e) => return Err(e.into()),
@@ -449,5 +540,27 @@ impl Inner {
             }
         }
         Err(StoreError::Conflict { key: key.clone() }.into())
+    }
+}
+
+/// Whether a re-link's tokens belong to the account the link holds.
+enum Account {
+    Same,
+    Other,
+    /// One side cannot say (a provider without ID tokens or an account endpoint).
+    Unknown,
+}
+
+/// Accounts recorded on both sides decide. A link stored before accounts were recorded is
+/// judged by the account its stored ID token names (it was verified when it was stored).
+fn account_of(old: &TokenSet, new: &TokenSet) -> Account {
+    let old_account = old
+        .account()
+        .cloned()
+        .or_else(|| old.id_token().and_then(crate::account::account_in_id_token));
+    match (old_account, new.account()) {
+        (Some(old), Some(new)) if old.is_same_account(new) => Account::Same,
+        (Some(_), Some(_)) => Account::Other,
+        _ => Account::Unknown,
     }
 }

@@ -9,6 +9,7 @@ mod login;
 mod refresh;
 mod response;
 mod sessions;
+mod view;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -31,8 +32,9 @@ use crate::token::TokenSet;
 
 pub use exchange::{ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT};
 pub use lifecycle::{GrantStatus, SweepOptions, SweepReport};
-pub use login::{Callback, LinkOutcome, LoginOptions, LoginStart, PendingLogin};
+pub use login::{Callback, LinkOutcome, LoginOptions, LoginStart, PendingLogin, ReplacedAccount};
 pub use response::BrokerResponse;
+pub use view::TokenView;
 
 /// How much longer than the refresh time-out a lease must last by default, so that a holder
 /// gets its answer (or gives up) before anyone else may take over (REFRESH-PROTOCOL.md, "The
@@ -120,15 +122,14 @@ pub(crate) struct Inner {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct RetrievedTokens {
-    /// The tokens. The access token is valid for at least the skew, unless `stale` is set.
-    pub tokens: Arc<TokenSet>,
+    /// The tokens, as the provider's policy lets them out. The access token is valid for at
+    /// least the skew, unless `stale` is set.
+    pub tokens: TokenView,
     /// Whether this read refreshed the link (or joined a refresh in flight).
     pub refreshed: bool,
     /// The provider was unreachable and the access token is inside the skew but not expired:
     /// usable, but not for long.
     pub stale: bool,
-    /// Whether the provider's policy lets the refresh token leave the broker.
-    pub expose_refresh_token: bool,
 }
 
 /// What [`TokenBroker::unlink`] did.
@@ -218,10 +219,9 @@ impl TokenBroker {
             });
         }
         RetrievedTokens {
-            tokens,
+            tokens: TokenView::new(tokens, &entry.policy),
             refreshed,
             stale,
-            expose_refresh_token: entry.policy.expose_refresh_token,
         }
     }
 

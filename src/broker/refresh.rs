@@ -432,6 +432,9 @@ impl Inner {
             Ok(tokens) => {
                 let asked = need.scopes.as_ref().unwrap_or(set.scopes());
                 let newer = TokenSet::from_response(tokens, self.clock.now(), asked);
+                if names_another_account(&set, &newer) {
+                    return self.on_account_mismatch(key, stored, held).await;
+                }
                 self.store_refreshed(key, need, stored, &set, spent, newer, held)
                     .await
             }
@@ -786,6 +789,39 @@ impl Inner {
         }))
     }
 
+    /// A refresh whose ID token names another account than the link's (OpenID Connect Core
+    /// §12.2): nothing of the answer is stored or served, since none of it provably belongs to
+    /// the link's account, and the link is marked so that the user links again.
+    async fn on_account_mismatch(&self, key: &TokenKey, stored: StoredRecord, held: &Held) -> Turn {
+        tracing::error!(target: "tokenbroker", %key, "refreshed id_token names another account; link marked relink-required");
+        let mut meta = stored.record.meta.clone();
+        meta.state = LinkState::RelinkRequired {
+            reason: "the provider's refreshed ID token names another account".into(),
+            since: self.clock.now(),
+        };
+        let marked = Record::new(stored.record.payload.clone(), meta);
+        let fence = held.fenced.then_some(&held.lease.token);
+        let limit = held.left(Duration::ZERO).max(Duration::from_millis(100));
+        match self
+            .bounded(
+                limit,
+                self.store
+                    .compare_and_swap(key, stored.version, &marked, fence),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(Error::Store(StoreError::Conflict { .. })) => {
+                return Turn::Again(Error::RecordChanged { key: key.clone() });
+            }
+            Err(e) => {
+                tracing::warn!(target: "tokenbroker", %key, error = %e, "could not mark link relink-required")
+            }
+        }
+        self.emit(BrokerEvent::AccountMismatch { key: key.clone() });
+        Turn::Done(Err(Error::AccountMismatch { key: key.clone() }))
+    }
+
     /// Any other failure of the link's own refresh: the record stays exactly as it was; a
     /// still-valid token is served.
     fn on_failure(
@@ -955,6 +991,19 @@ impl Inner {
             .filter(|b| b.until > now)
             .map(|b| (b.until, b.failures))
     }
+}
+
+/// Whether a refresh's answer names another account than the link holds. A link stored
+/// before accounts were recorded is judged by the account its stored ID token names.
+fn names_another_account(link: &TokenSet, answer: &TokenSet) -> bool {
+    let Some(named) = answer.account() else {
+        return false; // no ID token in the answer: nothing says otherwise
+    };
+    let held = link.account().cloned().or_else(|| {
+        link.id_token()
+            .and_then(crate::account::account_in_id_token)
+    });
+    held.is_some_and(|held| !held.is_same_account(named))
 }
 
 /// A provider's answer applied to a record: the link's own refresh merges (keeping the refresh

@@ -93,6 +93,10 @@ impl BrokerResponse {
                 StatusCode::CONFLICT,
                 format!("the user must link the provider again: {reason}"),
             ),
+            Error::AccountMismatch { .. } => (
+                StatusCode::CONFLICT,
+                "the provider's tokens name another account; the user must link again".to_owned(),
+            ),
             Error::NoRefreshToken { .. } => (
                 StatusCode::CONFLICT,
                 "the token expired and cannot be refreshed; the user must link again".to_owned(),
@@ -223,7 +227,8 @@ impl TokenBroker {
 
     fn token_body(&self, retrieved: &RetrievedTokens) -> BrokerResponse {
         let now = self.inner.clock.now();
-        let set = &retrieved.tokens;
+        let view = &retrieved.tokens;
+        let set = view.set();
         let secs_until = |at: time::OffsetDateTime| (at - now).whole_seconds().max(0);
         let mut body = Map::new();
         body.insert(
@@ -238,7 +243,7 @@ impl TokenBroker {
             json!(set.refresh_expires_at().map_or(0, secs_until)),
         );
         body.insert("token_type".into(), json!(set.token_type()));
-        if let Some(id_token) = set.id_token() {
+        if let Some(id_token) = view.id_token() {
             body.insert("id_token".into(), json!(id_token.expose_secret()));
         }
         body.insert("scope".into(), json!(set.scopes().to_string()));
@@ -247,9 +252,7 @@ impl TokenBroker {
             "accessTokenExpiration".into(),
             json!(set.expires_at().map_or(0, |e| e.unix_timestamp())),
         );
-        if retrieved.expose_refresh_token
-            && let Some(rt) = set.refresh_token()
-        {
+        if let Some(rt) = view.refresh_token() {
             body.insert("refresh_token".into(), json!(rt.expose_secret()));
         }
         BrokerResponse::new(StatusCode::OK, &Value::Object(body))

@@ -37,6 +37,15 @@ pub(crate) fn session_key(key: &TokenKey, session: &Secret) -> Result<TokenKey> 
     ))
 }
 
+/// The user's own realm for a key's realm: the realm itself, or the one a session-bound link's
+/// derived realm was made from.
+pub(crate) fn user_realm(realm: &Realm) -> Realm {
+    match realm.as_str().split_once(SESSION_MARK) {
+        Some((user, _)) => Realm::new(user).unwrap_or_else(|_| realm.clone()),
+        None => realm.clone(),
+    }
+}
+
 impl TokenBroker {
     /// Reads a token for a subset of the link's granted scopes, or for one audience
     /// (`aud:<client>`): the broker refreshes with the narrower `scope` parameter and keeps that

@@ -20,7 +20,7 @@ use crate::ids::{ProviderId, Scopes};
 use crate::secret::Secret;
 use crate::token::ProviderTokens;
 
-pub use self::oauth2::{ClientAuth, OAuth2Config, OAuth2Provider};
+pub use self::oauth2::{AccountEndpoint, ClientAuth, OAuth2Config, OAuth2Provider};
 pub use self::oidc::{IssuerPolicy, OidcConfig, OidcProvider, VerifiedIdToken};
 pub use self::quirks::{GitHubQuirks, GoogleQuirks, MicrosoftQuirks, Quirks, StandardQuirks};
 pub use self::response::{classify_error_response, parse_token_response};

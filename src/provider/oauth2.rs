@@ -19,8 +19,10 @@ use super::response::parse_token_response;
 use super::{
     AuthorizationRequest, CodeExchange, Provider, ProviderError, RefreshTokenReuse, TokenKind,
 };
+use crate::account::UpstreamAccount;
 use crate::http::{ClientDebug, HttpError, HttpErrorKind, HttpResponse, SharedHttpClient};
 use crate::ids::{ProviderId, Scopes};
+use crate::provider::oidc::ClassifyName as _;
 use crate::secret::Secret;
 use crate::token::ProviderTokens;
 
@@ -83,6 +85,47 @@ pub struct OAuth2Config {
     pub refresh_token_reuse: RefreshTokenReuse,
     /// The provider's deviations from RFC 6749 ([`StandardQuirks`] by default).
     pub quirks: Arc<dyn Quirks>,
+    /// Where a plain OAuth 2.0 provider says whose tokens it issued (GitHub: `/user`), so that
+    /// a link records its upstream account. None by default (OpenID Connect providers say it in
+    /// the ID token).
+    pub account_endpoint: Option<AccountEndpoint>,
+}
+
+/// An endpoint that answers, for an access token, which account it belongs to: a `GET` with
+/// `Authorization: Bearer`, answering a JSON object.
+///
+/// ```
+/// use tokenbroker::provider::AccountEndpoint;
+/// let github = AccountEndpoint::new("https://api.github.com/user".parse()?, "/id")
+///     .with_email_pointer("/email");
+/// # Ok::<(), url::ParseError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AccountEndpoint {
+    /// The endpoint.
+    pub url: Url,
+    /// A JSON pointer (RFC 6901) to the account's stable id in the answer: a string or a
+    /// number (GitHub: `/id`, not the login, which users can rename).
+    pub id_pointer: String,
+    /// A JSON pointer to an e-mail address to show, if the answer has one.
+    pub email_pointer: Option<String>,
+}
+
+impl AccountEndpoint {
+    /// An endpoint whose answer has the account id at `id_pointer`.
+    pub fn new(url: Url, id_pointer: impl Into<String>) -> Self {
+        AccountEndpoint {
+            url,
+            id_pointer: id_pointer.into(),
+            email_pointer: None,
+        }
+    }
+    /// Where the answer has an e-mail address.
+    pub fn with_email_pointer(mut self, pointer: impl Into<String>) -> Self {
+        self.email_pointer = Some(pointer.into());
+        self
+    }
 }
 
 impl OAuth2Config {
@@ -108,6 +151,7 @@ impl OAuth2Config {
             authorize_params: Vec::new(),
             refresh_token_reuse: RefreshTokenReuse::Rejected,
             quirks: Arc::new(StandardQuirks),
+            account_endpoint: None,
         }
     }
 
@@ -148,6 +192,10 @@ impl OAuth2Config {
         .with_client_secret(client_secret)
         .with_client_auth(ClientAuth::Post)
         .with_quirks(GitHubQuirks)
+        .with_account_endpoint(
+            AccountEndpoint::new(url("https://api.github.com/user"), "/id")
+                .with_email_pointer("/email"),
+        )
     }
 
     /// Replaces all endpoints' scheme, host and port with `base`'s, keeping their paths: points
@@ -158,9 +206,17 @@ impl OAuth2Config {
         self.authorization_endpoint = rebase(base, &self.authorization_endpoint);
         self.token_endpoint = rebase(base, &self.token_endpoint);
         self.revocation_endpoint = self.revocation_endpoint.map(|u| rebase(base, &u));
+        if let Some(account) = &mut self.account_endpoint {
+            account.url = rebase(base, &account.url);
+        }
         self
     }
 
+    /// Sets where the provider says whose tokens it issued (see [`AccountEndpoint`]).
+    pub fn with_account_endpoint(mut self, endpoint: AccountEndpoint) -> Self {
+        self.account_endpoint = Some(endpoint);
+        self
+    }
     /// Sets the provider's quirks.
     pub fn with_quirks(mut self, quirks: impl Quirks) -> Self {
         self.quirks = Arc::new(quirks);
@@ -343,6 +399,72 @@ impl OAuth2Provider {
     }
 }
 
+impl OAuth2Provider {
+    /// Asks the account endpoint whose tokens these are. A login whose account cannot be told
+    /// fails: storing tokens without knowing whose they are is how a re-link mixes accounts.
+    async fn account(
+        &self,
+        endpoint: &AccountEndpoint,
+        access_token: &Secret,
+    ) -> Result<UpstreamAccount, ProviderError> {
+        let request = http::Request::builder()
+            .method(http::Method::GET)
+            .uri(endpoint.url.as_str())
+            .header(http::header::ACCEPT, "application/json")
+            // GitHub's API refuses requests without one.
+            .header(http::header::USER_AGENT, "tokenbroker")
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", access_token.expose_secret()),
+            )
+            .body(Vec::new())
+            .map_err(|e| ProviderError::Config {
+                reason: format!("cannot build the account request: {e}"),
+            })?;
+        let response = self.http.execute(request).await.map_err(transport_error)?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(ProviderError::Transient {
+                status: Some(status.as_u16()),
+                retry_after: None,
+                reason: Some("the account endpoint failed".into()),
+                source: None,
+            });
+        }
+        let body: serde_json::Value =
+            serde_json::from_slice(response.body()).map_err(|e| ProviderError::Protocol {
+                status: Some(status.as_u16()),
+                reason: format!(
+                    "the account endpoint's answer is not JSON ({})",
+                    e.classify_name()
+                ),
+            })?;
+        let subject = match body.pointer(&endpoint.id_pointer) {
+            Some(serde_json::Value::String(id)) if !id.is_empty() => id.clone(),
+            Some(serde_json::Value::Number(id)) => id.to_string(),
+            _ => {
+                return Err(ProviderError::Protocol {
+                    status: Some(status.as_u16()),
+                    reason: format!(
+                        "the account endpoint's answer has no id at {}",
+                        endpoint.id_pointer
+                    ),
+                });
+            }
+        };
+        let mut account =
+            UpstreamAccount::new(Some(endpoint.url.origin().ascii_serialization()), subject);
+        if let Some(serde_json::Value::String(email)) = endpoint
+            .email_pointer
+            .as_deref()
+            .and_then(|p| body.pointer(p))
+        {
+            account.email = Some(email.clone());
+        }
+        Ok(account)
+    }
+}
+
 pub(crate) fn transport_error(e: HttpError) -> ProviderError {
     match e.kind() {
         HttpErrorKind::TooLarge => ProviderError::Protocol {
@@ -410,10 +532,14 @@ impl Provider for OAuth2Provider {
             ))
             .request_async(&capture)
             .await;
-        self.fixed(
+        let mut tokens = self.fixed(
             Self::finish(result, capture),
             Some(&exchange.requested_scopes).filter(|s| !s.is_empty()),
-        )
+        )?;
+        if let Some(endpoint) = &self.config.account_endpoint {
+            tokens.account = Some(self.account(endpoint, &tokens.access_token).await?);
+        }
+        Ok(tokens)
     }
 
     async fn refresh(

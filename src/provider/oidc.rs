@@ -28,6 +28,7 @@ use super::{
     AuthorizationRequest, ClientAuth, CodeExchange, OAuth2Config, OAuth2Provider, Provider,
     ProviderError, RefreshTokenReuse, TokenKind,
 };
+use crate::account::UpstreamAccount;
 use crate::clock::{self, SharedClock};
 use crate::http::{HttpResponse, SharedHttpClient};
 use crate::ids::{ProviderId, Scopes};
@@ -400,7 +401,7 @@ struct DiscoveryDocument {
     token_endpoint_auth_methods_supported: Vec<String>,
 }
 
-trait ClassifyName {
+pub(crate) trait ClassifyName {
     fn classify_name(&self) -> &'static str;
 }
 
@@ -462,6 +463,18 @@ pub struct VerifiedIdToken {
     pub tenant_id: Option<String>,
     /// `email`, if present.
     pub email: Option<String>,
+}
+
+impl VerifiedIdToken {
+    /// The upstream account the token names.
+    pub fn account(&self) -> UpstreamAccount {
+        UpstreamAccount {
+            issuer: Some(self.issuer.clone()),
+            subject: self.subject.clone(),
+            tenant_id: self.tenant_id.clone(),
+            email: self.email.clone(),
+        }
+    }
 }
 
 impl fmt::Debug for VerifiedIdToken {
@@ -793,14 +806,16 @@ impl Provider for OidcProvider {
         &self,
         exchange: &CodeExchange,
     ) -> Result<ProviderTokens, ProviderError> {
-        let tokens = self.oauth2.exchange_code(exchange).await?;
+        let mut tokens = self.oauth2.exchange_code(exchange).await?;
         let Some(id_token) = &tokens.id_token else {
             return Err(ProviderError::IdToken {
                 reason: "the token answer has no id_token".into(),
             });
         };
-        self.verify_id_token(id_token, Some(&exchange.nonce))
+        let verified = self
+            .verify_id_token(id_token, Some(&exchange.nonce))
             .await?;
+        tokens.account = Some(verified.account());
         Ok(tokens)
     }
 
@@ -810,15 +825,20 @@ impl Provider for OidcProvider {
         scopes: Option<&Scopes>,
     ) -> Result<ProviderTokens, ProviderError> {
         let mut tokens = self.oauth2.refresh(refresh_token, scopes).await?;
-        if let Some(id_token) = &tokens.id_token
-            && let Err(e) = self.verify_id_token(id_token, None).await
-        {
-            tracing::warn!(
-                provider = %self.oauth2.id(),
-                error = %e,
-                "refreshed id_token failed verification; keeping the new tokens without it"
-            );
-            tokens.id_token = None;
+        if let Some(id_token) = &tokens.id_token {
+            match self.verify_id_token(id_token, None).await {
+                // The broker checks that it names the link's account (OpenID Connect Core
+                // §12.2) before anything is stored.
+                Ok(verified) => tokens.account = Some(verified.account()),
+                Err(e) => {
+                    tracing::warn!(
+                        provider = %self.oauth2.id(),
+                        error = %e,
+                        "refreshed id_token failed verification; keeping the new tokens without it"
+                    );
+                    tokens.id_token = None;
+                }
+            }
         }
         Ok(tokens)
     }

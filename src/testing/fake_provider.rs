@@ -9,6 +9,7 @@ use oauth2::{PkceCodeChallenge, PkceCodeVerifier};
 use tokio::sync::watch;
 use url::Url;
 
+use crate::account::UpstreamAccount;
 use crate::broker::Callback;
 use crate::ids::{ProviderId, Scopes};
 use crate::provider::{
@@ -78,7 +79,11 @@ struct State {
     strict_reuse: bool,
     omit_refresh_token: bool,
     access_ttl: Duration,
+    refresh_account: Option<String>,
 }
+
+/// The issuer the fake names in the accounts it reports.
+const FAKE_ISSUER: &str = "https://fake-provider.invalid";
 
 /// A [`Provider`] that runs inside the test process and behaves like a strict IdP:
 /// single-use codes with PKCE S256, rotating refresh tokens whose reuse revokes the whole
@@ -130,6 +135,7 @@ impl FakeProvider {
                 strict_reuse: true,
                 omit_refresh_token: false,
                 access_ttl: Duration::from_secs(3600),
+                refresh_account: None,
             }),
             paused: watch::channel(false).0,
             in_flight: watch::channel(0).0,
@@ -149,6 +155,11 @@ impl FakeProvider {
     /// (off, like Microsoft).
     pub fn set_strict_reuse(&self, on: bool) {
         self.state().strict_reuse = on;
+    }
+    /// Makes refresh answers name another account than their grant's (`Some(subject)`), as a
+    /// refreshed ID token of a broken or mixed-up IdP would; `None` restores the grant's.
+    pub fn set_refresh_account(&self, subject: Option<&str>) {
+        self.state().refresh_account = subject.map(str::to_owned);
     }
     /// Leave the refresh token out of code-exchange answers.
     pub fn set_omit_refresh_token(&self, on: bool) {
@@ -247,6 +258,8 @@ impl FakeProvider {
         tokens.token_type = Some("Bearer".into());
         tokens.expires_in = Some(s.access_ttl);
         tokens.scopes = Some(scopes);
+        let subject = s.grants[grant].subject.clone();
+        tokens.account = Some(UpstreamAccount::new(Some(FAKE_ISSUER.into()), subject));
         if with_refresh {
             let rt = format!("rt_{}", random_token(16));
             s.refresh_tokens
@@ -396,7 +409,11 @@ impl Provider for FakeProvider {
             );
         }
         s.counters.refresh_successes += 1;
-        Ok(FakeProvider::issue(&mut s, grant, rotate, scopes))
+        let mut tokens = FakeProvider::issue(&mut s, grant, rotate, scopes);
+        if let Some(other) = s.refresh_account.clone() {
+            tokens.account = Some(UpstreamAccount::new(Some(FAKE_ISSUER.into()), other));
+        }
+        Ok(tokens)
     }
 
     async fn revoke(&self, token: &Secret, _kind: TokenKind) -> Result<(), ProviderError> {
