@@ -890,6 +890,8 @@ struct Ledger {
     grants: usize,
     /// Refresh tokens the provider consumed (rotated away).
     consumed: HashSet<String>,
+    /// Presentations of consumed refresh tokens the gates saw.
+    reuses: u64,
     /// Rotated refresh tokens not yet written, by the token they replace.
     pending: BTreeMap<String, String>,
     lost: Vec<LostAnswer>,
@@ -1388,6 +1390,7 @@ impl Provider for GatedProvider {
         }
         let reused = world.ledger().consumed.contains(&spent);
         if reused {
+            world.ledger().reuses += 1;
             world
                 .log(|| format!("provider refresh: {label} PRESENTED AGAIN after it was consumed"));
             let excused = world
@@ -2008,6 +2011,16 @@ async fn check_after(setup: &Setup) {
     }
     check_leases(setup).await;
     check_link(setup).await;
+    // The provider's own count of reuses, against the gates': a reuse the gates missed would
+    // mean the harness cannot see invariant 1.
+    let detected = setup.idp.counters().reuse_detected;
+    let seen = world.ledger().reuses;
+    if detected > seen {
+        world.violation(
+            Invariant::RefreshTokenReused,
+            format!("the provider detected {detected} reuses, the gates saw {seen}"),
+        );
+    }
 }
 
 /// Waits, stepping virtual time forward gently, until the brokers are idle: no task is left
