@@ -502,3 +502,83 @@ async fn microsoft_quirks_rotate_and_keep_ext_expires_in() {
     assert_ne!(read.tokens.refresh_token().unwrap().expose_secret(), rt);
     assert!(read.tokens.extras().contains_key("ext_expires_in"));
 }
+
+/// Issue 12 against the real provider: Alice's link is re-linked with another account (Bob
+/// signs in at the provider, which issues no refresh token on that re-consent, as OpenID
+/// Connect Core §11 has it without `prompt=consent`). The link is replaced, never merged: it
+/// holds only Bob's tokens, Alice's grant is revoked at the provider, and the outcome says so.
+/// The same account re-linking merges and keeps the refresh token.
+#[tokio::test]
+async fn a_relink_with_another_account_replaces_the_link_and_revokes_the_old_grant() {
+    let idp = OidcProvider::start(Profile::Oidc, 60).await;
+    let store = Arc::new(MemoryStore::new());
+    let config = discovered(&idp, ClientAuth::Basic, "openid offline_access").await;
+    let broker = oidc_broker(config, &store);
+    let alice_link = link(&broker, &idp, LoginOptions::default()).await;
+    let alice_rt = alice_link
+        .refresh_token()
+        .expect("a first link with offline_access gets a refresh token")
+        .expose_secret()
+        .to_owned();
+    assert_eq!(alice_link.account().unwrap().subject, "alice");
+
+    // The same account again (the provider's session is Alice's): merged, refresh token kept.
+    let start = broker
+        .begin_login(&key(), LoginOptions::default().with_login_hint("alice"))
+        .await
+        .unwrap();
+    let redirect = idp.login(&start.authorization_url).await;
+    let again = broker
+        .complete_login(start.pending, &Callback::from_url(&redirect))
+        .await
+        .unwrap();
+    assert!(again.replaced_account.is_none());
+    assert_eq!(
+        again
+            .tokens
+            .refresh_token()
+            .map(|t| t.expose_secret().to_owned()),
+        Some(alice_rt.clone()),
+        "the same account's re-link keeps its refresh token"
+    );
+
+    // Bob signs in (`prompt=login` makes the provider ask who it is).
+    let start = broker
+        .begin_login(
+            &key(),
+            LoginOptions::default()
+                .with_login_hint("bob")
+                .with_param("prompt", "login"),
+        )
+        .await
+        .unwrap();
+    let redirect = idp.login(&start.authorization_url).await;
+    let outcome = broker
+        .complete_login(start.pending, &Callback::from_url(&redirect))
+        .await
+        .unwrap();
+    let replaced = outcome
+        .replaced_account
+        .expect("another account replaced the link");
+    assert_eq!(replaced.previous.unwrap().subject, "alice");
+    assert_eq!(replaced.revocation, RevocationStatus::Revoked);
+    assert_eq!(outcome.tokens.account().unwrap().subject, "bob");
+
+    let stored = store.load(&key()).await.unwrap().unwrap();
+    let stored = tokenbroker::TokenSet::from_payload(&stored.record.payload).unwrap();
+    assert_eq!(stored.account().unwrap().subject, "bob");
+    if let Some(rt) = stored.refresh_token() {
+        assert_ne!(
+            rt.expose_secret(),
+            alice_rt,
+            "Alice's refresh token is not kept"
+        );
+    }
+    assert!(idp.is_active(stored.access_token().expose_secret()).await);
+    assert!(
+        !idp.is_active(&alice_rt).await,
+        "Alice's grant was revoked at the provider"
+    );
+    let read = broker.retrieve(&alice(), &key()).await.unwrap();
+    assert_eq!(read.tokens.account().unwrap().subject, "bob");
+}

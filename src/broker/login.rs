@@ -265,12 +265,16 @@ impl TokenBroker {
             }
             _ => key.clone(),
         };
-        let has_refresh_token = match inner.store.load(key).await? {
-            Some(stored) if !stored.record.meta.state.is_relink_required() => {
+        let has_refresh_token = match inner.store.load(key).await {
+            Ok(Some(stored)) if !stored.record.meta.state.is_relink_required() => {
                 TokenSet::from_payload(&stored.record.payload)
                     .is_ok_and(|s| s.refresh_token().is_some())
             }
-            _ => false,
+            Ok(_) => false,
+            // A record that does not decrypt or decode never blocks a re-link: the login's
+            // tokens will replace it.
+            Err(StoreError::Corrupt { .. }) => false,
+            Err(e) => return Err(e.into()),
         };
         let verifier = Secret::new(random_token(32));
         let challenge = PkceCodeChallenge::from_code_verifier_sha256(&PkceCodeVerifier::new(

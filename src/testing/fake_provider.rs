@@ -257,7 +257,13 @@ impl FakeProvider {
         let mut tokens = ProviderTokens::new(Secret::new(access));
         tokens.token_type = Some("Bearer".into());
         tokens.expires_in = Some(s.access_ttl);
+        let openid = scopes.contains("openid");
         tokens.scopes = Some(scopes);
+        // An opaque stand-in for an ID token (this provider signs nothing), so that what the
+        // broker does with ID tokens (keep, expose by policy, redact) can be tested.
+        if openid {
+            tokens.id_token = Some(Secret::new(format!("idt_{}", random_token(16))));
+        }
         let subject = s.grants[grant].subject.clone();
         tokens.account = Some(UpstreamAccount::new(Some(FAKE_ISSUER.into()), subject));
         if with_refresh {

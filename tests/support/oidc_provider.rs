@@ -158,14 +158,24 @@ impl OidcProvider {
     /// does not request. Returns that final URL (`?code=...&state=...` or `?error=...`).
     pub async fn login(&self, authorization_url: &Url) -> Url {
         let mut url = authorization_url.clone();
+        let mut form: Option<(Url, Vec<(String, String)>)> = None;
         for _ in 0..12 {
-            let response = self
-                .http
-                .get(url.clone())
-                .send()
-                .await
-                .expect("provider reachable");
+            let request = match form.take() {
+                // The page a browser would submit by script (oidc-provider ends the current
+                // session this way before another account signs in).
+                Some((action, fields)) => self.http.post(action).form(&fields),
+                None => self.http.get(url.clone()),
+            };
+            let response = request.send().await.expect("provider reachable");
             let status = response.status();
+            if status == 200 {
+                let body = response.text().await.unwrap_or_default();
+                if let Some(submit) = auto_submitted_form(&url, &body) {
+                    form = Some(submit);
+                    continue;
+                }
+                panic!("expected a redirect from {url}, got {status}: {body}");
+            }
             assert!(
                 status.is_redirection(),
                 "expected a redirect from {url}, got {status}: {}",
@@ -280,4 +290,30 @@ impl Drop for OidcProvider {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
     }
+}
+
+/// The form of a page that submits itself on load (`document.forms[0].submit()`): its action
+/// and hidden fields, as a browser would post them.
+fn auto_submitted_form(base: &Url, body: &str) -> Option<(Url, Vec<(String, String)>)> {
+    if !body.contains("forms[0].submit()") {
+        return None;
+    }
+    let attr = |tag: &str, name: &str| -> Option<String> {
+        let start = tag.find(&format!("{name}=\""))? + name.len() + 2;
+        let end = tag[start..].find('"')? + start;
+        Some(tag[start..end].to_owned())
+    };
+    let form_start = body.find("<form")?;
+    let form_tag = &body[form_start..form_start + body[form_start..].find('>')?];
+    let action = base.join(&attr(form_tag, "action")?).ok()?;
+    let mut fields = Vec::new();
+    let mut rest = &body[form_start..];
+    while let Some(i) = rest.find("<input") {
+        let tag = &rest[i..i + rest[i..].find('>')?];
+        if let (Some(name), Some(value)) = (attr(tag, "name"), attr(tag, "value")) {
+            fields.push((name, value));
+        }
+        rest = &rest[i + 6..];
+    }
+    Some((action, fields))
 }
