@@ -13,6 +13,8 @@ use crate::account::UpstreamAccount;
 use crate::ids::Scopes;
 use crate::secret::Secret;
 
+mod stored;
+
 /// How many narrowed tokens (distinct scope sets or audiences) a link keeps at most.
 pub(crate) const MAX_NARROWED: usize = 16;
 
@@ -320,39 +322,24 @@ impl TokenSet {
         self
     }
 
-    /// Encodes the set for a store. The payload holds every token in clear text: stores keep
-    /// it as an opaque blob, and `EncryptedStore` encrypts it.
+    /// Encodes the set for a store, in the current stored format (version 2, which also
+    /// keeps the [`account`](Self::account)). The payload holds every token in clear text:
+    /// stores keep it as an opaque blob, and `EncryptedStore` encrypts it.
     pub fn to_payload(&self) -> Payload {
-        let envelope = Envelope { v: 1, set: self };
-        let bytes = serde_json::to_vec(&envelope).expect("a token set always serializes to JSON");
-        Payload::new(bytes)
+        stored::encode(self)
     }
 
-    /// Decodes a payload written by [`TokenSet::to_payload`].
+    /// Decodes a payload written by [`TokenSet::to_payload`] of this release or an earlier
+    /// one (stored format versions 1 and 2).
+    ///
+    /// # Errors
+    ///
+    /// [`DecodeError::UnsupportedVersion`] for a record of a format this release does not
+    /// read (written by a newer one), [`DecodeError::Malformed`] for anything else that is
+    /// not a record (not JSON, truncated, a field missing or of the wrong type).
     pub fn from_payload(payload: &Payload) -> Result<TokenSet, DecodeError> {
-        #[derive(Deserialize)]
-        struct Owned {
-            v: u32,
-            set: TokenSet,
-        }
-        let owned: Owned =
-            serde_json::from_slice(payload.expose_secret()).map_err(|e| DecodeError {
-                // serde_json's message names the position and the expected type, never the input.
-                reason: e.to_string(),
-            })?;
-        if owned.v != 1 {
-            return Err(DecodeError {
-                reason: format!("unknown payload version {}", owned.v),
-            });
-        }
-        Ok(owned.set)
+        stored::decode(payload.expose_secret())
     }
-}
-
-#[derive(Serialize)]
-struct Envelope<'a> {
-    v: u32,
-    set: &'a TokenSet,
 }
 
 impl fmt::Debug for TokenSet {
@@ -373,11 +360,25 @@ impl fmt::Debug for TokenSet {
     }
 }
 
-/// A stored payload could not be decoded.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("token set payload could not be decoded: {reason}")]
-pub struct DecodeError {
-    reason: String,
+/// A stored payload could not be decoded by [`TokenSet::from_payload`]. No variant holds any
+/// of the payload's tokens.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The payload is not a stored token set: not JSON, truncated, or a field is missing or of
+    /// the wrong type.
+    #[error("token set payload could not be decoded: {reason}")]
+    Malformed {
+        /// What was wrong, with its position.
+        reason: String,
+    },
+    /// The payload is a record of a stored format this release does not read, most likely
+    /// written by a newer release.
+    #[error("token set payload could not be decoded: unsupported stored format version {version}")]
+    UnsupportedVersion {
+        /// The format version the record names.
+        version: u64,
+    },
 }
 
 /// A provider's answer from the token endpoint, already parsed and classified, with lifetimes
@@ -587,8 +588,10 @@ mod tests {
     fn garbage_payload_is_a_typed_error() {
         let err = TokenSet::from_payload(&Payload::new(b"{\"v\":1".to_vec())).unwrap_err();
         assert!(err.to_string().contains("could not be decoded"));
+        assert!(matches!(err, DecodeError::Malformed { .. }), "{err:?}");
         let err =
             TokenSet::from_payload(&Payload::new(br#"{"v":9,"set":{}}"#.to_vec())).unwrap_err();
+        assert_eq!(err, DecodeError::UnsupportedVersion { version: 9 });
         assert!(err.to_string().contains("could not be decoded"), "{err}");
     }
 }
