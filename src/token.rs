@@ -6,7 +6,6 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretSlice};
-use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::account::UpstreamAccount;
@@ -23,6 +22,16 @@ pub(crate) const MAX_NARROWED: usize = 16;
 /// Built from a provider's answer by [`TokenSet::from_response`], and merged with a later answer
 /// by [`TokenSet::merge`], which never drops a refresh token the answer did not replace.
 ///
+/// It implements neither `Serialize` nor `Deserialize`, so that host code cannot serialize a
+/// set's tokens by accident (into an HTTP response, a cookie, a log line). Stores keep
+/// [`TokenSet::to_payload`]'s bytes, a private and versioned format.
+///
+/// ```compile_fail,E0277
+/// # use tokenbroker::{Secret, TokenSet};
+/// # let set = TokenSet::new(Secret::new("at"), time::OffsetDateTime::UNIX_EPOCH);
+/// let json = serde_json::to_string(&set); // does not compile: use `set.to_payload()`
+/// ```
+///
 /// ```
 /// use tokenbroker::{Secret, TokenSet};
 /// use time::macros::datetime;
@@ -33,56 +42,32 @@ pub(crate) const MAX_NARROWED: usize = 16;
 /// assert!(format!("{set:?}").contains("[redacted]"));
 /// assert!(!format!("{set:?}").contains("at-1"));
 /// ```
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone)]
 pub struct TokenSet {
     access_token: Secret,
     token_type: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     refresh_token: Option<Secret>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     id_token: Option<Secret>,
-    #[serde(
-        default,
-        with = "time::serde::timestamp::option",
-        skip_serializing_if = "Option::is_none"
-    )]
     expires_at: Option<OffsetDateTime>,
-    #[serde(
-        default,
-        with = "time::serde::timestamp::option",
-        skip_serializing_if = "Option::is_none"
-    )]
     refresh_expires_at: Option<OffsetDateTime>,
-    #[serde(default)]
     scopes: Scopes,
-    #[serde(with = "time::serde::timestamp")]
     obtained_at: OffsetDateTime,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     extras: BTreeMap<String, serde_json::Value>,
     /// Access tokens for narrower scope sets, obtained with this set's refresh token, keyed by
     /// the normalised scope string.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     narrowed: BTreeMap<String, NarrowedToken>,
     /// The upstream account these tokens belong to, when known.
-    #[serde(skip)]
     account: Option<UpstreamAccount>,
 }
 
 /// An access token for a narrower set of scopes (or one audience), obtained with the link's
 /// refresh token and kept beside the link's own access token.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone)]
 struct NarrowedToken {
     access_token: Secret,
     token_type: String,
-    #[serde(
-        default,
-        with = "time::serde::timestamp::option",
-        skip_serializing_if = "Option::is_none"
-    )]
     expires_at: Option<OffsetDateTime>,
-    #[serde(default)]
     scopes: Scopes,
-    #[serde(with = "time::serde::timestamp")]
     obtained_at: OffsetDateTime,
 }
 
@@ -582,6 +567,26 @@ mod tests {
             let back = TokenSet::from_payload(&set.to_payload()).unwrap();
             assert_eq!(back.expires_at(), set.expires_at());
         }
+    }
+
+    /// Compiles only while `T` implements neither `Serialize` nor `Deserialize` (with either,
+    /// the `_` below would be ambiguous between two impls).
+    macro_rules! assert_no_serde {
+        ($t:ty) => {{
+            trait AmbiguousIfSerde<A> {
+                fn check() {}
+            }
+            impl<T: ?Sized> AmbiguousIfSerde<()> for T {}
+            impl<T: ?Sized + serde::Serialize> AmbiguousIfSerde<u8> for T {}
+            impl<T: ?Sized + serde::de::DeserializeOwned> AmbiguousIfSerde<u16> for T {}
+            <$t as AmbiguousIfSerde<_>>::check();
+        }};
+    }
+
+    #[test]
+    fn token_sets_have_no_serde_impls() {
+        assert_no_serde!(TokenSet);
+        assert_no_serde!(NarrowedToken);
     }
 
     #[test]
