@@ -1,5 +1,7 @@
-//! The stored format of a link: committed byte fixtures of every record format ever written
-//! keep decoding.
+//! The stored format of a link, through the public API: committed byte fixtures of every
+//! record format ever written keep decoding to every field (plain, and format 1 inside an
+//! `EncryptedStore` envelope); format 2 round-trips byte-stably, with and without the account
+//! and narrowed tokens; a newer format and garbage are typed errors.
 //!
 //! The fixtures live in `tests/fixtures/stored/` (see the README there for how each was made).
 
@@ -8,7 +10,9 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use time::macros::datetime;
-use tokenbroker::{Payload, ProviderTokens, Scopes, Secret, TokenKey, TokenSet};
+use tokenbroker::{
+    DecodeError, Payload, ProviderTokens, Scopes, Secret, TokenKey, TokenSet, UpstreamAccount,
+};
 
 /// When every fixture set was obtained: 2026-01-01 00:00:00 UTC (unix 1767225600).
 const OBTAINED: OffsetDateTime = datetime!(2026-01-01 0:00 UTC);
@@ -82,8 +86,8 @@ fn minimal_set() -> TokenSet {
 }
 
 /// Writes the format-1 fixtures with the code of the commit it runs on. Ran once, on top of
-/// 2fcca81, whose `TokenSet::to_payload` wrote format 1; running it again on later code would
-/// write the current format instead, so it stays ignored.
+/// 2fcca81, whose `TokenSet::to_payload` wrote format 1; later code writes another format, so
+/// it refuses to run there.
 #[cfg(feature = "encryption")]
 #[tokio::test]
 #[ignore = "writes tests/fixtures/stored/v1-*; ran once on the code that wrote format 1"]
@@ -94,6 +98,10 @@ async fn write_v1_fixtures() {
 
     std::fs::create_dir_all(fixture_path("")).unwrap();
     let full = full_set().to_payload();
+    assert!(
+        full.expose_secret().starts_with(br#"{"v":1,"#),
+        "this code does not write format 1: the v1 fixtures stay as they are"
+    );
     std::fs::write(fixture_path("v1-full.json"), full.expose_secret()).unwrap();
     let minimal = minimal_set().to_payload();
     std::fs::write(fixture_path("v1-minimal.json"), minimal.expose_secret()).unwrap();
@@ -116,6 +124,31 @@ async fn write_v1_fixtures() {
         raw.record.payload.expose_secret(),
     )
     .unwrap();
+}
+
+/// The account of the format-2 fixture: every field set.
+fn fixture_account() -> UpstreamAccount {
+    UpstreamAccount::new(
+        Some("https://login.microsoftonline.com/9188040d-6c67-4c5b-b112-36a304b66dad/v2.0".into()),
+        "AAAAAAAAAAAAAAAAAAAAAIkzqFVrSaSaFHy782bbtaQ",
+    )
+    .with_tenant_id("9188040d-6c67-4c5b-b112-36a304b66dad")
+    .with_email("alice@example.com")
+}
+
+/// Writes the format-2 fixtures. Ran once, on the commit that added them; the test
+/// `v2_writer_is_byte_stable` then holds every later writer to these bytes.
+#[test]
+#[ignore = "writes tests/fixtures/stored/v2-*; ran once on the code that wrote format 2 first"]
+fn write_v2_fixtures() {
+    let full = full_set().with_account(fixture_account()).to_payload();
+    assert!(
+        full.expose_secret().starts_with(br#"{"v":2,"#),
+        "this code does not write format 2: the v2 fixtures stay as they are"
+    );
+    std::fs::write(fixture_path("v2-full.json"), full.expose_secret()).unwrap();
+    let minimal = minimal_set().to_payload();
+    std::fs::write(fixture_path("v2-minimal.json"), minimal.expose_secret()).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -229,6 +262,125 @@ fn v1_minimal_fixture_decodes_every_field() {
     assert_minimal_set(&set);
 }
 
+/// A format-1 record is written back as format 2 (on the next refresh or re-link) without
+/// losing anything.
+#[test]
+fn v1_fixtures_rewritten_as_v2_keep_every_field() {
+    let full = TokenSet::from_payload(&Payload::new(read_fixture("v1-full.json"))).unwrap();
+    let rewritten = full.to_payload();
+    assert!(rewritten.expose_secret().starts_with(br#"{"v":2,"#));
+    assert_full_set(&TokenSet::from_payload(&rewritten).unwrap());
+
+    let minimal = TokenSet::from_payload(&Payload::new(read_fixture("v1-minimal.json"))).unwrap();
+    assert_minimal_set(&TokenSet::from_payload(&minimal.to_payload()).unwrap());
+}
+
+#[test]
+fn v2_full_fixture_decodes_every_field() {
+    let set = TokenSet::from_payload(&Payload::new(read_fixture("v2-full.json"))).unwrap();
+    assert_full_set(&set);
+    let account = set.account().expect("account");
+    assert_eq!(account, &fixture_account());
+    assert_eq!(
+        account.issuer.as_deref(),
+        Some("https://login.microsoftonline.com/9188040d-6c67-4c5b-b112-36a304b66dad/v2.0")
+    );
+    assert_eq!(
+        account.subject,
+        "AAAAAAAAAAAAAAAAAAAAAIkzqFVrSaSaFHy782bbtaQ"
+    );
+    assert_eq!(
+        account.tenant_id.as_deref(),
+        Some("9188040d-6c67-4c5b-b112-36a304b66dad")
+    );
+    assert_eq!(account.email(), Some("alice@example.com"));
+    // Narrowed views belong to the same account.
+    let calendar = set.narrowed_to(&Scopes::parse(NARROW_CALENDAR)).unwrap();
+    assert_eq!(calendar.account(), Some(&fixture_account()));
+}
+
+#[test]
+fn v2_minimal_fixture_decodes_every_field() {
+    let set = TokenSet::from_payload(&Payload::new(read_fixture("v2-minimal.json"))).unwrap();
+    assert_minimal_set(&set);
+}
+
+/// Today's writer writes exactly the committed format-2 bytes: a change to the layout needs
+/// a new format version (and new fixtures), not an edit of these.
+#[test]
+fn v2_writer_is_byte_stable() {
+    let full = full_set().with_account(fixture_account()).to_payload();
+    assert_eq!(
+        std::str::from_utf8(full.expose_secret()).unwrap(),
+        std::str::from_utf8(&read_fixture("v2-full.json")).unwrap()
+    );
+    assert_eq!(
+        minimal_set().to_payload().expose_secret(),
+        read_fixture("v2-minimal.json").as_slice()
+    );
+}
+
+/// With and without the account and narrowed tokens, a set reads back unchanged and writes
+/// back to the same bytes.
+#[test]
+fn v2_round_trips_with_and_without_account_and_narrowed_tokens() {
+    let only_subject = UpstreamAccount::new(None, "12345");
+    let cases = [
+        (full_set(), true),
+        (full_set().with_account(fixture_account()), true),
+        (full_set().with_account(only_subject.clone()), true),
+        (minimal_set(), false),
+        (minimal_set().with_account(fixture_account()), false),
+        (minimal_set().with_account(only_subject), false),
+    ];
+    for (set, full) in cases {
+        let bytes = set.to_payload();
+        let back = TokenSet::from_payload(&bytes).unwrap();
+        if full {
+            assert_full_set(&back);
+        } else {
+            assert_eq!(back.access_token().expose_secret(), "gho_minimal");
+            assert!(format!("{back:?}").contains("narrowed: []"));
+        }
+        assert_eq!(back.account(), set.account());
+        assert_eq!(
+            back.account().and_then(UpstreamAccount::email),
+            set.account().and_then(UpstreamAccount::email)
+        );
+        assert_eq!(back.to_payload().expose_secret(), bytes.expose_secret());
+    }
+}
+
+#[test]
+fn a_newer_format_is_a_typed_error_naming_its_version() {
+    let v3 = br#"{"v":3,"tokens":{"access_token":"at"},"whatever":[]}"#.to_vec();
+    let err = TokenSet::from_payload(&Payload::new(v3)).unwrap_err();
+    assert_eq!(err, DecodeError::UnsupportedVersion { version: 3 });
+    assert_eq!(
+        err.to_string(),
+        "token set payload could not be decoded: unsupported stored format version 3"
+    );
+}
+
+#[test]
+fn garbage_is_a_malformed_error() {
+    let full = read_fixture("v2-full.json");
+    for bytes in [
+        b"".to_vec(),
+        b"\xff\xfe".to_vec(),
+        b"[1,2]".to_vec(),
+        br#"{"v":"2"}"#.to_vec(),
+        br#"{"v":2,"tokens":{"access_token":7}}"#.to_vec(),
+        full[..full.len() / 2].to_vec(),
+        full[..full.len() - 1].to_vec(),
+    ] {
+        match TokenSet::from_payload(&Payload::new(bytes.clone())) {
+            Err(DecodeError::Malformed { .. }) => {}
+            other => panic!("{}: {other:?}", String::from_utf8_lossy(&bytes)),
+        }
+    }
+}
+
 /// Today's envelope, as `EncryptedStore` wrote it into its inner store, still opens with the
 /// keyring it was written under and holds the format-1 payload.
 #[cfg(feature = "encryption")]
@@ -250,7 +402,25 @@ async fn v1_encrypted_fixture_loads_through_encrypted_store() {
         loaded.record.payload.expose_secret(),
         read_fixture("v1-full.json").as_slice()
     );
-    assert_full_set(&TokenSet::from_payload(&loaded.record.payload).unwrap());
+    let set = TokenSet::from_payload(&loaded.record.payload).unwrap();
+    assert_full_set(&set);
+
+    // Written back (as a refresh would), it is sealed again, now holding format 2.
+    let meta = RecordMeta::new(LinkState::Active, set.expires_at(), OBTAINED, OBTAINED);
+    let rewritten = Record::new(set.to_payload(), meta);
+    store
+        .compare_and_swap(&fixture_key(), loaded.version, &rewritten, None)
+        .await
+        .unwrap();
+    let reloaded = store.load(&fixture_key()).await.unwrap().expect("record");
+    assert!(
+        reloaded
+            .record
+            .payload
+            .expose_secret()
+            .starts_with(br#"{"v":2,"#)
+    );
+    assert_full_set(&TokenSet::from_payload(&reloaded.record.payload).unwrap());
 
     // Bound to its link: the same bytes under another key do not open.
     let other = TokenKey::parse("acme", "bob", "google").unwrap();
