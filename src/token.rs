@@ -261,7 +261,8 @@ impl TokenSet {
     pub fn extras(&self) -> &BTreeMap<String, serde_json::Value> {
         &self.extras
     }
-    /// The upstream account the tokens belong to, when known.
+    /// The upstream account the tokens belong to, when known. Stored with the tokens since
+    /// stored format 2; a link stored by 0.1 has none until a login or refresh names it.
     pub fn account(&self) -> Option<&UpstreamAccount> {
         self.account.as_ref()
     }
