@@ -77,8 +77,9 @@ impl From<&str> for Secret {
     }
 }
 
-/// Serializes the secret text. Only the store codec and the pending-login value use this; both
-/// document that their output is secret.
+/// Serializes the secret text. Only [`PendingLogin`](crate::PendingLogin) uses this, and it
+/// documents that its serialized form is secret. (The stored format of a link does not: it
+/// writes the text through its own private structs.)
 impl Serialize for Secret {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(self.expose_secret())

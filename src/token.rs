@@ -6,12 +6,13 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretSlice};
-use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::account::UpstreamAccount;
 use crate::ids::Scopes;
 use crate::secret::Secret;
+
+mod stored;
 
 /// How many narrowed tokens (distinct scope sets or audiences) a link keeps at most.
 pub(crate) const MAX_NARROWED: usize = 16;
@@ -20,6 +21,16 @@ pub(crate) const MAX_NARROWED: usize = 16;
 ///
 /// Built from a provider's answer by [`TokenSet::from_response`], and merged with a later answer
 /// by [`TokenSet::merge`], which never drops a refresh token the answer did not replace.
+///
+/// It implements neither `Serialize` nor `Deserialize`, so that host code cannot serialize a
+/// set's tokens by accident (into an HTTP response, a cookie, a log line). Stores keep
+/// [`TokenSet::to_payload`]'s bytes, a private and versioned format.
+///
+/// ```compile_fail,E0277
+/// # use tokenbroker::{Secret, TokenSet};
+/// # let set = TokenSet::new(Secret::new("at"), time::OffsetDateTime::UNIX_EPOCH);
+/// let json = serde_json::to_string(&set); // does not compile: use `set.to_payload()`
+/// ```
 ///
 /// ```
 /// use tokenbroker::{Secret, TokenSet};
@@ -31,56 +42,32 @@ pub(crate) const MAX_NARROWED: usize = 16;
 /// assert!(format!("{set:?}").contains("[redacted]"));
 /// assert!(!format!("{set:?}").contains("at-1"));
 /// ```
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone)]
 pub struct TokenSet {
     access_token: Secret,
     token_type: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     refresh_token: Option<Secret>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     id_token: Option<Secret>,
-    #[serde(
-        default,
-        with = "time::serde::timestamp::option",
-        skip_serializing_if = "Option::is_none"
-    )]
     expires_at: Option<OffsetDateTime>,
-    #[serde(
-        default,
-        with = "time::serde::timestamp::option",
-        skip_serializing_if = "Option::is_none"
-    )]
     refresh_expires_at: Option<OffsetDateTime>,
-    #[serde(default)]
     scopes: Scopes,
-    #[serde(with = "time::serde::timestamp")]
     obtained_at: OffsetDateTime,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     extras: BTreeMap<String, serde_json::Value>,
     /// Access tokens for narrower scope sets, obtained with this set's refresh token, keyed by
     /// the normalised scope string.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     narrowed: BTreeMap<String, NarrowedToken>,
     /// The upstream account these tokens belong to, when known.
-    #[serde(skip)]
     account: Option<UpstreamAccount>,
 }
 
 /// An access token for a narrower set of scopes (or one audience), obtained with the link's
 /// refresh token and kept beside the link's own access token.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone)]
 struct NarrowedToken {
     access_token: Secret,
     token_type: String,
-    #[serde(
-        default,
-        with = "time::serde::timestamp::option",
-        skip_serializing_if = "Option::is_none"
-    )]
     expires_at: Option<OffsetDateTime>,
-    #[serde(default)]
     scopes: Scopes,
-    #[serde(with = "time::serde::timestamp")]
     obtained_at: OffsetDateTime,
 }
 
@@ -274,7 +261,8 @@ impl TokenSet {
     pub fn extras(&self) -> &BTreeMap<String, serde_json::Value> {
         &self.extras
     }
-    /// The upstream account the tokens belong to, when known.
+    /// The upstream account the tokens belong to, when known. Stored with the tokens since
+    /// stored format 2; a link stored by 0.1 has none until a login or refresh names it.
     pub fn account(&self) -> Option<&UpstreamAccount> {
         self.account.as_ref()
     }
@@ -320,39 +308,24 @@ impl TokenSet {
         self
     }
 
-    /// Encodes the set for a store. The payload holds every token in clear text: stores keep
-    /// it as an opaque blob, and `EncryptedStore` encrypts it.
+    /// Encodes the set for a store, in the current stored format (version 2, which also
+    /// keeps the [`account`](Self::account)). The payload holds every token in clear text:
+    /// stores keep it as an opaque blob, and `EncryptedStore` encrypts it.
     pub fn to_payload(&self) -> Payload {
-        let envelope = Envelope { v: 1, set: self };
-        let bytes = serde_json::to_vec(&envelope).expect("a token set always serializes to JSON");
-        Payload::new(bytes)
+        stored::encode(self)
     }
 
-    /// Decodes a payload written by [`TokenSet::to_payload`].
+    /// Decodes a payload written by [`TokenSet::to_payload`] of this release or an earlier
+    /// one (stored format versions 1 and 2).
+    ///
+    /// # Errors
+    ///
+    /// [`DecodeError::UnsupportedVersion`] for a record of a format this release does not
+    /// read (written by a newer one), [`DecodeError::Malformed`] for anything else that is
+    /// not a record (not JSON, truncated, a field missing or of the wrong type).
     pub fn from_payload(payload: &Payload) -> Result<TokenSet, DecodeError> {
-        #[derive(Deserialize)]
-        struct Owned {
-            v: u32,
-            set: TokenSet,
-        }
-        let owned: Owned =
-            serde_json::from_slice(payload.expose_secret()).map_err(|e| DecodeError {
-                // serde_json's message names the position and the expected type, never the input.
-                reason: e.to_string(),
-            })?;
-        if owned.v != 1 {
-            return Err(DecodeError {
-                reason: format!("unknown payload version {}", owned.v),
-            });
-        }
-        Ok(owned.set)
+        stored::decode(payload.expose_secret())
     }
-}
-
-#[derive(Serialize)]
-struct Envelope<'a> {
-    v: u32,
-    set: &'a TokenSet,
 }
 
 impl fmt::Debug for TokenSet {
@@ -373,11 +346,25 @@ impl fmt::Debug for TokenSet {
     }
 }
 
-/// A stored payload could not be decoded.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("token set payload could not be decoded: {reason}")]
-pub struct DecodeError {
-    reason: String,
+/// A stored payload could not be decoded by [`TokenSet::from_payload`]. No variant holds any
+/// of the payload's tokens.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The payload is not a stored token set: not JSON, truncated, or a field is missing or of
+    /// the wrong type.
+    #[error("token set payload could not be decoded: {reason}")]
+    Malformed {
+        /// What was wrong, with its position.
+        reason: String,
+    },
+    /// The payload is a record of a stored format this release does not read, most likely
+    /// written by a newer release.
+    #[error("token set payload could not be decoded: unsupported stored format version {version}")]
+    UnsupportedVersion {
+        /// The format version the record names.
+        version: u64,
+    },
 }
 
 /// A provider's answer from the token endpoint, already parsed and classified, with lifetimes
@@ -583,12 +570,34 @@ mod tests {
         }
     }
 
+    /// Compiles only while `T` implements neither `Serialize` nor `Deserialize` (with either,
+    /// the `_` below would be ambiguous between two impls).
+    macro_rules! assert_no_serde {
+        ($t:ty) => {{
+            trait AmbiguousIfSerde<A> {
+                fn check() {}
+            }
+            impl<T: ?Sized> AmbiguousIfSerde<()> for T {}
+            impl<T: ?Sized + serde::Serialize> AmbiguousIfSerde<u8> for T {}
+            impl<T: ?Sized + serde::de::DeserializeOwned> AmbiguousIfSerde<u16> for T {}
+            <$t as AmbiguousIfSerde<_>>::check();
+        }};
+    }
+
+    #[test]
+    fn token_sets_have_no_serde_impls() {
+        assert_no_serde!(TokenSet);
+        assert_no_serde!(NarrowedToken);
+    }
+
     #[test]
     fn garbage_payload_is_a_typed_error() {
         let err = TokenSet::from_payload(&Payload::new(b"{\"v\":1".to_vec())).unwrap_err();
         assert!(err.to_string().contains("could not be decoded"));
+        assert!(matches!(err, DecodeError::Malformed { .. }), "{err:?}");
         let err =
             TokenSet::from_payload(&Payload::new(br#"{"v":9,"set":{}}"#.to_vec())).unwrap_err();
+        assert_eq!(err, DecodeError::UnsupportedVersion { version: 9 });
         assert!(err.to_string().contains("could not be decoded"), "{err}");
     }
 }

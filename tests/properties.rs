@@ -1,4 +1,5 @@
-//! Property tests: scope-set normalisation, `TokenSet::merge` never losing a refresh token, and
+//! Property tests: scope-set normalisation, `TokenSet::merge` never losing a refresh token,
+//! stored records (any set round-trips byte-stably; any bytes decode or fail, never panic), and
 //! store writes under random interleavings (MemoryStore, and two pools over one SQLite file)
 //! keeping one winner per version and never repeating a version.
 
@@ -11,6 +12,7 @@ use time::OffsetDateTime;
 use tokenbroker::store::{LinkState, Record, RecordMeta, Version};
 use tokenbroker::{
     MemoryStore, Payload, Scopes, Secret, StoreError, TokenKey, TokenSet, TokenStore,
+    UpstreamAccount,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -170,6 +172,216 @@ proptest! {
             if rotated {
                 prop_assert!(a.refresh_token.is_some());
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stored records
+
+/// Whole-second instants from 1900 to 9999 (the stored format keeps seconds).
+fn instant() -> impl Strategy<Value = OffsetDateTime> {
+    (-2_208_988_800i64..=253_402_300_799)
+        .prop_map(|s| OffsetDateTime::from_unix_timestamp(s).unwrap())
+}
+
+/// JSON values as providers send them in extra fields (no floats: JSON numbers with a
+/// fraction need not parse back to the same `f64`).
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<u64>().prop_map(serde_json::Value::from),
+        any::<String>().prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(2, 8, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+            prop::collection::btree_map(any::<String>(), inner, 0..4)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn upstream_account() -> impl Strategy<Value = UpstreamAccount> {
+    (
+        prop::option::of(any::<String>()),
+        any::<String>(),
+        prop::option::of(any::<String>()),
+        prop::option::of(any::<String>()),
+    )
+        .prop_map(|(iss, sub, tid, email)| {
+            let mut a = UpstreamAccount::new(iss, sub);
+            if let Some(tid) = tid {
+                a = a.with_tenant_id(tid);
+            }
+            if let Some(email) = email {
+                a = a.with_email(email);
+            }
+            a
+        })
+}
+
+/// One narrowed answer: the scopes asked for, and the access token, type, expiry, scopes and
+/// time of the answer.
+type Narrowed = (
+    Scopes,
+    String,
+    String,
+    Option<OffsetDateTime>,
+    Scopes,
+    OffsetDateTime,
+);
+
+fn narrowed() -> impl Strategy<Value = Narrowed> {
+    (
+        prop::collection::vec(scope_token(), 0..3),
+        any::<String>(),
+        "[A-Za-z]{0,8}",
+        prop::option::of(instant()),
+        prop::collection::vec(scope_token(), 0..3),
+        instant(),
+    )
+        .prop_map(|(asked, at, ty, exp, granted, obtained)| {
+            let asked = asked.iter().map(String::as_str).collect();
+            let granted = granted.iter().map(String::as_str).collect();
+            (asked, at, ty, exp, granted, obtained)
+        })
+}
+
+/// Any set the public API can build, with the narrowed scopes it was given.
+fn token_set() -> impl Strategy<Value = (TokenSet, Vec<Scopes>)> {
+    (
+        (
+            any::<String>(),
+            "[A-Za-z]{0,8}",
+            prop::option::of(any::<String>()),
+            prop::option::of(any::<String>()),
+        ),
+        (
+            prop::option::of(instant()),
+            prop::option::of(instant()),
+            instant(),
+        ),
+        prop::collection::vec(any::<String>(), 0..4),
+        prop::collection::btree_map("[a-z_]{1,12}", json_value(), 0..4),
+        prop::collection::vec(narrowed(), 0..3),
+        prop::option::of(upstream_account()),
+    )
+        .prop_map(
+            |((at, ty, rt, idt), (exp, rexp, obtained), scopes, extras, narrowed, account)| {
+                let mut set = TokenSet::new(Secret::new(at), obtained)
+                    .with_token_type(ty)
+                    .with_scopes(scopes.iter().map(String::as_str).collect());
+                if let Some(rt) = rt {
+                    set = set.with_refresh_token(Secret::new(rt));
+                }
+                if let Some(idt) = idt {
+                    set = set.with_id_token(Secret::new(idt));
+                }
+                if let Some(exp) = exp {
+                    set = set.with_expires_at(exp);
+                }
+                if let Some(rexp) = rexp {
+                    set = set.with_refresh_expires_at(rexp);
+                }
+                for (name, value) in extras {
+                    set = set.with_extra(name, value);
+                }
+                if let Some(account) = account {
+                    set = set.with_account(account);
+                }
+                let mut asked_for = Vec::new();
+                for (asked, at, ty, exp, granted, obtained) in narrowed {
+                    let mut answer = TokenSet::new(Secret::new(at), obtained)
+                        .with_token_type(ty)
+                        .with_scopes(granted);
+                    if let Some(exp) = exp {
+                        answer = answer.with_expires_at(exp);
+                    }
+                    set = set.with_narrowed(&asked, answer);
+                    asked_for.push(asked);
+                }
+                (set, asked_for)
+            },
+        )
+}
+
+/// Everything the public API shows of a set (tokens included), and of its narrowed views for
+/// the scopes given.
+fn visible(set: &TokenSet, narrowed: &[Scopes]) -> String {
+    let view = |s: &TokenSet| {
+        format!(
+            "{:?} {:?} {:?} {:?} {:?} {:?}",
+            s,
+            s.access_token().expose_secret(),
+            s.refresh_token().map(Secret::expose_secret),
+            s.id_token().map(Secret::expose_secret),
+            s.extras(),
+            s.account().map(|a| (a, a.email())),
+        )
+    };
+    let mut out = view(set);
+    for scopes in narrowed {
+        out.push_str(&format!(
+            "\n{scopes}: {:?}",
+            set.narrowed_to(scopes).as_ref().map(view)
+        ));
+    }
+    out
+}
+
+/// A valid record with one change: cut short, a byte replaced, or a byte put in.
+fn mutated(bytes: &[u8], at: prop::sample::Index, byte: u8, how: u8) -> Vec<u8> {
+    let mut bytes = bytes.to_vec();
+    let i = at.index(bytes.len().max(1)).min(bytes.len());
+    match how % 3 {
+        0 => bytes.truncate(i),
+        1 if i < bytes.len() => bytes[i] = byte,
+        _ => bytes.insert(i, byte),
+    }
+    bytes
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Any set survives the store unchanged, and its bytes are stable: writing what was read
+    /// gives the same bytes.
+    #[test]
+    fn stored_records_round_trip((set, narrowed) in token_set()) {
+        let bytes = set.to_payload();
+        let back = TokenSet::from_payload(&bytes).unwrap();
+        prop_assert_eq!(visible(&back, &narrowed), visible(&set, &narrowed));
+        let again = back.to_payload();
+        prop_assert_eq!(again.expose_secret(), bytes.expose_secret());
+    }
+
+    /// Any bytes decode or fail; nothing panics.
+    #[test]
+    fn any_bytes_decode_or_fail(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = TokenSet::from_payload(&Payload::new(bytes));
+    }
+
+    /// A damaged record of either format is an error or some set, never a panic; a set it
+    /// decodes to stores and reads back.
+    #[test]
+    fn damaged_records_decode_or_fail(
+        (set, _) in token_set(),
+        v1 in any::<bool>(),
+        at in any::<prop::sample::Index>(),
+        byte in any::<u8>(),
+        how in any::<u8>(),
+    ) {
+        let valid = if v1 {
+            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stored/v1-full.json")).unwrap()
+        } else {
+            set.to_payload().expose_secret().to_vec()
+        };
+        if let Ok(set) = TokenSet::from_payload(&Payload::new(mutated(&valid, at, byte, how))) {
+            let again = TokenSet::from_payload(&set.to_payload()).unwrap();
+            prop_assert_eq!(visible(&again, &[]), visible(&set, &[]));
         }
     }
 }
