@@ -318,8 +318,12 @@ async fn the_role_grant_hook_gets_the_users_realm_for_a_session_bound_link() {
 /// Serializes a value to JSON where its type implements `Serialize` (autoref specialization:
 /// the inherent-looking call picks the `Serialize` impl when there is one, the fallback
 /// otherwise), so that the check covers every value whatever its type.
+// No type a read returns implements `Serialize` today, so the compiler sees the first path as
+// unused; it is what catches one that starts to.
+#[allow(dead_code)]
 struct Probe<'a, T>(&'a T);
 
+#[allow(dead_code)]
 trait ViaSerialize {
     fn json(&self) -> Option<String>;
 }
