@@ -1012,3 +1012,85 @@ async fn a_broker_on_an_encrypted_store_links_and_reads() {
     ));
     assert_eq!(key_id_of(&stored), Some(id("k1")));
 }
+
+/// The version a `Corrupt` load reports; fails the test on anything else.
+#[track_caller]
+fn corrupt_version(result: Result<Option<StoredRecord>, StoreError>) -> Version {
+    match result {
+        Err(StoreError::Corrupt {
+            version: Some(v), ..
+        }) => v,
+        Err(other) => panic!("expected Corrupt with a version, got {other:?}"),
+        Ok(got) => panic!("expected Corrupt, got Ok({got:?})"),
+    }
+}
+
+/// Records nobody can read: a flipped bit, a key the keyring no longer has, and a plain record
+/// written before encryption was turned on. Each loads as `Corrupt` with the version the inner
+/// store holds, and that version is enough to replace it (a re-link) or delete it (an unlink):
+/// neither needs the old record to decrypt.
+#[tokio::test]
+async fn unreadable_records_report_their_version_and_can_be_replaced_or_deleted() {
+    let inner = Arc::new(MemoryStore::new());
+    let store = EncryptedStore::new(inner.clone(), ring_k2());
+
+    // Tampered: one bit flipped in the ciphertext.
+    let tampered = key("tampered");
+    store.insert(&tampered, &record("at-t")).await.unwrap();
+    let mut bytes = raw(&inner, &tampered)
+        .await
+        .record
+        .payload
+        .expose_secret()
+        .to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    put_raw(&inner, &tampered, bytes).await;
+
+    // Under a key the keyring no longer holds.
+    let retired = key("retired");
+    EncryptedStore::new(
+        inner.clone(),
+        Arc::new(StaticKeyring::new(id("k0"), [0x33; 32])),
+    )
+    .insert(&retired, &record("at-r"))
+    .await
+    .unwrap();
+
+    // Plain, from before encryption.
+    let plain = key("plain");
+    inner.insert(&plain, &record("at-p")).await.unwrap();
+
+    for k in [&tampered, &retired, &plain] {
+        let v = corrupt_version(store.load(k).await);
+        assert_eq!(v, raw(&inner, k).await.version, "{k}");
+
+        // Replace by version: what a re-link does.
+        let replaced = store
+            .compare_and_swap(k, v, &record("at-relinked"), None)
+            .await
+            .unwrap_or_else(|e| panic!("{k}: CAS over an unreadable record: {e:?}"));
+        let loaded = store.load(k).await.unwrap().unwrap();
+        assert_eq!(loaded.version, replaced);
+        assert_eq!(access_token(&loaded), "at-relinked");
+        // The stale version no longer matches.
+        assert!(matches!(
+            store.compare_and_swap(k, v, &record("late"), None).await,
+            Err(StoreError::Conflict { .. })
+        ));
+    }
+
+    // Delete by version: what an unlink does. A stale version conflicts, the reported one
+    // deletes.
+    let unlink = key("unlink");
+    inner.insert(&unlink, &record("at-u")).await.unwrap();
+    let v = corrupt_version(store.load(&unlink).await);
+    let other = Version::new(v.get() + 1000);
+    assert!(matches!(
+        store.delete(&unlink, Some(other)).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    assert!(store.delete(&unlink, Some(v)).await.unwrap());
+    assert!(store.load(&unlink).await.unwrap().is_none());
+    assert!(inner.load(&unlink).await.unwrap().is_none());
+}

@@ -398,7 +398,7 @@ async fn rows_that_do_not_map_back_are_corrupt() {
         .unwrap();
     let err = store.load(&k).await.unwrap_err();
     assert!(
-        matches!(&err, StoreError::Corrupt { key, reason } if key == &k && reason.contains("zombie")),
+        matches!(&err, StoreError::Corrupt { key, reason, version: Some(_) } if key == &k && reason.contains("zombie")),
         "{err:?}"
     );
     assert!(!format!("{err} {err:?}").contains("top-secret-payload"));

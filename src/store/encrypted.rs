@@ -846,6 +846,7 @@ impl<S: TokenStore> EncryptedStore<S> {
         let corrupt = |reason: String| StoreError::Corrupt {
             key: key.clone(),
             reason,
+            version: Some(stored.version),
         };
         let envelope = Envelope::parse(stored.record.payload.expose_secret())
             .map_err(|r| corrupt(r.to_owned()))?;
@@ -1001,7 +1002,7 @@ impl<S: TokenStore> EncryptedStore<S> {
         }
         let plain = match self.decrypt(key, raw).await {
             Ok(plain) => plain,
-            Err(StoreError::Corrupt { key, reason }) => {
+            Err(StoreError::Corrupt { key, reason, .. }) => {
                 tracing::warn!(%key, %reason, "rewrap: record does not decrypt; left as is");
                 return Ok(Rewrapped::Corrupt);
             }

@@ -324,6 +324,7 @@ impl TokenStore for SqliteStore {
         version_from_db(version).map_err(|reason| StoreError::Corrupt {
             key: key.clone(),
             reason,
+            version: None,
         })
     }
 
@@ -370,6 +371,7 @@ impl TokenStore for SqliteStore {
         version_from_db(version).map_err(|reason| StoreError::Corrupt {
             key: key.clone(),
             reason,
+            version: None,
         })
     }
 
@@ -515,6 +517,7 @@ impl TokenStore for SqliteStore {
                     from_ms(until, "lease_expires_at").map_err(|reason| StoreError::Corrupt {
                         key: key.clone(),
                         reason,
+                        version: None,
                     })?;
                 LeaseAttempt::Acquired(Lease::new(key.clone(), holder.clone(), token, expires_at))
             }
@@ -556,6 +559,7 @@ impl TokenStore for SqliteStore {
             from_ms(until, "lease_expires_at").map_err(|reason| StoreError::Corrupt {
                 key: lease.key.clone(),
                 reason,
+                version: None,
             })?;
         let mut extended = lease.clone();
         extended.expires_at = expires_at;
