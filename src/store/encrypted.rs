@@ -1,13 +1,83 @@
 //! Envelope encryption at rest: [`EncryptedStore`] wraps any [`TokenStore`].
 //!
-//! Each write draws a fresh random data key, encrypts the payload with it
-//! (XChaCha20-Poly1305), and stores the data key wrapped by a key-encryption key (KEK) from a
-//! [`KeyProvider`]. Both layers authenticate the record's key, so a ciphertext copied to another
-//! row does not decrypt.
+//! # Key hierarchy, and why
+//!
+//! Three levels of keys:
+//!
+//! 1. **Key-encryption keys (KEKs)** stay in the [`KeyProvider`]: a [`StaticKeyring`] in the
+//!    process, or a key management service (KMS) whose keys never leave it.
+//! 2. **Intermediate keys.** Each process draws a random 32-byte key and has the provider wrap
+//!    it **once**, under the primary KEK, with a fixed context
+//!    (`tokenbroker/intermediate-key/\xE2`, not a record's). It encrypts every record the process
+//!    writes for [`with_intermediate_key_lifetime`](EncryptedStore::with_intermediate_key_lifetime)
+//!    (default 1 hour), or until the provider's primary KEK changes; then the next write draws
+//!    and wraps a new one. Its wrapped form goes into every envelope, so any process that can
+//!    reach the provider can read the record.
+//! 3. **Records.** The payload is encrypted with XChaCha20-Poly1305 directly under the
+//!    intermediate key (random 192-bit nonce), authenticating
+//!    `tokenbroker/record/ | format | realm | subject | provider | KEK id` (each part
+//!    length-prefixed): a ciphertext copied to another row, or relabelled with another KEK id,
+//!    does not decrypt.
+//!
+//! Readers keep the intermediate keys they unwrapped in a bounded cache keyed by the envelope
+//! header (KEK id and wrapped bytes, so a cached key is only ever used for exactly the wrapped
+//! key it came from), for [`with_key_cache_ttl`](EncryptedStore::with_key_cache_ttl) (default
+//! 1 hour). Concurrent reads needing the same key wait for one unwrap. So the provider is called
+//! once per intermediate key and hour in each process, not once per read: a KMS-backed provider
+//! makes a handful of billed calls a day instead of one per read, and a KMS outage no longer
+//! stops every read.
+//!
+//! Why this shape and not another:
+//! - **Payload under the intermediate key, no per-record data key.** A per-record key wrapped
+//!   locally would cost a second AEAD call per read and protect nothing more: the key that
+//!   wraps it sits in the same memory. XChaCha20's 192-bit random nonces make the number of
+//!   records under one key a non-issue (96-bit AES-GCM nonces would cap it near 2³²).
+//! - **A fixed context for the wrap, the per-record binding in the payload's AAD.** One wrapped
+//!   key serves every record, and every read still checks that the ciphertext belongs to its
+//!   row.
+//! - **Keys cached, never records.** Every read still authenticates and decrypts what the
+//!   database holds, so tampering is seen at once and no second plain copy of the tokens lives
+//!   here (the broker's hot cache is the one place decoded sets are kept).
+//! - **Per process, not shared through the store.** No coordination between instances, and
+//!   each key covers what one process wrote in one lifetime.
+//!
+//! # When the key provider is down
+//!
+//! - Reads of records whose intermediate key is cached (or is this process's current one) go
+//!   on. A read that needs a new unwrap fails with [`StoreError::Backend`] (store
+//!   `encryption`): retry later. It is never [`StoreError::Corrupt`].
+//! - Writes use the current intermediate key without asking the provider until it is due for
+//!   rotation; the first write after that has to wrap a new one and fails with
+//!   [`StoreError::Backend`] while the provider is down (and the next write tries again). An
+//!   outage therefore stops writes after at most the lifetime, reads of keys this process has
+//!   not seen at once, and reads of cached keys after the cache TTL. Keys are not used past
+//!   their time limit during an outage: the limit is also how long a KEK disabled at the KMS
+//!   keeps working here.
+//!
+//! # What memory holds
+//!
+//! The unwrapped intermediate keys of the last TTL, this process's current one, and format-1
+//! data keys (below), each zeroized on drop and redacted in `Debug`. Someone who can read the
+//! process's memory gets them, and so every record written under them; with a
+//! [`StaticKeyring`] they also get the KEKs themselves. That is no worse than before: the
+//! broker's hot cache already holds decoded token sets, and encryption at rest answers a leaked
+//! database or backup, not a compromised process. With a KMS the KEK itself stays out of
+//! reach.
+//!
+//! # Formats
+//!
+//! Writes use envelope format 2 (`0xE2`). Format 1 (`0xE1`, before 0.2: a per-record data key
+//! wrapped by the provider with the record's key as context) still reads; its unwrapped data
+//! keys are cached per record (bounded, same TTL), so repeated reads of one record do not call
+//! the provider, and [`EncryptedStore::rewrap`] rewrites such records in format 2. Plain
+//! records (from before encryption was turned on) are JSON objects, refused as corrupt.
 
+mod cache;
+mod envelope;
 mod keys;
 
-use std::sync::Arc;
+use std::fmt;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,17 +88,19 @@ use super::{
     Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoreError, StoredRecord,
     TokenStore, Version,
 };
+use crate::clock::SharedClock;
 use crate::ids::{Realm, Subject, TokenKey};
 use crate::token::Payload;
+use cache::{KeyCache, WriteKey, younger_than};
+use envelope::{
+    Envelope, FORMAT_V1, FORMAT_V2, INTERMEDIATE_KEY_AAD, Parsed, record_aad_v1, record_aad_v2,
+};
+use keys::EncryptFailed;
 pub use keys::{DataKey, KeyError, KeyId, KeyProvider, KeyringError, StaticKeyring, WrappedKey};
-use keys::{EncryptFailed, put_len_prefixed};
 
 /// The `store` name of [`StoreError::Backend`] errors raised by the encryption layer.
 const STORE_NAME: &str = "encryption";
 
-/// Envelope format 1: XChaCha20-Poly1305 for the payload, key id and wrapped data key in front.
-/// Not `{` (0x7B), the first byte of a plain JSON payload, so a plain record is told apart.
-const FORMAT_V1: u8 = 0xE1;
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 const KEY_LEN: usize = 32;
@@ -40,91 +112,35 @@ const STATIC_WRAPPED_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
 /// A rewrap slower than this loses nothing either: its write is fenced by the lease.
 const REWRAP_LEASE_TTL: Duration = Duration::from_secs(30);
 
-/// What a payload's encryption authenticates: the format and the record's key, each part
-/// length-prefixed so that no two keys encode alike (`a/bc` vs `ab/c`).
-fn record_aad(key: &TokenKey) -> Vec<u8> {
-    let parts = [
-        key.realm.as_str(),
-        key.subject.as_str(),
-        key.provider.as_str(),
-    ];
-    let mut aad = Vec::with_capacity(64 + parts.iter().map(|p| p.len()).sum::<usize>());
-    aad.extend_from_slice(b"tokenbroker/record/");
-    aad.push(FORMAT_V1);
-    for part in parts {
-        put_len_prefixed(&mut aad, part.as_bytes());
-    }
-    aad
-}
+const DEFAULT_INTERMEDIATE_KEY_LIFETIME: Duration = Duration::from_secs(3600);
+const DEFAULT_KEY_CACHE_TTL: Duration = Duration::from_secs(3600);
+const DEFAULT_KEY_CACHE_CAPACITY: usize = 1024;
+const DEFAULT_LEGACY_KEY_CACHE_CAPACITY: usize = 4096;
 
-/// A parsed envelope, borrowing the stored bytes.
+/// The id of the key-encryption key a stored record is encrypted under (through its
+/// intermediate key, or its format-1 data key), as the inner store of an [`EncryptedStore`]
+/// holds it; `None` if the payload is not an envelope (a plain record, or garbage).
 ///
-/// Layout (format 1): `0xE1 | id_len: u8 | key id | wrapped_len: u16 BE | wrapped key |
-/// nonce (24) | ciphertext || tag (16)`.
-struct Envelope<'a> {
-    key_id: KeyId,
-    wrapped: &'a [u8],
-    nonce: &'a [u8],
-    ciphertext: &'a [u8],
-}
-
-fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], &'static str> {
-    if rest.len() < n {
-        return Err("truncated envelope");
-    }
-    let (head, tail) = rest.split_at(n);
-    *rest = tail;
-    Ok(head)
-}
-
-impl<'a> Envelope<'a> {
-    fn parse(bytes: &'a [u8]) -> Result<Self, &'static str> {
-        let mut rest = bytes;
-        match take(&mut rest, 1)? {
-            [FORMAT_V1] => {}
-            [b'{'] => return Err("not encrypted (a plain payload)"),
-            _ => return Err("unknown envelope format"),
-        }
-        let id_len = usize::from(take(&mut rest, 1)?[0]);
-        let key_id = std::str::from_utf8(take(&mut rest, id_len)?)
-            .ok()
-            .and_then(|id| KeyId::new(id).ok())
-            .ok_or("invalid key id in envelope")?;
-        let wrapped_len = take(&mut rest, 2)?;
-        let wrapped_len = usize::from(u16::from_be_bytes([wrapped_len[0], wrapped_len[1]]));
-        let wrapped = take(&mut rest, wrapped_len)?;
-        let nonce = take(&mut rest, NONCE_LEN)?;
-        if rest.len() < TAG_LEN {
-            return Err("truncated envelope");
-        }
-        Ok(Envelope {
-            key_id,
-            wrapped,
-            nonce,
-            ciphertext: rest,
-        })
-    }
-}
-
-/// The id of the key-encryption key a stored record's data key is wrapped under, as the inner
-/// store of an [`EncryptedStore`] holds it; `None` if the payload is not an envelope.
-///
-/// It parses the envelope without decrypting anything: use it to see how far a rotation got.
+/// It parses the envelope without decrypting anything: use it to see how far a rotation or a
+/// migration of plain records got.
 pub fn key_id_of(stored: &StoredRecord) -> Option<KeyId> {
-    Envelope::parse(stored.record.payload.expose_secret())
-        .ok()
-        .map(|e| e.key_id)
+    match envelope::parse(stored.record.payload.expose_secret()) {
+        Ok(Parsed::Envelope(e)) => Some(e.key_id),
+        _ => None,
+    }
 }
 
-/// The outcome of a [`EncryptedStore::rewrap`] or [`EncryptedStore::rewrap_page`].
+/// The outcome of a [`EncryptedStore::rewrap`] or [`EncryptedStore::rewrap_page`]. Every
+/// scanned link lands in exactly one of the other counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RewrapReport {
     /// Links visited.
     pub scanned: usize,
-    /// Records re-encrypted under the primary key.
+    /// Envelopes re-encrypted under the primary key in the current format: those under another
+    /// key, and format-1 envelopes.
     pub rewrapped: usize,
-    /// Records already under the primary key, left alone.
+    /// Records already under the primary key in the current format, left alone.
     pub already_primary: usize,
     /// Records changed or deleted between the load and the write: left as the concurrent writer
     /// left them (a concurrent write already uses the primary key).
@@ -134,8 +150,9 @@ pub struct RewrapReport {
     /// refresh's write conflict. Run the rewrap again later; do not retire an old key while
     /// this is not zero.
     pub skipped_busy: usize,
-    /// Records that could not be decrypted (see [`StoreError::Corrupt`]), left untouched. Do not
-    /// retire an old key while this is not zero: the records are logged with their keys.
+    /// Records that could not be decrypted (see [`StoreError::Corrupt`]), plain records
+    /// included, left untouched. Do not retire an old key while this is not
+    /// zero: the records are logged with their keys.
     pub corrupt: usize,
 }
 
@@ -171,49 +188,70 @@ enum Rewrapped {
     Corrupt,
 }
 
+fn backend(e: KeyError) -> StoreError {
+    StoreError::Backend {
+        store: STORE_NAME,
+        source: Arc::new(e),
+    }
+}
+
 /// A [`TokenStore`] that encrypts payloads before they reach the inner store.
 ///
-/// Every write draws a fresh random 32-byte data key and encrypts the payload with
-/// XChaCha20-Poly1305 (random 24-byte nonce). The data key is wrapped by the
-/// [`KeyProvider`]'s primary key, and the envelope (format byte, key id, wrapped key, nonce,
-/// ciphertext) is what the inner store keeps as the payload. Both layers authenticate the
-/// record's key (realm, subject, provider), so a ciphertext copied to another row fails.
+/// Each process encrypts the records it writes under an *intermediate key* of its own, which
+/// the [`KeyProvider`] wraps once under its primary key-encryption key (KEK); the wrapped key
+/// travels in every envelope. The payload is encrypted with XChaCha20-Poly1305 (random 24-byte
+/// nonce), authenticating the record's key (realm, subject, provider) and the KEK id, so a
+/// ciphertext copied to another row fails. Unwrapped keys are cached, bounded and for a limited
+/// time, so the provider is asked once per key and time limit, not once per read; a failing
+/// provider stops only what needs a new key. The module source (`store/encrypted.rs`) explains
+/// the hierarchy and its trade-offs; in short:
+///
+/// | setting | default | what it bounds |
+/// |---|---|---|
+/// | [`with_intermediate_key_lifetime`](Self::with_intermediate_key_lifetime) | 1 hour | how long one intermediate key encrypts new records (and how long writes go on while the provider is down) |
+/// | [`with_key_cache_ttl`](Self::with_key_cache_ttl) | 1 hour | how long an unwrapped key is used without asking the provider again |
+/// | [`with_key_cache_capacity`](Self::with_key_cache_capacity) | 1024 | intermediate keys kept |
+/// | [`with_legacy_key_cache_capacity`](Self::with_legacy_key_cache_capacity) | 4096 | data keys of format-1 records kept |
 ///
 /// **Only the payload is encrypted.** The [`RecordMeta`](super::RecordMeta) (state, expiry,
 /// timestamps), the keys, versions and leases pass through in clear, because stores index them
 /// for sweeps and leases.
 ///
-/// A record that fails to parse or decrypt (truncated, tampered, moved, under an unknown key)
-/// loads as [`StoreError::Corrupt`]; a failing [`KeyProvider`] is a
-/// [`StoreError::Backend`] with store `encryption`.
+/// A record that fails to parse or decrypt (truncated, tampered, moved, under an unknown key,
+/// plain) loads as [`StoreError::Corrupt`] carrying the
+/// record's version: [`compare_and_swap`](TokenStore::compare_and_swap) at that version (a
+/// re-link) and [`delete`](TokenStore::delete) at it (an unlink) work without decrypting the old
+/// record. A failing [`KeyProvider`] is a [`StoreError::Backend`] with store `encryption`.
+///
+/// Key rotation: make a new key primary while keeping the old ones; new writes use it (through
+/// a new intermediate key), old records still read, and [`EncryptedStore::rewrap`] moves old
+/// records over so that the old keys can be retired. A rewrap writes each record under the
+/// key's refresh lease, taken as [`EncryptedStore::lease_holder`] (random unless set with
+/// [`with_lease_holder`](EncryptedStore::with_lease_holder)).
 ///
 /// Records the inner store already holds in plain text are not migrated: they load as
 /// [`StoreError::Corrupt`] ("not encrypted"), since accepting plain payloads would let anyone
 /// with write access to the database plant tokens.
 ///
-/// Key rotation: make a new key primary while keeping the old ones; new writes use it, old
-/// records still read, and [`EncryptedStore::rewrap`] moves old records over so that the old
-/// keys can be retired. A rewrap writes each record under the key's refresh lease, taken as
-/// [`EncryptedStore::lease_holder`] (random unless set with
-/// [`with_lease_holder`](EncryptedStore::with_lease_holder)).
-///
-/// **No decrypted copy is kept here.** Every load unwraps the data key and decrypts (some
-/// 7 µs for a 2.5 KB set on a 2-core bench machine, `benches/encrypted_read.rs`), so every
-/// read still authenticates what the database holds. Encryption at rest answers a leaked
-/// database or backup, not the process: the broker above already keeps the decoded sets of recent reads in
-/// its own bounded hot cache (and drops a link's on unlink), so a second plain copy here
-/// would add memory and no speed worth having on top of a database round trip.
+/// **No decrypted copy is kept here**, only keys: every load decrypts what the inner store
+/// holds, so every read authenticates it. The broker above keeps the decoded sets of recent
+/// reads in its own bounded hot cache (and drops a link's on unlink).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::sync::Arc;
+/// use std::time::Duration;
 /// use tokenbroker::store::{EncryptedStore, KeyId, StaticKeyring};
 /// use tokenbroker::{MemoryStore, TokenStore};
 ///
-/// // In production: StaticKeyring::from_env("TOKENBROKER_KEYS")?
+/// // In production: StaticKeyring::from_env("TOKENBROKER_KEYS")?, or a KMS client.
 /// let keys = StaticKeyring::new(KeyId::new("k1")?, [7; 32]);
-/// let store = Arc::new(EncryptedStore::new(MemoryStore::new(), Arc::new(keys)));
+/// let store = Arc::new(
+///     EncryptedStore::new(MemoryStore::new(), Arc::new(keys))
+///         .with_intermediate_key_lifetime(Duration::from_secs(6 * 3600))
+///         .with_key_cache_ttl(Duration::from_secs(6 * 3600)),
+/// );
 /// let shared: Arc<dyn TokenStore> = store.clone();
 /// // ... hand `shared` to TokenBroker::builder().with_store(..)
 ///
@@ -222,21 +260,52 @@ enum Rewrapped {
 /// assert_eq!(report.corrupt, 0);
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
 pub struct EncryptedStore<S> {
     inner: S,
     keys: Arc<dyn KeyProvider>,
     holder: LeaseHolder,
+    clock: SharedClock,
+    intermediate_key_lifetime: Duration,
+    cache: KeyCache,
+    /// The intermediate key new records are encrypted under, once the first write made it.
+    writer: RwLock<Option<Arc<WriteKey>>>,
+    /// Held while a new intermediate key is wrapped, so that concurrent writes wait for one
+    /// provider call instead of each making their own.
+    rotation: tokio::sync::Mutex<()>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for EncryptedStore<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keys appear as ids and counts only: `WriteKey` and `KeyCache` redact the rest.
+        let writer = self.writer.read().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("EncryptedStore")
+            .field("inner", &self.inner)
+            .field("keys", &self.keys)
+            .field("holder", &self.holder)
+            .field("intermediate_key_lifetime", &self.intermediate_key_lifetime)
+            .field("write_key", &*writer)
+            .field("key_cache", &self.cache)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S: TokenStore> EncryptedStore<S> {
-    /// Encrypts what goes into `inner` with keys from `keys`. Rewraps take leases as a random
-    /// [`LeaseHolder`].
+    /// Encrypts what goes into `inner` with keys from `keys`, with the defaults in the table
+    /// above. Rewraps take leases as a random [`LeaseHolder`].
     pub fn new(inner: S, keys: Arc<dyn KeyProvider>) -> Self {
         EncryptedStore {
             inner,
             keys,
             holder: LeaseHolder::random(),
+            clock: crate::clock::system(),
+            intermediate_key_lifetime: DEFAULT_INTERMEDIATE_KEY_LIFETIME,
+            cache: KeyCache::new(
+                DEFAULT_KEY_CACHE_TTL,
+                DEFAULT_KEY_CACHE_CAPACITY,
+                DEFAULT_LEGACY_KEY_CACHE_CAPACITY,
+            ),
+            writer: RwLock::new(None),
+            rotation: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -248,12 +317,59 @@ impl<S: TokenStore> EncryptedStore<S> {
         self
     }
 
+    /// How long this process encrypts new records under one intermediate key (default 1
+    /// hour). After that, the next write draws a new key and has the provider wrap it: one
+    /// provider call per lifetime. A new primary key at the provider also starts a new key, at
+    /// the next write.
+    ///
+    /// It is also how long writes go on while the provider is down, and how long this process
+    /// reads the records it wrote under its current key without asking the provider. Shorter
+    /// limits what one key covers and how long a KEK disabled at the KMS keeps working here;
+    /// longer rides out longer outages. `Duration::ZERO` wraps a new key for every write.
+    pub fn with_intermediate_key_lifetime(mut self, lifetime: Duration) -> Self {
+        self.intermediate_key_lifetime = lifetime;
+        self
+    }
+
+    /// How long an unwrapped key (another process's intermediate key, an older one of this
+    /// process, a format-1 data key) is used without asking the provider again (default 1
+    /// hour). Reads of such records go on for that long while the provider is down.
+    /// `Duration::ZERO` turns the cache off: every such read calls the provider.
+    pub fn with_key_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.cache = self.cache.with_ttl(ttl);
+        self
+    }
+
+    /// How many unwrapped intermediate keys are kept (default 1024; 0 keeps none). Each
+    /// process makes one per lifetime, so a store read by few processes needs few. When full,
+    /// expired keys go first, then the oldest.
+    pub fn with_key_cache_capacity(mut self, capacity: usize) -> Self {
+        self.cache = self.cache.with_capacity(capacity);
+        self
+    }
+
+    /// How many data keys of format-1 records (written before 0.2, one per record) are kept
+    /// (default 4096; 0 keeps none), so that repeated reads of one such record do not call the
+    /// provider. They go away as [`rewrap`](Self::rewrap) or ordinary writes move records to
+    /// the current format.
+    pub fn with_legacy_key_cache_capacity(mut self, capacity: usize) -> Self {
+        self.cache = self.cache.with_legacy_capacity(capacity);
+        self
+    }
+
+    /// The clock that times the intermediate key's lifetime and the key cache (the system
+    /// clock by default; tests pass a `testing::ManualClock`).
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// The holder id under which [`rewrap`](Self::rewrap) takes refresh leases.
     pub fn lease_holder(&self) -> &LeaseHolder {
         &self.holder
     }
 
-    /// The inner store, which holds envelopes.
+    /// The inner store, which holds envelopes .
     pub fn inner(&self) -> &S {
         &self.inner
     }
@@ -263,21 +379,65 @@ impl<S: TokenStore> EncryptedStore<S> {
         &self.keys
     }
 
-    async fn encrypt(&self, key: &TokenKey, record: &Record) -> Result<Record, StoreError> {
-        let backend = |e: KeyError| StoreError::Backend {
-            store: STORE_NAME,
-            source: Arc::new(e),
-        };
-        let aad = record_aad(key);
-        let data_key = DataKey::generate().map_err(backend)?;
-        let wrapped = self.keys.wrap(&data_key, &aad).await.map_err(backend)?;
-        let wrapped_len = u16::try_from(wrapped.wrapped.len()).map_err(|_| {
+    /// This process's intermediate key if it may still encrypt: younger than its lifetime and
+    /// made under the provider's current primary key.
+    fn usable_write_key(&self, primary: &KeyId) -> Option<Arc<WriteKey>> {
+        let writer = self.writer.read().unwrap_or_else(PoisonError::into_inner);
+        let current = writer.as_ref()?;
+        (current.primary == *primary
+            && younger_than(
+                current.created,
+                self.clock.now(),
+                self.intermediate_key_lifetime,
+            ))
+        .then(|| Arc::clone(current))
+    }
+
+    /// The intermediate key to encrypt with, made (one provider call) when there is none yet
+    /// or the current one is due for rotation.
+    async fn write_key(&self) -> Result<Arc<WriteKey>, StoreError> {
+        let primary = self.keys.primary_key_id();
+        if let Some(key) = self.usable_write_key(&primary) {
+            return Ok(key);
+        }
+        let _turn = self.rotation.lock().await;
+        // Someone else may have made one while this write waited.
+        if let Some(key) = self.usable_write_key(&primary) {
+            return Ok(key);
+        }
+        let key = DataKey::generate().map_err(backend)?;
+        let wrapped = self
+            .keys
+            .wrap(&key, INTERMEDIATE_KEY_AAD)
+            .await
+            .map_err(backend)?;
+        let header = envelope::header(&wrapped.key_id, &wrapped.wrapped).ok_or_else(|| {
             backend(KeyError::InvalidKey {
-                reason: "the wrapped data key is longer than 65535 bytes",
+                reason: "the wrapped key is longer than 65535 bytes",
             })
         })?;
+        let now = self.clock.now();
+        let key = Arc::new(key);
+        // Reads of what this process writes need no unwrap, for the cache TTL and (through
+        // `own_key`) for the key's lifetime.
+        self.cache.put_intermediate(&header, Arc::clone(&key), now);
+        let made = Arc::new(WriteKey {
+            header,
+            kek_id: wrapped.key_id,
+            primary,
+            key,
+            created: now,
+        });
+        *self.writer.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&made));
+        Ok(made)
+    }
+
+    /// Encrypts a record in the current format (2) under this process's intermediate key.
+    async fn seal(&self, key: &TokenKey, record: &Record) -> Result<Record, StoreError> {
+        let write_key = self.write_key().await?;
+        let aad = record_aad_v2(key, &write_key.kek_id);
         let nonce = XNonce::try_generate().map_err(|e| backend(KeyError::unavailable(e)))?;
-        let ciphertext = XChaCha20Poly1305::new(data_key.expose_secret().into())
+        let ciphertext = XChaCha20Poly1305::new(write_key.key.expose_secret().into())
             .encrypt(
                 &nonce,
                 AeadPayload {
@@ -290,56 +450,120 @@ impl<S: TokenStore> EncryptedStore<S> {
                     "payload encryption failed",
                 )))
             })?;
-        let id = wrapped.key_id.as_str().as_bytes();
-        let mut out =
-            Vec::with_capacity(4 + id.len() + wrapped.wrapped.len() + NONCE_LEN + ciphertext.len());
-        out.push(FORMAT_V1);
-        // KeyId guarantees 1..=64 bytes.
-        out.push(id.len() as u8);
-        out.extend_from_slice(id);
-        out.extend_from_slice(&wrapped_len.to_be_bytes());
-        out.extend_from_slice(&wrapped.wrapped);
+        let mut out = Vec::with_capacity(1 + write_key.header.len() + NONCE_LEN + ciphertext.len());
+        out.push(FORMAT_V2);
+        out.extend_from_slice(&write_key.header);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ciphertext);
         Ok(Record::new(Payload::new(out), record.meta.clone()))
     }
 
-    async fn decrypt(
+    /// This process's current intermediate key, if `header` names it and it is within its
+    /// lifetime (its cache entry may have expired sooner).
+    fn own_key(&self, header: &[u8]) -> Option<Arc<DataKey>> {
+        let writer = self.writer.read().unwrap_or_else(PoisonError::into_inner);
+        let current = writer.as_ref()?;
+        (*current.header == *header
+            && younger_than(
+                current.created,
+                self.clock.now(),
+                self.intermediate_key_lifetime,
+            ))
+        .then(|| Arc::clone(&current.key))
+    }
+
+    /// The intermediate key of a format-2 envelope: cached, this process's own, or unwrapped
+    /// (once, however many reads wait for it).
+    async fn intermediate_key(&self, envelope: &Envelope<'_>) -> Result<Arc<DataKey>, KeyError> {
+        let header = envelope.header;
+        if let Some(key) = self.cache.intermediate(header, self.clock.now()) {
+            return Ok(key);
+        }
+        if let Some(key) = self.own_key(header) {
+            return Ok(key);
+        }
+        let _flight = self.cache.flight(header).await;
+        if let Some(key) = self.cache.intermediate(header, self.clock.now()) {
+            return Ok(key);
+        }
+        let key = Arc::new(
+            self.keys
+                .unwrap(&envelope.key_id, envelope.wrapped, INTERMEDIATE_KEY_AAD)
+                .await?,
+        );
+        self.cache
+            .put_intermediate(header, Arc::clone(&key), self.clock.now());
+        Ok(key)
+    }
+
+    /// The data key of a format-1 envelope of `record`: cached for that record, or unwrapped.
+    async fn legacy_data_key(
         &self,
-        key: &TokenKey,
-        stored: StoredRecord,
-    ) -> Result<StoredRecord, StoreError> {
+        record: &TokenKey,
+        envelope: &Envelope<'_>,
+        aad: &[u8],
+    ) -> Result<Arc<DataKey>, KeyError> {
+        let header = envelope.header;
+        if let Some(key) = self.cache.legacy(record, header, self.clock.now()) {
+            return Ok(key);
+        }
+        let _flight = self.cache.flight(header).await;
+        if let Some(key) = self.cache.legacy(record, header, self.clock.now()) {
+            return Ok(key);
+        }
+        let key = Arc::new(
+            self.keys
+                .unwrap(&envelope.key_id, envelope.wrapped, aad)
+                .await?,
+        );
+        self.cache
+            .put_legacy(record, header, Arc::clone(&key), self.clock.now());
+        Ok(key)
+    }
+
+    /// Decrypts what the inner store holds.
+    async fn open(&self, key: &TokenKey, stored: StoredRecord) -> Result<StoredRecord, StoreError> {
+        let version = stored.version;
         let corrupt = |reason: String| StoreError::Corrupt {
             key: key.clone(),
             reason,
-            version: Some(stored.version),
+            version: Some(version),
         };
-        let envelope = Envelope::parse(stored.record.payload.expose_secret())
-            .map_err(|r| corrupt(r.to_owned()))?;
-        let aad = record_aad(key);
-        let data_key = match self
-            .keys
-            .unwrap(&envelope.key_id, envelope.wrapped, &aad)
-            .await
-        {
+        let bytes = stored.record.payload.expose_secret();
+        let envelope = match envelope::parse(bytes) {
+            Ok(Parsed::Envelope(envelope)) => envelope,
+            Ok(Parsed::Plain) => {
+                return Err(corrupt("not encrypted (a plain payload)".to_owned()));
+            }
+            Err(reason) => return Err(corrupt(reason.to_owned())),
+        };
+        let (what, data_key, aad) = if envelope.format == FORMAT_V2 {
+            let aad = record_aad_v2(key, &envelope.key_id);
+            (
+                "intermediate key",
+                self.intermediate_key(&envelope).await,
+                aad,
+            )
+        } else {
+            debug_assert_eq!(envelope.format, FORMAT_V1);
+            let aad = record_aad_v1(key);
+            let data_key = self.legacy_data_key(key, &envelope, &aad).await;
+            ("data key", data_key, aad)
+        };
+        let data_key = match data_key {
             Ok(k) => k,
             Err(KeyError::UnknownKeyId { key_id }) => {
                 return Err(corrupt(format!(
-                    "data key is wrapped under unknown key id {key_id}"
+                    "{what} is wrapped under unknown key id {key_id}"
                 )));
             }
             Err(KeyError::Rejected { .. } | KeyError::InvalidKey { .. }) => {
                 return Err(corrupt(format!(
-                    "data key under {} failed authentication (tampered, or copied from another record)",
+                    "{what} under {} failed authentication (tampered, or copied from another record)",
                     envelope.key_id
                 )));
             }
-            Err(e) => {
-                return Err(StoreError::Backend {
-                    store: STORE_NAME,
-                    source: Arc::new(e),
-                });
-            }
+            Err(e) => return Err(backend(e)),
         };
         let nonce = XNonce::try_from(envelope.nonce)
             .map_err(|_| corrupt("truncated envelope".to_owned()))?;
@@ -363,8 +587,29 @@ impl<S: TokenStore> EncryptedStore<S> {
         ))
     }
 
-    /// Re-encrypts every record that is not under the primary key, walking the inner store in
-    /// pages of `batch_size` (at least 1). See [`EncryptedStore::rewrap_page`].
+    /// Whether a stored record needs no rewrap: a current-format envelope under the primary
+    /// key (or under the KEK this process's current intermediate key is wrapped under, for a
+    /// provider that names key versions apart from its primary key id).
+    fn is_current(&self, raw: &StoredRecord, primary: &KeyId) -> bool {
+        let Ok(Parsed::Envelope(envelope)) = envelope::parse(raw.record.payload.expose_secret())
+        else {
+            return false;
+        };
+        if envelope.format != FORMAT_V2 {
+            return false;
+        }
+        if envelope.key_id == *primary {
+            return true;
+        }
+        let writer = self.writer.read().unwrap_or_else(PoisonError::into_inner);
+        writer
+            .as_ref()
+            .is_some_and(|w| w.primary == *primary && w.kek_id == envelope.key_id)
+    }
+
+    /// Re-encrypts every record that is not current (under another key, or in format 1),
+    /// walking the inner
+    /// store in pages of `batch_size` (at least 1). See [`EncryptedStore::rewrap_page`].
     ///
     /// Safe to run on a live store and to repeat: each record is rewritten under its key's
     /// refresh lease, with a compare-and-swap on the version loaded under the lease and fenced
@@ -385,17 +630,24 @@ impl<S: TokenStore> EncryptedStore<S> {
         }
     }
 
-    /// Re-encrypts, under the primary key, the records among the next `batch_size` links (at
-    /// least 1) strictly after `after`, and returns the cursor to pass next (`None` when the
-    /// walk is done). Lets a host bound the work per call.
+    /// Re-encrypts, under the primary key and in the current format, the records among the
+    /// next `batch_size` links (at least 1) strictly after `after` that are not current, and
+    /// returns the cursor to pass next (`None` when the walk is done). Lets a host bound the
+    /// work per call.
+    ///
+    /// A record is current when it is a format-2 envelope whose KEK id is the provider's
+    /// primary key id. Records under the primary but under an older intermediate key are
+    /// current: intermediate keys are not rotated by rewrapping. Format-1 envelopes are
+    /// rewritten in format 2 ([`RewrapReport::rewrapped`]); plain records are counted in
+    /// [`RewrapReport::corrupt`].
     ///
     /// Key rotation is a writer that is not a refresh, so it must not race one: a refresh that
     /// has spent a refresh token and then finds its write in conflict may lose the rotated
-    /// token. For each record not under the primary key (read first without a lease, so that
+    /// token. For each record that is not current (read first without a lease, so that
     /// records already moved cost no lease), the rewrap takes the key's refresh lease
     /// (for 30 s, as [`lease_holder`](Self::lease_holder)); a busy lease skips the record,
     /// counted in [`RewrapReport::skipped_busy`]. Under the lease the record is loaded again,
-    /// decrypted, encrypted with a fresh data key under the primary, and written with a
+    /// decrypted, encrypted under this process's current intermediate key, and written with a
     /// `compare_and_swap` on that version, fenced by the lease; then the lease is released,
     /// also when something failed. A conflict means someone wrote meanwhile (under the primary
     /// key) and is counted in [`RewrapReport::skipped_conflict`]. Records that do not decrypt
@@ -425,9 +677,7 @@ impl<S: TokenStore> EncryptedStore<S> {
     async fn rewrap_one(&self, key: &TokenKey, primary: &KeyId) -> Result<Rewrapped, StoreError> {
         match self.inner.load(key).await? {
             None => return Ok(Rewrapped::Conflict),
-            Some(raw) if key_id_of(&raw).as_ref() == Some(primary) => {
-                return Ok(Rewrapped::AlreadyPrimary);
-            }
+            Some(raw) if self.is_current(&raw, primary) => return Ok(Rewrapped::AlreadyPrimary),
             Some(_) => {}
         }
         let lease = match self
@@ -463,10 +713,10 @@ impl<S: TokenStore> EncryptedStore<S> {
         let Some(raw) = self.inner.load(key).await? else {
             return Ok(Rewrapped::Conflict);
         };
-        if key_id_of(&raw).as_ref() == Some(primary) {
+        if self.is_current(&raw, primary) {
             return Ok(Rewrapped::AlreadyPrimary);
         }
-        let plain = match self.decrypt(key, raw).await {
+        let plain = match self.open(key, raw).await {
             Ok(plain) => plain,
             Err(StoreError::Corrupt { key, reason, .. }) => {
                 tracing::warn!(%key, %reason, "rewrap: record does not decrypt; left as is");
@@ -474,7 +724,7 @@ impl<S: TokenStore> EncryptedStore<S> {
             }
             Err(e) => return Err(e),
         };
-        let record = self.encrypt(key, &plain.record).await?;
+        let record = self.seal(key, &plain.record).await?;
         match self
             .inner
             .compare_and_swap(key, plain.version, &record, Some(&lease.token))
@@ -492,16 +742,18 @@ impl<S: TokenStore> EncryptedStore<S> {
 impl<S: TokenStore> TokenStore for EncryptedStore<S> {
     async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError> {
         match self.inner.load(key).await? {
-            Some(stored) => self.decrypt(key, stored).await.map(Some),
+            Some(stored) => self.open(key, stored).await.map(Some),
             None => Ok(None),
         }
     }
 
     async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
-        let sealed = self.encrypt(key, record).await?;
+        let sealed = self.seal(key, record).await?;
         self.inner.insert(key, &sealed).await
     }
 
+    // The record replaced is never decrypted: a record that does not decrypt (reported as
+    // `Corrupt` with its version) can be replaced at that version.
     async fn compare_and_swap(
         &self,
         key: &TokenKey,
@@ -509,7 +761,7 @@ impl<S: TokenStore> TokenStore for EncryptedStore<S> {
         record: &Record,
         fence: Option<&LeaseToken>,
     ) -> Result<Version, StoreError> {
-        let sealed = self.encrypt(key, record).await?;
+        let sealed = self.seal(key, record).await?;
         self.inner
             .compare_and_swap(key, expected, &sealed, fence)
             .await

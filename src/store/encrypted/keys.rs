@@ -94,7 +94,10 @@ impl AsRef<str> for KeyId {
     }
 }
 
-/// A 32-byte data key: encrypts one record's payload, and is stored only wrapped.
+/// A 32-byte symmetric key that is stored only wrapped by a [`KeyProvider`]: an
+/// [`EncryptedStore`](super::EncryptedStore) intermediate key (which encrypts the records one
+/// process writes during the key's lifetime), or the per-record data key of a format-1
+/// envelope written before 0.2.
 ///
 /// Zeroized on drop; `Debug` shows nothing of it.
 ///
@@ -177,14 +180,14 @@ impl fmt::Debug for WrappedKey {
 #[non_exhaustive]
 pub enum KeyError {
     /// No key-encryption key has this id (it was retired, or the stored id is wrong).
-    /// Reads report it as [`StoreError::Corrupt`].
+    /// Reads report it as [`StoreError::Corrupt`](crate::StoreError::Corrupt).
     #[error("unknown key id {key_id}")]
     UnknownKeyId {
         /// The id asked for.
         key_id: KeyId,
     },
     /// The wrapped key did not authenticate: tampered, wrapped under another key, or wrapped
-    /// for another record. Reads report it as [`StoreError::Corrupt`].
+    /// for another record. Reads report it as [`StoreError::Corrupt`](crate::StoreError::Corrupt).
     #[error("wrapped data key under {key_id} failed authentication")]
     Rejected {
         /// The key-encryption key tried.
@@ -197,7 +200,7 @@ pub enum KeyError {
         reason: &'static str,
     },
     /// The key service or the random number generator failed; nothing is known about the
-    /// data. Reported as [`StoreError::Backend`]: retry later.
+    /// data. Reported as [`StoreError::Backend`](crate::StoreError::Backend): retry later.
     #[error("key provider unavailable")]
     Unavailable {
         /// The underlying error. It must not contain key material.
@@ -228,8 +231,13 @@ pub(super) struct EncryptFailed(pub(super) &'static str);
 /// Wraps and unwraps data keys under key-encryption keys: a [`StaticKeyring`], or a host's
 /// client for a key management service.
 ///
-/// `aad` binds a wrapped key to one record; an implementation must authenticate it (a KMS
-/// "encryption context"), so that a wrapped key copied to another record fails to unwrap.
+/// `aad` binds a wrapped key to its use; an implementation must authenticate it (a KMS
+/// "encryption context"), so that a wrapped key used in another context fails to unwrap.
+/// [`EncryptedStore`](super::EncryptedStore) wraps one intermediate key per process and
+/// lifetime, with a fixed `aad`, and unwraps each wrapped key it meets once per cache TTL: the
+/// provider is called a handful of times an hour, not once per read. (Format-1 envelopes,
+/// written before 0.2, hold a data key per record wrapped with the record's key as `aad`;
+/// they are still unwrapped, once per record and cache TTL.)
 ///
 /// ```
 /// use async_trait::async_trait;
@@ -285,9 +293,9 @@ impl Kek {
 
 /// Key-encryption keys held by the process, one of them primary: the simple [`KeyProvider`].
 ///
-/// New records are wrapped under the primary key; records under the other keys still read, until
-/// [`EncryptedStore::rewrap`] has moved them. Wrapping is XChaCha20-Poly1305 with a random
-/// nonce, authenticating the record and the key id.
+/// New keys are wrapped under the primary key; records under the other keys still read, until
+/// [`EncryptedStore::rewrap`](super::EncryptedStore::rewrap) has moved them. Wrapping is XChaCha20-Poly1305 with a random
+/// nonce, authenticating the caller's `aad` and the key id.
 ///
 /// `Debug` shows the key ids only.
 ///
