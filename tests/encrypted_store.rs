@@ -1560,3 +1560,150 @@ async fn no_intermediate_key_shows_in_debug_output() {
         assert!(text.contains("key_cache"), "{text}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Turning encryption on for a store that holds plain records.
+
+#[tokio::test]
+async fn plain_records_read_only_with_the_opt_in_and_rewrap_encrypts_them() {
+    let inner = Arc::new(MemoryStore::new());
+    // Written before encryption: plain JSON payloads, as the broker writes them.
+    let plain: Vec<TokenKey> = (0..5).map(|i| key(&format!("plain-{i}"))).collect();
+    for (i, k) in plain.iter().enumerate() {
+        inner.insert(k, &record(&format!("at-{i}"))).await.unwrap();
+    }
+    // One plain record whose refresh is under way: its lease is held.
+    let LeaseAttempt::Acquired(held) = inner
+        .try_lease(
+            &plain[4],
+            &LeaseHolder::new("refresher"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("lease not acquired");
+    };
+    // Garbage that starts like JSON, and an envelope whose format byte became `{`.
+    let (not_json, forged) = (key("not-json"), key("forged"));
+    put_raw(&inner, &not_json, b"{\"v\":1, garbage".to_vec()).await;
+    let sealer = EncryptedStore::new(inner.clone(), ring_k2());
+    sealer.insert(&forged, &record("at-forged")).await.unwrap();
+    let mut bytes = raw(&inner, &forged)
+        .await
+        .record
+        .payload
+        .expose_secret()
+        .to_vec();
+    bytes[0] = b'{';
+    put_raw(&inner, &forged, bytes).await;
+
+    // Without the opt-in, plain records are corrupt.
+    let strict = EncryptedStore::new(inner.clone(), ring_k2());
+    let reason = corrupt_reason(strict.load(&plain[0]).await);
+    assert!(reason.contains("not encrypted"), "{reason}");
+
+    // With it, they read as they are, and are counted.
+    let store = EncryptedStore::new(inner.clone(), ring_k2()).accept_plain_records(true);
+    for (i, k) in plain.iter().enumerate() {
+        assert_eq!(
+            access_token(&store.load(k).await.unwrap().unwrap()),
+            format!("at-{i}")
+        );
+    }
+    store.load(&plain[0]).await.unwrap().unwrap();
+    assert_eq!(store.plain_records_served(), 6);
+    // Not for anything that is not one JSON object.
+    for k in [&not_json, &forged] {
+        let reason = corrupt_reason(store.load(k).await);
+        assert!(reason.contains("not one JSON object"), "{k}: {reason}");
+    }
+    // Writes encrypt as always.
+    let new = key("new");
+    store.insert(&new, &record("at-new")).await.unwrap();
+    assert_eq!(key_id_of(&raw(&inner, &new).await), Some(id("k2")));
+
+    // Without the opt-in, a rewrap leaves plain records alone: the four it could lease are
+    // counted as corrupt, with the two that are not plain.
+    let report = strict.rewrap(3).await.unwrap();
+    assert_eq!(
+        (report.encrypted_plain, report.corrupt, report.skipped_busy),
+        (0, 4 + 2, 1),
+        "{report:?}"
+    );
+    assert_eq!(key_id_of(&raw(&inner, &plain[0]).await), None);
+
+    // With it, the rewrap encrypts them, under the lease and fenced, skipping the busy one.
+    let report = store.rewrap(3).await.unwrap();
+    assert_eq!(report.scanned, 8, "{report:?}");
+    assert_eq!(report.encrypted_plain, 4, "{report:?}");
+    assert_eq!(report.skipped_busy, 1, "{report:?}");
+    assert_eq!(report.already_primary, 1, "{report:?}");
+    assert_eq!(report.corrupt, 2, "{report:?}");
+    assert_eq!(report.rewrapped, 0, "{report:?}");
+    assert_eq!(
+        store.plain_records_served(),
+        6,
+        "a rewrap's reads are not served"
+    );
+    assert_eq!(key_id_of(&raw(&inner, &plain[4]).await), None);
+    inner.release_lease(&held).await.unwrap();
+    let report = store.rewrap(3).await.unwrap();
+    assert_eq!(
+        (
+            report.encrypted_plain,
+            report.already_primary,
+            report.corrupt
+        ),
+        (1, 4 + 1, 2),
+        "{report:?}"
+    );
+    assert_no_lease_held(&*inner, &plain).await;
+
+    // Every plain record is now an envelope, and reads without the opt-in.
+    let after = EncryptedStore::new(inner.clone(), ring_k2());
+    for (i, k) in plain.iter().enumerate() {
+        let stored = raw(&inner, k).await;
+        assert_eq!(key_id_of(&stored), Some(id("k2")), "{k}");
+        assert!(!contains(
+            stored.record.payload.expose_secret(),
+            format!("at-{i}").as_bytes()
+        ));
+        assert_eq!(
+            access_token(&after.load(k).await.unwrap().unwrap()),
+            format!("at-{i}")
+        );
+    }
+    assert_eq!(after.plain_records_served(), 0);
+}
+
+/// With plain records accepted, a tampered envelope is still never read as plain: every flipped
+/// byte and every truncation of an envelope stays corrupt.
+#[tokio::test]
+async fn the_opt_in_lets_no_tampered_envelope_through() {
+    let inner = Arc::new(MemoryStore::new());
+    let store = EncryptedStore::new(inner.clone(), ring_k1()).accept_plain_records(true);
+    let k = key("alice");
+    store.insert(&k, &record("at")).await.unwrap();
+    let good = raw(&inner, &k)
+        .await
+        .record
+        .payload
+        .expose_secret()
+        .to_vec();
+    for i in 0..good.len() {
+        for mask in [0x01u8, 0x80, 0xFF] {
+            let mut bad = good.clone();
+            bad[i] ^= mask;
+            put_raw(&inner, &k, bad).await;
+            corrupt_reason(store.load(&k).await);
+        }
+    }
+    for len in 0..good.len() {
+        put_raw(&inner, &k, good[..len].to_vec()).await;
+        corrupt_reason(store.load(&k).await);
+    }
+    put_raw(&inner, &k, good).await;
+    assert_eq!(access_token(&store.load(&k).await.unwrap().unwrap()), "at");
+    assert_eq!(store.plain_records_served(), 0);
+}

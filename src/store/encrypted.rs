@@ -70,14 +70,17 @@
 //! wrapped by the provider with the record's key as context) still reads; its unwrapped data
 //! keys are cached per record (bounded, same TTL), so repeated reads of one record do not call
 //! the provider, and [`EncryptedStore::rewrap`] rewrites such records in format 2. Plain
-//! records (from before encryption was turned on) are JSON objects, refused as corrupt.
+//! records (from before encryption was turned on) are JSON objects; see
+//! [`EncryptedStore::accept_plain_records`] for how they are told apart and migrated.
 
 mod cache;
 mod envelope;
 mod keys;
 
+use std::collections::HashSet;
 use std::fmt;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -116,6 +119,8 @@ const DEFAULT_INTERMEDIATE_KEY_LIFETIME: Duration = Duration::from_secs(3600);
 const DEFAULT_KEY_CACHE_TTL: Duration = Duration::from_secs(3600);
 const DEFAULT_KEY_CACHE_CAPACITY: usize = 1024;
 const DEFAULT_LEGACY_KEY_CACHE_CAPACITY: usize = 4096;
+/// How many distinct keys of plain records are logged; after that they are only counted.
+const PLAIN_WARN_LIMIT: usize = 1024;
 
 /// The id of the key-encryption key a stored record is encrypted under (through its
 /// intermediate key, or its format-1 data key), as the inner store of an [`EncryptedStore`]
@@ -140,6 +145,10 @@ pub struct RewrapReport {
     /// Envelopes re-encrypted under the primary key in the current format: those under another
     /// key, and format-1 envelopes.
     pub rewrapped: usize,
+    /// Plain records (written before encryption was turned on) encrypted for the first time.
+    /// Only with [`EncryptedStore::accept_plain_records`]; without it they count as
+    /// [`corrupt`](Self::corrupt).
+    pub encrypted_plain: usize,
     /// Records already under the primary key in the current format, left alone.
     pub already_primary: usize,
     /// Records changed or deleted between the load and the write: left as the concurrent writer
@@ -150,8 +159,8 @@ pub struct RewrapReport {
     /// refresh's write conflict. Run the rewrap again later; do not retire an old key while
     /// this is not zero.
     pub skipped_busy: usize,
-    /// Records that could not be decrypted (see [`StoreError::Corrupt`]), plain records
-    /// included, left untouched. Do not retire an old key while this is not
+    /// Records that could not be decrypted (see [`StoreError::Corrupt`]), and plain records
+    /// while they are not accepted, left untouched. Do not retire an old key while this is not
     /// zero: the records are logged with their keys.
     pub corrupt: usize,
 }
@@ -160,6 +169,7 @@ impl RewrapReport {
     fn add(&mut self, other: &RewrapReport) {
         self.scanned += other.scanned;
         self.rewrapped += other.rewrapped;
+        self.encrypted_plain += other.encrypted_plain;
         self.already_primary += other.already_primary;
         self.skipped_conflict += other.skipped_conflict;
         self.skipped_busy += other.skipped_busy;
@@ -169,6 +179,7 @@ impl RewrapReport {
     fn count(&mut self, outcome: Rewrapped) {
         let counter = match outcome {
             Rewrapped::Done => &mut self.rewrapped,
+            Rewrapped::EncryptedPlain => &mut self.encrypted_plain,
             Rewrapped::AlreadyPrimary => &mut self.already_primary,
             Rewrapped::Conflict => &mut self.skipped_conflict,
             Rewrapped::Busy => &mut self.skipped_busy,
@@ -182,10 +193,46 @@ impl RewrapReport {
 #[derive(Debug, Clone, Copy)]
 enum Rewrapped {
     Done,
+    EncryptedPlain,
     AlreadyPrimary,
     Conflict,
     Busy,
     Corrupt,
+}
+
+/// Who opens a record: a caller of [`TokenStore::load`], or a rewrap (which does not count
+/// plain records as served).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opener {
+    Load,
+    Rewrap,
+}
+
+/// Plain records served: counted, and each key logged once (up to [`PLAIN_WARN_LIMIT`] keys).
+#[derive(Default)]
+struct PlainReads {
+    count: AtomicU64,
+    warned: Mutex<HashSet<TokenKey, foldhash::fast::RandomState>>,
+}
+
+impl PlainReads {
+    fn note(&self, key: &TokenKey) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
+        if warned.len() < PLAIN_WARN_LIMIT && warned.insert(key.clone()) {
+            // The key only: never the payload.
+            tracing::warn!(
+                %key,
+                "EncryptedStore: served a plain (unencrypted) record; run rewrap to encrypt it"
+            );
+            if warned.len() == PLAIN_WARN_LIMIT {
+                tracing::warn!(
+                    "EncryptedStore: {PLAIN_WARN_LIMIT} keys with plain records logged; further \
+                     ones are only counted (plain_records_served)"
+                );
+            }
+        }
+    }
 }
 
 fn backend(e: KeyError) -> StoreError {
@@ -218,7 +265,7 @@ fn backend(e: KeyError) -> StoreError {
 /// for sweeps and leases.
 ///
 /// A record that fails to parse or decrypt (truncated, tampered, moved, under an unknown key,
-/// plain) loads as [`StoreError::Corrupt`] carrying the
+/// plain while plain records are not accepted) loads as [`StoreError::Corrupt`] carrying the
 /// record's version: [`compare_and_swap`](TokenStore::compare_and_swap) at that version (a
 /// re-link) and [`delete`](TokenStore::delete) at it (an unlink) work without decrypting the old
 /// record. A failing [`KeyProvider`] is a [`StoreError::Backend`] with store `encryption`.
@@ -229,9 +276,8 @@ fn backend(e: KeyError) -> StoreError {
 /// key's refresh lease, taken as [`EncryptedStore::lease_holder`] (random unless set with
 /// [`with_lease_holder`](EncryptedStore::with_lease_holder)).
 ///
-/// Records the inner store already holds in plain text are not migrated: they load as
-/// [`StoreError::Corrupt`] ("not encrypted"), since accepting plain payloads would let anyone
-/// with write access to the database plant tokens.
+/// Turning encryption on for a store that already holds plain records: see
+/// [`accept_plain_records`](Self::accept_plain_records).
 ///
 /// **No decrypted copy is kept here**, only keys: every load decrypts what the inner store
 /// holds, so every read authenticates it. The broker above keeps the decoded sets of recent
@@ -265,6 +311,7 @@ pub struct EncryptedStore<S> {
     keys: Arc<dyn KeyProvider>,
     holder: LeaseHolder,
     clock: SharedClock,
+    accept_plain: bool,
     intermediate_key_lifetime: Duration,
     cache: KeyCache,
     /// The intermediate key new records are encrypted under, once the first write made it.
@@ -272,6 +319,7 @@ pub struct EncryptedStore<S> {
     /// Held while a new intermediate key is wrapped, so that concurrent writes wait for one
     /// provider call instead of each making their own.
     rotation: tokio::sync::Mutex<()>,
+    plain: PlainReads,
 }
 
 impl<S: fmt::Debug> fmt::Debug for EncryptedStore<S> {
@@ -282,6 +330,7 @@ impl<S: fmt::Debug> fmt::Debug for EncryptedStore<S> {
             .field("inner", &self.inner)
             .field("keys", &self.keys)
             .field("holder", &self.holder)
+            .field("accept_plain_records", &self.accept_plain)
             .field("intermediate_key_lifetime", &self.intermediate_key_lifetime)
             .field("write_key", &*writer)
             .field("key_cache", &self.cache)
@@ -298,6 +347,7 @@ impl<S: TokenStore> EncryptedStore<S> {
             keys,
             holder: LeaseHolder::random(),
             clock: crate::clock::system(),
+            accept_plain: false,
             intermediate_key_lifetime: DEFAULT_INTERMEDIATE_KEY_LIFETIME,
             cache: KeyCache::new(
                 DEFAULT_KEY_CACHE_TTL,
@@ -306,6 +356,7 @@ impl<S: TokenStore> EncryptedStore<S> {
             ),
             writer: RwLock::new(None),
             rotation: tokio::sync::Mutex::new(()),
+            plain: PlainReads::default(),
         }
     }
 
@@ -364,12 +415,46 @@ impl<S: TokenStore> EncryptedStore<S> {
         self
     }
 
+    /// Whether records the inner store holds in plain text (written before encryption was
+    /// turned on) are served as they are (`true`), or load as [`StoreError::Corrupt`]
+    /// (`false`, the default). **An opt-in for the migration only.**
+    ///
+    /// To turn encryption on for a store that holds plain records:
+    /// 1. deploy with `accept_plain_records(true)`: plain records read, every write encrypts;
+    /// 2. run [`rewrap`](Self::rewrap) (with the opt-in on it encrypts plain records, under the
+    ///    lease and fenced, and counts them in [`RewrapReport::encrypted_plain`]) until a pass
+    ///    reports `encrypted_plain == 0`, `skipped_busy == 0` and `corrupt == 0`;
+    /// 3. deploy without the opt-in.
+    ///
+    /// While it is on, anyone who can write to the database can plant a record that is served
+    /// as a token set; that is why plain records are refused by default.
+    ///
+    /// How a plain record is told from an envelope: envelopes start with a format byte in
+    /// `0xE0..=0xEF` (`0xE1`, `0xE2` so far), which no JSON text can start with, and a payload
+    /// with such a first byte is only ever read as an envelope (one that does not parse is
+    /// corrupt, never plain). A plain record is one complete JSON object (the first byte that is
+    /// not JSON whitespace is `{`, and the whole payload parses), as every payload format of
+    /// the broker is, versioned or not. Anything else is corrupt.
+    ///
+    /// Each plain record served is counted ([`plain_records_served`](Self::plain_records_served))
+    /// and its key is logged once at `warn` (the first 1024 keys); the payload never is.
+    pub fn accept_plain_records(mut self, accept: bool) -> Self {
+        self.accept_plain = accept;
+        self
+    }
+
+    /// How many plain records this store has served since it was built (see
+    /// [`accept_plain_records`](Self::accept_plain_records)); reads by a rewrap are not counted.
+    pub fn plain_records_served(&self) -> u64 {
+        self.plain.count.load(Ordering::Relaxed)
+    }
+
     /// The holder id under which [`rewrap`](Self::rewrap) takes refresh leases.
     pub fn lease_holder(&self) -> &LeaseHolder {
         &self.holder
     }
 
-    /// The inner store, which holds envelopes .
+    /// The inner store, which holds envelopes (and, before a migration is done, plain records).
     pub fn inner(&self) -> &S {
         &self.inner
     }
@@ -521,8 +606,13 @@ impl<S: TokenStore> EncryptedStore<S> {
         Ok(key)
     }
 
-    /// Decrypts what the inner store holds.
-    async fn open(&self, key: &TokenKey, stored: StoredRecord) -> Result<StoredRecord, StoreError> {
+    /// Decrypts what the inner store holds (or passes a plain record through, when accepted).
+    async fn open(
+        &self,
+        key: &TokenKey,
+        stored: StoredRecord,
+        opener: Opener,
+    ) -> Result<StoredRecord, StoreError> {
         let version = stored.version;
         let corrupt = |reason: String| StoreError::Corrupt {
             key: key.clone(),
@@ -532,8 +622,22 @@ impl<S: TokenStore> EncryptedStore<S> {
         let bytes = stored.record.payload.expose_secret();
         let envelope = match envelope::parse(bytes) {
             Ok(Parsed::Envelope(envelope)) => envelope,
+            Ok(Parsed::Plain) if self.accept_plain => {
+                if !envelope::is_json_object(bytes) {
+                    return Err(corrupt(
+                        "neither an envelope nor a plain record (not one JSON object)".to_owned(),
+                    ));
+                }
+                if opener == Opener::Load {
+                    self.plain.note(key);
+                }
+                return Ok(stored);
+            }
             Ok(Parsed::Plain) => {
-                return Err(corrupt("not encrypted (a plain payload)".to_owned()));
+                return Err(corrupt(
+                    "not encrypted (a plain payload, refused unless accept_plain_records is on)"
+                        .to_owned(),
+                ));
             }
             Err(reason) => return Err(corrupt(reason.to_owned())),
         };
@@ -607,8 +711,8 @@ impl<S: TokenStore> EncryptedStore<S> {
             .is_some_and(|w| w.primary == *primary && w.kek_id == envelope.key_id)
     }
 
-    /// Re-encrypts every record that is not current (under another key, or in format 1),
-    /// walking the inner
+    /// Re-encrypts every record that is not current (under another key, in format 1, or plain
+    /// while [`accept_plain_records`](Self::accept_plain_records) is on), walking the inner
     /// store in pages of `batch_size` (at least 1). See [`EncryptedStore::rewrap_page`].
     ///
     /// Safe to run on a live store and to repeat: each record is rewritten under its key's
@@ -638,7 +742,9 @@ impl<S: TokenStore> EncryptedStore<S> {
     /// A record is current when it is a format-2 envelope whose KEK id is the provider's
     /// primary key id. Records under the primary but under an older intermediate key are
     /// current: intermediate keys are not rotated by rewrapping. Format-1 envelopes are
-    /// rewritten in format 2 ([`RewrapReport::rewrapped`]); plain records are counted in
+    /// rewritten in format 2 ([`RewrapReport::rewrapped`]), and so are plain records while
+    /// [`accept_plain_records`](Self::accept_plain_records) is on
+    /// ([`RewrapReport::encrypted_plain`]); without it they are counted in
     /// [`RewrapReport::corrupt`].
     ///
     /// Key rotation is a writer that is not a refresh, so it must not race one: a refresh that
@@ -716,7 +822,11 @@ impl<S: TokenStore> EncryptedStore<S> {
         if self.is_current(&raw, primary) {
             return Ok(Rewrapped::AlreadyPrimary);
         }
-        let plain = match self.open(key, raw).await {
+        let was_plain = matches!(
+            envelope::parse(raw.record.payload.expose_secret()),
+            Ok(Parsed::Plain)
+        );
+        let plain = match self.open(key, raw, Opener::Rewrap).await {
             Ok(plain) => plain,
             Err(StoreError::Corrupt { key, reason, .. }) => {
                 tracing::warn!(%key, %reason, "rewrap: record does not decrypt; left as is");
@@ -730,6 +840,7 @@ impl<S: TokenStore> EncryptedStore<S> {
             .compare_and_swap(key, plain.version, &record, Some(&lease.token))
             .await
         {
+            Ok(_) if was_plain => Ok(Rewrapped::EncryptedPlain),
             Ok(_) => Ok(Rewrapped::Done),
             Err(StoreError::Conflict { .. }) => Ok(Rewrapped::Conflict),
             Err(e) => Err(e),
@@ -742,7 +853,7 @@ impl<S: TokenStore> EncryptedStore<S> {
 impl<S: TokenStore> TokenStore for EncryptedStore<S> {
     async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError> {
         match self.inner.load(key).await? {
-            Some(stored) => self.open(key, stored).await.map(Some),
+            Some(stored) => self.open(key, stored, Opener::Load).await.map(Some),
             None => Ok(None),
         }
     }

@@ -93,6 +93,13 @@ fn starts_like_json_object(bytes: &[u8]) -> bool {
         .is_some_and(|&b| b == b'{')
 }
 
+/// Whether a payload that [`parse`] called plain is one complete JSON object. A full parse,
+/// done only when plain records are accepted: it keeps a tampered envelope whose first byte
+/// became `{` from being served, or encrypted by a rewrap, as a plain record.
+pub(super) fn is_json_object(bytes: &[u8]) -> bool {
+    starts_like_json_object(bytes) && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
+}
+
 fn parse_envelope(bytes: &[u8]) -> Result<Envelope<'_>, &'static str> {
     let format = bytes[0];
     let mut rest = &bytes[1..];
@@ -182,6 +189,9 @@ mod tests {
     fn plain_records_are_json_objects() {
         assert!(matches!(parse(br#"{"v":1}"#), Ok(Parsed::Plain)));
         assert!(matches!(parse(b" \n{\"v\":2}"), Ok(Parsed::Plain)));
+        assert!(is_json_object(b" {\"v\":2,\"set\":{}} \n"));
+        assert!(!is_json_object(b"{\"v\":2"));
+        assert!(!is_json_object(b"{} trailing"));
         for not_plain in [&b""[..], b"[1]", b"\"s\"", b"garbage", b"\xE3abc", b"\xEF"] {
             assert!(parse(not_plain).is_err(), "{not_plain:?}");
         }
