@@ -1025,19 +1025,14 @@ fn corrupt_version(result: Result<Option<StoredRecord>, StoreError>) -> Version 
     }
 }
 
-/// Records nobody can read: a flipped bit, a key the keyring no longer has, and a plain record
-/// written before encryption was turned on. Each loads as `Corrupt` with the version the inner
-/// store holds, and that version is enough to replace it (a re-link) or delete it (an unlink):
-/// neither needs the old record to decrypt.
-#[tokio::test]
-async fn unreadable_records_report_their_version_and_can_be_replaced_or_deleted() {
-    let inner = Arc::new(MemoryStore::new());
+/// Writes three records nobody can read through `store` (k2 primary), named `<what>-<suffix>`:
+/// a flipped bit, a key the keyring no longer has, and a plain record written before encryption
+/// was turned on.
+async fn unreadable_records(inner: &Arc<MemoryStore>, suffix: &str) -> [TokenKey; 3] {
     let store = EncryptedStore::new(inner.clone(), ring_k2());
-
-    // Tampered: one bit flipped in the ciphertext.
-    let tampered = key("tampered");
+    let tampered = key(&format!("tampered-{suffix}"));
     store.insert(&tampered, &record("at-t")).await.unwrap();
-    let mut bytes = raw(&inner, &tampered)
+    let mut bytes = raw(inner, &tampered)
         .await
         .record
         .payload
@@ -1045,10 +1040,9 @@ async fn unreadable_records_report_their_version_and_can_be_replaced_or_deleted(
         .to_vec();
     let last = bytes.len() - 1;
     bytes[last] ^= 0x01;
-    put_raw(&inner, &tampered, bytes).await;
+    put_raw(inner, &tampered, bytes).await;
 
-    // Under a key the keyring no longer holds.
-    let retired = key("retired");
+    let retired = key(&format!("retired-{suffix}"));
     EncryptedStore::new(
         inner.clone(),
         Arc::new(StaticKeyring::new(id("k0"), [0x33; 32])),
@@ -1057,15 +1051,22 @@ async fn unreadable_records_report_their_version_and_can_be_replaced_or_deleted(
     .await
     .unwrap();
 
-    // Plain, from before encryption.
-    let plain = key("plain");
+    let plain = key(&format!("plain-{suffix}"));
     inner.insert(&plain, &record("at-p")).await.unwrap();
+    [tampered, retired, plain]
+}
 
-    for k in [&tampered, &retired, &plain] {
+/// Records nobody can read load as `Corrupt` with the version the inner store holds, and that
+/// version is enough to replace them (a re-link) or delete them (an unlink): neither needs the
+/// old record to decrypt.
+#[tokio::test]
+async fn unreadable_records_report_their_version_and_can_be_replaced_or_deleted() {
+    let inner = Arc::new(MemoryStore::new());
+    let store = EncryptedStore::new(inner.clone(), ring_k2());
+
+    for k in &unreadable_records(&inner, "relink").await {
         let v = corrupt_version(store.load(k).await);
         assert_eq!(v, raw(&inner, k).await.version, "{k}");
-
-        // Replace by version: what a re-link does.
         let replaced = store
             .compare_and_swap(k, v, &record("at-relinked"), None)
             .await
@@ -1080,19 +1081,18 @@ async fn unreadable_records_report_their_version_and_can_be_replaced_or_deleted(
         ));
     }
 
-    // Delete by version: what an unlink does. A stale version conflicts, the reported one
-    // deletes.
-    let unlink = key("unlink");
-    inner.insert(&unlink, &record("at-u")).await.unwrap();
-    let v = corrupt_version(store.load(&unlink).await);
-    let other = Version::new(v.get() + 1000);
-    assert!(matches!(
-        store.delete(&unlink, Some(other)).await,
-        Err(StoreError::Conflict { .. })
-    ));
-    assert!(store.delete(&unlink, Some(v)).await.unwrap());
-    assert!(store.load(&unlink).await.unwrap().is_none());
-    assert!(inner.load(&unlink).await.unwrap().is_none());
+    for k in &unreadable_records(&inner, "unlink").await {
+        let v = corrupt_version(store.load(k).await);
+        assert_eq!(v, raw(&inner, k).await.version, "{k}");
+        // Another version conflicts and deletes nothing; the reported one deletes.
+        assert!(matches!(
+            store.delete(k, Some(Version::new(v.get() + 1000))).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        assert!(store.delete(k, Some(v)).await.unwrap(), "{k}");
+        assert!(store.load(k).await.unwrap().is_none());
+        assert!(inner.load(k).await.unwrap().is_none());
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
