@@ -1025,9 +1025,9 @@ fn corrupt_version(result: Result<Option<StoredRecord>, StoreError>) -> Version 
     }
 }
 
-/// Writes three records nobody can read through `store` (k2 primary), named `<what>-<suffix>`:
-/// a flipped bit, a key the keyring no longer has, and a plain record written before encryption
-/// was turned on.
+/// Writes into `inner` three records that a store on `ring_k2` cannot read, named
+/// `<what>-<suffix>`: a flipped bit, a key the keyring does not have, and a plain record written
+/// before encryption was turned on.
 async fn unreadable_records(inner: &Arc<MemoryStore>, suffix: &str) -> [TokenKey; 3] {
     let store = EncryptedStore::new(inner.clone(), ring_k2());
     let tampered = key(&format!("tampered-{suffix}"));
