@@ -23,9 +23,9 @@
 //! header (KEK id and wrapped bytes, so a cached key is only ever used for exactly the wrapped
 //! key it came from), for [`with_key_cache_ttl`](EncryptedStore::with_key_cache_ttl) (default
 //! 1 hour). Concurrent reads needing the same key wait for one unwrap. So the provider is called
-//! once per intermediate key and hour in each process, not once per read: a KMS-backed provider
-//! makes a handful of billed calls a day instead of one per read, and a KMS outage no longer
-//! stops every read.
+//! once per intermediate key and cache TTL in each process, not once per read: a KMS-backed
+//! provider makes a few billed calls an hour per process (one wrap per lifetime, one unwrap per
+//! writer's key seen) instead of one per read, and a KMS outage no longer stops every read.
 //!
 //! Why this shape and not another:
 //! - **Payload under the intermediate key, no per-record data key.** A per-record key wrapped
