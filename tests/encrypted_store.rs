@@ -2,7 +2,7 @@
 //! rewrap (including a rewrap racing a writer), key configuration and redaction.
 #![cfg(feature = "encryption")]
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -1011,4 +1011,699 @@ async fn a_broker_on_an_encrypted_store_links_and_reads() {
         access.as_bytes()
     ));
     assert_eq!(key_id_of(&stored), Some(id("k1")));
+}
+
+/// The version a `Corrupt` load reports; fails the test on anything else.
+#[track_caller]
+fn corrupt_version(result: Result<Option<StoredRecord>, StoreError>) -> Version {
+    match result {
+        Err(StoreError::Corrupt {
+            version: Some(v), ..
+        }) => v,
+        Err(other) => panic!("expected Corrupt with a version, got {other:?}"),
+        Ok(got) => panic!("expected Corrupt, got Ok({got:?})"),
+    }
+}
+
+/// Writes into `inner` three records that a store on `ring_k2` cannot read, named
+/// `<what>-<suffix>`: a flipped bit, a key the keyring does not have, and a plain record written
+/// before encryption was turned on.
+async fn unreadable_records(inner: &Arc<MemoryStore>, suffix: &str) -> [TokenKey; 3] {
+    let store = EncryptedStore::new(inner.clone(), ring_k2());
+    let tampered = key(&format!("tampered-{suffix}"));
+    store.insert(&tampered, &record("at-t")).await.unwrap();
+    let mut bytes = raw(inner, &tampered)
+        .await
+        .record
+        .payload
+        .expose_secret()
+        .to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    put_raw(inner, &tampered, bytes).await;
+
+    let retired = key(&format!("retired-{suffix}"));
+    EncryptedStore::new(
+        inner.clone(),
+        Arc::new(StaticKeyring::new(id("k0"), [0x33; 32])),
+    )
+    .insert(&retired, &record("at-r"))
+    .await
+    .unwrap();
+
+    let plain = key(&format!("plain-{suffix}"));
+    inner.insert(&plain, &record("at-p")).await.unwrap();
+    [tampered, retired, plain]
+}
+
+/// Records nobody can read load as `Corrupt` with the version the inner store holds, and that
+/// version is enough to replace them (a re-link) or delete them (an unlink): neither needs the
+/// old record to decrypt.
+#[tokio::test]
+async fn unreadable_records_report_their_version_and_can_be_replaced_or_deleted() {
+    let inner = Arc::new(MemoryStore::new());
+    let store = EncryptedStore::new(inner.clone(), ring_k2());
+
+    for k in &unreadable_records(&inner, "relink").await {
+        let v = corrupt_version(store.load(k).await);
+        assert_eq!(v, raw(&inner, k).await.version, "{k}");
+        let replaced = store
+            .compare_and_swap(k, v, &record("at-relinked"), None)
+            .await
+            .unwrap_or_else(|e| panic!("{k}: CAS over an unreadable record: {e:?}"));
+        let loaded = store.load(k).await.unwrap().unwrap();
+        assert_eq!(loaded.version, replaced);
+        assert_eq!(access_token(&loaded), "at-relinked");
+        // The stale version no longer matches.
+        assert!(matches!(
+            store.compare_and_swap(k, v, &record("late"), None).await,
+            Err(StoreError::Conflict { .. })
+        ));
+    }
+
+    for k in &unreadable_records(&inner, "unlink").await {
+        let v = corrupt_version(store.load(k).await);
+        assert_eq!(v, raw(&inner, k).await.version, "{k}");
+        // Another version conflicts and deletes nothing; the reported one deletes.
+        assert!(matches!(
+            store.delete(k, Some(Version::new(v.get() + 1000))).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        assert!(store.delete(k, Some(v)).await.unwrap(), "{k}");
+        assert!(store.load(k).await.unwrap().is_none());
+        assert!(inner.load(k).await.unwrap().is_none());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key hierarchy: intermediate keys, key caches, outages, format-1 envelopes.
+
+/// A key service seen from outside: counts calls, can be down, can be slow, can change its
+/// primary key (a keyring reloaded), and remembers the plaintext keys it was asked to wrap (so
+/// that a test can look for them where they must not be; its `Debug` leaves them out).
+struct CountingKms {
+    ring: Mutex<Arc<dyn KeyProvider>>,
+    wraps: AtomicUsize,
+    unwraps: AtomicUsize,
+    down: AtomicBool,
+    delay: Mutex<Duration>,
+    wrapped_plain: Mutex<Vec<[u8; 32]>>,
+}
+
+impl std::fmt::Debug for CountingKms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountingKms")
+            .field("calls", &self.calls())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CountingKms {
+    fn new(ring: Arc<dyn KeyProvider>) -> Arc<Self> {
+        Arc::new(CountingKms {
+            ring: Mutex::new(ring),
+            wraps: AtomicUsize::new(0),
+            unwraps: AtomicUsize::new(0),
+            down: AtomicBool::new(false),
+            delay: Mutex::new(Duration::ZERO),
+            wrapped_plain: Mutex::new(Vec::new()),
+        })
+    }
+    fn ring(&self) -> Arc<dyn KeyProvider> {
+        self.ring.lock().unwrap().clone()
+    }
+    fn calls(&self) -> (usize, usize) {
+        (
+            self.wraps.load(Ordering::SeqCst),
+            self.unwraps.load(Ordering::SeqCst),
+        )
+    }
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+    async fn pause(&self) {
+        let delay = *self.delay.lock().unwrap();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+#[async_trait]
+impl KeyProvider for CountingKms {
+    fn primary_key_id(&self) -> KeyId {
+        self.ring().primary_key_id()
+    }
+    async fn wrap(&self, data_key: &DataKey, aad: &[u8]) -> Result<WrappedKey, KeyError> {
+        self.wraps.fetch_add(1, Ordering::SeqCst);
+        self.pause().await;
+        if self.down.load(Ordering::SeqCst) {
+            return Err(KeyError::unavailable(Unreachable));
+        }
+        self.wrapped_plain
+            .lock()
+            .unwrap()
+            .push(*data_key.expose_secret());
+        self.ring().wrap(data_key, aad).await
+    }
+    async fn unwrap(
+        &self,
+        key_id: &KeyId,
+        wrapped: &[u8],
+        aad: &[u8],
+    ) -> Result<DataKey, KeyError> {
+        self.unwraps.fetch_add(1, Ordering::SeqCst);
+        self.pause().await;
+        if self.down.load(Ordering::SeqCst) {
+            return Err(KeyError::unavailable(Unreachable));
+        }
+        self.ring().unwrap(key_id, wrapped, aad).await
+    }
+}
+
+/// The envelope's format byte and header (KEK id and wrapped intermediate key), as stored.
+fn format_and_header(stored: &StoredRecord) -> (u8, Vec<u8>) {
+    let bytes = stored.record.payload.expose_secret();
+    let id_len = usize::from(bytes[1]);
+    let wrapped_len = usize::from(u16::from_be_bytes([bytes[2 + id_len], bytes[3 + id_len]]));
+    (bytes[0], bytes[1..4 + id_len + wrapped_len].to_vec())
+}
+
+#[track_caller]
+fn assert_backend<T: std::fmt::Debug>(result: Result<T, StoreError>) {
+    match result {
+        Err(StoreError::Backend { store, source }) => {
+            assert_eq!(store, "encryption");
+            assert!(
+                matches!(
+                    source.downcast_ref::<KeyError>(),
+                    Some(KeyError::Unavailable { .. })
+                ),
+                "{source:?}"
+            );
+        }
+        other => panic!("expected Backend from the encryption layer, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn ten_thousand_reads_make_a_handful_of_key_provider_calls() {
+    let inner = Arc::new(MemoryStore::new());
+    let kms = CountingKms::new(ring_k1());
+    let writer = EncryptedStore::new(inner.clone(), kms.clone());
+    let keys: Vec<TokenKey> = (0..100).map(|i| key(&format!("user-{i}"))).collect();
+    for (i, k) in keys.iter().enumerate() {
+        writer.insert(k, &record(&format!("at-{i}"))).await.unwrap();
+    }
+    // One intermediate key for all 100 writes: one wrap, and every envelope carries it.
+    assert_eq!(kms.calls(), (1, 0));
+    let first = format_and_header(&raw(&inner, &keys[0]).await);
+    assert_eq!(first.0, 0xE2, "format 2");
+    for k in &keys {
+        assert_eq!(format_and_header(&raw(&inner, k).await), first, "{k}");
+    }
+
+    // Another process reads each record 100 times: one unwrap.
+    let reader = EncryptedStore::new(inner.clone(), kms.clone());
+    for round in 0..100 {
+        for (i, k) in keys.iter().enumerate() {
+            let loaded = reader.load(k).await.unwrap().unwrap();
+            if round == 0 {
+                assert_eq!(access_token(&loaded), format!("at-{i}"));
+            }
+        }
+    }
+    assert_eq!(kms.calls(), (1, 1), "10,000 reads");
+    // The writer reads its own records without asking at all.
+    for k in &keys {
+        writer.load(k).await.unwrap().unwrap();
+    }
+    assert_eq!(kms.calls(), (1, 1));
+
+    // 50 concurrent first reads in a third process, against a slow key service, wait for one
+    // unwrap; 50 concurrent first writes in a fourth wait for one wrap.
+    *kms.delay.lock().unwrap() = Duration::from_millis(50);
+    let third = Arc::new(EncryptedStore::new(inner.clone(), kms.clone()));
+    let mut reads = tokio::task::JoinSet::new();
+    for k in &keys[..50] {
+        let (third, k) = (third.clone(), k.clone());
+        reads.spawn(async move { third.load(&k).await.unwrap().unwrap() });
+    }
+    while let Some(read) = reads.join_next().await {
+        read.unwrap();
+    }
+    assert_eq!(kms.calls(), (1, 2));
+    let fourth = Arc::new(EncryptedStore::new(inner.clone(), kms.clone()));
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let fourth = fourth.clone();
+        writes.spawn(async move {
+            fourth
+                .insert(&key(&format!("new-{i}")), &record("at-new"))
+                .await
+                .unwrap()
+        });
+    }
+    while let Some(write) = writes.join_next().await {
+        write.unwrap();
+    }
+    assert_eq!(kms.calls(), (2, 2));
+}
+
+#[tokio::test]
+async fn intermediate_keys_rotate_and_cached_keys_expire() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let inner = Arc::new(MemoryStore::new());
+    let kms = CountingKms::new(ring_k1());
+    let writer = EncryptedStore::new(inner.clone(), kms.clone())
+        .with_clock(clock.clone())
+        .with_intermediate_key_lifetime(Duration::from_secs(3600));
+    let (a, b, c, d) = (key("a"), key("b"), key("c"), key("d"));
+
+    writer.insert(&a, &record("at-a")).await.unwrap();
+    clock.advance(Duration::from_secs(59 * 60));
+    writer.insert(&b, &record("at-b")).await.unwrap();
+    assert_eq!(kms.calls(), (1, 0), "one key for the whole lifetime");
+    assert_eq!(
+        format_and_header(&raw(&inner, &a).await),
+        format_and_header(&raw(&inner, &b).await)
+    );
+    clock.advance(Duration::from_secs(2 * 60));
+    writer.insert(&c, &record("at-c")).await.unwrap();
+    assert_eq!(kms.calls(), (2, 0), "a new key after the lifetime");
+    assert_ne!(
+        format_and_header(&raw(&inner, &a).await),
+        format_and_header(&raw(&inner, &c).await)
+    );
+
+    // A new primary key (the keyring reloaded) starts a new intermediate key at once.
+    *kms.ring.lock().unwrap() = ring_k2();
+    writer.insert(&d, &record("at-d")).await.unwrap();
+    assert_eq!(kms.calls(), (3, 0));
+    assert_eq!(key_id_of(&raw(&inner, &d).await), Some(id("k2")));
+    assert_eq!(key_id_of(&raw(&inner, &c).await), Some(id("k1")));
+    // The writer reads the records under its older keys from its cache while they are
+    // younger than the cache TTL (1 hour by default): the first key, made 61 minutes ago, is
+    // unwrapped once.
+    for (k, at) in [(&a, "at-a"), (&b, "at-b"), (&c, "at-c"), (&d, "at-d")] {
+        assert_eq!(access_token(&writer.load(k).await.unwrap().unwrap()), at);
+    }
+    assert_eq!(kms.calls(), (3, 1));
+
+    // A reader keeps unwrapped keys for its cache TTL only.
+    let reader = EncryptedStore::new(inner.clone(), kms.clone())
+        .with_clock(clock.clone())
+        .with_key_cache_ttl(Duration::from_secs(600));
+    for _ in 0..10 {
+        reader.load(&a).await.unwrap().unwrap();
+        reader.load(&b).await.unwrap().unwrap();
+    }
+    assert_eq!(kms.calls(), (3, 2), "a and b share a key");
+    clock.advance(Duration::from_secs(599));
+    reader.load(&a).await.unwrap().unwrap();
+    assert_eq!(kms.calls(), (3, 2));
+    clock.advance(Duration::from_secs(2));
+    reader.load(&a).await.unwrap().unwrap();
+    assert_eq!(kms.calls(), (3, 3), "unwrapped again after the TTL");
+
+    // A cache of one intermediate key: reading two keys in turn unwraps every time.
+    let tiny = EncryptedStore::new(inner.clone(), kms.clone())
+        .with_clock(clock.clone())
+        .with_key_cache_capacity(1);
+    for _ in 0..3 {
+        tiny.load(&a).await.unwrap().unwrap();
+        tiny.load(&c).await.unwrap().unwrap();
+    }
+    assert_eq!(kms.calls(), (3, 9));
+    // And none at all: every read unwraps.
+    let uncached = EncryptedStore::new(inner.clone(), kms.clone())
+        .with_clock(clock.clone())
+        .with_key_cache_ttl(Duration::ZERO);
+    for _ in 0..3 {
+        uncached.load(&a).await.unwrap().unwrap();
+    }
+    assert_eq!(kms.calls(), (3, 12));
+}
+
+#[tokio::test]
+async fn a_key_provider_outage_stops_only_what_needs_a_new_key() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let inner = Arc::new(MemoryStore::new());
+    let kms = CountingKms::new(ring_k1());
+    let hour = Duration::from_secs(3600);
+    let store = |kms: &Arc<CountingKms>| {
+        EncryptedStore::new(inner.clone(), kms.clone())
+            .with_clock(clock.clone())
+            .with_intermediate_key_lifetime(hour)
+            .with_key_cache_ttl(hour)
+    };
+    let writer = store(&kms);
+    let keys: Vec<TokenKey> = (0..20).map(|i| key(&format!("user-{i}"))).collect();
+    for k in &keys {
+        writer.insert(k, &record("at")).await.unwrap();
+    }
+    let reader = store(&kms);
+    for k in &keys {
+        reader.load(k).await.unwrap().unwrap();
+    }
+    assert_eq!(kms.calls(), (1, 1));
+
+    kms.set_down(true);
+    clock.advance(Duration::from_secs(30 * 60));
+    // Cached keys: reads go on, in the writer and in the reader, and so do the writer's writes
+    // under its current intermediate key.
+    for k in &keys {
+        reader.load(k).await.unwrap().unwrap();
+        writer.load(k).await.unwrap().unwrap();
+    }
+    let during = key("written-during-the-outage");
+    writer.insert(&during, &record("at-during")).await.unwrap();
+    assert_eq!(
+        access_token(&reader.load(&during).await.unwrap().unwrap()),
+        "at-during"
+    );
+    assert_eq!(kms.calls(), (1, 1), "nobody asked the key service");
+
+    // A process that has not seen the key cannot read, and one that has no key cannot write:
+    // clearly a backend error (retry later), never Corrupt.
+    let fresh = store(&kms);
+    assert_backend(fresh.load(&keys[0]).await);
+    assert_backend(fresh.insert(&key("fresh"), &record("x")).await);
+    assert!(inner.load(&key("fresh")).await.unwrap().is_none());
+
+    // Past the time limits, cached keys are no longer used while the service is down.
+    clock.advance(Duration::from_secs(31 * 60));
+    assert_backend(reader.load(&keys[0]).await);
+    assert_backend(writer.load(&keys[0]).await);
+    let before = raw(&inner, &keys[1]).await.version;
+    let v = before;
+    assert_backend(
+        writer
+            .compare_and_swap(&keys[1], v, &record("y"), None)
+            .await,
+    );
+    assert_eq!(
+        raw(&inner, &keys[1]).await.version,
+        before,
+        "nothing written"
+    );
+    // Deleting needs no key at all.
+    assert!(writer.delete(&during, None).await.unwrap());
+
+    // The service is back: everything works again, with one new unwrap and one new wrap.
+    kms.set_down(false);
+    let (wraps, unwraps) = kms.calls();
+    for k in &keys {
+        reader.load(k).await.unwrap().unwrap();
+    }
+    writer
+        .compare_and_swap(&keys[1], v, &record("at-after"), None)
+        .await
+        .unwrap();
+    assert_eq!(kms.calls(), (wraps + 1, unwraps + 1));
+}
+
+/// Format-1 envelopes, written by tokenbroker 0.1 (commit a4d6328, `StaticKeyring` k1 =
+/// `[0x11; 32]`) for `acme/<name>/google` holding the access token `at-legacy-<name>`.
+const FORMAT_1_ALICE: &str = concat!(
+    "e1026b3100482954eb8da2eb22d27a10e58d4b65a669accbd969d65fdee9074ad8ecad6dad89ce7eb63d0f01",
+    "2c8578928d7fe026650d9287e455ba834f7d962ed019de07b19261dd18cf5211d6b47c7edec81b62fb1d80b0",
+    "a066d8c08e0c1a4ab729a482623101504c1c831f9e60c873aa35df30d2b1ccb6effb5750893cf71d1a0197df",
+    "184ee7b01838cf33fbdbd72ffb37cb7048c8ecb64cfed4eb9066d5312c83c839541d775a15f4bb4a5f7abff3",
+    "3f82991f94049c7a373bfd492a45b4a8b0e8f1ee2f5d1879abe54a239c14fa00e7fe234c79d1a83809a3078a",
+    "0a38cb91ca36000c0fa5a3afde617e629c20a4667ba693e5c01b9578f117d43edb3eecd2b8726abbed67e7f0",
+    "03157a508ea57f50d773134c3d552e47e781d9fe36465cefbdb278",
+);
+const FORMAT_1_BOB: &str = concat!(
+    "e1026b310048129f5f6b591b0e197e4d7e5cf941b0d84f129790bdf52c1da0d1c420a4b9f5a7c8990703a450",
+    "2636c9927aedc7aec07799be59897174a24c517179e2e9caca979b58efb58e1543856bda389113da18f40895",
+    "f1fa27c23f4f6f02deb3e4d56c62b2b38be9d6ae475bbdc03d19bc2b674d46bf0217f658e3e3331a93c42489",
+    "e76dcf8c321a25ecdd214a997e0b315d3f5a461cd1f9f7b69102c9f706729a0b8d87498b0ea745cfcd0bf1ae",
+    "1731a8cecce6006ae01376a98b1890d0e68d050f8a06ebeb3693e365d1927400dd9c7343393a5c9c18a262d4",
+    "4d511a2df98587787ccdbcbe46dfc022d13bb37db1cf18a337f9fcd018bb1c957d95b2202b145ed9e132fcd9",
+    "18972aa0f139edfb5a316b462d98d3e0f759748df66ce8",
+);
+const FORMAT_1_CAROL: &str = concat!(
+    "e1026b31004882ccf972efec74d365459952810f9ac4b042e6c1affb40f34a622eb4012c6428f84df28ab3c3",
+    "e2790b5a6b3c7a2ce7266344e31f4b66fe97c278ff5d4706214de36de213853c7b107cf8c03561d3dd4c3693",
+    "6d77d82820167aa0c42b4543d7fb04acba2a4617d3a548bf6d55df0ab35223be26c55168f399b6747ecf3c16",
+    "db3e5ffc361231d4cdf991918790a8c6a4024df8447858c89cab720e7f7004ea4aa432ebb3665f80d155373f",
+    "5e0d4e0fa8982c52b6ecf223d29f5038211f9bc1fa047ee5c523cc3821fb961f8788d1ed9898f4cd5e2069cc",
+    "efa8db23074b425f943f0870bc1a72ebc309d9287a131a8b4ca0a2bb39a565031c36a9fc178727c59e498251",
+    "7e304770e3e6a0a266e125aa107c83aa1faf9c19466291a55b80ab",
+);
+
+fn from_hex(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn format_1_records_still_read_with_their_data_keys_cached_and_rewrap_upgrades_them() {
+    let inner = Arc::new(MemoryStore::new());
+    let fixtures = [
+        ("alice", FORMAT_1_ALICE),
+        ("bob", FORMAT_1_BOB),
+        ("carol", FORMAT_1_CAROL),
+    ];
+    for (name, hex) in fixtures {
+        put_raw(&inner, &key(name), from_hex(hex)).await;
+    }
+    let kms = CountingKms::new(ring_k1());
+    let store = EncryptedStore::new(inner.clone(), kms.clone());
+
+    for (name, _) in fixtures {
+        let k = key(name);
+        assert_eq!(key_id_of(&raw(&inner, &k).await), Some(id("k1")));
+        assert_eq!(format_and_header(&raw(&inner, &k).await).0, 0xE1);
+        for _ in 0..1000 {
+            let loaded = store.load(&k).await.unwrap().unwrap();
+            assert_eq!(access_token(&loaded), format!("at-legacy-{name}"));
+        }
+    }
+    assert_eq!(kms.calls(), (0, 3), "one unwrap per record, not per read");
+
+    // A data key cached for alice is not handed to another row holding alice's envelope.
+    let mallory = key("mallory");
+    put_raw(&inner, &mallory, from_hex(FORMAT_1_ALICE)).await;
+    let reason = corrupt_reason(store.load(&mallory).await);
+    assert!(reason.contains("failed authentication"), "{reason}");
+    assert_eq!(
+        kms.calls(),
+        (0, 4),
+        "mallory's row asked the key service, which refused"
+    );
+    store.delete(&mallory, None).await.unwrap();
+
+    // Bounded: with room for two data keys, reading three in turn unwraps every time.
+    let small = EncryptedStore::new(inner.clone(), kms.clone()).with_legacy_key_cache_capacity(2);
+    for _ in 0..2 {
+        for (name, _) in fixtures {
+            small.load(&key(name)).await.unwrap().unwrap();
+        }
+    }
+    assert_eq!(kms.calls(), (0, 4 + 6));
+
+    // k1 is the primary, but format 1 is not current: the rewrap moves the records to
+    // format 2, under the lease, and a second pass finds nothing to do.
+    let report = store.rewrap(10).await.unwrap();
+    assert_eq!((report.scanned, report.rewrapped), (3, 3), "{report:?}");
+    for (name, _) in fixtures {
+        let k = key(name);
+        assert_eq!(format_and_header(&raw(&inner, &k).await).0, 0xE2);
+        assert_eq!(
+            access_token(&store.load(&k).await.unwrap().unwrap()),
+            format!("at-legacy-{name}")
+        );
+    }
+    assert_no_lease_held(&*inner, &fixtures.map(|(n, _)| key(n))).await;
+    let again = store.rewrap(10).await.unwrap();
+    assert_eq!((again.rewrapped, again.already_primary), (0, 3));
+}
+
+#[tokio::test]
+async fn no_intermediate_key_shows_in_debug_output() {
+    let kms = CountingKms::new(ring_k1());
+    let inner = Arc::new(MemoryStore::new());
+    let store = EncryptedStore::new(inner.clone(), kms.clone());
+    let k = key("alice");
+    store.insert(&k, &record("at")).await.unwrap();
+    store.load(&k).await.unwrap().unwrap();
+    // A second process with the key in its read cache.
+    let reader = EncryptedStore::new(inner, kms.clone());
+    reader.load(&k).await.unwrap().unwrap();
+
+    let keys = kms.wrapped_plain.lock().unwrap().clone();
+    assert_eq!(keys.len(), 1);
+    let ik = keys[0];
+    let b64 = base64::engine::general_purpose::STANDARD.encode(ik);
+    let forbidden = [
+        format!("{ik:?}"),
+        format!("{:?}", &ik[..8]).trim_end_matches(']').to_owned(),
+        b64[..16].to_owned(),
+        ik.iter().map(|b| format!("{b:02x}")).collect::<String>()[..16].to_owned(),
+    ];
+    for text in [
+        format!("{store:?}"),
+        format!("{store:#?}"),
+        format!("{reader:?}"),
+        format!("{reader:#?}"),
+    ] {
+        for f in &forbidden {
+            assert!(
+                !text.contains(f.as_str()),
+                "debug output shows the key: {text}"
+            );
+        }
+        assert!(text.contains("key_cache"), "{text}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Turning encryption on for a store that holds plain records.
+
+#[tokio::test]
+async fn plain_records_read_only_with_the_opt_in_and_rewrap_encrypts_them() {
+    let inner = Arc::new(MemoryStore::new());
+    // Written before encryption: plain JSON payloads, as the broker writes them.
+    let plain: Vec<TokenKey> = (0..5).map(|i| key(&format!("plain-{i}"))).collect();
+    for (i, k) in plain.iter().enumerate() {
+        inner.insert(k, &record(&format!("at-{i}"))).await.unwrap();
+    }
+    // One plain record whose refresh is under way: its lease is held.
+    let LeaseAttempt::Acquired(held) = inner
+        .try_lease(
+            &plain[4],
+            &LeaseHolder::new("refresher"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("lease not acquired");
+    };
+    // Garbage that starts like JSON, and an envelope whose format byte became `{`.
+    let (not_json, forged) = (key("not-json"), key("forged"));
+    put_raw(&inner, &not_json, b"{\"v\":1, garbage".to_vec()).await;
+    let sealer = EncryptedStore::new(inner.clone(), ring_k2());
+    sealer.insert(&forged, &record("at-forged")).await.unwrap();
+    let mut bytes = raw(&inner, &forged)
+        .await
+        .record
+        .payload
+        .expose_secret()
+        .to_vec();
+    bytes[0] = b'{';
+    put_raw(&inner, &forged, bytes).await;
+
+    // Without the opt-in, plain records are corrupt.
+    let strict = EncryptedStore::new(inner.clone(), ring_k2());
+    let reason = corrupt_reason(strict.load(&plain[0]).await);
+    assert!(reason.contains("not encrypted"), "{reason}");
+
+    // With it, they read as they are, and are counted.
+    let store = EncryptedStore::new(inner.clone(), ring_k2()).accept_plain_records(true);
+    for (i, k) in plain.iter().enumerate() {
+        assert_eq!(
+            access_token(&store.load(k).await.unwrap().unwrap()),
+            format!("at-{i}")
+        );
+    }
+    store.load(&plain[0]).await.unwrap().unwrap();
+    assert_eq!(store.plain_records_served(), 6);
+    // Not for anything that is not one JSON object.
+    for k in [&not_json, &forged] {
+        let reason = corrupt_reason(store.load(k).await);
+        assert!(reason.contains("not one JSON object"), "{k}: {reason}");
+    }
+    // Writes encrypt as always.
+    let new = key("new");
+    store.insert(&new, &record("at-new")).await.unwrap();
+    assert_eq!(key_id_of(&raw(&inner, &new).await), Some(id("k2")));
+
+    // Without the opt-in, a rewrap leaves plain records alone: the four it could lease are
+    // counted as corrupt, with the two that are not plain.
+    let report = strict.rewrap(3).await.unwrap();
+    assert_eq!(
+        (report.encrypted_plain, report.corrupt, report.skipped_busy),
+        (0, 4 + 2, 1),
+        "{report:?}"
+    );
+    assert_eq!(key_id_of(&raw(&inner, &plain[0]).await), None);
+
+    // With it, the rewrap encrypts them, under the lease and fenced, skipping the busy one.
+    let report = store.rewrap(3).await.unwrap();
+    assert_eq!(report.scanned, 8, "{report:?}");
+    assert_eq!(report.encrypted_plain, 4, "{report:?}");
+    assert_eq!(report.skipped_busy, 1, "{report:?}");
+    assert_eq!(report.already_primary, 1, "{report:?}");
+    assert_eq!(report.corrupt, 2, "{report:?}");
+    assert_eq!(report.rewrapped, 0, "{report:?}");
+    assert_eq!(
+        store.plain_records_served(),
+        6,
+        "a rewrap's reads are not served"
+    );
+    assert_eq!(key_id_of(&raw(&inner, &plain[4]).await), None);
+    inner.release_lease(&held).await.unwrap();
+    let report = store.rewrap(3).await.unwrap();
+    assert_eq!(
+        (
+            report.encrypted_plain,
+            report.already_primary,
+            report.corrupt
+        ),
+        (1, 4 + 1, 2),
+        "{report:?}"
+    );
+    assert_no_lease_held(&*inner, &plain).await;
+
+    // Every plain record is now an envelope, and reads without the opt-in.
+    let after = EncryptedStore::new(inner.clone(), ring_k2());
+    for (i, k) in plain.iter().enumerate() {
+        let stored = raw(&inner, k).await;
+        assert_eq!(key_id_of(&stored), Some(id("k2")), "{k}");
+        assert!(!contains(
+            stored.record.payload.expose_secret(),
+            format!("at-{i}").as_bytes()
+        ));
+        assert_eq!(
+            access_token(&after.load(k).await.unwrap().unwrap()),
+            format!("at-{i}")
+        );
+    }
+    assert_eq!(after.plain_records_served(), 0);
+}
+
+/// With plain records accepted, a tampered envelope is still never read as plain: every flipped
+/// byte and every truncation of an envelope stays corrupt.
+#[tokio::test]
+async fn the_opt_in_lets_no_tampered_envelope_through() {
+    let inner = Arc::new(MemoryStore::new());
+    let store = EncryptedStore::new(inner.clone(), ring_k1()).accept_plain_records(true);
+    let k = key("alice");
+    store.insert(&k, &record("at")).await.unwrap();
+    let good = raw(&inner, &k)
+        .await
+        .record
+        .payload
+        .expose_secret()
+        .to_vec();
+    for i in 0..good.len() {
+        for mask in [0x01u8, 0x80, 0xFF] {
+            let mut bad = good.clone();
+            bad[i] ^= mask;
+            put_raw(&inner, &k, bad).await;
+            corrupt_reason(store.load(&k).await);
+        }
+    }
+    for len in 0..good.len() {
+        put_raw(&inner, &k, good[..len].to_vec()).await;
+        corrupt_reason(store.load(&k).await);
+    }
+    put_raw(&inner, &k, good).await;
+    assert_eq!(access_token(&store.load(&k).await.unwrap().unwrap()), "at");
+    assert_eq!(store.plain_records_served(), 0);
 }

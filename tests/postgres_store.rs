@@ -4,6 +4,9 @@
 //! The server's URL comes from `TOKENBROKER_TEST_POSTGRES_URL` (scripts/test.sh starts one).
 #![cfg(feature = "postgres")]
 
+#[cfg(feature = "encryption")]
+#[path = "support/plain_migration.rs"]
+mod plain_migration;
 #[path = "support/store_cases.rs"]
 mod store_cases;
 
@@ -398,7 +401,7 @@ async fn rows_that_do_not_map_back_are_corrupt() {
         .unwrap();
     let err = store.load(&k).await.unwrap_err();
     assert!(
-        matches!(&err, StoreError::Corrupt { key, reason } if key == &k && reason.contains("zombie")),
+        matches!(&err, StoreError::Corrupt { key, reason, version: Some(_) } if key == &k && reason.contains("zombie")),
         "{err:?}"
     );
     assert!(!format!("{err} {err:?}").contains("top-secret-payload"));
@@ -452,5 +455,15 @@ async fn conformance_run_all_encrypted() {
         Arc::new(EncryptedStore::new(db.open().await, Arc::new(keyring)));
     tokenbroker::testing::store_conformance::run_all(&store).await;
     drop(store);
+    db.cleanup().await;
+}
+
+/// Turning encryption on for a PostgreSQL database that holds plain records: read with the
+/// opt-in, encrypted in place by `rewrap`, read without it afterwards.
+#[cfg(feature = "encryption")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encryption_turned_on_over_plain_records() {
+    let db = TestDb::new().await;
+    plain_migration::turn_encryption_on(|| db.open()).await;
     db.cleanup().await;
 }

@@ -2,6 +2,9 @@
 //! processes would have.
 #![cfg(feature = "sqlite")]
 
+#[cfg(feature = "encryption")]
+#[path = "support/plain_migration.rs"]
+mod plain_migration;
 #[path = "support/store_cases.rs"]
 mod store_cases;
 
@@ -249,7 +252,7 @@ async fn rows_that_do_not_map_back_are_corrupt() {
         .unwrap();
     let err = store.load(&k).await.unwrap_err();
     assert!(
-        matches!(&err, StoreError::Corrupt { key, reason } if key == &k && reason.contains("zombie")),
+        matches!(&err, StoreError::Corrupt { key, reason, version: Some(_) } if key == &k && reason.contains("zombie")),
         "{err:?}"
     );
     assert!(!format!("{err} {err:?}").contains("top-secret-payload"));
@@ -456,4 +459,13 @@ async fn conformance_run_all_encrypted() {
     let inner = conformance::InTempDir::shared().await;
     let store: Arc<dyn TokenStore> = Arc::new(EncryptedStore::new(inner, Arc::new(keyring)));
     tokenbroker::testing::store_conformance::run_all(&store).await;
+}
+
+/// Turning encryption on for a SQLite file that holds plain records: read with the opt-in,
+/// encrypted in place by `rewrap`, read without it afterwards.
+#[cfg(feature = "encryption")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encryption_turned_on_over_plain_records() {
+    let db = TestDb::new();
+    plain_migration::turn_encryption_on(|| db.open()).await;
 }

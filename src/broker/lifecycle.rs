@@ -135,6 +135,7 @@ impl TokenBroker {
             crate::StoreError::Corrupt {
                 key: key.clone(),
                 reason: e.to_string(),
+                version: Some(stored.version),
             }
         })?;
         Ok(GrantStatus::Active {

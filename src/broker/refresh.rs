@@ -243,6 +243,7 @@ impl Inner {
             TokenSet::from_payload(&stored.record.payload).map_err(|e| StoreError::Corrupt {
                 key: key.clone(),
                 reason: e.to_string(),
+                version: Some(stored.version),
             })?;
         let set = Arc::new(set);
         self.remember(key, stored, &set);

@@ -1,37 +1,109 @@
 //! Envelope encryption at rest: [`EncryptedStore`] wraps any [`TokenStore`].
 //!
-//! Each write draws a fresh random data key, encrypts the payload with it
-//! (XChaCha20-Poly1305), and stores the data key wrapped by a key-encryption key (KEK) from a
-//! [`KeyProvider`]. Both layers authenticate the record's key, so a ciphertext copied to another
-//! row does not decrypt.
+//! # Key hierarchy, and why
+//!
+//! Three levels of keys:
+//!
+//! 1. **Key-encryption keys (KEKs)** stay in the [`KeyProvider`]: a [`StaticKeyring`] in the
+//!    process, or a key management service (KMS) whose keys never leave it.
+//! 2. **Intermediate keys.** Each process draws a random 32-byte key and has the provider wrap
+//!    it **once**, under the primary KEK, with a fixed context
+//!    (`tokenbroker/intermediate-key/\xE2`, not a record's). It encrypts every record the process
+//!    writes for [`with_intermediate_key_lifetime`](EncryptedStore::with_intermediate_key_lifetime)
+//!    (default 1 hour), or until the provider's primary KEK changes; then the next write draws
+//!    and wraps a new one. Its wrapped form goes into every envelope, so any process that can
+//!    reach the provider can read the record.
+//! 3. **Records.** The payload is encrypted with XChaCha20-Poly1305 directly under the
+//!    intermediate key (random 192-bit nonce), authenticating
+//!    `tokenbroker/record/ | format | realm | subject | provider | KEK id` (each part
+//!    length-prefixed): a ciphertext copied to another row, or relabelled with another KEK id,
+//!    does not decrypt.
+//!
+//! Readers keep the intermediate keys they unwrapped in a bounded cache keyed by the envelope
+//! header (KEK id and wrapped bytes, so a cached key is only ever used for exactly the wrapped
+//! key it came from), for [`with_key_cache_ttl`](EncryptedStore::with_key_cache_ttl) (default
+//! 1 hour). Concurrent reads needing the same key wait for one unwrap. So the provider is called
+//! once per intermediate key and cache TTL in each process, not once per read: a KMS-backed
+//! provider makes a few billed calls an hour per process (one wrap per lifetime, one unwrap per
+//! writer's key seen) instead of one per read, and a KMS outage no longer stops every read.
+//!
+//! Why this shape and not another:
+//! - **Payload under the intermediate key, no per-record data key.** A per-record key wrapped
+//!   locally would cost a second AEAD call per read and protect nothing more: the key that
+//!   wraps it sits in the same memory. XChaCha20's 192-bit random nonces make the number of
+//!   records under one key a non-issue (96-bit AES-GCM nonces would cap it near 2³²).
+//! - **A fixed context for the wrap, the per-record binding in the payload's AAD.** One wrapped
+//!   key serves every record, and every read still checks that the ciphertext belongs to its
+//!   row.
+//! - **Keys cached, never records.** Every read still authenticates and decrypts what the
+//!   database holds, so tampering is seen at once and no second plain copy of the tokens lives
+//!   here (the broker's hot cache is the one place decoded sets are kept).
+//! - **Per process, not shared through the store.** No coordination between instances, and
+//!   each key covers what one process wrote in one lifetime.
+//!
+//! # When the key provider is down
+//!
+//! - Reads of records whose intermediate key is cached (or is this process's current one) go
+//!   on. A read that needs a new unwrap fails with [`StoreError::Backend`] (store
+//!   `encryption`): retry later. It is never [`StoreError::Corrupt`].
+//! - Writes use the current intermediate key without asking the provider until it is due for
+//!   rotation; the first write after that has to wrap a new one and fails with
+//!   [`StoreError::Backend`] while the provider is down (and the next write tries again). An
+//!   outage therefore stops writes after at most the lifetime, reads of keys this process has
+//!   not seen at once, and reads of cached keys after the cache TTL. Keys are not used past
+//!   their time limit during an outage: the limit is also how long a KEK disabled at the KMS
+//!   keeps working here.
+//!
+//! # What memory holds
+//!
+//! The unwrapped intermediate keys of the last TTL, this process's current one, and format-1
+//! data keys (below), each zeroized on drop and redacted in `Debug`. Someone who can read the
+//! process's memory gets them, and so every record written under them; with a
+//! [`StaticKeyring`] they also get the KEKs themselves. That is no worse than before: the
+//! broker's hot cache already holds decoded token sets, and encryption at rest answers a leaked
+//! database or backup, not a compromised process. With a KMS the KEK itself stays out of
+//! reach.
+//!
+//! # Formats
+//!
+//! Writes use envelope format 2 (`0xE2`). Format 1 (`0xE1`, before 0.2: a per-record data key
+//! wrapped by the provider with the record's key as context) still reads; its unwrapped data
+//! keys are cached per record (bounded, same TTL), so repeated reads of one record do not call
+//! the provider, and [`EncryptedStore::rewrap`] rewrites such records in format 2. Plain
+//! records (from before encryption was turned on) are JSON objects; see
+//! [`EncryptedStore::accept_plain_records`] for how they are told apart and migrated.
 
-use std::collections::BTreeMap;
+mod cache;
+mod envelope;
+mod keys;
+
+use std::collections::HashSet;
 use std::fmt;
-use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, Generate, KeyInit, Payload as AeadPayload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use secrecy::zeroize::{Zeroize, Zeroizing};
-use secrecy::{ExposeSecret, ExposeSecretMut, SecretBox};
 
 use super::{
     Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoreError, StoredRecord,
     TokenStore, Version,
 };
-use crate::error::BoxError;
-use crate::ids::{InvalidId, Realm, Subject, TokenKey};
+use crate::clock::SharedClock;
+use crate::ids::{Realm, Subject, TokenKey};
 use crate::token::Payload;
+use cache::{KeyCache, WriteKey, younger_than};
+use envelope::{
+    Envelope, FORMAT_V1, FORMAT_V2, INTERMEDIATE_KEY_AAD, Parsed, record_aad_v1, record_aad_v2,
+};
+use keys::EncryptFailed;
+pub use keys::{DataKey, KeyError, KeyId, KeyProvider, KeyringError, StaticKeyring, WrappedKey};
 
 /// The `store` name of [`StoreError::Backend`] errors raised by the encryption layer.
 const STORE_NAME: &str = "encryption";
 
-/// Envelope format 1: XChaCha20-Poly1305 for the payload, key id and wrapped data key in front.
-/// Not `{` (0x7B), the first byte of a plain JSON payload, so a plain record is told apart.
-const FORMAT_V1: u8 = 0xE1;
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 const KEY_LEN: usize = 32;
@@ -43,622 +115,41 @@ const STATIC_WRAPPED_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
 /// A rewrap slower than this loses nothing either: its write is fenced by the lease.
 const REWRAP_LEASE_TTL: Duration = Duration::from_secs(30);
 
-/// The id of a key-encryption key, stored in clear in every envelope so that reads find the key.
+const DEFAULT_INTERMEDIATE_KEY_LIFETIME: Duration = Duration::from_secs(3600);
+const DEFAULT_KEY_CACHE_TTL: Duration = Duration::from_secs(3600);
+const DEFAULT_KEY_CACHE_CAPACITY: usize = 1024;
+const DEFAULT_LEGACY_KEY_CACHE_CAPACITY: usize = 4096;
+/// How many distinct keys of plain records are logged; after that they are only counted.
+const PLAIN_WARN_LIMIT: usize = 1024;
+
+/// The id of the key-encryption key a stored record is encrypted under (through its
+/// intermediate key, or its format-1 data key), as the inner store of an [`EncryptedStore`]
+/// holds it; `None` if the payload is not an envelope (a plain record, or garbage).
 ///
-/// Rules: 1 to 64 bytes of printable ASCII, without space, `,` or `:` (they separate entries in
-/// [`StaticKeyring::from_config_str`]).
-///
-/// ```
-/// use tokenbroker::store::KeyId;
-/// assert!(KeyId::new("2026-01").is_ok());
-/// assert!(KeyId::new("a:b").is_err());
-/// assert!(KeyId::new("").is_err());
-/// ```
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct KeyId(Box<str>);
-
-impl KeyId {
-    /// The longest key id, in bytes.
-    pub const MAX_LEN: usize = 64;
-
-    /// Validates and wraps a key id.
-    pub fn new(value: impl AsRef<str>) -> Result<Self, InvalidId> {
-        let value = value.as_ref();
-        match key_id_rule(value) {
-            None => Ok(KeyId(value.into())),
-            Some(rule) => Err(InvalidId {
-                kind: "key id",
-                value: value.chars().take(64).collect(),
-                rule,
-            }),
-        }
-    }
-
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-fn key_id_rule(value: &str) -> Option<&'static str> {
-    if value.is_empty() {
-        Some("must not be empty")
-    } else if value.len() > KeyId::MAX_LEN {
-        Some("must be at most 64 bytes")
-    } else if !value
-        .bytes()
-        .all(|b| b.is_ascii_graphic() && b != b',' && b != b':')
-    {
-        Some("may contain only printable ASCII other than space, ',' and ':'")
-    } else {
-        None
-    }
-}
-
-impl fmt::Display for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyId({:?})", &*self.0)
-    }
-}
-
-impl FromStr for KeyId {
-    type Err = InvalidId;
-    fn from_str(s: &str) -> Result<Self, InvalidId> {
-        KeyId::new(s)
-    }
-}
-
-impl AsRef<str> for KeyId {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
-/// A 32-byte data key: encrypts one record's payload, and is stored only wrapped.
-///
-/// Zeroized on drop; `Debug` shows nothing of it.
-///
-/// ```
-/// use tokenbroker::store::DataKey;
-/// let key = DataKey::from_slice(&[1u8; 32])?;
-/// assert_eq!(format!("{key:?}"), "DataKey([redacted])");
-/// assert!(DataKey::from_slice(&[1u8; 31]).is_err());
-/// # Ok::<(), tokenbroker::store::KeyError>(())
-/// ```
-pub struct DataKey(SecretBox<[u8; KEY_LEN]>);
-
-impl DataKey {
-    /// The length of a data key in bytes.
-    pub const LEN: usize = KEY_LEN;
-
-    /// A fresh random key from the operating system's generator.
-    fn generate() -> Result<Self, KeyError> {
-        let mut key = SecretBox::<[u8; KEY_LEN]>::default();
-        getrandom::fill(key.expose_secret_mut()).map_err(|e| {
-            KeyError::unavailable(RandomFailed {
-                code: e.raw_os_error(),
-            })
-        })?;
-        Ok(DataKey(key))
-    }
-
-    /// A data key from bytes, e.g. what a key service unwrapped. Fails unless there are exactly
-    /// 32 bytes; the caller should zeroize its copy.
-    pub fn from_slice(bytes: &[u8]) -> Result<Self, KeyError> {
-        let bytes: &[u8; KEY_LEN] = bytes.try_into().map_err(|_| KeyError::InvalidKey {
-            reason: "a data key must be 32 bytes",
-        })?;
-        Ok(DataKey(SecretBox::init_with_mut(
-            |k: &mut [u8; KEY_LEN]| k.copy_from_slice(bytes),
-        )))
-    }
-
-    /// The key bytes, to wrap them. Never log them.
-    pub fn expose_secret(&self) -> &[u8; KEY_LEN] {
-        self.0.expose_secret()
-    }
-}
-
-impl fmt::Debug for DataKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("DataKey([redacted])")
-    }
-}
-
-/// A data key wrapped by a key-encryption key, as a [`KeyProvider`] returns it.
-#[derive(Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct WrappedKey {
-    /// The key-encryption key used; stored in clear and passed back to
-    /// [`KeyProvider::unwrap`].
-    pub key_id: KeyId,
-    /// The wrapped key, opaque to the store (at most 65535 bytes).
-    pub wrapped: Vec<u8>,
-}
-
-impl WrappedKey {
-    /// Builds a wrapped key.
-    pub fn new(key_id: KeyId, wrapped: Vec<u8>) -> Self {
-        WrappedKey { key_id, wrapped }
-    }
-}
-
-impl fmt::Debug for WrappedKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WrappedKey")
-            .field("key_id", &self.key_id)
-            .field("wrapped_len", &self.wrapped.len())
-            .finish()
-    }
-}
-
-/// A [`KeyProvider`] failed. No variant carries key material.
-#[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
-pub enum KeyError {
-    /// No key-encryption key has this id (it was retired, or the stored id is wrong).
-    /// Reads report it as [`StoreError::Corrupt`].
-    #[error("unknown key id {key_id}")]
-    UnknownKeyId {
-        /// The id asked for.
-        key_id: KeyId,
-    },
-    /// The wrapped key did not authenticate: tampered, wrapped under another key, or wrapped
-    /// for another record. Reads report it as [`StoreError::Corrupt`].
-    #[error("wrapped data key under {key_id} failed authentication")]
-    Rejected {
-        /// The key-encryption key tried.
-        key_id: KeyId,
-    },
-    /// Key bytes had the wrong shape.
-    #[error("invalid key: {reason}")]
-    InvalidKey {
-        /// What was wrong, without the bytes.
-        reason: &'static str,
-    },
-    /// The key service or the random number generator failed; nothing is known about the
-    /// data. Reported as [`StoreError::Backend`]: retry later.
-    #[error("key provider unavailable")]
-    Unavailable {
-        /// The underlying error. It must not contain key material.
-        #[source]
-        source: BoxError,
-    },
-}
-
-impl KeyError {
-    /// An [`KeyError::Unavailable`] from any error value (a KMS client's error).
-    pub fn unavailable(source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        KeyError::Unavailable {
-            source: Arc::new(source),
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("the operating system's random number generator failed (os error {code:?})")]
-struct RandomFailed {
-    code: Option<i32>,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct EncryptFailed(&'static str);
-
-/// Wraps and unwraps data keys under key-encryption keys: a [`StaticKeyring`], or a host's
-/// client for a key management service.
-///
-/// `aad` binds a wrapped key to one record; an implementation must authenticate it (a KMS
-/// "encryption context"), so that a wrapped key copied to another record fails to unwrap.
-///
-/// ```
-/// use async_trait::async_trait;
-/// use tokenbroker::store::{DataKey, KeyError, KeyId, KeyProvider, StaticKeyring, WrappedKey};
-///
-/// /// Stands in for a KMS client: the calls would go over the network.
-/// #[derive(Debug)]
-/// struct Kms(StaticKeyring);
-///
-/// #[async_trait]
-/// impl KeyProvider for Kms {
-///     fn primary_key_id(&self) -> KeyId {
-///         self.0.primary_key_id()
-///     }
-///     async fn wrap(&self, data_key: &DataKey, aad: &[u8]) -> Result<WrappedKey, KeyError> {
-///         self.0.wrap(data_key, aad).await
-///     }
-///     async fn unwrap(&self, key_id: &KeyId, wrapped: &[u8], aad: &[u8])
-///         -> Result<DataKey, KeyError> {
-///         self.0.unwrap(key_id, wrapped, aad).await
-///     }
-/// }
-/// ```
-#[async_trait]
-pub trait KeyProvider: fmt::Debug + Send + Sync + 'static {
-    /// The key new writes are wrapped under.
-    fn primary_key_id(&self) -> KeyId;
-
-    /// Wraps `data_key` under the primary key, authenticating `aad`. The returned key id is
-    /// what the envelope records; a KMS may name a key version other than
-    /// [`KeyProvider::primary_key_id`], and later reads will ask for that one.
-    async fn wrap(&self, data_key: &DataKey, aad: &[u8]) -> Result<WrappedKey, KeyError>;
-
-    /// Unwraps a key wrapped by [`KeyProvider::wrap`] under `key_id` with the same `aad`.
-    async fn unwrap(&self, key_id: &KeyId, wrapped: &[u8], aad: &[u8])
-    -> Result<DataKey, KeyError>;
-}
-
-/// A key-encryption key held in memory.
-struct Kek(SecretBox<[u8; KEY_LEN]>);
-
-impl Kek {
-    fn from_bytes(mut bytes: [u8; KEY_LEN]) -> Self {
-        let kek = Kek(SecretBox::init_with_mut(|k: &mut [u8; KEY_LEN]| *k = bytes));
-        bytes.zeroize();
-        kek
-    }
-
-    fn cipher(&self) -> XChaCha20Poly1305 {
-        XChaCha20Poly1305::new(self.0.expose_secret().into())
-    }
-}
-
-/// Key-encryption keys held by the process, one of them primary: the simple [`KeyProvider`].
-///
-/// New records are wrapped under the primary key; records under the other keys still read, until
-/// [`EncryptedStore::rewrap`] has moved them. Wrapping is XChaCha20-Poly1305 with a random
-/// nonce, authenticating the record and the key id.
-///
-/// `Debug` shows the key ids only.
-///
-/// ```
-/// use tokenbroker::store::{KeyId, KeyProvider, StaticKeyring};
-///
-/// // "id:base64(32 bytes)", comma-separated, the first one primary.
-/// let keys = StaticKeyring::from_config_str(
-///     "k2:AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=,k1:AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
-/// )?;
-/// assert_eq!(keys.primary_key_id().as_str(), "k2");
-/// assert!(!format!("{keys:?}").contains("AgIC"));
-///
-/// // The same, built in code.
-/// let keys = StaticKeyring::new(KeyId::new("k1")?, [1; 32])
-///     .with_key(KeyId::new("k2")?, [2; 32])?
-///     .with_primary(&KeyId::new("k2")?)?;
-/// assert_eq!(keys.primary_key_id().as_str(), "k2");
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-pub struct StaticKeyring {
-    primary: KeyId,
-    keys: BTreeMap<KeyId, Kek>,
-}
-
-/// A keyring could not be built. No variant carries key material; a configuration entry is
-/// named by its position (from 1), not by its text.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum KeyringError {
-    /// The configuration holds no key.
-    #[error("no key-encryption key configured")]
-    Empty,
-    /// The environment variable is not set, or is not valid UTF-8.
-    #[error("environment variable {var} is not set or not valid UTF-8")]
-    MissingEnv {
-        /// The variable's name.
-        var: String,
-    },
-    /// An entry is not `id:base64key`, or its id breaks the [`KeyId`] rules.
-    #[error("key entry {entry} is malformed: {reason}")]
-    Malformed {
-        /// The entry's position, from 1.
-        entry: usize,
-        /// What is wrong.
-        reason: &'static str,
-    },
-    /// An entry's key is not valid base64.
-    #[error("key entry {entry}: the key is not valid base64")]
-    BadBase64 {
-        /// The entry's position, from 1.
-        entry: usize,
-    },
-    /// An entry's key does not decode to 32 bytes.
-    #[error("key entry {entry}: the key is {len} bytes, expected 32")]
-    WrongLength {
-        /// The entry's position, from 1.
-        entry: usize,
-        /// The decoded length.
-        len: usize,
-    },
-    /// Two keys have the same id.
-    #[error("key id {key_id} is given twice")]
-    DuplicateKeyId {
-        /// The id.
-        key_id: KeyId,
-    },
-    /// [`StaticKeyring::with_primary`] named a key that is not in the keyring.
-    #[error("key id {key_id} is not in the keyring")]
-    UnknownKeyId {
-        /// The id.
-        key_id: KeyId,
-    },
-}
-
-impl StaticKeyring {
-    /// A keyring with one key, which is primary. The keyring keeps its own zeroized copy of
-    /// `key`; zeroize yours if it lives on.
-    pub fn new(primary_id: KeyId, key: [u8; 32]) -> Self {
-        let mut keys = BTreeMap::new();
-        keys.insert(primary_id.clone(), Kek::from_bytes(key));
-        StaticKeyring {
-            primary: primary_id,
-            keys,
-        }
-    }
-
-    /// Adds a key (an older one that records may still be wrapped under, or the next primary).
-    pub fn with_key(mut self, id: KeyId, key: [u8; 32]) -> Result<Self, KeyringError> {
-        let kek = Kek::from_bytes(key);
-        if self.keys.contains_key(&id) {
-            return Err(KeyringError::DuplicateKeyId { key_id: id });
-        }
-        self.keys.insert(id, kek);
-        Ok(self)
-    }
-
-    /// Makes `id`, already in the keyring, the primary key.
-    pub fn with_primary(mut self, id: &KeyId) -> Result<Self, KeyringError> {
-        if !self.keys.contains_key(id) {
-            return Err(KeyringError::UnknownKeyId { key_id: id.clone() });
-        }
-        self.primary = id.clone();
-        Ok(self)
-    }
-
-    /// Parses `id1:BASE64KEY,id2:BASE64KEY`: standard base64 of 32 bytes each (padding
-    /// optional), the first entry primary. Spaces and newlines around entries are ignored.
-    ///
-    /// Generate a key with `openssl rand -base64 32`.
-    pub fn from_config_str(config: &str) -> Result<Self, KeyringError> {
-        let config = config.trim();
-        if config.is_empty() {
-            return Err(KeyringError::Empty);
-        }
-        let mut ring: Option<StaticKeyring> = None;
-        for (i, entry) in config.split(',').enumerate() {
-            let entry_no = i + 1;
-            let malformed = |reason| KeyringError::Malformed {
-                entry: entry_no,
-                reason,
-            };
-            let entry = entry.trim();
-            if entry.is_empty() {
-                return Err(malformed("empty entry"));
-            }
-            let (id, key) = entry
-                .split_once(':')
-                .ok_or(malformed("expected id:base64key"))?;
-            let id = id.trim();
-            if let Some(rule) = key_id_rule(id) {
-                return Err(malformed(rule));
-            }
-            let id = KeyId(id.into());
-            let key = decode_key(key.trim(), entry_no)?;
-            ring = Some(match ring {
-                None => StaticKeyring::new(id, key),
-                Some(ring) => ring.with_key(id, key)?,
-            });
-        }
-        ring.ok_or(KeyringError::Empty)
-    }
-
-    /// Reads [`StaticKeyring::from_config_str`]'s format from the environment variable `var`.
-    pub fn from_env(var: &str) -> Result<Self, KeyringError> {
-        let config = Zeroizing::new(std::env::var(var).map_err(|_| KeyringError::MissingEnv {
-            var: var.to_owned(),
-        })?);
-        StaticKeyring::from_config_str(&config)
-    }
-
-    /// The ids of all keys, in order.
-    pub fn key_ids(&self) -> impl Iterator<Item = &KeyId> {
-        self.keys.keys()
-    }
-}
-
-fn decode_key(text: &str, entry: usize) -> Result<[u8; KEY_LEN], KeyringError> {
-    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
-    // The decoder's own error names the offending byte, which is key material: drop it.
-    let decoded = Zeroizing::new(
-        STANDARD
-            .decode(text)
-            .or_else(|_| STANDARD_NO_PAD.decode(text))
-            .map_err(|_| KeyringError::BadBase64 { entry })?,
-    );
-    let len = decoded.len();
-    <[u8; KEY_LEN]>::try_from(decoded.as_slice())
-        .map_err(|_| KeyringError::WrongLength { entry, len })
-}
-
-impl fmt::Debug for StaticKeyring {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StaticKeyring")
-            .field("primary", &self.primary)
-            .field("keys", &self.keys.keys().collect::<Vec<_>>())
-            .finish()
-    }
-}
-
-/// What the KEK authenticates: the record's AAD and the key id, each length-prefixed, so that
-/// neither can be shifted into the other.
-fn kek_aad(record_aad: &[u8], key_id: &KeyId) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(24 + record_aad.len() + key_id.0.len());
-    aad.extend_from_slice(b"tokenbroker/kek/1");
-    put_len_prefixed(&mut aad, record_aad);
-    put_len_prefixed(&mut aad, key_id.as_str().as_bytes());
-    aad
-}
-
-fn put_len_prefixed(out: &mut Vec<u8>, part: &[u8]) {
-    out.extend_from_slice(&(part.len() as u64).to_be_bytes());
-    out.extend_from_slice(part);
-}
-
-#[async_trait]
-impl KeyProvider for StaticKeyring {
-    fn primary_key_id(&self) -> KeyId {
-        self.primary.clone()
-    }
-
-    async fn wrap(&self, data_key: &DataKey, aad: &[u8]) -> Result<WrappedKey, KeyError> {
-        let kek = self
-            .keys
-            .get(&self.primary)
-            .ok_or_else(|| KeyError::UnknownKeyId {
-                key_id: self.primary.clone(),
-            })?;
-        let nonce = XNonce::try_generate().map_err(KeyError::unavailable)?;
-        let sealed = kek
-            .cipher()
-            .encrypt(
-                &nonce,
-                AeadPayload {
-                    msg: data_key.expose_secret(),
-                    aad: &kek_aad(aad, &self.primary),
-                },
-            )
-            .map_err(|_| KeyError::unavailable(EncryptFailed("data key wrapping failed")))?;
-        let mut wrapped = Vec::with_capacity(STATIC_WRAPPED_LEN);
-        wrapped.extend_from_slice(&nonce);
-        wrapped.extend_from_slice(&sealed);
-        Ok(WrappedKey::new(self.primary.clone(), wrapped))
-    }
-
-    async fn unwrap(
-        &self,
-        key_id: &KeyId,
-        wrapped: &[u8],
-        aad: &[u8],
-    ) -> Result<DataKey, KeyError> {
-        let kek = self
-            .keys
-            .get(key_id)
-            .ok_or_else(|| KeyError::UnknownKeyId {
-                key_id: key_id.clone(),
-            })?;
-        let rejected = || KeyError::Rejected {
-            key_id: key_id.clone(),
-        };
-        if wrapped.len() != STATIC_WRAPPED_LEN {
-            return Err(rejected());
-        }
-        let (nonce, sealed) = wrapped.split_at(NONCE_LEN);
-        let nonce = XNonce::try_from(nonce).map_err(|_| rejected())?;
-        let key = Zeroizing::new(
-            kek.cipher()
-                .decrypt(
-                    &nonce,
-                    AeadPayload {
-                        msg: sealed,
-                        aad: &kek_aad(aad, key_id),
-                    },
-                )
-                .map_err(|_| rejected())?,
-        );
-        DataKey::from_slice(&key).map_err(|_| rejected())
-    }
-}
-
-/// What a payload's encryption authenticates: the format and the record's key, each part
-/// length-prefixed so that no two keys encode alike (`a/bc` vs `ab/c`).
-fn record_aad(key: &TokenKey) -> Vec<u8> {
-    let parts = [
-        key.realm.as_str(),
-        key.subject.as_str(),
-        key.provider.as_str(),
-    ];
-    let mut aad = Vec::with_capacity(64 + parts.iter().map(|p| p.len()).sum::<usize>());
-    aad.extend_from_slice(b"tokenbroker/record/");
-    aad.push(FORMAT_V1);
-    for part in parts {
-        put_len_prefixed(&mut aad, part.as_bytes());
-    }
-    aad
-}
-
-/// A parsed envelope, borrowing the stored bytes.
-///
-/// Layout (format 1): `0xE1 | id_len: u8 | key id | wrapped_len: u16 BE | wrapped key |
-/// nonce (24) | ciphertext || tag (16)`.
-struct Envelope<'a> {
-    key_id: KeyId,
-    wrapped: &'a [u8],
-    nonce: &'a [u8],
-    ciphertext: &'a [u8],
-}
-
-fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], &'static str> {
-    if rest.len() < n {
-        return Err("truncated envelope");
-    }
-    let (head, tail) = rest.split_at(n);
-    *rest = tail;
-    Ok(head)
-}
-
-impl<'a> Envelope<'a> {
-    fn parse(bytes: &'a [u8]) -> Result<Self, &'static str> {
-        let mut rest = bytes;
-        match take(&mut rest, 1)? {
-            [FORMAT_V1] => {}
-            [b'{'] => return Err("not encrypted (a plain payload)"),
-            _ => return Err("unknown envelope format"),
-        }
-        let id_len = usize::from(take(&mut rest, 1)?[0]);
-        let key_id = std::str::from_utf8(take(&mut rest, id_len)?)
-            .ok()
-            .and_then(|id| KeyId::new(id).ok())
-            .ok_or("invalid key id in envelope")?;
-        let wrapped_len = take(&mut rest, 2)?;
-        let wrapped_len = usize::from(u16::from_be_bytes([wrapped_len[0], wrapped_len[1]]));
-        let wrapped = take(&mut rest, wrapped_len)?;
-        let nonce = take(&mut rest, NONCE_LEN)?;
-        if rest.len() < TAG_LEN {
-            return Err("truncated envelope");
-        }
-        Ok(Envelope {
-            key_id,
-            wrapped,
-            nonce,
-            ciphertext: rest,
-        })
-    }
-}
-
-/// The id of the key-encryption key a stored record's data key is wrapped under, as the inner
-/// store of an [`EncryptedStore`] holds it; `None` if the payload is not an envelope.
-///
-/// It parses the envelope without decrypting anything: use it to see how far a rotation got.
+/// It parses the envelope without decrypting anything: use it to see how far a rotation or a
+/// migration of plain records got.
 pub fn key_id_of(stored: &StoredRecord) -> Option<KeyId> {
-    Envelope::parse(stored.record.payload.expose_secret())
-        .ok()
-        .map(|e| e.key_id)
+    match envelope::parse(stored.record.payload.expose_secret()) {
+        Ok(Parsed::Envelope(e)) => Some(e.key_id),
+        _ => None,
+    }
 }
 
-/// The outcome of a [`EncryptedStore::rewrap`] or [`EncryptedStore::rewrap_page`].
+/// The outcome of a [`EncryptedStore::rewrap`] or [`EncryptedStore::rewrap_page`]. Every
+/// scanned link lands in exactly one of the other counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RewrapReport {
     /// Links visited.
     pub scanned: usize,
-    /// Records re-encrypted under the primary key.
+    /// Envelopes re-encrypted under the primary key in the current format: those under another
+    /// key, and format-1 envelopes.
     pub rewrapped: usize,
-    /// Records already under the primary key, left alone.
+    /// Plain records (written before encryption was turned on) encrypted for the first time.
+    /// Only with [`EncryptedStore::accept_plain_records`]; without it they count as
+    /// [`corrupt`](Self::corrupt).
+    pub encrypted_plain: usize,
+    /// Records already under the primary key in the current format, left alone.
     pub already_primary: usize,
     /// Records changed or deleted between the load and the write: left as the concurrent writer
     /// left them (a concurrent write already uses the primary key).
@@ -668,8 +159,9 @@ pub struct RewrapReport {
     /// refresh's write conflict. Run the rewrap again later; do not retire an old key while
     /// this is not zero.
     pub skipped_busy: usize,
-    /// Records that could not be decrypted (see [`StoreError::Corrupt`]), left untouched. Do not
-    /// retire an old key while this is not zero: the records are logged with their keys.
+    /// Records that could not be decrypted (see [`StoreError::Corrupt`]), and plain records
+    /// while they are not accepted, left untouched. Do not retire an old key while this is not
+    /// zero: the records are logged with their keys.
     pub corrupt: usize,
 }
 
@@ -677,6 +169,7 @@ impl RewrapReport {
     fn add(&mut self, other: &RewrapReport) {
         self.scanned += other.scanned;
         self.rewrapped += other.rewrapped;
+        self.encrypted_plain += other.encrypted_plain;
         self.already_primary += other.already_primary;
         self.skipped_conflict += other.skipped_conflict;
         self.skipped_busy += other.skipped_busy;
@@ -686,6 +179,7 @@ impl RewrapReport {
     fn count(&mut self, outcome: Rewrapped) {
         let counter = match outcome {
             Rewrapped::Done => &mut self.rewrapped,
+            Rewrapped::EncryptedPlain => &mut self.encrypted_plain,
             Rewrapped::AlreadyPrimary => &mut self.already_primary,
             Rewrapped::Conflict => &mut self.skipped_conflict,
             Rewrapped::Busy => &mut self.skipped_busy,
@@ -699,55 +193,111 @@ impl RewrapReport {
 #[derive(Debug, Clone, Copy)]
 enum Rewrapped {
     Done,
+    EncryptedPlain,
     AlreadyPrimary,
     Conflict,
     Busy,
     Corrupt,
 }
 
+/// Who opens a record: a caller of [`TokenStore::load`], or a rewrap (which does not count
+/// plain records as served).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opener {
+    Load,
+    Rewrap,
+}
+
+/// Plain records served: counted, and each key logged once (up to [`PLAIN_WARN_LIMIT`] keys).
+#[derive(Default)]
+struct PlainReads {
+    count: AtomicU64,
+    warned: Mutex<HashSet<TokenKey, foldhash::fast::RandomState>>,
+}
+
+impl PlainReads {
+    fn note(&self, key: &TokenKey) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
+        if warned.len() < PLAIN_WARN_LIMIT && warned.insert(key.clone()) {
+            // The key only: never the payload.
+            tracing::warn!(
+                %key,
+                "EncryptedStore: served a plain (unencrypted) record; run rewrap to encrypt it"
+            );
+            if warned.len() == PLAIN_WARN_LIMIT {
+                tracing::warn!(
+                    "EncryptedStore: {PLAIN_WARN_LIMIT} keys with plain records logged; further \
+                     ones are only counted (plain_records_served)"
+                );
+            }
+        }
+    }
+}
+
+fn backend(e: KeyError) -> StoreError {
+    StoreError::Backend {
+        store: STORE_NAME,
+        source: Arc::new(e),
+    }
+}
+
 /// A [`TokenStore`] that encrypts payloads before they reach the inner store.
 ///
-/// Every write draws a fresh random 32-byte data key and encrypts the payload with
-/// XChaCha20-Poly1305 (random 24-byte nonce). The data key is wrapped by the
-/// [`KeyProvider`]'s primary key, and the envelope (format byte, key id, wrapped key, nonce,
-/// ciphertext) is what the inner store keeps as the payload. Both layers authenticate the
-/// record's key (realm, subject, provider), so a ciphertext copied to another row fails.
+/// Each process encrypts the records it writes under an *intermediate key* of its own, which
+/// the [`KeyProvider`] wraps once under its primary key-encryption key (KEK); the wrapped key
+/// travels in every envelope. The payload is encrypted with XChaCha20-Poly1305 (random 24-byte
+/// nonce), authenticating the record's key (realm, subject, provider) and the KEK id, so a
+/// ciphertext copied to another row fails. Unwrapped keys are cached, bounded and for a limited
+/// time, so the provider is asked once per key and time limit, not once per read; a failing
+/// provider stops only what needs a new key. The module source (`store/encrypted.rs`) explains
+/// the hierarchy and its trade-offs; in short:
+///
+/// | setting | default | what it bounds |
+/// |---|---|---|
+/// | [`with_intermediate_key_lifetime`](Self::with_intermediate_key_lifetime) | 1 hour | how long one intermediate key encrypts new records (and how long writes go on while the provider is down) |
+/// | [`with_key_cache_ttl`](Self::with_key_cache_ttl) | 1 hour | how long an unwrapped key is used without asking the provider again |
+/// | [`with_key_cache_capacity`](Self::with_key_cache_capacity) | 1024 | intermediate keys kept |
+/// | [`with_legacy_key_cache_capacity`](Self::with_legacy_key_cache_capacity) | 4096 | data keys of format-1 records kept |
 ///
 /// **Only the payload is encrypted.** The [`RecordMeta`](super::RecordMeta) (state, expiry,
 /// timestamps), the keys, versions and leases pass through in clear, because stores index them
 /// for sweeps and leases.
 ///
-/// A record that fails to parse or decrypt (truncated, tampered, moved, under an unknown key)
-/// loads as [`StoreError::Corrupt`]; a failing [`KeyProvider`] is a
-/// [`StoreError::Backend`] with store `encryption`.
+/// A record that fails to parse or decrypt (truncated, tampered, moved, under an unknown key,
+/// plain while plain records are not accepted) loads as [`StoreError::Corrupt`] carrying the
+/// record's version: [`compare_and_swap`](TokenStore::compare_and_swap) at that version (a
+/// re-link) and [`delete`](TokenStore::delete) at it (an unlink) work without decrypting the old
+/// record. A failing [`KeyProvider`] is a [`StoreError::Backend`] with store `encryption`.
 ///
-/// Records the inner store already holds in plain text are not migrated: they load as
-/// [`StoreError::Corrupt`] ("not encrypted"), since accepting plain payloads would let anyone
-/// with write access to the database plant tokens.
-///
-/// Key rotation: make a new key primary while keeping the old ones; new writes use it, old
-/// records still read, and [`EncryptedStore::rewrap`] moves old records over so that the old
-/// keys can be retired. A rewrap writes each record under the key's refresh lease, taken as
-/// [`EncryptedStore::lease_holder`] (random unless set with
+/// Key rotation: make a new key primary while keeping the old ones; new writes use it (through
+/// a new intermediate key), old records still read, and [`EncryptedStore::rewrap`] moves old
+/// records over so that the old keys can be retired. A rewrap writes each record under the
+/// key's refresh lease, taken as [`EncryptedStore::lease_holder`] (random unless set with
 /// [`with_lease_holder`](EncryptedStore::with_lease_holder)).
 ///
-/// **No decrypted copy is kept here.** Every load unwraps the data key and decrypts (some
-/// 7 µs for a 2.5 KB set on a 2-core bench machine, `benches/encrypted_read.rs`), so every
-/// read still authenticates what the database holds. Encryption at rest answers a leaked
-/// database or backup, not the process: the broker above already keeps the decoded sets of recent reads in
-/// its own bounded hot cache (and drops a link's on unlink), so a second plain copy here
-/// would add memory and no speed worth having on top of a database round trip.
+/// Turning encryption on for a store that already holds plain records: see
+/// [`accept_plain_records`](Self::accept_plain_records).
+///
+/// **No decrypted copy is kept here**, only keys: every load decrypts what the inner store
+/// holds, so every read authenticates it. The broker above keeps the decoded sets of recent
+/// reads in its own bounded hot cache (and drops a link's on unlink).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::sync::Arc;
+/// use std::time::Duration;
 /// use tokenbroker::store::{EncryptedStore, KeyId, StaticKeyring};
 /// use tokenbroker::{MemoryStore, TokenStore};
 ///
-/// // In production: StaticKeyring::from_env("TOKENBROKER_KEYS")?
+/// // In production: StaticKeyring::from_env("TOKENBROKER_KEYS")?, or a KMS client.
 /// let keys = StaticKeyring::new(KeyId::new("k1")?, [7; 32]);
-/// let store = Arc::new(EncryptedStore::new(MemoryStore::new(), Arc::new(keys)));
+/// let store = Arc::new(
+///     EncryptedStore::new(MemoryStore::new(), Arc::new(keys))
+///         .with_intermediate_key_lifetime(Duration::from_secs(6 * 3600))
+///         .with_key_cache_ttl(Duration::from_secs(6 * 3600)),
+/// );
 /// let shared: Arc<dyn TokenStore> = store.clone();
 /// // ... hand `shared` to TokenBroker::builder().with_store(..)
 ///
@@ -756,21 +306,57 @@ enum Rewrapped {
 /// assert_eq!(report.corrupt, 0);
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
 pub struct EncryptedStore<S> {
     inner: S,
     keys: Arc<dyn KeyProvider>,
     holder: LeaseHolder,
+    clock: SharedClock,
+    accept_plain: bool,
+    intermediate_key_lifetime: Duration,
+    cache: KeyCache,
+    /// The intermediate key new records are encrypted under, once the first write made it.
+    writer: RwLock<Option<Arc<WriteKey>>>,
+    /// Held while a new intermediate key is wrapped, so that concurrent writes wait for one
+    /// provider call instead of each making their own.
+    rotation: tokio::sync::Mutex<()>,
+    plain: PlainReads,
+}
+
+impl<S: fmt::Debug> fmt::Debug for EncryptedStore<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keys appear as ids and counts only: `WriteKey` and `KeyCache` redact the rest.
+        let writer = self.writer.read().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("EncryptedStore")
+            .field("inner", &self.inner)
+            .field("keys", &self.keys)
+            .field("holder", &self.holder)
+            .field("accept_plain_records", &self.accept_plain)
+            .field("intermediate_key_lifetime", &self.intermediate_key_lifetime)
+            .field("write_key", &*writer)
+            .field("key_cache", &self.cache)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S: TokenStore> EncryptedStore<S> {
-    /// Encrypts what goes into `inner` with keys from `keys`. Rewraps take leases as a random
-    /// [`LeaseHolder`].
+    /// Encrypts what goes into `inner` with keys from `keys`, with the defaults in the table
+    /// above. Rewraps take leases as a random [`LeaseHolder`].
     pub fn new(inner: S, keys: Arc<dyn KeyProvider>) -> Self {
         EncryptedStore {
             inner,
             keys,
             holder: LeaseHolder::random(),
+            clock: crate::clock::system(),
+            accept_plain: false,
+            intermediate_key_lifetime: DEFAULT_INTERMEDIATE_KEY_LIFETIME,
+            cache: KeyCache::new(
+                DEFAULT_KEY_CACHE_TTL,
+                DEFAULT_KEY_CACHE_CAPACITY,
+                DEFAULT_LEGACY_KEY_CACHE_CAPACITY,
+            ),
+            writer: RwLock::new(None),
+            rotation: tokio::sync::Mutex::new(()),
+            plain: PlainReads::default(),
         }
     }
 
@@ -782,12 +368,93 @@ impl<S: TokenStore> EncryptedStore<S> {
         self
     }
 
+    /// How long this process encrypts new records under one intermediate key (default 1
+    /// hour). After that, the next write draws a new key and has the provider wrap it: one
+    /// provider call per lifetime. A new primary key at the provider also starts a new key, at
+    /// the next write.
+    ///
+    /// It is also how long writes go on while the provider is down, and how long this process
+    /// reads the records it wrote under its current key without asking the provider. Shorter
+    /// limits what one key covers and how long a KEK disabled at the KMS keeps working here;
+    /// longer rides out longer outages. `Duration::ZERO` wraps a new key for every write.
+    pub fn with_intermediate_key_lifetime(mut self, lifetime: Duration) -> Self {
+        self.intermediate_key_lifetime = lifetime;
+        self
+    }
+
+    /// How long an unwrapped key (another process's intermediate key, an older one of this
+    /// process, a format-1 data key) is used without asking the provider again (default 1
+    /// hour). Reads of such records go on for that long while the provider is down.
+    /// `Duration::ZERO` turns the cache off: every such read calls the provider.
+    pub fn with_key_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.cache = self.cache.with_ttl(ttl);
+        self
+    }
+
+    /// How many unwrapped intermediate keys are kept (default 1024; 0 keeps none). Each
+    /// process makes one per lifetime, so a store read by few processes needs few. When full,
+    /// expired keys go first, then the oldest.
+    pub fn with_key_cache_capacity(mut self, capacity: usize) -> Self {
+        self.cache = self.cache.with_capacity(capacity);
+        self
+    }
+
+    /// How many data keys of format-1 records (written before 0.2, one per record) are kept
+    /// (default 4096; 0 keeps none), so that repeated reads of one such record do not call the
+    /// provider. They go away as [`rewrap`](Self::rewrap) or ordinary writes move records to
+    /// the current format.
+    pub fn with_legacy_key_cache_capacity(mut self, capacity: usize) -> Self {
+        self.cache = self.cache.with_legacy_capacity(capacity);
+        self
+    }
+
+    /// The clock that times the intermediate key's lifetime and the key cache (the system
+    /// clock by default; tests pass a `testing::ManualClock`).
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Whether records the inner store holds in plain text (written before encryption was
+    /// turned on) are served as they are (`true`), or load as [`StoreError::Corrupt`]
+    /// (`false`, the default). **An opt-in for the migration only.**
+    ///
+    /// To turn encryption on for a store that holds plain records:
+    /// 1. deploy with `accept_plain_records(true)`: plain records read, every write encrypts;
+    /// 2. run [`rewrap`](Self::rewrap) (with the opt-in on it encrypts plain records, under the
+    ///    lease and fenced, and counts them in [`RewrapReport::encrypted_plain`]) until a pass
+    ///    reports `encrypted_plain == 0`, `skipped_busy == 0` and `corrupt == 0`;
+    /// 3. deploy without the opt-in.
+    ///
+    /// While it is on, anyone who can write to the database can plant a record that is served
+    /// as a token set; that is why plain records are refused by default.
+    ///
+    /// How a plain record is told from an envelope: envelopes start with a format byte in
+    /// `0xE0..=0xEF` (`0xE1`, `0xE2` so far), which no JSON text can start with, and a payload
+    /// with such a first byte is only ever read as an envelope (one that does not parse is
+    /// corrupt, never plain). A plain record is one complete JSON object (the first byte that is
+    /// not JSON whitespace is `{`, and the whole payload parses), as every payload format of
+    /// the broker is, versioned or not. Anything else is corrupt.
+    ///
+    /// Each plain record served is counted ([`plain_records_served`](Self::plain_records_served))
+    /// and its key is logged once at `warn` (the first 1024 keys); the payload never is.
+    pub fn accept_plain_records(mut self, accept: bool) -> Self {
+        self.accept_plain = accept;
+        self
+    }
+
+    /// How many plain records this store has served since it was built (see
+    /// [`accept_plain_records`](Self::accept_plain_records)); reads by a rewrap are not counted.
+    pub fn plain_records_served(&self) -> u64 {
+        self.plain.count.load(Ordering::Relaxed)
+    }
+
     /// The holder id under which [`rewrap`](Self::rewrap) takes refresh leases.
     pub fn lease_holder(&self) -> &LeaseHolder {
         &self.holder
     }
 
-    /// The inner store, which holds envelopes.
+    /// The inner store, which holds envelopes (and, before a migration is done, plain records).
     pub fn inner(&self) -> &S {
         &self.inner
     }
@@ -797,21 +464,65 @@ impl<S: TokenStore> EncryptedStore<S> {
         &self.keys
     }
 
-    async fn encrypt(&self, key: &TokenKey, record: &Record) -> Result<Record, StoreError> {
-        let backend = |e: KeyError| StoreError::Backend {
-            store: STORE_NAME,
-            source: Arc::new(e),
-        };
-        let aad = record_aad(key);
-        let data_key = DataKey::generate().map_err(backend)?;
-        let wrapped = self.keys.wrap(&data_key, &aad).await.map_err(backend)?;
-        let wrapped_len = u16::try_from(wrapped.wrapped.len()).map_err(|_| {
+    /// This process's intermediate key if it may still encrypt: younger than its lifetime and
+    /// made under the provider's current primary key.
+    fn usable_write_key(&self, primary: &KeyId) -> Option<Arc<WriteKey>> {
+        let writer = self.writer.read().unwrap_or_else(PoisonError::into_inner);
+        let current = writer.as_ref()?;
+        (current.primary == *primary
+            && younger_than(
+                current.created,
+                self.clock.now(),
+                self.intermediate_key_lifetime,
+            ))
+        .then(|| Arc::clone(current))
+    }
+
+    /// The intermediate key to encrypt with, made (one provider call) when there is none yet
+    /// or the current one is due for rotation.
+    async fn write_key(&self) -> Result<Arc<WriteKey>, StoreError> {
+        let primary = self.keys.primary_key_id();
+        if let Some(key) = self.usable_write_key(&primary) {
+            return Ok(key);
+        }
+        let _turn = self.rotation.lock().await;
+        // Someone else may have made one while this write waited.
+        if let Some(key) = self.usable_write_key(&primary) {
+            return Ok(key);
+        }
+        let key = DataKey::generate().map_err(backend)?;
+        let wrapped = self
+            .keys
+            .wrap(&key, INTERMEDIATE_KEY_AAD)
+            .await
+            .map_err(backend)?;
+        let header = envelope::header(&wrapped.key_id, &wrapped.wrapped).ok_or_else(|| {
             backend(KeyError::InvalidKey {
-                reason: "the wrapped data key is longer than 65535 bytes",
+                reason: "the wrapped key is longer than 65535 bytes",
             })
         })?;
+        let now = self.clock.now();
+        let key = Arc::new(key);
+        // Reads of what this process writes need no unwrap, for the cache TTL and (through
+        // `own_key`) for the key's lifetime.
+        self.cache.put_intermediate(&header, Arc::clone(&key), now);
+        let made = Arc::new(WriteKey {
+            header,
+            kek_id: wrapped.key_id,
+            primary,
+            key,
+            created: now,
+        });
+        *self.writer.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&made));
+        Ok(made)
+    }
+
+    /// Encrypts a record in the current format (2) under this process's intermediate key.
+    async fn seal(&self, key: &TokenKey, record: &Record) -> Result<Record, StoreError> {
+        let write_key = self.write_key().await?;
+        let aad = record_aad_v2(key, &write_key.kek_id);
         let nonce = XNonce::try_generate().map_err(|e| backend(KeyError::unavailable(e)))?;
-        let ciphertext = XChaCha20Poly1305::new(data_key.expose_secret().into())
+        let ciphertext = XChaCha20Poly1305::new(write_key.key.expose_secret().into())
             .encrypt(
                 &nonce,
                 AeadPayload {
@@ -824,55 +535,139 @@ impl<S: TokenStore> EncryptedStore<S> {
                     "payload encryption failed",
                 )))
             })?;
-        let id = wrapped.key_id.as_str().as_bytes();
-        let mut out =
-            Vec::with_capacity(4 + id.len() + wrapped.wrapped.len() + NONCE_LEN + ciphertext.len());
-        out.push(FORMAT_V1);
-        // KeyId guarantees 1..=64 bytes.
-        out.push(id.len() as u8);
-        out.extend_from_slice(id);
-        out.extend_from_slice(&wrapped_len.to_be_bytes());
-        out.extend_from_slice(&wrapped.wrapped);
+        let mut out = Vec::with_capacity(1 + write_key.header.len() + NONCE_LEN + ciphertext.len());
+        out.push(FORMAT_V2);
+        out.extend_from_slice(&write_key.header);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ciphertext);
         Ok(Record::new(Payload::new(out), record.meta.clone()))
     }
 
-    async fn decrypt(
+    /// This process's current intermediate key, if `header` names it and it is within its
+    /// lifetime (its cache entry may have expired sooner).
+    fn own_key(&self, header: &[u8]) -> Option<Arc<DataKey>> {
+        let writer = self.writer.read().unwrap_or_else(PoisonError::into_inner);
+        let current = writer.as_ref()?;
+        (*current.header == *header
+            && younger_than(
+                current.created,
+                self.clock.now(),
+                self.intermediate_key_lifetime,
+            ))
+        .then(|| Arc::clone(&current.key))
+    }
+
+    /// The intermediate key of a format-2 envelope: cached, this process's own, or unwrapped
+    /// (once, however many reads wait for it).
+    async fn intermediate_key(&self, envelope: &Envelope<'_>) -> Result<Arc<DataKey>, KeyError> {
+        let header = envelope.header;
+        if let Some(key) = self.cache.intermediate(header, self.clock.now()) {
+            return Ok(key);
+        }
+        if let Some(key) = self.own_key(header) {
+            return Ok(key);
+        }
+        let _flight = self.cache.flight(header).await;
+        if let Some(key) = self.cache.intermediate(header, self.clock.now()) {
+            return Ok(key);
+        }
+        let key = Arc::new(
+            self.keys
+                .unwrap(&envelope.key_id, envelope.wrapped, INTERMEDIATE_KEY_AAD)
+                .await?,
+        );
+        self.cache
+            .put_intermediate(header, Arc::clone(&key), self.clock.now());
+        Ok(key)
+    }
+
+    /// The data key of a format-1 envelope of `record`: cached for that record, or unwrapped.
+    async fn legacy_data_key(
+        &self,
+        record: &TokenKey,
+        envelope: &Envelope<'_>,
+        aad: &[u8],
+    ) -> Result<Arc<DataKey>, KeyError> {
+        let header = envelope.header;
+        if let Some(key) = self.cache.legacy(record, header, self.clock.now()) {
+            return Ok(key);
+        }
+        let _flight = self.cache.flight(header).await;
+        if let Some(key) = self.cache.legacy(record, header, self.clock.now()) {
+            return Ok(key);
+        }
+        let key = Arc::new(
+            self.keys
+                .unwrap(&envelope.key_id, envelope.wrapped, aad)
+                .await?,
+        );
+        self.cache
+            .put_legacy(record, header, Arc::clone(&key), self.clock.now());
+        Ok(key)
+    }
+
+    /// Decrypts what the inner store holds (or passes a plain record through, when accepted).
+    async fn open(
         &self,
         key: &TokenKey,
         stored: StoredRecord,
+        opener: Opener,
     ) -> Result<StoredRecord, StoreError> {
+        let version = stored.version;
         let corrupt = |reason: String| StoreError::Corrupt {
             key: key.clone(),
             reason,
+            version: Some(version),
         };
-        let envelope = Envelope::parse(stored.record.payload.expose_secret())
-            .map_err(|r| corrupt(r.to_owned()))?;
-        let aad = record_aad(key);
-        let data_key = match self
-            .keys
-            .unwrap(&envelope.key_id, envelope.wrapped, &aad)
-            .await
-        {
+        let bytes = stored.record.payload.expose_secret();
+        let envelope = match envelope::parse(bytes) {
+            Ok(Parsed::Envelope(envelope)) => envelope,
+            Ok(Parsed::Plain) if self.accept_plain => {
+                if !envelope::is_json_object(bytes) {
+                    return Err(corrupt(
+                        "neither an envelope nor a plain record (not one JSON object)".to_owned(),
+                    ));
+                }
+                if opener == Opener::Load {
+                    self.plain.note(key);
+                }
+                return Ok(stored);
+            }
+            Ok(Parsed::Plain) => {
+                return Err(corrupt(
+                    "not encrypted (a plain payload, refused unless accept_plain_records is on)"
+                        .to_owned(),
+                ));
+            }
+            Err(reason) => return Err(corrupt(reason.to_owned())),
+        };
+        let (what, data_key, aad) = if envelope.format == FORMAT_V2 {
+            let aad = record_aad_v2(key, &envelope.key_id);
+            (
+                "intermediate key",
+                self.intermediate_key(&envelope).await,
+                aad,
+            )
+        } else {
+            debug_assert_eq!(envelope.format, FORMAT_V1);
+            let aad = record_aad_v1(key);
+            let data_key = self.legacy_data_key(key, &envelope, &aad).await;
+            ("data key", data_key, aad)
+        };
+        let data_key = match data_key {
             Ok(k) => k,
             Err(KeyError::UnknownKeyId { key_id }) => {
                 return Err(corrupt(format!(
-                    "data key is wrapped under unknown key id {key_id}"
+                    "{what} is wrapped under unknown key id {key_id}"
                 )));
             }
             Err(KeyError::Rejected { .. } | KeyError::InvalidKey { .. }) => {
                 return Err(corrupt(format!(
-                    "data key under {} failed authentication (tampered, or copied from another record)",
+                    "{what} under {} failed authentication (tampered, or copied from another record)",
                     envelope.key_id
                 )));
             }
-            Err(e) => {
-                return Err(StoreError::Backend {
-                    store: STORE_NAME,
-                    source: Arc::new(e),
-                });
-            }
+            Err(e) => return Err(backend(e)),
         };
         let nonce = XNonce::try_from(envelope.nonce)
             .map_err(|_| corrupt("truncated envelope".to_owned()))?;
@@ -896,8 +691,29 @@ impl<S: TokenStore> EncryptedStore<S> {
         ))
     }
 
-    /// Re-encrypts every record that is not under the primary key, walking the inner store in
-    /// pages of `batch_size` (at least 1). See [`EncryptedStore::rewrap_page`].
+    /// Whether a stored record needs no rewrap: a current-format envelope under the primary
+    /// key (or under the KEK this process's current intermediate key is wrapped under, for a
+    /// provider that names key versions apart from its primary key id).
+    fn is_current(&self, raw: &StoredRecord, primary: &KeyId) -> bool {
+        let Ok(Parsed::Envelope(envelope)) = envelope::parse(raw.record.payload.expose_secret())
+        else {
+            return false;
+        };
+        if envelope.format != FORMAT_V2 {
+            return false;
+        }
+        if envelope.key_id == *primary {
+            return true;
+        }
+        let writer = self.writer.read().unwrap_or_else(PoisonError::into_inner);
+        writer
+            .as_ref()
+            .is_some_and(|w| w.primary == *primary && w.kek_id == envelope.key_id)
+    }
+
+    /// Re-encrypts every record that is not current (under another key, in format 1, or plain
+    /// while [`accept_plain_records`](Self::accept_plain_records) is on), walking the inner
+    /// store in pages of `batch_size` (at least 1). See [`EncryptedStore::rewrap_page`].
     ///
     /// Safe to run on a live store and to repeat: each record is rewritten under its key's
     /// refresh lease, with a compare-and-swap on the version loaded under the lease and fenced
@@ -918,17 +734,26 @@ impl<S: TokenStore> EncryptedStore<S> {
         }
     }
 
-    /// Re-encrypts, under the primary key, the records among the next `batch_size` links (at
-    /// least 1) strictly after `after`, and returns the cursor to pass next (`None` when the
-    /// walk is done). Lets a host bound the work per call.
+    /// Re-encrypts, under the primary key and in the current format, the records among the
+    /// next `batch_size` links (at least 1) strictly after `after` that are not current, and
+    /// returns the cursor to pass next (`None` when the walk is done). Lets a host bound the
+    /// work per call.
+    ///
+    /// A record is current when it is a format-2 envelope whose KEK id is the provider's
+    /// primary key id. Records under the primary but under an older intermediate key are
+    /// current: intermediate keys are not rotated by rewrapping. Format-1 envelopes are
+    /// rewritten in format 2 ([`RewrapReport::rewrapped`]), and so are plain records while
+    /// [`accept_plain_records`](Self::accept_plain_records) is on
+    /// ([`RewrapReport::encrypted_plain`]); without it they are counted in
+    /// [`RewrapReport::corrupt`].
     ///
     /// Key rotation is a writer that is not a refresh, so it must not race one: a refresh that
     /// has spent a refresh token and then finds its write in conflict may lose the rotated
-    /// token. For each record not under the primary key (read first without a lease, so that
+    /// token. For each record that is not current (read first without a lease, so that
     /// records already moved cost no lease), the rewrap takes the key's refresh lease
     /// (for 30 s, as [`lease_holder`](Self::lease_holder)); a busy lease skips the record,
     /// counted in [`RewrapReport::skipped_busy`]. Under the lease the record is loaded again,
-    /// decrypted, encrypted with a fresh data key under the primary, and written with a
+    /// decrypted, encrypted under this process's current intermediate key, and written with a
     /// `compare_and_swap` on that version, fenced by the lease; then the lease is released,
     /// also when something failed. A conflict means someone wrote meanwhile (under the primary
     /// key) and is counted in [`RewrapReport::skipped_conflict`]. Records that do not decrypt
@@ -958,9 +783,7 @@ impl<S: TokenStore> EncryptedStore<S> {
     async fn rewrap_one(&self, key: &TokenKey, primary: &KeyId) -> Result<Rewrapped, StoreError> {
         match self.inner.load(key).await? {
             None => return Ok(Rewrapped::Conflict),
-            Some(raw) if key_id_of(&raw).as_ref() == Some(primary) => {
-                return Ok(Rewrapped::AlreadyPrimary);
-            }
+            Some(raw) if self.is_current(&raw, primary) => return Ok(Rewrapped::AlreadyPrimary),
             Some(_) => {}
         }
         let lease = match self
@@ -996,23 +819,28 @@ impl<S: TokenStore> EncryptedStore<S> {
         let Some(raw) = self.inner.load(key).await? else {
             return Ok(Rewrapped::Conflict);
         };
-        if key_id_of(&raw).as_ref() == Some(primary) {
+        if self.is_current(&raw, primary) {
             return Ok(Rewrapped::AlreadyPrimary);
         }
-        let plain = match self.decrypt(key, raw).await {
+        let was_plain = matches!(
+            envelope::parse(raw.record.payload.expose_secret()),
+            Ok(Parsed::Plain)
+        );
+        let plain = match self.open(key, raw, Opener::Rewrap).await {
             Ok(plain) => plain,
-            Err(StoreError::Corrupt { key, reason }) => {
+            Err(StoreError::Corrupt { key, reason, .. }) => {
                 tracing::warn!(%key, %reason, "rewrap: record does not decrypt; left as is");
                 return Ok(Rewrapped::Corrupt);
             }
             Err(e) => return Err(e),
         };
-        let record = self.encrypt(key, &plain.record).await?;
+        let record = self.seal(key, &plain.record).await?;
         match self
             .inner
             .compare_and_swap(key, plain.version, &record, Some(&lease.token))
             .await
         {
+            Ok(_) if was_plain => Ok(Rewrapped::EncryptedPlain),
             Ok(_) => Ok(Rewrapped::Done),
             Err(StoreError::Conflict { .. }) => Ok(Rewrapped::Conflict),
             Err(e) => Err(e),
@@ -1025,16 +853,18 @@ impl<S: TokenStore> EncryptedStore<S> {
 impl<S: TokenStore> TokenStore for EncryptedStore<S> {
     async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError> {
         match self.inner.load(key).await? {
-            Some(stored) => self.decrypt(key, stored).await.map(Some),
+            Some(stored) => self.open(key, stored, Opener::Load).await.map(Some),
             None => Ok(None),
         }
     }
 
     async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
-        let sealed = self.encrypt(key, record).await?;
+        let sealed = self.seal(key, record).await?;
         self.inner.insert(key, &sealed).await
     }
 
+    // The record replaced is never decrypted: a record that does not decrypt (reported as
+    // `Corrupt` with its version) can be replaced at that version.
     async fn compare_and_swap(
         &self,
         key: &TokenKey,
@@ -1042,7 +872,7 @@ impl<S: TokenStore> TokenStore for EncryptedStore<S> {
         record: &Record,
         fence: Option<&LeaseToken>,
     ) -> Result<Version, StoreError> {
-        let sealed = self.encrypt(key, record).await?;
+        let sealed = self.seal(key, record).await?;
         self.inner
             .compare_and_swap(key, expected, &sealed, fence)
             .await

@@ -339,12 +339,21 @@ pub enum StoreError {
         source: BoxError,
     },
     /// A stored record could not be decoded or decrypted (tampered, truncated, wrong key).
+    ///
+    /// The record is still there, and nobody can read it: the way out is to overwrite or
+    /// delete it by its version (both work without reading the old record), e.g. when the user
+    /// links the account again or unlinks it.
     #[error("stored record {key} could not be read: {reason}")]
     Corrupt {
         /// The key read.
         key: TokenKey,
         /// What was wrong, without the data.
         reason: String,
+        /// The version of the record that could not be read, when the store knows it, so that
+        /// a caller can replace it with [`TokenStore::compare_and_swap`] or delete it with
+        /// [`TokenStore::delete`]`(key, Some(version))`. `None` when the version itself could
+        /// not be read, or the error is not about a loaded record.
+        version: Option<Version>,
     },
 }
 

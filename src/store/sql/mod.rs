@@ -257,11 +257,17 @@ impl RawLink {
     /// [`StoreError::Corrupt`].
     pub(crate) fn into_scanned(self) -> Result<ScannedLink, StoreError> {
         let key = parse_key(&self.realm, &self.subject, &self.provider)?;
+        let version = version_from_db(self.version).map_err(|reason| StoreError::Corrupt {
+            key: key.clone(),
+            reason,
+            version: None,
+        })?;
+        // From here on the row's version is known: a caller can replace or delete the row by it.
         let corrupt = |reason: String| StoreError::Corrupt {
             key: key.clone(),
             reason,
+            version: Some(version),
         };
-        let version = version_from_db(self.version).map_err(corrupt)?;
         let state = match (self.state.as_str(), self.relink_reason, self.relink_since) {
             ("active", _, _) => LinkState::Active,
             ("relink_required", Some(reason), Some(since)) => LinkState::RelinkRequired {
@@ -342,6 +348,7 @@ pub(crate) fn parse_key(
             Err(StoreError::Corrupt {
                 key,
                 reason: format!("stored key does not parse: {e}"),
+                version: None,
             })
         }
     }

@@ -247,6 +247,7 @@ fn corrupt(key: &TokenKey) -> impl Fn(String) -> StoreError + '_ {
     move |reason| StoreError::Corrupt {
         key: key.clone(),
         reason,
+        version: None,
     }
 }
 

@@ -329,6 +329,7 @@ impl TokenStore for SqliteStore {
         version_from_db(version).map_err(|reason| StoreError::Corrupt {
             key: key.clone(),
             reason,
+            version: None,
         })
     }
 
@@ -375,6 +376,7 @@ impl TokenStore for SqliteStore {
         version_from_db(version).map_err(|reason| StoreError::Corrupt {
             key: key.clone(),
             reason,
+            version: None,
         })
     }
 
@@ -520,6 +522,7 @@ impl TokenStore for SqliteStore {
                     from_ms(until, "lease_expires_at").map_err(|reason| StoreError::Corrupt {
                         key: key.clone(),
                         reason,
+                        version: None,
                     })?;
                 LeaseAttempt::Acquired(Lease::new(key.clone(), holder.clone(), token, expires_at))
             }
@@ -561,6 +564,7 @@ impl TokenStore for SqliteStore {
             from_ms(until, "lease_expires_at").map_err(|reason| StoreError::Corrupt {
                 key: lease.key.clone(),
                 reason,
+                version: None,
             })?;
         let mut extended = lease.clone();
         extended.expires_at = expires_at;
