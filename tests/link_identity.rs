@@ -434,3 +434,88 @@ async fn a_policy_can_keep_the_id_token_inside() {
     let body = String::from_utf8(endpoint.into_http().into_body()).unwrap();
     assert!(!body.contains("id_token"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// A record that cannot be read never blocks a re-link or an unlink.
+
+/// Two brokers over one store, each encrypting with its own keyring: the second cannot read
+/// what the first wrote (a retired key), and must still let the user re-link and unlink.
+fn broker_with_keys(
+    idp: &Arc<FakeProvider>,
+    shared: &Arc<MemoryStore>,
+    key_id: &str,
+    key: [u8; 32],
+) -> (TokenBroker, Arc<Events>) {
+    use tokenbroker::store::{EncryptedStore, KeyId, StaticKeyring};
+    let events = Arc::new(Events::default());
+    let keys = Arc::new(StaticKeyring::new(KeyId::new(key_id).unwrap(), key));
+    let broker = TokenBroker::builder()
+        .with_provider(idp.clone(), ProviderPolicy::default())
+        .with_store(Arc::new(EncryptedStore::new(shared.clone(), keys)))
+        .with_event_sink(events.clone())
+        .build()
+        .unwrap();
+    (broker, events)
+}
+
+async fn link_with(
+    broker: &TokenBroker,
+    idp: &FakeProvider,
+    key: &TokenKey,
+) -> tokenbroker::Result<()> {
+    let start = broker.begin_login(key, LoginOptions::default()).await?;
+    let callback = idp
+        .approve(&start.authorization_url, "alice-upstream")
+        .unwrap();
+    broker
+        .complete_login(start.pending, &callback)
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn a_record_under_a_retired_key_is_replaced_by_a_relink() {
+    let idp = Arc::new(FakeProvider::new("fake").unwrap());
+    let shared = Arc::new(MemoryStore::new());
+    let key = TokenKey::parse("acme", "alice", "fake").unwrap();
+    let (old, _) = broker_with_keys(&idp, &shared, "retired", [1; 32]);
+    link_with(&old, &idp, &key).await.unwrap();
+
+    let (new, _) = broker_with_keys(&idp, &shared, "current", [2; 32]);
+    let caller = Caller::new(key.realm.clone(), key.subject.clone(), "app").with_role("read-token");
+    let unreadable = new.retrieve(&caller, &key).await;
+    assert!(
+        matches!(
+            unreadable,
+            Err(Error::Store(tokenbroker::StoreError::Corrupt { .. }))
+        ),
+        "{unreadable:?}"
+    );
+    link_with(&new, &idp, &key)
+        .await
+        .expect("re-link replaces the unreadable record");
+    let read = new.retrieve(&caller, &key).await.unwrap();
+    assert!(idp.is_active(read.tokens.access_token().expose_secret()));
+}
+
+#[tokio::test]
+async fn a_record_under_a_retired_key_is_deleted_by_unlink_and_says_so() {
+    let idp = Arc::new(FakeProvider::new("fake").unwrap());
+    let shared = Arc::new(MemoryStore::new());
+    let key = TokenKey::parse("acme", "alice", "fake").unwrap();
+    let (old, _) = broker_with_keys(&idp, &shared, "retired", [1; 32]);
+    link_with(&old, &idp, &key).await.unwrap();
+
+    let (new, events) = broker_with_keys(&idp, &shared, "current", [2; 32]);
+    let outcome = new.unlink(&key).await.unwrap();
+    assert!(outcome.deleted);
+    assert!(matches!(outcome.revocation, RevocationStatus::Failed(_)));
+    assert!(shared.load(&key).await.unwrap().is_none());
+    assert!(events.0.lock().unwrap().iter().any(|e| matches!(
+        e,
+        BrokerEvent::Unlinked {
+            revocation: RevocationStatus::Failed(_),
+            ..
+        }
+    )));
+}

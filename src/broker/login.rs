@@ -463,7 +463,39 @@ impl Inner {
     async fn upsert_link(&self, key: &TokenKey, set: TokenSet) -> Result<Upsert> {
         for _ in 0..5 {
             let now = self.clock.now();
-            match self.store.load(key).await? {
+            let loaded = match self.store.load(key).await {
+                Ok(loaded) => loaded,
+                // A record that does not decrypt or decode (a retired key, a flipped bit, a
+                // plain record in an encrypted store) is unusable: the login's tokens replace
+                // it, at the version the store reported, so the user is never stuck.
+                Err(StoreError::Corrupt {
+                    version: Some(version),
+                    reason,
+                    ..
+                }) => {
+                    tracing::warn!(target: "tokenbroker", %key, %reason, "re-link replaces a record that could not be read");
+                    let record = Record::new(
+                        set.to_payload(),
+                        RecordMeta::new(LinkState::Active, set.expires_at(), now, now),
+                    );
+                    match self
+                        .store
+                        .compare_and_swap(key, version, &record, None)
+                        .await
+                    {
+                        Ok(_) => {
+                            return Ok(Upsert::Replaced {
+                                set,
+                                other_account: None,
+                            });
+                        }
+                        Err(StoreError::Conflict { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match loaded {
                 None => {
                     let record = Record::new(
                         set.to_payload(),

@@ -250,11 +250,32 @@ impl TokenBroker {
         // notices, and we revoke the newer token too.
         let mut revocation = RevocationStatus::NothingToRevoke;
         for _ in 0..3 {
-            let Some(stored) = inner.store.load(key).await? else {
-                return Ok(UnlinkOutcome {
-                    revocation,
-                    deleted: false,
-                });
+            let stored = match inner.store.load(key).await {
+                Ok(Some(stored)) => stored,
+                Ok(None) => {
+                    return Ok(UnlinkOutcome {
+                        revocation,
+                        deleted: false,
+                    });
+                }
+                // A record that cannot be read never blocks an unlink: it is deleted at the
+                // version the store reported; its tokens could not be revoked, and the outcome
+                // and the event say so.
+                Err(crate::StoreError::Corrupt {
+                    version: Some(version),
+                    ..
+                }) => {
+                    let revocation = RevocationStatus::Failed(
+                        "the stored record could not be read, so its tokens were not revoked"
+                            .into(),
+                    );
+                    match inner.store.delete(key, Some(version)).await {
+                        Ok(deleted) => return Ok(inner.unlinked(key, revocation, deleted)),
+                        Err(crate::StoreError::Conflict { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
             };
             revocation = match TokenSet::from_payload(&stored.record.payload) {
                 Ok(set) => inner.revoke_upstream(&*entry.provider, &set).await,

@@ -307,7 +307,8 @@ fn backend(e: KeyError) -> StoreError {
 /// # Ok(()) }
 /// ```
 pub struct EncryptedStore<S> {
-    inner: S,
+    /// Shared, so that a rewrap whose caller gives up can still release the lease it holds.
+    inner: Arc<S>,
     keys: Arc<dyn KeyProvider>,
     holder: LeaseHolder,
     clock: SharedClock,
@@ -343,7 +344,7 @@ impl<S: TokenStore> EncryptedStore<S> {
     /// above. Rewraps take leases as a random [`LeaseHolder`].
     pub fn new(inner: S, keys: Arc<dyn KeyProvider>) -> Self {
         EncryptedStore {
-            inner,
+            inner: Arc::new(inner),
             keys,
             holder: LeaseHolder::random(),
             clock: crate::clock::system(),
@@ -795,8 +796,16 @@ impl<S: TokenStore> EncryptedStore<S> {
             LeaseAttempt::Busy => return Ok(Rewrapped::Busy),
             LeaseAttempt::Missing => return Ok(Rewrapped::Conflict),
         };
-        let outcome = self.rewrap_leased(key, primary, &lease).await;
-        let released = self.inner.release_lease(&lease).await;
+        // Released however this ends: a rewrap job dropped or timed out by its host while it
+        // holds a lease would otherwise keep refreshes of the key waiting for the lease's TTL.
+        let guard = ReleaseOnDrop {
+            store: Arc::clone(&self.inner),
+            lease: Some(lease),
+        };
+        let lease = guard.lease.as_ref().expect("just set");
+        let outcome = self.rewrap_leased(key, primary, lease).await;
+        let released = self.inner.release_lease(lease).await;
+        guard.disarm();
         match (outcome, released) {
             (Ok(outcome), Ok(())) => Ok(outcome),
             (Err(e), Ok(())) | (Ok(_), Err(e)) => Err(e),
@@ -844,6 +853,35 @@ impl<S: TokenStore> EncryptedStore<S> {
             Ok(_) => Ok(Rewrapped::Done),
             Err(StoreError::Conflict { .. }) => Ok(Rewrapped::Conflict),
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// Releases a lease when dropped before [`disarm`](Self::disarm), in a task of its own (a
+/// fenced release, so a late one frees nothing that was taken again since).
+struct ReleaseOnDrop<S: TokenStore> {
+    store: Arc<S>,
+    lease: Option<Lease>,
+}
+
+impl<S: TokenStore> ReleaseOnDrop<S> {
+    fn disarm(mut self) {
+        self.lease = None;
+    }
+}
+
+impl<S: TokenStore> Drop for ReleaseOnDrop<S> {
+    fn drop(&mut self) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let store = Arc::clone(&self.store);
+            runtime.spawn(async move {
+                if let Err(e) = store.release_lease(&lease).await {
+                    tracing::warn!(key = %lease.key, error = %e, "rewrap: releasing an abandoned lease failed");
+                }
+            });
         }
     }
 }
