@@ -239,7 +239,7 @@ enum Upsert {
     Replaced {
         set: TokenSet,
         /// The previous set, when it decoded and held another account.
-        other_account: Option<TokenSet>,
+        other_account: Option<Box<TokenSet>>,
     },
 }
 
@@ -522,7 +522,7 @@ impl Inner {
                             Account::Same => Upsert::Merged(old.merge(set.clone())),
                             Account::Other => Upsert::Replaced {
                                 set: set.clone(),
-                                other_account: Some(old),
+                                other_account: Some(Box::new(old)),
                             },
                             // Cannot tell: merge only to keep a refresh token the login did not
                             // bring again (a re-consent at Google); with a new one, replacing
