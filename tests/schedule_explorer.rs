@@ -441,6 +441,10 @@ enum Fault {
     StallAfter(Duration),
     /// Provider: the answer comes slowly but within the time-out.
     SlowAnswer(Duration),
+    /// Store, `release_lease`: the store runs the release late, past the lease TTL, whether or
+    /// not its caller still waits (a statement queued behind a lock runs after its client gave
+    /// up). Only a fenced release makes that harmless.
+    LateRelease(Duration),
     /// The calling actor is aborted here (its task's `JoinHandle::abort`).
     Abort,
 }
@@ -468,6 +472,9 @@ fn draw_fault(rng: &mut Rng, site: Site, profile: FaultProfile) -> Fault {
                 // Writes are recorded above the encryption layer as they return: below it, a
                 // write must return as soon as it lands, so that the record is kept in time.
                 70..76 if write && layer == Layer::Top => Fault::FailAfter,
+                70..88 if op == "release_lease" && rng.below(2) == 0 => {
+                    Fault::LateRelease(past_lease_ttl(rng))
+                }
                 70..88 => Fault::StallBefore(past_lease_ttl(rng)),
                 _ if write && layer == Layer::Raw => Fault::StallBefore(past_lease_ttl(rng)),
                 _ => Fault::StallAfter(past_lease_ttl(rng)),
@@ -1159,21 +1166,46 @@ impl TokenStore for GatedStore {
         // the holder's bounded call give up) leaves the lease to expire, which is no holder's
         // fault. A lease still held at the check is caught there all the same.
         touch_lease(&self.world, lease.token.as_str());
-        self.around("release_lease", self.inner.release_lease(lease), |w, r| {
-            let token = lease.token.as_str();
-            let n = touch_lease(w, token);
-            for l in w.ledger().leases.iter_mut().filter(|l| l.token == token) {
-                l.released |= r.is_ok();
-                l.release_failed |= r.as_ref().is_err_and(is_injected);
+        let top = self.layer == Layer::Top;
+        let fault = self
+            .world
+            .cross(Site::Store(self.layer, "release_lease"))
+            .await;
+        if fault == Fault::Fail {
+            if !top {
+                self.world.ledger().raw_release_failed = true;
             }
-            w.log(|| {
-                format!(
-                    "store lease #{n} release: {}",
-                    if r.is_ok() { "ok" } else { "failed" }
-                )
+            let failed = Err(injected_store_error("injected failure"));
+            if top {
+                note_release(&self.world, lease, &failed);
+            }
+            return failed;
+        }
+        if let Fault::LateRelease(delay) = fault {
+            let (inner, world, lease) = (
+                Arc::clone(&self.inner),
+                Arc::clone(&self.world),
+                lease.clone(),
+            );
+            let late = tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                world.log(|| "a late release reaches the store".to_owned());
+                let result = inner.release_lease(&lease).await;
+                if top {
+                    note_release(&world, &lease, &result);
+                }
+                result
             });
-        })
-        .await
+            return late.await.unwrap_or(Ok(()));
+        }
+        let result = self.inner.release_lease(lease).await;
+        if top {
+            note_release(&self.world, lease, &result);
+        }
+        if let Fault::StallAfter(d) = fault {
+            tokio::time::sleep(d).await;
+        }
+        result
     }
 
     async fn extend_lease(
@@ -1239,6 +1271,27 @@ impl Drop for LeaseAnswerWatch<'_> {
             )
         });
     }
+}
+
+/// Records what a release did to the lease it names.
+fn note_release(world: &World, lease: &Lease, result: &Result<(), StoreError>) {
+    let token = lease.token.as_str();
+    let n = touch_lease(world, token);
+    for l in world
+        .ledger()
+        .leases
+        .iter_mut()
+        .filter(|l| l.token == token)
+    {
+        l.released |= result.is_ok();
+        l.release_failed |= result.as_ref().is_err_and(is_injected);
+    }
+    world.log(|| {
+        format!(
+            "store lease #{n} release: {}",
+            if result.is_ok() { "ok" } else { "failed" }
+        )
+    });
 }
 
 /// Marks a lease as still looked after by its holder; returns its number (from 1).
