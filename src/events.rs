@@ -7,6 +7,7 @@ use std::fmt::Debug;
 use std::time::Duration;
 
 use crate::access::DenyReason;
+use crate::account::UpstreamAccount;
 use crate::ids::{Subject, TokenKey};
 
 /// The outcome of an upstream revocation on unlink.
@@ -34,6 +35,8 @@ pub enum BrokerEvent {
         key: TokenKey,
         /// Whether a record existed before.
         relinked: bool,
+        /// The upstream account the link now holds, when the provider said.
+        account: Option<UpstreamAccount>,
     },
     /// A re-link brought another upstream account's tokens: the link's tokens were replaced
     /// (never merged), and the previous account's grant was revoked upstream where the provider
@@ -41,6 +44,8 @@ pub enum BrokerEvent {
     AccountChanged {
         /// The link.
         key: TokenKey,
+        /// The account the link held before, when it was known.
+        previous: Option<UpstreamAccount>,
         /// What happened to the previous account's grant upstream.
         revocation: RevocationStatus,
     },

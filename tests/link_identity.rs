@@ -122,7 +122,10 @@ async fn a_relink_with_another_account_without_refresh_token_replaces_and_revoke
     assert_eq!(replaced.previous.unwrap().subject, "alice-upstream");
     assert_eq!(replaced.revocation, RevocationStatus::Revoked);
     assert_eq!(
-        w.count(|e| matches!(e, BrokerEvent::AccountChanged { .. })),
+        w.count(|e| matches!(
+            e,
+            BrokerEvent::AccountChanged { previous: Some(p), .. } if p.subject == "alice-upstream"
+        )),
         1
     );
 
@@ -261,6 +264,14 @@ async fn the_account_is_visible_to_the_host() {
         }
         other => panic!("{other:?}"),
     }
+    assert_eq!(
+        w.count(|e| matches!(
+            e,
+            BrokerEvent::Linked { account: Some(a), .. } if a.subject == "alice-upstream"
+        )),
+        1,
+        "the Linked event names the account"
+    );
 }
 
 /// The first link of a session-bound link grants the read role in the user's own realm, not

@@ -949,3 +949,21 @@ async fn send_authorized_refuses_a_token_that_is_not_a_header_value() {
     );
     assert_eq!(sent.load(Ordering::SeqCst), 0);
 }
+
+/// A provider that panics mid-refresh (a bug in a host's own `Provider`): the reader gets
+/// `Error::Internal`, the lease is released, and the next read refreshes normally.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_provider_releases_the_lease_and_the_next_read_works() {
+    let w = World::new();
+    let broker = w.instance(ProviderPolicy::default());
+    w.link(&broker).await;
+    w.expire().await;
+    w.idp.inject(FakeFault::Panic);
+    let read = broker.retrieve(&w.caller(), &w.key).await;
+    assert!(matches!(read, Err(Error::Internal(_))), "{read:?}");
+    w.assert_no_lease_held().await;
+    let read = broker.retrieve(&w.caller(), &w.key).await.unwrap();
+    assert!(read.refreshed);
+    assert!(w.idp.is_active(read.tokens.access_token().expose_secret()));
+    assert_eq!(w.idp.counters().reuse_detected, 0);
+}

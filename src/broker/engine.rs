@@ -117,11 +117,14 @@ impl Inner {
             answer: rx.clone(),
         };
         let need = need.clone();
+        // A panic outside the lease (the part under it is caught in `refresh_with_lease`,
+        // which must release) ends the task: the guard still removes the flight, and the
+        // dropped sender answers the joiners with `Error::Internal`.
         tokio::spawn(async move {
-            let outcome =
-                CatchUnwind::new(guard.inner.refresh_with_lease(&guard.flight.key, &need))
-                    .await
-                    .unwrap_or(Err(Error::Internal("a refresh task panicked")));
+            let outcome = guard
+                .inner
+                .refresh_with_lease(&guard.flight.key, &need)
+                .await;
             // Removed before answering: a reader arriving after this starts a new flight, which
             // finds the fresh record under the lease without calling the provider.
             drop(guard);

@@ -413,6 +413,7 @@ impl TokenBroker {
                         let revocation = inner.revoke_upstream(&*entry.provider, &old).await;
                         inner.emit(BrokerEvent::AccountChanged {
                             key: pending.key.clone(),
+                            previous: old.account().cloned(),
                             revocation: revocation.clone(),
                         });
                         Some(ReplacedAccount {
@@ -428,6 +429,7 @@ impl TokenBroker {
         inner.emit(BrokerEvent::Linked {
             key: pending.key.clone(),
             relinked: !first_link,
+            account: tokens.account().cloned(),
         });
         Ok(LinkOutcome {
             key: pending.key,

@@ -42,6 +42,8 @@ pub enum FakeFault {
     Error(ProviderError),
     /// Wait this long (real time), then answer normally.
     Delay(Duration),
+    /// Panic inside the call, as a buggy provider would (the grant is untouched).
+    Panic,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,6 +289,7 @@ impl FakeProvider {
                 tokio::time::sleep(d).await;
                 None
             }
+            Some(FakeFault::Panic) => panic!("FakeProvider: injected panic"),
             None => None,
         }
     }
