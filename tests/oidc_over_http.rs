@@ -281,6 +281,11 @@ async fn relogin_with_the_microsoft_and_github_presets_keeps_a_working_refresh_t
         .unwrap();
     let k = key("github");
     let first = link(&broker, &idp, &k).await.unwrap();
+    // The preset asked GitHub's `/user` whose tokens these are.
+    let account = first
+        .account()
+        .expect("the account endpoint named the account");
+    assert_eq!(account.email(), Some("alice@example.com"));
     let rt = first.refresh_token().unwrap().expose_secret().to_owned();
     idp.set_omit_refresh_token(true);
     let again = link(&broker, &idp, &k).await.unwrap();

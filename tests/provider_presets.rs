@@ -18,8 +18,15 @@ fn canned(status: u16, body: &'static str) -> (Arc<dyn HttpClient>, Seen) {
     let seen: Seen = Arc::default();
     let log = seen.clone();
     let client = move |req: HttpRequest| {
+        // GitHub's `/user`, which the preset asks after a login: a fixed account.
+        let account = req.uri().path() == "/user";
         log.lock().unwrap().push(req);
         async move {
+            let (status, body) = if account {
+                (200, r#"{"id":583231,"login":"octocat"}"#)
+            } else {
+                (status, body)
+            };
             Ok::<HttpResponse, HttpError>(
                 http::Response::builder()
                     .status(status)
@@ -408,6 +415,10 @@ async fn github_classic_tokens_never_expire_and_scopes_are_comma_separated() {
     let exchange = CodeExchange::new(Secret::new("code"), Secret::new("v"), Secret::new("n"));
     let tokens = p.exchange_code(&exchange).await.unwrap();
     assert_eq!(tokens.expires_in, None);
+    // The account comes from `/user`: its numeric id, not the login a user can rename.
+    let account = tokens.account.clone().expect("the preset asks /user");
+    assert_eq!(account.subject, "583231");
+    assert_eq!(account.issuer.as_deref(), Some("https://api.github.com"));
     let set = TokenSet::from_response(tokens, time::OffsetDateTime::now_utc(), &Scopes::new());
     assert_eq!(set.expires_at(), None, "no invented expiry");
     assert_eq!(set.token_type(), "Bearer");

@@ -132,6 +132,10 @@ async fn nothing_printable_contains_a_secret() {
         printed.push(format!("{n:?}"));
     }
     printed.push(format!("{:?}", broker.status(&key).await.unwrap()));
+    // The stored record and its payload, while the link still exists.
+    let stored = broker.store().load(&key).await.unwrap().unwrap();
+    printed.push(format!("{:?}", stored.record.payload));
+    printed.push(format!("{stored:?}"));
     printed.push(format!(
         "{:?}",
         broker
@@ -170,10 +174,6 @@ async fn nothing_printable_contains_a_secret() {
         "{:?}",
         tokenbroker::provider::OidcProvider::new(oidc, http)
     ));
-    let stored = broker.store().load(&key).await.unwrap().unwrap();
-    printed.push(format!("{:?}", stored.record.payload));
-    printed.push(format!("{stored:?}"));
-
     printed.extend(events.0.lock().unwrap().iter().cloned());
     printed.push(String::from_utf8(logs.0.lock().unwrap().clone()).unwrap());
     assert!(!printed.last().unwrap().is_empty(), "logs were captured");

@@ -600,6 +600,8 @@ impl FakeIdp {
             .route("/o/oauth2/v2/auth", get(authorize_handler))
             .route("/login/oauth/authorize", get(authorize_handler))
             .route("/login/oauth/access_token", post(token_handler))
+            // GitHub's API `/user`, where the GitHub preset asks whose tokens a login brought.
+            .route("/user", get(user_handler))
             .with_state(Arc::clone(&shared));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -2166,6 +2168,32 @@ fn refuse_tenant(shared: &Shared, tenant: &str) -> Option<Response> {
         )
     } else {
         Some(StatusCode::NOT_FOUND.into_response())
+    }
+}
+
+/// `GET /user` with `Authorization: Bearer <access token>`: the account the token belongs to,
+/// as GitHub's API answers it (a stable numeric `id`, the `login`, an `email`).
+async fn user_handler(AxumState(shared): AxumState<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let st = shared.lock();
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match token.and_then(|t| token_info(&st, t)) {
+        Some(info) if info.token_type == "Bearer" => {
+            // FNV-1a: a stable number per user name, as GitHub's ids are per account.
+            let id = info.sub.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            }) % 1_000_000_000;
+            json_response(
+                StatusCode::OK,
+                &json!({ "id": id, "login": info.sub, "email": format!("{}@example.com", info.sub) }),
+            )
+        }
+        _ => json_response(
+            StatusCode::UNAUTHORIZED,
+            &json!({ "message": "Bad credentials" }),
+        ),
     }
 }
 
