@@ -115,6 +115,49 @@ fn backend(e: sqlx::Error) -> StoreError {
     StoreError::backend(STORE, e)
 }
 
+/// How long [`SqliteStore::open`] keeps retrying a first connection that another process's
+/// switch of a new file to WAL mode holds off; the same as the busy timeout.
+const WAL_SWITCH_WAIT: Duration = Duration::from_secs(5);
+
+/// Opens the pool, retrying while the file is locked by another process's switch to WAL.
+///
+/// Turning a new database file into WAL mode takes an exclusive lock that SQLite's busy
+/// handler does not wait for, so when several processes create one file at once all but one
+/// fail their first `PRAGMA journal_mode = WAL` with `SQLITE_BUSY` at once. Once the file is in
+/// WAL mode the pragma needs no such lock, so a short retry is all it takes.
+async fn connect_waiting_out_wal_switch(
+    options: SqliteConnectOptions,
+) -> Result<SqlitePool, StoreError> {
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options.clone())
+            .await
+        {
+            Ok(pool) => return Ok(pool),
+            Err(e) if is_busy(&e) && started.elapsed() < WAL_SWITCH_WAIT => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => return Err(backend(e)),
+        }
+    }
+}
+
+/// `SQLITE_BUSY` or one of its extended codes (the primary code is the low byte).
+fn is_busy(e: &sqlx::Error) -> bool {
+    const SQLITE_BUSY: i64 = 5;
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|c| c.parse::<i64>().ok())
+            .is_some_and(|c| c & 0xff == SQLITE_BUSY),
+        _ => false,
+    }
+}
+
 impl SqliteStore {
     /// Opens (creating it if needed) the database file at `path`, in WAL mode with
     /// `synchronous=NORMAL` and a 5 s busy timeout, and brings its schema up to date.
@@ -127,11 +170,7 @@ impl SqliteStore {
             // the last commits, which the broker survives (it re-links or refreshes again).
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
-            .await
-            .map_err(backend)?;
+        let pool = connect_waiting_out_wal_switch(options).await?;
         let store = SqliteStore::from_pool(pool);
         store.migrate().await?;
         Ok(store)
