@@ -221,11 +221,7 @@ async fn token(
     headers: HeaderMap,
 ) -> Response {
     let caller = s.auth.authenticate(&headers);
-    send(
-        s.broker
-            .token_endpoint(caller.as_ref(), &realm, &alias)
-            .await,
-    )
+    send(tokenbroker::endpoints::read_tokens(&s.broker, caller.as_ref(), &realm, &alias).await)
 }
 
 /// `POST /realms/{realm}/protocol/openid-connect/token` with the token-exchange grant. The
@@ -268,11 +264,13 @@ async fn token_exchange(
         );
     }
     let caller = param("subject_token").and_then(|t| s.auth.verify(&t));
-    send(
-        s.broker
-            .token_exchange(caller.as_ref(), &realm, &form)
-            .await,
-    )
+    match tokenbroker::endpoints::ExchangeRequest::from_form(&form) {
+        Ok(request) => send(
+            tokenbroker::endpoints::token_exchange(&s.broker, caller.as_ref(), &realm, &request)
+                .await,
+        ),
+        Err(bad_request) => send(bad_request),
+    }
 }
 
 /// `DELETE /realms/{realm}/broker/{alias}/link`: the caller unlinks its own account.
@@ -543,7 +541,7 @@ impl CallerAuth {
         // Keycloak puts only the roles the client's scope admits in the token, so the token's
         // roles are the effective ones: full client scope from the broker's point of view.
         let caller = roles.fold(
-            Caller::new(self.realm.clone(), subject, claims.azp),
+            Caller::new(self.realm.clone(), subject, claims.azp).with_full_client_scope(),
             |caller, role| caller.with_role(role.clone()),
         );
         Some(caller.with_scopes(Scopes::parse(&claims.scope)))

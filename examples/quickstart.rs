@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokenbroker::endpoints;
 use tokenbroker::testing::{FakeProvider, ManualClock};
 use tokenbroker::{Caller, LoginOptions, MemoryStore, ProviderPolicy, TokenBroker, TokenKey};
 
@@ -42,9 +43,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     println!("2. read: the app asks for alice's token on her behalf");
-    let alice =
-        Caller::new(key.realm.clone(), key.subject.clone(), "web-app").with_role("read-token");
-    let read = broker.token_endpoint(Some(&alice), "acme", "google").await;
+    let alice = Caller::new(key.realm.clone(), key.subject.clone(), "web-app")
+        .with_role("read-token")
+        .with_full_client_scope();
+    let read = endpoints::read_tokens(&broker, Some(&alice), "acme", "google").await;
     println!("   GET /realms/acme/broker/google/token -> {}", read.status);
     let body = read.json().unwrap_or_default();
     println!(
@@ -70,7 +72,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!("5. bob's app has no read-token role: denied, and told nothing more");
     let bob = Caller::new(key.realm.clone(), "bob".parse()?, "other-app");
-    let denied = broker.token_endpoint(Some(&bob), "acme", "google").await;
+    let denied = endpoints::read_tokens(&broker, Some(&bob), "acme", "google").await;
     println!(
         "   -> {} {}",
         denied.status,
@@ -83,7 +85,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "   revocation: {:?}, deleted: {}",
         outcome.revocation, outcome.deleted
     );
-    let gone = broker.token_endpoint(Some(&alice), "acme", "google").await;
+    let gone = endpoints::read_tokens(&broker, Some(&alice), "acme", "google").await;
     println!("   read after unlink -> {}", gone.status);
     Ok(())
 }

@@ -24,6 +24,10 @@ pub const READ_TOKEN_ROLE: &str = "read-token";
 /// let caller = Caller::new(Realm::new("acme")?, Subject::new("user-1")?, "web-app")
 ///     .with_role("read-token");
 /// assert!(caller.has_role("read-token"));
+/// // Fails closed: the client's scope admits no role until the authenticator says so.
+/// assert!(!caller.has_effective_role("read-token"));
+/// let caller = caller.with_client_scope_roles(["read-token"]);
+/// assert!(caller.has_effective_role("read-token"));
 /// # Ok::<(), tokenbroker::InvalidId>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,23 +42,37 @@ pub struct Caller {
     /// The roles the user holds.
     pub roles: BTreeSet<String>,
     /// The roles the calling client's scope admits; `None` means the client has full scope
-    /// (Keycloak's "Full scope allowed").
+    /// (Keycloak's "Full scope allowed"). [`Caller::new`] starts with an empty set, so a
+    /// caller holds no client-scoped role until the authenticator says which ones the client
+    /// may use ([`with_client_scope_roles`](Self::with_client_scope_roles)) or that it has
+    /// full scope ([`with_full_client_scope`](Self::with_full_client_scope)).
     pub client_scope_roles: Option<BTreeSet<String>>,
     /// The OAuth scopes of the caller's own access token.
     pub scopes: Scopes,
 }
 
 impl Caller {
-    /// A caller with no roles, full client scope and no scopes.
+    /// A caller with no roles, a client scope that admits no role, and no scopes.
+    ///
+    /// Fails closed: roles added with [`with_role`](Self::with_role) are not effective until
+    /// the client's scope admits them, with
+    /// [`with_client_scope_roles`](Self::with_client_scope_roles) (the roles in the caller's
+    /// token, for a Keycloak token) or [`with_full_client_scope`](Self::with_full_client_scope).
     pub fn new(realm: Realm, subject: Subject, client_id: impl Into<String>) -> Self {
         Caller {
             realm,
             subject,
             client_id: client_id.into(),
             roles: BTreeSet::new(),
-            client_scope_roles: None,
+            client_scope_roles: Some(BTreeSet::new()),
             scopes: Scopes::new(),
         }
+    }
+    /// Lets the calling client use every role the user holds (Keycloak's "Full scope
+    /// allowed"). Only for clients the host trusts with all of the user's roles.
+    pub fn with_full_client_scope(mut self) -> Self {
+        self.client_scope_roles = None;
+        self
     }
     /// Adds a role the user holds.
     pub fn with_role(mut self, role: impl Into<String>) -> Self {
@@ -413,6 +431,7 @@ mod tests {
             Subject::new(subject).unwrap(),
             "app",
         )
+        .with_full_client_scope()
     }
 
     #[test]
@@ -469,6 +488,17 @@ mod tests {
         assert_eq!(
             c.check(&caller("bob").with_role(READ_TOKEN_ROLE), &own),
             Decision::Deny(DenyReason::NotOwner)
+        );
+        // Caller::new fails closed: a role is not effective until the client's scope admits it.
+        let unscoped = Caller::new(
+            Realm::new("acme").unwrap(),
+            Subject::new("alice").unwrap(),
+            "app",
+        )
+        .with_role(READ_TOKEN_ROLE);
+        assert_eq!(
+            c.check(&unscoped, &own),
+            Decision::Deny(DenyReason::RoleNotInClientScope)
         );
         let admin = caller("bob").with_scopes(Scopes::parse("read:user_idp_tokens"));
         assert_eq!(c.check(&admin, &own), Decision::Allow);

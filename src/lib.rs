@@ -31,7 +31,7 @@
 //! broker.complete_login(start.pending, &callback).await?;
 //!
 //! // 2. Read: your app authenticated the caller; the broker checks it may read the link.
-//! let caller = Caller::new(key.realm.clone(), key.subject.clone(), "my-app").with_role("read-token");
+//! let caller = Caller::new(key.realm.clone(), key.subject.clone(), "my-app").with_role("read-token").with_full_client_scope();
 //! let tokens = broker.retrieve(&caller, &key).await?.tokens;
 //! assert!(!tokens.access_token().expose_secret().is_empty());
 //! # Ok(()) }
@@ -78,6 +78,7 @@ pub mod access;
 mod account;
 mod broker;
 mod clock;
+pub mod endpoints;
 pub mod error;
 pub mod events;
 pub mod http;
@@ -93,11 +94,12 @@ pub use access::{
 };
 pub use account::UpstreamAccount;
 pub use broker::{
-    ACCESS_TOKEN_TYPE, BrokerResponse, Callback, GrantStatus, LEASE_MARGIN, LinkOutcome,
-    LoginOptions, LoginStart, PendingLogin, ReplacedAccount, RetrievedTokens, SweepOptions,
-    SweepReport, TOKEN_EXCHANGE_GRANT, TokenBroker, TokenBrokerBuilder, TokenView, UnlinkOutcome,
+    Callback, GrantStatus, LEASE_MARGIN, LinkOutcome, LoginOptions, LoginStart, PendingLogin,
+    ReplacedAccount, RetrievedTokens, SweepOptions, SweepReport, TokenBroker, TokenBrokerBuilder,
+    TokenView, UnlinkOutcome,
 };
 pub use clock::{Clock, SharedClock, SystemClock};
+pub use endpoints::{ACCESS_TOKEN_TYPE, BrokerResponse, TOKEN_EXCHANGE_GRANT};
 pub use error::{Error, Result};
 pub use events::{BrokerEvent, EventSink, RevocationStatus};
 pub use ids::{InvalidId, ProviderId, Realm, Scopes, Subject, TokenKey};

@@ -83,7 +83,9 @@ impl World {
     }
 
     fn caller(&self) -> Caller {
-        Caller::new(self.key.realm.clone(), self.key.subject.clone(), "app").with_role("read-token")
+        Caller::new(self.key.realm.clone(), self.key.subject.clone(), "app")
+            .with_role("read-token")
+            .with_full_client_scope()
     }
 
     async fn link(&self) -> TokenSet {
@@ -792,7 +794,9 @@ async fn a_lease_held_longer_than_the_wait_is_a_typed_error_and_changes_nothing(
         .await
         .unwrap();
     let before = store.load(&key).await.unwrap().unwrap();
-    let caller = Caller::new(key.realm.clone(), key.subject.clone(), "app").with_role("read-token");
+    let caller = Caller::new(key.realm.clone(), key.subject.clone(), "app")
+        .with_role("read-token")
+        .with_full_client_scope();
     assert!(matches!(
         broker.retrieve(&caller, &key).await,
         Err(Error::RefreshInProgress { .. })

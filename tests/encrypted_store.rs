@@ -1001,7 +1001,9 @@ async fn a_broker_on_an_encrypted_store_links_and_reads() {
         .await
         .unwrap();
 
-    let caller = Caller::new(k.realm.clone(), k.subject.clone(), "app").with_role("read-token");
+    let caller = Caller::new(k.realm.clone(), k.subject.clone(), "app")
+        .with_role("read-token")
+        .with_full_client_scope();
     let tokens = broker.retrieve(&caller, &k).await.unwrap().tokens;
     let access = tokens.access_token().expose_secret().to_owned();
     assert!(!access.is_empty());

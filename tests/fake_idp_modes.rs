@@ -715,7 +715,9 @@ mod broker {
     }
 
     fn caller(key: &TokenKey) -> Caller {
-        Caller::new(key.realm.clone(), key.subject.clone(), "app").with_role("read-token")
+        Caller::new(key.realm.clone(), key.subject.clone(), "app")
+            .with_role("read-token")
+            .with_full_client_scope()
     }
 
     #[tokio::test]

@@ -203,7 +203,9 @@ impl World {
 }
 
 fn caller(key: &TokenKey) -> Caller {
-    Caller::new(key.realm.clone(), key.subject.clone(), "app").with_role("read-token")
+    Caller::new(key.realm.clone(), key.subject.clone(), "app")
+        .with_role("read-token")
+        .with_full_client_scope()
 }
 
 /// What a fault must lead to.

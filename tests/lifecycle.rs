@@ -62,7 +62,9 @@ impl World {
 
     fn caller(user: &str) -> Caller {
         let k = World::key(user);
-        Caller::new(k.realm, k.subject, "app").with_role("read-token")
+        Caller::new(k.realm, k.subject, "app")
+            .with_role("read-token")
+            .with_full_client_scope()
     }
 
     async fn link(&self, user: &str) {

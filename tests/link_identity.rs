@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
+use tokenbroker::endpoints;
 use tokenbroker::testing::{FakeProvider, ManualClock};
 use tokenbroker::{
     AccessError, BrokerEvent, Caller, Error, EventSink, GrantStatus, LinkKind, LoginOptions,
@@ -62,7 +63,9 @@ impl World {
     }
 
     fn caller(&self) -> Caller {
-        Caller::new(self.key.realm.clone(), self.key.subject.clone(), "app").with_role("read-token")
+        Caller::new(self.key.realm.clone(), self.key.subject.clone(), "app")
+            .with_role("read-token")
+            .with_full_client_scope()
     }
 
     /// Links the key as `upstream_user` at the provider (the account the user picks there).
@@ -393,17 +396,14 @@ async fn no_value_a_read_returns_shows_a_refresh_token_the_policy_keeps_inside()
     assert!(in_session.tokens.refresh_token().is_none());
     let status = w.broker.status(&w.key).await.unwrap();
     shown.extend(shown!(status));
-    let exchange = w
-        .broker
-        .token_exchange(
-            Some(&caller),
-            "acme",
-            b"grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&requested_issuer=fake",
-        )
-        .await;
+    let request = endpoints::ExchangeRequest::from_form(
+        b"grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&requested_issuer=fake",
+    )
+    .unwrap();
+    let exchange = endpoints::token_exchange(&w.broker, Some(&caller), "acme", &request).await;
     shown.extend(shown!(exchange));
     shown.push(String::from_utf8(exchange.into_http().into_body()).unwrap());
-    let endpoint = w.broker.token_endpoint(Some(&caller), "acme", "fake").await;
+    let endpoint = endpoints::read_tokens(&w.broker, Some(&caller), "acme", "fake").await;
     let body = String::from_utf8(endpoint.into_http().into_body()).unwrap();
     assert!(body.contains("access_token"));
     shown.push(body);
@@ -423,10 +423,7 @@ async fn a_policy_that_exposes_the_refresh_token_hands_it_out() {
     let read = w.broker.retrieve(&w.caller(), &w.key).await.unwrap();
     assert_eq!(read.tokens.refresh_token().map(secret), Some(rt.clone()));
     assert!(!format!("{read:?}").contains(&rt));
-    let endpoint = w
-        .broker
-        .token_endpoint(Some(&w.caller()), "acme", "fake")
-        .await;
+    let endpoint = endpoints::read_tokens(&w.broker, Some(&w.caller()), "acme", "fake").await;
     let body = String::from_utf8(endpoint.into_http().into_body()).unwrap();
     assert!(body.contains(&rt));
 }
@@ -438,10 +435,7 @@ async fn a_policy_can_keep_the_id_token_inside() {
     w.link_as("alice-upstream").await;
     let read = w.broker.retrieve(&w.caller(), &w.key).await.unwrap();
     assert!(read.tokens.id_token().is_none());
-    let endpoint = w
-        .broker
-        .token_endpoint(Some(&w.caller()), "acme", "fake")
-        .await;
+    let endpoint = endpoints::read_tokens(&w.broker, Some(&w.caller()), "acme", "fake").await;
     let body = String::from_utf8(endpoint.into_http().into_body()).unwrap();
     assert!(!body.contains("id_token"));
 }
@@ -493,7 +487,9 @@ async fn a_record_under_a_retired_key_is_replaced_by_a_relink() {
     link_with(&old, &idp, &key).await.unwrap();
 
     let (new, _) = broker_with_keys(&idp, &shared, "current", [2; 32]);
-    let caller = Caller::new(key.realm.clone(), key.subject.clone(), "app").with_role("read-token");
+    let caller = Caller::new(key.realm.clone(), key.subject.clone(), "app")
+        .with_role("read-token")
+        .with_full_client_scope();
     let unreadable = new.retrieve(&caller, &key).await;
     assert!(
         matches!(

@@ -112,7 +112,9 @@ fn key() -> TokenKey {
 
 fn caller() -> Caller {
     let k = key();
-    Caller::new(k.realm, k.subject, "app").with_role("read-token")
+    Caller::new(k.realm, k.subject, "app")
+        .with_role("read-token")
+        .with_full_client_scope()
 }
 
 fn provider_config(

@@ -23,7 +23,9 @@ fn key(provider: &str) -> TokenKey {
 
 fn caller() -> Caller {
     let k = key("x");
-    Caller::new(k.realm, k.subject, "app").with_role("read-token")
+    Caller::new(k.realm, k.subject, "app")
+        .with_role("read-token")
+        .with_full_client_scope()
 }
 
 fn broker(config: OidcConfig, clock: Option<Arc<ManualClock>>) -> TokenBroker {

@@ -75,7 +75,9 @@ async fn world() -> World {
 
 impl World {
     fn caller(&self) -> Caller {
-        Caller::new(self.key.realm.clone(), self.key.subject.clone(), "app").with_role("read-token")
+        Caller::new(self.key.realm.clone(), self.key.subject.clone(), "app")
+            .with_role("read-token")
+            .with_full_client_scope()
     }
 
     async fn link(&self) -> TokenView {

@@ -56,7 +56,9 @@ fn key() -> TokenKey {
 
 fn alice() -> Caller {
     let key = key();
-    Caller::new(key.realm, key.subject, "app").with_role("read-token")
+    Caller::new(key.realm, key.subject, "app")
+        .with_role("read-token")
+        .with_full_client_scope()
 }
 
 async fn link(broker: &TokenBroker, idp: &OidcProvider, options: LoginOptions) -> TokenView {

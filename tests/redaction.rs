@@ -59,7 +59,9 @@ async fn nothing_printable_contains_a_secret() {
         .build()
         .unwrap();
     let key = TokenKey::parse("acme", "alice", "fake").unwrap();
-    let caller = Caller::new(key.realm.clone(), key.subject.clone(), "app").with_role("read-token");
+    let caller = Caller::new(key.realm.clone(), key.subject.clone(), "app")
+        .with_role("read-token")
+        .with_full_client_scope();
 
     let mut secrets: Vec<String> = vec![];
     let mut printed: Vec<String> = vec![];
@@ -103,7 +105,8 @@ async fn nothing_printable_contains_a_secret() {
     let got = broker.retrieve(&caller, &key).await.unwrap();
     remember(&got.tokens);
     printed.push(format!("{got:?}"));
-    let response = broker.token_endpoint(Some(&caller), "acme", "fake").await;
+    let response =
+        tokenbroker::endpoints::read_tokens(&broker, Some(&caller), "acme", "fake").await;
     printed.push(format!("{response:?}"));
     clock.advance(Duration::from_secs(3601));
     idp.inject(FakeFault::Error(ProviderError::Protocol {

@@ -206,7 +206,9 @@ impl World {
     }
 
     fn caller(&self) -> Caller {
-        Caller::new(self.key.realm.clone(), self.key.subject.clone(), "app").with_role("read-token")
+        Caller::new(self.key.realm.clone(), self.key.subject.clone(), "app")
+            .with_role("read-token")
+            .with_full_client_scope()
     }
 
     async fn link(&self, broker: &TokenBroker) -> TokenSet {

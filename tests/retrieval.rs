@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokenbroker::endpoints;
 use tokenbroker::provider::ProviderError;
 use tokenbroker::testing::{FakeFault, FakeProvider, ManualClock};
 use tokenbroker::{
@@ -61,12 +62,14 @@ async fn world() -> World {
     }
 }
 
+/// A caller of a client with full scope (the checker's client-scope rule has its own case).
 fn caller(subject: &str) -> Caller {
     Caller::new(
         Realm::new("acme").unwrap(),
         Subject::new(subject).unwrap(),
         "web",
     )
+    .with_full_client_scope()
 }
 
 fn same(a: &BrokerResponse, b: &BrokerResponse) -> bool {
@@ -76,14 +79,13 @@ fn same(a: &BrokerResponse, b: &BrokerResponse) -> bool {
 #[tokio::test]
 async fn the_owner_with_the_role_gets_a_keycloak_shaped_answer() {
     let w = world().await;
-    let r = w
-        .broker
-        .token_endpoint(
-            Some(&caller("alice").with_role("read-token")),
-            "acme",
-            "google",
-        )
-        .await;
+    let r = endpoints::read_tokens(
+        &w.broker,
+        Some(&caller("alice").with_role("read-token")),
+        "acme",
+        "google",
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.headers["content-type"], "application/json");
     assert_eq!(r.headers["cache-control"], "no-store");
@@ -116,14 +118,13 @@ impl NowTs for ManualClock {
 #[tokio::test]
 async fn the_refresh_token_leaves_only_where_the_policy_exposes_it() {
     let w = world().await;
-    let r = w
-        .broker
-        .token_endpoint(
-            Some(&caller("alice").with_role("read-token")),
-            "acme",
-            "exposed",
-        )
-        .await;
+    let r = endpoints::read_tokens(
+        &w.broker,
+        Some(&caller("alice").with_role("read-token")),
+        "acme",
+        "exposed",
+    )
+    .await;
     assert!(r.json().unwrap()["refresh_token"].as_str().is_some());
 }
 
@@ -162,7 +163,8 @@ async fn the_authorization_matrix() {
                 Subject::new("alice").unwrap(),
                 "web",
             )
-            .with_role("read-token"),
+            .with_role("read-token")
+            .with_full_client_scope(),
             "alice",
         ),
     ];
@@ -183,14 +185,9 @@ async fn the_authorization_matrix() {
     // Through the endpoint, a denied caller's answers for an existing and an absent link are
     // identical, byte for byte.
     let no_role = caller("alice");
-    let existing = w
-        .broker
-        .token_endpoint(Some(&no_role), "acme", "google")
-        .await;
-    let absent = w
-        .broker
-        .token_endpoint(Some(&no_role), "acme", "unknown-provider")
-        .await;
+    let existing = endpoints::read_tokens(&w.broker, Some(&no_role), "acme", "google").await;
+    let absent =
+        endpoints::read_tokens(&w.broker, Some(&no_role), "acme", "unknown-provider").await;
     assert_eq!(existing.status, 403);
     assert!(
         same(&existing, &absent),
@@ -199,29 +196,27 @@ async fn the_authorization_matrix() {
     let out_of_scope = caller("alice")
         .with_role("read-token")
         .with_client_scope_roles(["x"]);
-    let a = w
-        .broker
-        .token_endpoint(Some(&out_of_scope), "acme", "google")
-        .await;
-    let b = w
-        .broker
-        .token_endpoint(Some(&out_of_scope), "acme", "never-linked")
-        .await;
+    let a = endpoints::read_tokens(&w.broker, Some(&out_of_scope), "acme", "google").await;
+    let b = endpoints::read_tokens(&w.broker, Some(&out_of_scope), "acme", "never-linked").await;
     assert!(same(&a, &b));
-    assert!(w.broker.token_endpoint(None, "acme", "google").await.status == 401);
+    assert!(
+        endpoints::read_tokens(&w.broker, None, "acme", "google")
+            .await
+            .status
+            == 401
+    );
 }
 
 #[tokio::test]
 async fn a_provider_that_stores_no_tokens_has_nothing_to_read() {
     let w = world().await;
-    let r = w
-        .broker
-        .token_endpoint(
-            Some(&caller("alice").with_role("read-token")),
-            "acme",
-            "private",
-        )
-        .await;
+    let r = endpoints::read_tokens(
+        &w.broker,
+        Some(&caller("alice").with_role("read-token")),
+        "acme",
+        "private",
+    )
+    .await;
     assert_eq!(r.status, 404);
     assert_eq!(w.private.counters().refresh_calls, 0);
 }
@@ -231,22 +226,19 @@ async fn error_statuses() {
     let w = world().await;
     let owner = caller("alice").with_role("read-token");
     assert_eq!(
-        w.broker
-            .token_endpoint(Some(&owner), "acme", "Bad Alias")
+        endpoints::read_tokens(&w.broker, Some(&owner), "acme", "Bad Alias")
             .await
             .status,
         400
     );
     assert_eq!(
-        w.broker
-            .token_endpoint(Some(&owner), "a/b", "google")
+        endpoints::read_tokens(&w.broker, Some(&owner), "a/b", "google")
             .await
             .status,
         400
     );
     assert_eq!(
-        w.broker
-            .token_endpoint(Some(&owner), "acme", "nothing-here")
+        endpoints::read_tokens(&w.broker, Some(&owner), "acme", "nothing-here")
             .await
             .status,
         404
@@ -259,20 +251,14 @@ async fn error_statuses() {
         reason: None,
         source: None,
     }));
-    let r = w
-        .broker
-        .token_endpoint(Some(&owner), "acme", "google")
-        .await;
+    let r = endpoints::read_tokens(&w.broker, Some(&owner), "acme", "google").await;
     assert_eq!(r.status, 502);
     assert_eq!(r.headers["retry-after"], "20");
     assert_eq!(r.json().unwrap()["error"], "temporarily_unavailable");
 
     w.clock.advance(Duration::from_secs(60));
     w.idp.revoke_user("alice");
-    let r = w
-        .broker
-        .token_endpoint(Some(&owner), "acme", "google")
-        .await;
+    let r = endpoints::read_tokens(&w.broker, Some(&owner), "acme", "google").await;
     assert_eq!(r.status, 409);
     assert_eq!(r.json().unwrap()["error"], "relink_required");
 }
@@ -283,10 +269,7 @@ async fn token_exchange_front_door() {
     let owner = caller("alice").with_role("read-token");
     let grant = "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange";
     let form = format!("{grant}&subject_token=host-checked&requested_issuer=google");
-    let r = w
-        .broker
-        .token_exchange(Some(&owner), "acme", form.as_bytes())
-        .await;
+    let r = exchange(&w.broker, Some(&owner), "acme", form.as_bytes()).await;
     assert_eq!(r.status, 200);
     let body = r.json().unwrap();
     assert!(w.idp.is_active(body["access_token"].as_str().unwrap()));
@@ -295,18 +278,14 @@ async fn token_exchange_front_door() {
     assert!(body.get("refresh_token").is_none());
 
     // Same authorization as retrieval, and the same indistinguishable denial.
-    let denied_a = w
-        .broker
-        .token_exchange(Some(&caller("alice")), "acme", form.as_bytes())
-        .await;
-    let denied_b = w
-        .broker
-        .token_exchange(
-            Some(&caller("alice")),
-            "acme",
-            format!("{grant}&requested_issuer=nothing").as_bytes(),
-        )
-        .await;
+    let denied_a = exchange(&w.broker, Some(&caller("alice")), "acme", form.as_bytes()).await;
+    let denied_b = exchange(
+        &w.broker,
+        Some(&caller("alice")),
+        "acme",
+        format!("{grant}&requested_issuer=nothing").as_bytes(),
+    )
+    .await;
     assert_eq!(denied_a.status, 403);
     assert!(same(&denied_a, &denied_b));
 
@@ -332,16 +311,12 @@ async fn token_exchange_front_door() {
         ),
     ];
     for (form, error) in bad {
-        let r = w
-            .broker
-            .token_exchange(Some(&owner), "acme", form.as_bytes())
-            .await;
+        let r = exchange(&w.broker, Some(&owner), "acme", form.as_bytes()).await;
         assert_eq!(r.status, 400, "{form}");
         assert_eq!(r.json().unwrap()["error"], error, "{form}");
     }
     assert_eq!(
-        w.broker
-            .token_exchange(None, "acme", form.as_bytes())
+        exchange(&w.broker, None, "acme", form.as_bytes())
             .await
             .status,
         401
@@ -367,16 +342,16 @@ async fn the_client_allow_list_preset_gates_providers_per_client() {
     broker.complete_login(start.pending, &cb).await.unwrap();
     let reports = Caller::new(key.realm.clone(), key.subject.clone(), "reports");
     assert_eq!(
-        broker
-            .token_endpoint(Some(&reports), "acme", "google")
+        endpoints::read_tokens(&broker, Some(&reports), "acme", "google")
             .await
             .status,
         200
     );
-    let web = Caller::new(key.realm.clone(), key.subject.clone(), "web").with_role("read-token");
+    let web = Caller::new(key.realm.clone(), key.subject.clone(), "web")
+        .with_role("read-token")
+        .with_full_client_scope();
     assert_eq!(
-        broker
-            .token_endpoint(Some(&web), "acme", "google")
+        endpoints::read_tokens(&broker, Some(&web), "acme", "google")
             .await
             .status,
         403
@@ -388,16 +363,59 @@ async fn an_admin_reads_another_users_token_through_the_explicit_endpoint() {
     let w = world().await;
     let alice = TokenKey::parse("acme", "alice", "google").unwrap();
     let admin = caller("carol").with_scopes(Scopes::parse("read:user_idp_tokens"));
-    let r = w.broker.token_endpoint_for(Some(&admin), &alice).await;
+    let r = endpoints::read_tokens_for(&w.broker, Some(&admin), &alice).await;
     assert_eq!(r.status, 200);
     assert!(r.json().unwrap()["access_token"].as_str().is_some());
     assert!(r.json().unwrap().get("refresh_token").is_none());
     // Without the admin scope the same request is a 403, identical for a missing link.
     let bob = caller("bob").with_role("read-token");
-    let denied = w.broker.token_endpoint_for(Some(&bob), &alice).await;
+    let denied = endpoints::read_tokens_for(&w.broker, Some(&bob), &alice).await;
     let missing = TokenKey::parse("acme", "nobody", "google").unwrap();
-    let denied_missing = w.broker.token_endpoint_for(Some(&bob), &missing).await;
+    let denied_missing = endpoints::read_tokens_for(&w.broker, Some(&bob), &missing).await;
     assert_eq!(denied.status, 403);
     assert_eq!(denied.body, denied_missing.body);
-    assert_eq!(w.broker.token_endpoint_for(None, &alice).await.status, 401);
+    assert_eq!(
+        endpoints::read_tokens_for(&w.broker, None, &alice)
+            .await
+            .status,
+        401
+    );
+}
+
+/// A token-exchange request as an adapter answers it: parse the form, then exchange.
+async fn exchange(
+    broker: &tokenbroker::TokenBroker,
+    caller: Option<&Caller>,
+    realm: &str,
+    form: &[u8],
+) -> tokenbroker::BrokerResponse {
+    match endpoints::ExchangeRequest::from_form(form) {
+        Ok(request) => endpoints::token_exchange(broker, caller, realm, &request).await,
+        Err(bad_request) => bad_request,
+    }
+}
+
+/// `Caller::new` fails closed: a caller whose authenticator never said which roles the
+/// client's scope admits holds no effective role, and gets the same 403 as any denied caller.
+#[tokio::test]
+async fn a_caller_without_an_explicit_client_scope_reads_nothing() {
+    let w = world().await;
+    let unscoped = Caller::new(
+        Realm::new("acme").unwrap(),
+        Subject::new("alice").unwrap(),
+        "web",
+    )
+    .with_role("read-token");
+    let key = TokenKey::parse("acme", "alice", "google").unwrap();
+    assert!(matches!(
+        w.broker.retrieve(&unscoped, &key).await,
+        Err(tokenbroker::Error::Forbidden)
+    ));
+    let denied = endpoints::read_tokens(&w.broker, Some(&unscoped), "acme", "google").await;
+    let absent = endpoints::read_tokens(&w.broker, Some(&unscoped), "acme", "never-linked").await;
+    assert_eq!(denied.status, 403);
+    assert_eq!(denied.body, absent.body);
+    // Once the client's scope admits the role, the same caller reads.
+    let scoped = unscoped.with_client_scope_roles(["read-token"]);
+    assert!(w.broker.retrieve(&scoped, &key).await.is_ok());
 }

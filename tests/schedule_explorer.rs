@@ -1769,7 +1769,9 @@ fn build(world: &Arc<World>, mix: Mix, rng: &mut Rng) -> Setup {
         })
         .collect();
     let key = TokenKey::parse("acme", "alice", "fake").expect("a valid key");
-    let caller = Caller::new(key.realm.clone(), key.subject.clone(), "app").with_role("read-token");
+    let caller = Caller::new(key.realm.clone(), key.subject.clone(), "app")
+        .with_role("read-token")
+        .with_full_client_scope();
     Setup {
         world: world.clone(),
         idp,
@@ -1969,7 +1971,9 @@ fn actor_body(setup: Arc<Setup>, plan: ActorPlan) -> ActorFuture {
                 read(got, "retrieve_in_session")
             }
             ActorKind::TokenEndpoint => {
-                let response = broker.token_endpoint(Some(&s.caller), "acme", "fake").await;
+                let response =
+                    tokenbroker::endpoints::read_tokens(broker, Some(&s.caller), "acme", "fake")
+                        .await;
                 let body = response.json().unwrap_or_default();
                 match body["access_token"].as_str() {
                     Some(at) => {

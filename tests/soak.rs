@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokenbroker::endpoints;
 use tokenbroker::http::{HttpClient, HttpError, HttpRequest};
 use tokenbroker::provider::OAuth2Config;
 use tokenbroker::store::{EncryptedStore, KeyId, StaticKeyring};
@@ -72,7 +73,9 @@ fn key(user: usize) -> TokenKey {
 }
 
 fn caller(key: &TokenKey) -> Caller {
-    Caller::new(key.realm.clone(), key.subject.clone(), "app").with_role("read-token")
+    Caller::new(key.realm.clone(), key.subject.clone(), "app")
+        .with_role("read-token")
+        .with_full_client_scope()
 }
 
 fn config(idp: &FakeIdp) -> OAuth2Config {
@@ -193,10 +196,11 @@ async fn call_entry_point(
                 .sweep(SweepOptions::new(ACCESS_TTL).with_concurrency(2))
                 .await,
         ),
-        4 => drop(broker.token_endpoint(Some(&caller), "acme", "fake").await),
+        4 => drop(endpoints::read_tokens(broker, Some(&caller), "acme", "fake").await),
         _ => {
             let form = b"grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&requested_issuer=fake";
-            drop(broker.token_exchange(Some(&caller), "acme", form).await)
+            let request = endpoints::ExchangeRequest::from_form(form).expect("a valid form");
+            drop(endpoints::token_exchange(broker, Some(&caller), "acme", &request).await)
         }
     }
 }

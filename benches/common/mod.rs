@@ -62,7 +62,9 @@ pub fn key(i: u64) -> TokenKey {
 
 /// A caller allowed to read `key` (its own link, with the read role).
 pub fn caller(key: &TokenKey) -> Caller {
-    Caller::new(key.realm.clone(), key.subject.clone(), "bench-app").with_role("read-token")
+    Caller::new(key.realm.clone(), key.subject.clone(), "bench-app")
+        .with_role("read-token")
+        .with_full_client_scope()
 }
 
 /// A broker over `store` with one OAuth 2.0 provider `fake`. The endpoints point at a closed

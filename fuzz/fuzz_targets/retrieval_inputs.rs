@@ -51,7 +51,7 @@ fn world() -> &'static World {
             Subject::new("alice").unwrap(),
             "app",
         )
-        .with_role("read-token");
+        .with_role("read-token").with_full_client_scope();
         World { rt, broker, caller }
     })
 }
@@ -61,7 +61,7 @@ fuzz_target!(|data: &[u8]| {
     let (realm, alias) = text.split_once('\u{0}').unwrap_or((&text, "fake"));
     let w = world();
     let response =
-        w.rt.block_on(w.broker.token_endpoint(Some(&w.caller), realm, alias));
+        w.rt.block_on(tokenbroker::endpoints::read_tokens(&w.broker, Some(&w.caller), realm, alias));
     let status = response.status.as_u16();
     assert!(
         matches!(status, 200 | 400 | 403 | 404),

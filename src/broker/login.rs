@@ -100,6 +100,12 @@ impl PendingLogin {
     pub fn created_at(&self) -> OffsetDateTime {
         self.created_at
     }
+    /// Whether `state` (from the provider's redirect back) is this login's, compared in
+    /// constant time. For adapters that keep several logins in one session and must find the
+    /// one a callback belongs to; [`TokenBroker::complete_login`] checks it again.
+    pub fn matches_state(&self, state: &str) -> bool {
+        self.state.constant_time_eq(&Secret::new(state.to_owned()))
+    }
 }
 
 impl fmt::Debug for LoginStart {

@@ -1,13 +1,11 @@
 //! The broker: login, retrieval with refresh-and-rotate, unlink, and the retrieval response.
 
 mod engine;
-mod exchange;
 mod hot_cache;
 mod lease_wake;
 mod lifecycle;
 mod login;
 mod refresh;
-mod response;
 mod sessions;
 mod view;
 
@@ -30,10 +28,8 @@ use crate::provider::{
 use crate::store::{LeaseHolder, MemoryStore, TokenStore};
 use crate::token::TokenSet;
 
-pub use exchange::{ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT};
 pub use lifecycle::{GrantStatus, SweepOptions, SweepReport};
 pub use login::{Callback, LinkOutcome, LoginOptions, LoginStart, PendingLogin, ReplacedAccount};
-pub use response::BrokerResponse;
 pub use view::TokenView;
 
 /// How much longer than the refresh time-out a lease must last by default, so that a holder
@@ -146,6 +142,11 @@ impl TokenBroker {
     /// Starts configuring a broker.
     pub fn builder() -> TokenBrokerBuilder {
         TokenBrokerBuilder::default()
+    }
+
+    /// The broker's clock's now (the endpoints compute `expires_in` from it).
+    pub(crate) fn now(&self) -> OffsetDateTime {
+        self.inner.clock.now()
     }
 
     /// The lease holder id of this instance.

@@ -104,7 +104,7 @@ const FAKE_ISSUER: &str = "https://fake-provider.invalid";
 /// let callback = idp.approve(&start.authorization_url, "alice")?;
 /// broker.complete_login(start.pending, &callback).await?;
 ///
-/// let caller = Caller::new(key.realm.clone(), key.subject.clone(), "app").with_role("read-token");
+/// let caller = Caller::new(key.realm.clone(), key.subject.clone(), "app").with_role("read-token").with_full_client_scope();
 /// let got = broker.retrieve(&caller, &key).await?;
 /// assert!(idp.is_active(got.tokens.access_token().expose_secret()));
 /// # Ok(()) }

@@ -55,7 +55,9 @@ async fn link_through_a_broker(store: Arc<dyn TokenStore>, key: &TokenKey) -> St
 }
 
 async fn retrieve(broker: &TokenBroker, key: &TokenKey) -> String {
-    let caller = Caller::new(key.realm.clone(), key.subject.clone(), "app").with_role("read-token");
+    let caller = Caller::new(key.realm.clone(), key.subject.clone(), "app")
+        .with_role("read-token")
+        .with_full_client_scope();
     broker
         .retrieve(&caller, key)
         .await

@@ -1,14 +1,11 @@
-//! The retrieval endpoint, `GET /realms/{realm}/broker/{alias}/token`, without a framework.
+//! [`BrokerResponse`]: an HTTP answer any framework can send as it is, and how errors map to it.
 
 use std::fmt;
 
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
-use super::{RetrievedTokens, TokenBroker};
-use crate::access::Caller;
 use crate::error::Error;
-use crate::ids::{ProviderId, Realm, TokenKey};
 
 /// An HTTP answer for a framework adapter to send as it is.
 ///
@@ -52,7 +49,9 @@ impl BrokerResponse {
         serde_json::from_slice(&self.body).ok()
     }
 
-    pub(crate) fn new(status: StatusCode, body: &Value) -> Self {
+    /// A JSON answer with the broker's headers (`Content-Type: application/json`,
+    /// `Cache-Control: no-store`, `Pragma: no-cache`).
+    pub fn json_body(status: StatusCode, body: &Value) -> Self {
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CONTENT_TYPE,
@@ -71,7 +70,7 @@ impl BrokerResponse {
     /// An OAuth-style error answer (`{"error", "error_description"}`) with the broker's
     /// no-store headers, for adapter routes the broker has no handler for.
     pub fn error(status: StatusCode, error: &str, description: &str) -> Self {
-        BrokerResponse::new(
+        BrokerResponse::json_body(
             status,
             &json!({ "error": error, "error_description": description }),
         )
@@ -169,92 +168,5 @@ impl BrokerResponse {
             .headers
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         response
-    }
-}
-
-impl TokenBroker {
-    /// Answers `GET /realms/{realm}/broker/{alias}/token` for the caller's own link, in
-    /// Keycloak's format:
-    ///
-    /// ```json
-    /// {"access_token":"…","expires_in":3599,"refresh_expires_in":0,"token_type":"Bearer",
-    ///  "id_token":"…","scope":"email openid","not-before-policy":0,
-    ///  "accessTokenExpiration":1767229199}
-    /// ```
-    ///
-    /// `caller` is `None` when the host could not authenticate the request (→ 401). Then:
-    /// 400 for a malformed realm or alias, 403 when the checker denies (whether or not a
-    /// link exists), 404 when there is no link, 409 when the user must re-link, 502 when the
-    /// provider failed and no valid token was at hand, 503 while another instance refreshes.
-    /// `refresh_token` is included only when the provider's policy exposes it.
-    pub async fn token_endpoint(
-        &self,
-        caller: Option<&Caller>,
-        realm: &str,
-        alias: &str,
-    ) -> BrokerResponse {
-        let Some(caller) = caller else {
-            return BrokerResponse::unauthenticated();
-        };
-        let key = match (Realm::new(realm), ProviderId::new(alias)) {
-            (Ok(realm), Ok(provider)) => TokenKey::new(realm, caller.subject.clone(), provider),
-            (Err(e), _) | (_, Err(e)) => return BrokerResponse::from_error(&Error::InvalidId(e)),
-        };
-        match self.retrieve(caller, &key).await {
-            Ok(retrieved) => self.token_body(&retrieved),
-            Err(e) => BrokerResponse::from_error(&e),
-        }
-    }
-
-    /// The same answer for an explicit link, which may be another user's: for an admin caller
-    /// (the checker's admin scope, in the spirit of Auth0's `read:user_idp_tokens`) or a
-    /// route such as `GET /admin/realms/{realm}/users/{user}/broker/{alias}/token`. The checker
-    /// decides as for any read; a denied caller gets the same 403 whether or not the link
-    /// exists.
-    pub async fn token_endpoint_for(
-        &self,
-        caller: Option<&Caller>,
-        key: &TokenKey,
-    ) -> BrokerResponse {
-        let Some(caller) = caller else {
-            return BrokerResponse::unauthenticated();
-        };
-        match self.retrieve(caller, key).await {
-            Ok(retrieved) => self.token_body(&retrieved),
-            Err(e) => BrokerResponse::from_error(&e),
-        }
-    }
-
-    fn token_body(&self, retrieved: &RetrievedTokens) -> BrokerResponse {
-        let now = self.inner.clock.now();
-        let view = &retrieved.tokens;
-        let set = view.set();
-        let secs_until = |at: time::OffsetDateTime| (at - now).whole_seconds().max(0);
-        let mut body = Map::new();
-        body.insert(
-            "access_token".into(),
-            json!(set.access_token().expose_secret()),
-        );
-        if let Some(exp) = set.expires_at() {
-            body.insert("expires_in".into(), json!(secs_until(exp)));
-        }
-        body.insert(
-            "refresh_expires_in".into(),
-            json!(set.refresh_expires_at().map_or(0, secs_until)),
-        );
-        body.insert("token_type".into(), json!(set.token_type()));
-        if let Some(id_token) = view.id_token() {
-            body.insert("id_token".into(), json!(id_token.expose_secret()));
-        }
-        body.insert("scope".into(), json!(set.scopes().to_string()));
-        body.insert("not-before-policy".into(), json!(0));
-        body.insert(
-            "accessTokenExpiration".into(),
-            json!(set.expires_at().map_or(0, |e| e.unix_timestamp())),
-        );
-        if let Some(rt) = view.refresh_token() {
-            body.insert("refresh_token".into(), json!(rt.expose_secret()));
-        }
-        BrokerResponse::new(StatusCode::OK, &Value::Object(body))
     }
 }
