@@ -247,10 +247,16 @@ async fn by_header(auth: &JwtAuthenticator, token: &str) -> Result<Caller, Unaut
 }
 
 #[track_caller]
-fn assert_rejected(result: Result<Caller, Unauthenticated>, case: &str) {
+/// Asserts the uniform rejection, and that it was for `reason` (a part of its `Debug`, which
+/// is what logs get), so that each case really exercises the check it is named after.
+fn assert_rejected(result: Result<Caller, Unauthenticated>, case: &str, reason: &str) {
     match result {
         Ok(caller) => panic!("{case}: accepted as {caller:?}"),
-        Err(rejection) => assert_eq!(rejection.to_string(), REJECTED, "{case}"),
+        Err(rejection) => {
+            assert_eq!(rejection.to_string(), REJECTED, "{case}");
+            let debug = format!("{rejection:?}");
+            assert!(debug.contains(reason), "{case}: {debug}, expected {reason}");
+        }
     }
 }
 
@@ -328,6 +334,7 @@ async fn client_id_falls_back_to_the_client_id_claim_and_roles_may_be_absent() {
     assert_rejected(
         by_header(&auth, &rs256(&no_client, "rsa-1")).await,
         "no client id",
+        r#"MissingClaim("azp")"#,
     );
 }
 
@@ -347,12 +354,13 @@ async fn bad_tokens_are_rejected_alike() {
     let other_key = rsa_signing(&keys().rsa2);
     let header_none = b64(br#"{"alg":"none","typ":"JWT"}"#);
     let payload = b64(good_claims().to_string().as_bytes());
-    let cases: Vec<(&str, String)> = vec![
+    let cases: Vec<(&str, &str, String)> = vec![
         (
             "bad signature",
+            r#"BadSignature"#,
             sign(&good_claims(), Algorithm::RS256, Some("rsa-1"), &other_key),
         ),
-        ("tampered payload", {
+        ("tampered payload", r#"BadSignature"#, {
             let token = rs256(&good_claims(), "rsa-1");
             let mut segments: Vec<&str> = token.split('.').collect();
             let evil = b64(with(good_claims(), "sub", json!("admin"))
@@ -363,53 +371,81 @@ async fn bad_tokens_are_rejected_alike() {
         }),
         (
             "expired beyond the leeway",
+            r#"Expired"#,
             rs256(&with(good_claims(), "exp", json!(now - 120)), "rsa-1"),
         ),
         (
             "not yet valid beyond the leeway",
+            r#"NotYetValid"#,
             rs256(&with(good_claims(), "nbf", json!(now + 120)), "rsa-1"),
         ),
-        ("no exp", rs256(&without(good_claims(), "exp"), "rsa-1")),
+        (
+            "no exp",
+            r#"MissingClaim("exp")"#,
+            rs256(&without(good_claims(), "exp"), "rsa-1"),
+        ),
         (
             "wrong issuer",
+            r#"WrongIssuer"#,
             rs256(
                 &with(good_claims(), "iss", json!("https://evil.test/realms/acme")),
                 "rsa-1",
             ),
         ),
-        ("no issuer", rs256(&without(good_claims(), "iss"), "rsa-1")),
+        (
+            "no issuer",
+            r#"MissingClaim("iss")"#,
+            rs256(&without(good_claims(), "iss"), "rsa-1"),
+        ),
         (
             "wrong audience",
+            r#"WrongAudience"#,
             rs256(&with(good_claims(), "aud", json!(["account"])), "rsa-1"),
         ),
         (
             "no audience",
+            r#"MissingClaim("aud")"#,
             rs256(&without(good_claims(), "aud"), "rsa-1"),
         ),
         (
             "missing sub",
+            r#"MissingClaim("sub")"#,
             rs256(&without(good_claims(), "sub"), "rsa-1"),
         ),
         (
             "empty sub",
+            r#"InvalidSubject"#,
             rs256(&with(good_claims(), "sub", json!("")), "rsa-1"),
         ),
-        ("alg none", format!("{header_none}.{payload}.")),
-        ("alg none with kid", {
+        (
+            "alg none",
+            r#"Malformed"#,
+            format!("{header_none}.{payload}."),
+        ),
+        ("alg none with kid", r#"Malformed"#, {
             let header = b64(br#"{"alg":"none","kid":"rsa-1"}"#);
             format!("{header}.{payload}.")
         }),
-        ("garbage", "not-a-jwt".to_owned()),
-        ("two segments", format!("{header_none}.{payload}")),
-        ("unknown kid", rs256(&good_claims(), "rsa-404")),
+        ("garbage", r#"Malformed"#, "not-a-jwt".to_owned()),
+        (
+            "two segments",
+            r#"Malformed"#,
+            format!("{header_none}.{payload}"),
+        ),
+        (
+            "unknown kid",
+            r#"UnknownKey"#,
+            rs256(&good_claims(), "rsa-404"),
+        ),
         (
             "RS256 token naming the EC key",
+            r#"KeyMismatch"#,
             rs256(&good_claims(), "ec-1"),
         ),
     ];
-    for (case, token) in &cases {
-        assert_rejected(by_header(&auth, token).await, case);
-        assert_rejected(auth.authenticate_token(token).await, case);
+    for (case, reason, token) in &cases {
+        assert_rejected(by_header(&auth, token).await, case, reason);
+        assert_rejected(auth.authenticate_token(token).await, case, reason);
     }
 }
 
@@ -498,8 +534,19 @@ async fn hs256_signed_with_the_rsa_public_key_is_rejected() {
         for kid in [Some("rsa-1"), None] {
             let forged = sign(&good_claims(), Algorithm::HS256, kid, &forged_key);
             let case = format!("HS256 with the {form} as secret, kid {kid:?}");
-            assert_rejected(by_header(&from_jwks, &forged).await, &case);
-            assert_rejected(by_header(&with_hs, &forged).await, &case);
+            assert_rejected(
+                by_header(&from_jwks, &forged).await,
+                &case,
+                "AlgorithmNotAllowed",
+            );
+            // With a kid, the RSA key is refused as an HMAC key; without one, the only HMAC
+            // key (the real secret) does not verify the forgery.
+            let reason = if kid.is_some() {
+                "KeyMismatch"
+            } else {
+                "BadSignature"
+            };
+            assert_rejected(by_header(&with_hs, &forged).await, &case, reason);
         }
     }
 }
@@ -531,6 +578,7 @@ async fn algorithms_outside_the_allow_list_or_the_keys_alg_are_rejected() {
     assert_rejected(
         by_header(&rs256_only, &ps256_any).await,
         "PS256 not allowed",
+        "AlgorithmNotAllowed",
     );
     let es256 = sign(
         &good_claims(),
@@ -538,7 +586,11 @@ async fn algorithms_outside_the_allow_list_or_the_keys_alg_are_rejected() {
         Some("ec-1"),
         &ec_signing(&keys().ec),
     );
-    assert_rejected(by_header(&rs256_only, &es256).await, "ES256 not allowed");
+    assert_rejected(
+        by_header(&rs256_only, &es256).await,
+        "ES256 not allowed",
+        "AlgorithmNotAllowed",
+    );
 
     // Default list (PS256 allowed): fine with a key without `alg`, not with one that says RS256.
     let default_list = remote(&server).build().expect("authenticator");
@@ -554,6 +606,7 @@ async fn algorithms_outside_the_allow_list_or_the_keys_alg_are_rejected() {
     assert_rejected(
         by_header(&default_list, &ps256_rs_key).await,
         "PS256 with an RS256 key",
+        "KeyMismatch",
     );
     let rs384 = sign(
         &good_claims(),
@@ -561,7 +614,11 @@ async fn algorithms_outside_the_allow_list_or_the_keys_alg_are_rejected() {
         Some("rsa-any"),
         &rsa_signing(rsa),
     );
-    assert_rejected(by_header(&default_list, &rs384).await, "RS384 not allowed");
+    assert_rejected(
+        by_header(&default_list, &rs384).await,
+        "RS384 not allowed",
+        "AlgorithmNotAllowed",
+    );
 }
 
 #[tokio::test]
@@ -581,7 +638,11 @@ async fn a_token_without_kid_needs_exactly_one_fitting_key() {
     ])
     .await;
     let ambiguous = remote(&two).build().expect("authenticator");
-    assert_rejected(by_header(&ambiguous, &unkeyed).await, "two RSA keys fit");
+    assert_rejected(
+        by_header(&ambiguous, &unkeyed).await,
+        "two RSA keys fit",
+        "AmbiguousKey",
+    );
 }
 
 #[tokio::test]
@@ -596,24 +657,36 @@ async fn malformed_authorization_headers_are_rejected() {
             .unwrap_or_else(|e| panic!("scheme {scheme}: {e:?}"));
     }
     let bearer = format!("Bearer {token}");
-    let cases: Vec<(&str, Vec<String>)> = vec![
-        ("missing", vec![]),
-        ("empty", vec![String::new()]),
-        ("garbage", vec!["garbage".into()]),
-        ("basic", vec![format!("Basic {token}")]),
-        ("no token", vec!["Bearer".into()]),
-        ("empty token", vec!["Bearer ".into()]),
-        ("two tokens", vec![format!("Bearer {token} {token}")]),
-        ("token only", vec![token.clone()]),
-        ("duplicate header", vec![bearer.clone(), bearer.clone()]),
-        ("garbage bearer", vec!["Bearer not-a-jwt".into()]),
+    let cases: Vec<(&str, &str, Vec<String>)> = vec![
+        ("missing", "MissingHeader", vec![]),
+        ("empty", "NotBearer", vec![String::new()]),
+        ("garbage", "NotBearer", vec!["garbage".into()]),
+        ("basic", "NotBearer", vec![format!("Basic {token}")]),
+        ("no token", "NotBearer", vec!["Bearer".into()]),
+        ("empty token", "NotBearer", vec!["Bearer ".into()]),
+        (
+            "two tokens",
+            "NotBearer",
+            vec![format!("Bearer {token} {token}")],
+        ),
+        ("token only", "NotBearer", vec![token.clone()]),
+        (
+            "duplicate header",
+            "DuplicateHeader",
+            vec![bearer.clone(), bearer.clone()],
+        ),
+        (
+            "garbage bearer",
+            "Malformed",
+            vec!["Bearer not-a-jwt".into()],
+        ),
     ];
-    for (case, values) in &cases {
+    for (case, reason, values) in &cases {
         let values: Vec<&str> = values.iter().map(String::as_str).collect();
-        assert_rejected(auth.authenticate(&parts(&values)).await, case);
+        assert_rejected(auth.authenticate(&parts(&values)).await, case, reason);
     }
     let empty_body_token = auth.authenticate_token("").await;
-    assert_rejected(empty_body_token, "empty subject_token");
+    assert_rejected(empty_body_token, "empty subject_token", "BadTokenSize");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -648,6 +721,7 @@ async fn a_rotated_key_is_picked_up_with_exactly_one_refetch() {
     assert_rejected(
         by_header(&auth, &rs256(&good_claims(), "key-1")).await,
         "retired key",
+        "UnknownKey",
     );
     assert_eq!(server.fetches(), 2);
 }
@@ -690,17 +764,17 @@ async fn unknown_kids_refetch_at_most_once_per_interval() {
             .collect::<Vec<_>>()
     };
     for attempt in flood(1) {
-        assert_rejected(attempt.await.expect("task"), "random kid");
+        assert_rejected(attempt.await.expect("task"), "random kid", "UnknownKey");
     }
     assert_eq!(server.fetches(), 2, "one re-fetch for the whole flood");
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     for attempt in flood(2) {
-        assert_rejected(attempt.await.expect("task"), "random kid");
+        assert_rejected(attempt.await.expect("task"), "random kid", "UnknownKey");
     }
     assert_eq!(server.fetches(), 3, "one more re-fetch after the interval");
     for attempt in flood(3) {
-        assert_rejected(attempt.await.expect("task"), "random kid");
+        assert_rejected(attempt.await.expect("task"), "random kid", "UnknownKey");
     }
     assert_eq!(server.fetches(), 3, "none within the interval");
     // The known key never needed any of those fetches.
@@ -748,6 +822,7 @@ async fn a_jwks_outage_rejects_new_kids_and_keeps_the_cached_keys() {
     assert_rejected(
         by_header(&auth, &key_2).await,
         "kid needing a fetch, IdP down",
+        "UnknownKey",
     );
     // The cached key still verifies, also once its lifetime is over and re-fetching fails.
     by_header(&auth, &good).await.expect("cached key");
@@ -755,7 +830,7 @@ async fn a_jwks_outage_rejects_new_kids_and_keeps_the_cached_keys() {
     by_header(&auth, &good)
         .await
         .expect("stale cached key while the IdP is down");
-    assert_rejected(by_header(&auth, &key_2).await, "still down");
+    assert_rejected(by_header(&auth, &key_2).await, "still down", "UnknownKey");
 }
 
 #[tokio::test]
@@ -767,6 +842,7 @@ async fn an_unreachable_jwks_at_start_rejects() {
     assert_rejected(
         by_header(&auth, &rs256(&good_claims(), "rsa-1")).await,
         "no keys ever fetched",
+        "UnknownKey",
     );
 }
 

@@ -92,7 +92,7 @@ struct Inner {
 
 enum Keys {
     Static(Arc<Vec<Key>>),
-    Remote(RemoteJwks),
+    Remote(Box<RemoteJwks>),
 }
 
 impl fmt::Debug for JwtAuthenticator {
@@ -509,12 +509,8 @@ impl JwtAuthenticatorBuilder {
                         .build()
                         .map_err(|e| ConfigError::HttpClient(e.to_string()))?,
                 };
-                Keys::Remote(RemoteJwks::new(
-                    url,
-                    client,
-                    self.ttl,
-                    self.refetch_interval,
-                ))
+                let remote = RemoteJwks::new(url, client, self.ttl, self.refetch_interval);
+                Keys::Remote(Box::new(remote))
             }
             (None, true) => {
                 if hmac_allowed
