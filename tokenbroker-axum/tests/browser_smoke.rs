@@ -46,7 +46,10 @@ fn nonce(label: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    format!("{label}-{nanos:x}-{:x}-0123456789abcdefghijklmnop", std::process::id())
+    format!(
+        "{label}-{nanos:x}-{:x}-0123456789abcdefghijklmnop",
+        std::process::id()
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -159,7 +159,10 @@ impl Browser {
                     read_log(&log_path)
                 ))
             })?;
-        let driver = guard.driver.take().expect("the guard holds chromedriver until here");
+        let driver = guard
+            .driver
+            .take()
+            .expect("the guard holds chromedriver until here");
         guard.dir = None;
         Ok(Browser {
             client,
@@ -227,9 +230,10 @@ impl Browser {
     pub async fn click_and_wait_for_navigation(&self, css: &str) {
         let before = self.current_url().await;
         self.click(css).await;
-        self.wait_until(&format!("navigation away from {before} after clicking `{css}`"), |url, _| {
-            url != &before
-        })
+        self.wait_until(
+            &format!("navigation away from {before} after clicking `{css}`"),
+            |url, _| url != &before,
+        )
         .await;
     }
 
