@@ -150,6 +150,32 @@ async fn chromium_signs_in_at_oidc_provider_and_lands_on_the_callback() {
     assert_eq!(claims["sub"], "carol", "{claims}");
     assert_eq!(provider.counters().await.code_exchanges, 1);
 
+    // Again in the same browser: the provider's session and the grant skip both pages, and
+    // the helper copes with landing straight on the callback.
+    let again_state = nonce("again");
+    let mut again = authorization_url.clone();
+    again.query_pairs_mut().clear();
+    for (name, value) in authorization_url.query_pairs() {
+        let value = if name == "state" {
+            again_state.clone()
+        } else {
+            value.into_owned()
+        };
+        again.query_pairs_mut().append_pair(&name, &value);
+    }
+    browser.goto(again.as_str()).await;
+    let landed = sign_in_at_oidc_provider(&browser, "carol", "any-password").await;
+    assert!(
+        landed.as_str().starts_with(redirect_uri.as_str()),
+        "landed at {landed}; {}",
+        browser.describe().await
+    );
+    browser.wait_for_text("linked").await;
+    let calls = received.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "the callback was called {calls:?}");
+    assert_eq!(calls[1].get("state"), Some(&again_state), "{:?}", calls[1]);
+    assert!(calls[1].contains_key("code"), "{:?}", calls[1]);
+
     browser.close().await;
     println!(
         "browser smoke: Chromium ready in {browser_ready:.1?}, sign-in to callback in {sign_in:.1?}, whole test {:.1?}",

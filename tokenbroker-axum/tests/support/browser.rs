@@ -378,17 +378,29 @@ fn read_log(path: &Path) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
+/// Whether `url` is one of oidc-provider's own pages during an authorization: the interaction
+/// pages (`/interaction/<uid>`), the authorization endpoint and its resume step (`/auth/<uid>`).
+fn is_oidc_provider_page(url: &Url) -> bool {
+    let path = url.path();
+    path.starts_with("/interaction/") || path == "/auth" || path.starts_with("/auth/")
+}
+
 /// Signs in on oidc-provider's development pages (tests/idp with `INTERACTIONS=pages`), where
 /// the browser must already be (after opening an authorization URL): types `login` and
 /// `password` into the login form and presses "Sign-in", then presses "Continue" on the consent
 /// page. Either page may be skipped by the provider (an existing session, a grant that already
-/// covers the request). Returns the first URL outside the provider, where it redirected the
+/// covers the request), and when both are the browser is already past the provider, which is
+/// fine. Returns the first URL outside the provider, where it redirected the
 /// browser (the client's redirect URI, with `code` and `state`, or `error`).
 pub async fn sign_in_at_oidc_provider(browser: &Browser, login: &str, password: &str) -> Url {
     const LOGIN_FORM: &str = "form input[name=prompt][value=login]";
     const CONSENT_FORM: &str = "form input[name=prompt][value=consent]";
     const SUBMIT: &str = "form button.login-submit";
     let start = browser.current_url().await;
+    if !is_oidc_provider_page(&start) {
+        // An existing session and grant: the provider redirected at once.
+        return start;
+    }
     let provider = start.origin();
     let (mut logins, mut consents) = (0, 0);
     let deadline = Instant::now() + PAGE_WAIT;
