@@ -12,6 +12,7 @@ mod browser;
 mod oidc_provider;
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -177,8 +178,10 @@ async fn chromium_signs_in_at_oidc_provider_and_lands_on_the_callback() {
     assert!(calls[1].contains_key("code"), "{:?}", calls[1]);
 
     browser.close().await;
-    println!(
-        "browser smoke: Chromium ready in {browser_ready:.1?}, sign-in to callback in {sign_in:.1?}, whole test {:.1?}",
+    // Straight to stderr (uncaptured): the timings show in a plain `cargo test` run.
+    let _ = writeln!(
+        std::io::stderr(),
+        "browser smoke: Chromium ready in {browser_ready:.1?}, first sign-in to callback in {sign_in:.1?}, whole test {:.1?}",
         started.elapsed()
     );
 }

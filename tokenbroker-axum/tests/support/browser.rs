@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 use std::fmt;
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,14 +43,18 @@ impl fmt::Display for Skip {
 }
 
 impl Skip {
-    /// Says the test is skipped, on stderr and on stdout (so that it shows in the test output
-    /// whether or not the harness captures); panics instead when [`REQUIRE_BROWSER_ENV`] is set.
+    /// Says the test is skipped: `println!`/`eprintln!` (what the harness captures, shown with
+    /// `--nocapture`) and straight to the process's stderr, which the harness does not capture,
+    /// so that a plain `cargo test` shows it too. Panics instead when [`REQUIRE_BROWSER_ENV`]
+    /// is set.
     pub fn report(&self, test: &str) {
         if std::env::var(REQUIRE_BROWSER_ENV).is_ok_and(|v| !v.is_empty() && v != "0") {
             panic!("{test}: the browser is required ({REQUIRE_BROWSER_ENV}) but: {self}");
         }
-        eprintln!("SKIPPED: {test}: {self}");
-        println!("SKIPPED: {test}: {self}");
+        let line = format!("SKIPPED: {test}: {self}");
+        eprintln!("{line}");
+        println!("{line}");
+        let _ = writeln!(std::io::stderr(), "{line}");
     }
 }
 
