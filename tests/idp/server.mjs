@@ -1,5 +1,6 @@
 // A real OpenID Provider for tokenbroker's integration tests: the certified `oidc-provider`
-// package, configured per profile, with scripted (non-interactive) login and consent.
+// package, configured per profile, with scripted (non-interactive) login and consent by default,
+// or oidc-provider's own login and consent pages for tests that drive a real browser.
 //
 // Prints exactly one line `LISTENING http://127.0.0.1:<port>` on stdout when ready.
 //
@@ -7,6 +8,15 @@
 //   PROFILE       oidc (default) | google-like | microsoft-like
 //   ACCESS_TTL    access-token lifetime in seconds (default 5)
 //   REDIRECT_URI  the test client's redirect URI (default http://127.0.0.1:9/callback)
+//   INTERACTIONS  scripted (default): the `login_hint` user (else `alice`) is signed in and
+//                 consent granted without any page.
+//                 pages: oidc-provider's built-in development pages (devInteractions). The
+//                 login page (GET /interaction/<uid>) is a form with `input[name=login]`,
+//                 `input[name=password]` and a `button.login-submit` "Sign-in"; any login and
+//                 any non-empty password are accepted and the login is the account id. The
+//                 consent page is a form with `input[name=prompt][value=consent]` and a
+//                 `button.login-submit` "Continue". Consent is skipped when the grant already
+//                 covers the request.
 //
 // Clients: `tb-basic` (client_secret_basic) and `tb-post` (client_secret_post), both with the
 // secret `tb-secret~+/=` (characters that trip up Basic auth encoders).
@@ -20,7 +30,13 @@ import Provider from 'oidc-provider';
 const PROFILE = process.env.PROFILE || 'oidc';
 const ACCESS_TTL = Number(process.env.ACCESS_TTL || 5);
 const REDIRECT_URI = process.env.REDIRECT_URI || 'http://127.0.0.1:9/callback';
+const INTERACTIONS = process.env.INTERACTIONS || 'scripted';
 const SECRET = 'tb-secret~+/=';
+
+if (!['scripted', 'pages'].includes(INTERACTIONS)) {
+  console.error(`unknown INTERACTIONS ${INTERACTIONS}`);
+  process.exit(2);
+}
 
 if (!['oidc', 'google-like', 'microsoft-like'].includes(PROFILE)) {
   console.error(`unknown PROFILE ${PROFILE}`);
@@ -42,6 +58,19 @@ const grantInfo = new Map();
 // Users who already received a refresh token, per client (Google gives one only on first consent).
 const hadRefreshToken = new Set();
 const grantsByUser = new Map();
+
+// Remembers what a consented grant was asked for (see `grantInfo`) and whose it is (for
+// /__test/revoke-user); both interaction modes call it.
+function recordGrant(grantId, params, accountId) {
+  const requested = String(params.scope || '').split(' ');
+  grantInfo.set(grantId, {
+    accessTypeOffline: params.access_type === 'offline',
+    promptConsent: String(params.prompt || '').split(' ').includes('consent'),
+    requestedOffline: requested.includes('offline_access'),
+  });
+  if (!grantsByUser.has(accountId)) grantsByUser.set(accountId, new Set());
+  grantsByUser.get(accountId).add(grantId);
+}
 
 async function issueRefreshToken(ctx, client, code) {
   if (!client.grantTypeAllowed('refresh_token')) return false;
@@ -76,7 +105,8 @@ const configuration = {
   claims: { openid: ['sub'], email: ['email', 'email_verified'] },
   extraParams: ['access_type', 'include_granted_scopes'],
   features: {
-    devInteractions: { enabled: false },
+    // The built-in pages serve GET/POST /interaction/:uid themselves (and set interactions.url).
+    devInteractions: { enabled: INTERACTIONS === 'pages' },
     revocation: { enabled: true },
     introspection: { enabled: true },
   },
@@ -92,7 +122,9 @@ const configuration = {
   // Strict profiles rotate on every refresh; a consumed token presented again revokes the grant.
   rotateRefreshToken: PROFILE !== 'google-like',
   issueRefreshToken,
-  interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
+  ...(INTERACTIONS === 'scripted'
+    ? { interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` } }
+    : {}),
   findAccount: async (ctx, id) => ({
     accountId: id,
     claims: async () => ({ sub: id, email: `${id}@example.test`, email_verified: true }),
@@ -142,9 +174,20 @@ server.listen(0, '127.0.0.1', () => {
       ctx.body = { revoked: (grantsByUser.get(user) || new Set()).size };
       return;
     }
-    // Scripted interactions: log in the `login_hint` user and grant what was asked.
     const m = ctx.path.match(/^\/interaction\/([^/]+)$/);
-    if (m && ctx.method === 'GET') {
+    // Built-in pages: after the consent form is submitted, record the grant it saved, as the
+    // scripted consent below does.
+    if (INTERACTIONS === 'pages' && m && ctx.method === 'POST') {
+      await next();
+      const interaction = await provider.Interaction.find(m[1]);
+      const grantId = interaction?.result?.consent?.grantId;
+      if (grantId && interaction.session?.accountId) {
+        recordGrant(grantId, interaction.params, interaction.session.accountId);
+      }
+      return;
+    }
+    // Scripted interactions: log in the `login_hint` user and grant what was asked.
+    if (INTERACTIONS === 'scripted' && m && ctx.method === 'GET') {
       const details = await provider.interactionDetails(ctx.req, ctx.res);
       const { prompt, params, session } = details;
       let result;
@@ -163,14 +206,7 @@ server.listen(0, '127.0.0.1', () => {
           }
         }
         const grantId = await grant.save();
-        const requested = String(params.scope || '').split(' ');
-        grantInfo.set(grantId, {
-          accessTypeOffline: params.access_type === 'offline',
-          promptConsent: String(params.prompt || '').split(' ').includes('consent'),
-          requestedOffline: requested.includes('offline_access'),
-        });
-        if (!grantsByUser.has(session.accountId)) grantsByUser.set(session.accountId, new Set());
-        grantsByUser.get(session.accountId).add(grantId);
+        recordGrant(grantId, params, session.accountId);
         result = { consent: { grantId } };
       } else {
         ctx.status = 500;
@@ -183,7 +219,8 @@ server.listen(0, '127.0.0.1', () => {
     }
 
     // Microsoft honours `offline_access` without prompt=consent; oidc-provider follows OIDC Core
-    // §11 and drops it. Ask for consent on the client's behalf (consent is scripted anyway).
+    // §11 and drops it. Ask for consent on the client's behalf (as Microsoft shows its consent
+    // page on first use anyway).
     if (PROFILE === 'microsoft-like' && ctx.path === '/auth' && ctx.method === 'GET') {
       const scope = String(ctx.query.scope || '').split(' ');
       if (scope.includes('offline_access') && !ctx.query.prompt) {

@@ -1,11 +1,14 @@
 //! Starts the certified `oidc-provider` (tests/idp/server.mjs) on a random loopback port and
-//! drives its login without a browser.
+//! drives its login without a browser ([`OidcProvider::start`]), or serves its real login and
+//! consent pages to a browser ([`OidcProvider::start_with`] and [`Interactions::Pages`]).
 //!
-//! Include it from a test file with `#[path = "support/oidc_provider.rs"] mod oidc_provider;`.
+//! Include it from a test file of the root crate with
+//! `#[path = "support/oidc_provider.rs"] mod oidc_provider;`, or from a member crate's with
+//! `#[path = "../../tests/support/oidc_provider.rs"] mod oidc_provider;`.
 //! The Node packages must be installed (`scripts/setup-idp.sh`, which `scripts/test.sh` runs).
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,6 +40,85 @@ impl Profile {
     }
 }
 
+/// How the provider's login and consent happen (`INTERACTIONS` of tests/idp/server.mjs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Interactions {
+    /// No pages: the `login_hint` user (else `alice`) is signed in and consent granted as
+    /// soon as the browser (or [`OidcProvider::login`]) arrives.
+    #[default]
+    Scripted,
+    /// oidc-provider's built-in development pages: a login form (`input[name=login]`,
+    /// `input[name=password]`, `button.login-submit` "Sign-in"; any login and non-empty
+    /// password) and a consent form (`button.login-submit` "Continue"). For a real browser;
+    /// [`OidcProvider::login`] cannot get through them.
+    Pages,
+}
+
+impl Interactions {
+    fn name(self) -> &'static str {
+        match self {
+            Interactions::Scripted => "scripted",
+            Interactions::Pages => "pages",
+        }
+    }
+}
+
+/// The redirect URI registered for both clients unless a test gives its own.
+pub const DEFAULT_REDIRECT_URI: &str = "http://127.0.0.1:9/callback";
+
+/// How to start a provider: [`ProviderOptions::new`], then the builder methods.
+#[derive(Debug, Clone)]
+pub struct ProviderOptions {
+    pub profile: Profile,
+    /// Access-token lifetime, seconds.
+    pub access_ttl: u64,
+    /// The redirect URI registered for both clients (`tb-basic`, `tb-post`).
+    pub redirect_uri: Url,
+    pub interactions: Interactions,
+}
+
+impl ProviderOptions {
+    /// `profile` and `access_ttl` (seconds), the default redirect URI, scripted interactions.
+    pub fn new(profile: Profile, access_ttl: u64) -> ProviderOptions {
+        ProviderOptions {
+            profile,
+            access_ttl,
+            redirect_uri: DEFAULT_REDIRECT_URI.parse().unwrap(),
+            interactions: Interactions::Scripted,
+        }
+    }
+    pub fn redirect_uri(mut self, redirect_uri: Url) -> ProviderOptions {
+        self.redirect_uri = redirect_uri;
+        self
+    }
+    pub fn interactions(mut self, interactions: Interactions) -> ProviderOptions {
+        self.interactions = interactions;
+        self
+    }
+}
+
+impl Default for ProviderOptions {
+    fn default() -> ProviderOptions {
+        ProviderOptions::new(Profile::Oidc, 5)
+    }
+}
+
+/// tests/idp of the workspace: found by walking up from the including crate's manifest
+/// directory, so the root crate and member crates find the same one.
+pub fn idp_dir() -> PathBuf {
+    let start = Path::new(env!("CARGO_MANIFEST_DIR"));
+    start
+        .ancestors()
+        .map(|dir| dir.join("tests/idp"))
+        .find(|dir| dir.join("server.mjs").is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "tests/idp/server.mjs not found in {} or any folder above it",
+                start.display()
+            )
+        })
+}
+
 /// Counters kept by the provider.
 #[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
 pub struct Counters {
@@ -54,6 +136,7 @@ pub struct OidcProvider {
     child: Child,
     issuer: Url,
     redirect_uri: Url,
+    interactions: Interactions,
     http: reqwest::Client,
     stderr: Arc<Mutex<String>>,
 }
@@ -61,20 +144,33 @@ pub struct OidcProvider {
 pub const CLIENT_SECRET: &str = "tb-secret~+/=";
 
 impl OidcProvider {
-    /// Starts a provider with the given profile and access-token lifetime (seconds).
+    /// Starts a provider with the given profile and access-token lifetime (seconds), the
+    /// default redirect URI and scripted interactions.
     pub async fn start(profile: Profile, access_ttl: u64) -> OidcProvider {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/idp");
+        OidcProvider::start_with(ProviderOptions::new(profile, access_ttl)).await
+    }
+
+    /// Starts a provider as `options` say.
+    pub async fn start_with(options: ProviderOptions) -> OidcProvider {
+        let ProviderOptions {
+            profile,
+            access_ttl,
+            redirect_uri,
+            interactions,
+        } = options;
+        let dir = idp_dir();
         assert!(
             dir.join("node_modules/oidc-provider").is_dir(),
-            "tests/idp/node_modules is missing: run scripts/setup-idp.sh (scripts/test.sh does it)"
+            "{}/node_modules is missing: run scripts/setup-idp.sh (scripts/test.sh does it)",
+            dir.display()
         );
-        let redirect_uri: Url = "http://127.0.0.1:9/callback".parse().unwrap();
         let mut child = Command::new("node")
             .arg("server.mjs")
             .current_dir(&dir)
             .env("PROFILE", profile.name())
             .env("ACCESS_TTL", access_ttl.to_string())
             .env("REDIRECT_URI", redirect_uri.as_str())
+            .env("INTERACTIONS", interactions.name())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -129,6 +225,7 @@ impl OidcProvider {
             child,
             issuer,
             redirect_uri,
+            interactions,
             http,
             stderr,
         }
@@ -152,11 +249,19 @@ impl OidcProvider {
     pub fn redirect_uri(&self) -> Url {
         self.redirect_uri.clone()
     }
+    pub fn interactions(&self) -> Interactions {
+        self.interactions
+    }
 
     /// Plays the browser: follows the authorization URL through the provider's (scripted)
     /// login and consent, carrying cookies, until it redirects to the redirect URI, which it
     /// does not request. Returns that final URL (`?code=...&state=...` or `?error=...`).
     pub async fn login(&self, authorization_url: &Url) -> Url {
+        assert_eq!(
+            self.interactions,
+            Interactions::Scripted,
+            "OidcProvider::login needs scripted interactions; with the login pages a browser signs in"
+        );
         let mut url = authorization_url.clone();
         let mut form: Option<(Url, Vec<(String, String)>)> = None;
         for _ in 0..12 {
