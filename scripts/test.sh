@@ -2,8 +2,11 @@
 # The whole test suite, set-up included, on a fresh machine:
 #   - Node packages for the real OpenID Provider (oidc-provider, from tests/idp/package-lock.json)
 #   - a throwaway PostgreSQL cluster (Debian's postgresql package, installed when missing)
-# then every test of every feature, doc tests included (the fault matrix and a 60 s soak among
-# them), then a short run of every libFuzzer target (scripts/fuzz.sh).
+#   - headless Chromium and ChromeDriver for the adapter's browser test (Debian's chromium and
+#     chromium-driver, installed when missing; without them that test prints SKIPPED)
+# then every test of every workspace member (tokenbroker, tokenbroker-axum) with every feature,
+# doc tests included (the fault matrix and a 60 s soak among them), then a short run of every
+# libFuzzer target (scripts/fuzz.sh).
 #
 # Usage: scripts/test.sh [extra cargo test arguments]
 # Set TOKENBROKER_TEST_POSTGRES_URL to use an existing server instead of starting one,
@@ -16,6 +19,9 @@ say() { printf '\n== %s\n' "$*" >&2; }
 say "real IdP: Node packages"
 bash scripts/setup-idp.sh
 
+say "browser: chromium and chromedriver"
+bash scripts/setup-browser.sh
+
 if [ -z "${TOKENBROKER_TEST_POSTGRES_URL:-}" ]; then
   say "PostgreSQL: throwaway cluster"
   eval "$(bash scripts/setup-postgres.sh)"
@@ -23,8 +29,8 @@ if [ -z "${TOKENBROKER_TEST_POSTGRES_URL:-}" ]; then
 fi
 export TOKENBROKER_TEST_POSTGRES_URL
 
-say "cargo test --all-features"
-cargo test --all-features "$@"
+say "cargo test --workspace --all-features"
+cargo test --workspace --all-features "$@"
 
 say "fuzz targets, ${FUZZ_SECONDS:=20}s each (FUZZ_SECONDS=0 skips)"
 if [ "$FUZZ_SECONDS" -gt 0 ]; then

@@ -266,7 +266,11 @@ async fn begin(
 ) -> Result<String, Answer> {
     let caller = s.caller(parts).await;
     let query = query.unwrap_or("");
-    let return_to = return_to_of(query).map_err(Answer)?;
+    let return_to = return_to_of(query).map_err(|ReturnToRefused| {
+        Answer(invalid_request(
+            "return_to must be a path on this site, such as /settings",
+        ))
+    })?;
     let request = LinkRequest::from_query(query);
     let start = endpoints::begin_link(&s.broker, caller.as_ref(), realm, alias, &request)
         .await
@@ -311,7 +315,8 @@ async fn callback(
         Err(_) => return Answer(session_unavailable()).into_response(),
     };
     let return_to = login.return_to.clone();
-    let result = endpoints::complete_link(&s.broker, login.pending, &realm, &alias, &callback).await;
+    let result =
+        endpoints::complete_link(&s.broker, login.pending, &realm, &alias, &callback).await;
     match (result, return_to) {
         (Ok(_), Some(to)) => redirect(StatusCode::SEE_OTHER, &to),
         (Ok(outcome), None) => Answer(endpoints::link_body(&outcome)).into_response(),
@@ -355,7 +360,7 @@ fn redirect(status: StatusCode, location: &str) -> Response {
 
 /// `return_to` from the query: a path on this site, never another origin (an open redirect
 /// would hand the browser, after a real login, to an attacker's page).
-fn return_to_of(query: &str) -> Result<Option<String>, BrokerResponse> {
+fn return_to_of(query: &str) -> Result<Option<String>, ReturnToRefused> {
     let Some(to) = url::form_urlencoded::parse(query.as_bytes())
         .find(|(name, _)| name == "return_to")
         .map(|(_, value)| value.into_owned())
@@ -365,11 +370,12 @@ fn return_to_of(query: &str) -> Result<Option<String>, BrokerResponse> {
     if is_local_path(&to) {
         Ok(Some(to))
     } else {
-        Err(invalid_request(
-            "return_to must be a path on this site, such as /settings",
-        ))
+        Err(ReturnToRefused)
     }
 }
+
+/// `return_to` names another site, or is no path at all.
+struct ReturnToRefused;
 
 /// A path-absolute URL reference with no authority: `/x`, not `//host`, `/\host`, `x:`.
 fn is_local_path(to: &str) -> bool {

@@ -152,17 +152,24 @@ async fn link_read_status_exchange_unlink() {
     assert_eq!(body["provider"], ALIAS);
     assert_eq!(body["first_link"], true);
     assert_eq!(body["account"]["subject"], "alice", "{body}");
-    assert!(!linked.body.contains("access_token"), "no token in the link answer");
+    assert!(
+        !linked.body.contains("access_token"),
+        "no token in the link answer"
+    );
 
     let alice = user("alice");
-    let read = w.a.get(&format!("/broker/{ALIAS}/token"), Some(&alice)).await;
+    let read =
+        w.a.get(&format!("/broker/{ALIAS}/token"), Some(&alice))
+            .await;
     assert_eq!(read.status, StatusCode::OK, "{}", read.body);
     assert_eq!(read.header("cache-control"), "no-store");
     let token = read.json()["access_token"].as_str().unwrap().to_owned();
     assert!(w.idp.is_active(&token));
     assert!(read.json().get("refresh_token").is_none());
 
-    let status = w.b.get(&format!("/broker/{ALIAS}/link"), Some(&alice)).await;
+    let status =
+        w.b.get(&format!("/broker/{ALIAS}/link"), Some(&alice))
+            .await;
     assert_eq!(status.status, StatusCode::OK, "{}", status.body);
     assert_eq!(status.json()["state"], "active");
     assert_eq!(status.json()["account"]["subject"], "alice");
@@ -192,9 +199,13 @@ async fn link_read_status_exchange_unlink() {
     assert_eq!(unlinked.json()["deleted"], true);
     assert_eq!(unlinked.json()["revocation"], "revoked");
     assert!(!w.idp.is_active(&token), "revoked upstream");
-    let gone = w.a.get(&format!("/broker/{ALIAS}/token"), Some(&alice)).await;
+    let gone =
+        w.a.get(&format!("/broker/{ALIAS}/token"), Some(&alice))
+            .await;
     assert_eq!(gone.status, StatusCode::NOT_FOUND, "{}", gone.body);
-    let not_linked = w.a.get(&format!("/broker/{ALIAS}/link"), Some(&alice)).await;
+    let not_linked =
+        w.a.get(&format!("/broker/{ALIAS}/link"), Some(&alice))
+            .await;
     assert_eq!(not_linked.status, StatusCode::NOT_FOUND);
     let again = send(
         browser()
@@ -222,7 +233,9 @@ async fn a_login_started_on_one_instance_completes_on_another() {
     );
     let linked = send(browser.get(on_b)).await;
     assert_eq!(linked.status, StatusCode::OK, "{}", linked.body);
-    let read = w.a.get(&format!("/broker/{ALIAS}/token"), Some(&user("alice"))).await;
+    let read =
+        w.a.get(&format!("/broker/{ALIAS}/token"), Some(&user("alice")))
+            .await;
     assert_eq!(read.status, StatusCode::OK, "{}", read.body);
 }
 
@@ -236,7 +249,12 @@ async fn the_redirect_back_is_single_use_and_bound_to_the_browser() {
 
     // Another browser (no session cookie) presenting the same callback: refused, nothing used.
     let stranger = send(browser().get(back.redirect_url.as_str())).await;
-    assert_eq!(stranger.status, StatusCode::BAD_REQUEST, "{}", stranger.body);
+    assert_eq!(
+        stranger.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        stranger.body
+    );
     assert_eq!(stranger.json()["error"], "invalid_state");
     assert_eq!(stranger.header("cache-control"), "no-store");
 
@@ -256,7 +274,11 @@ async fn the_redirect_back_is_single_use_and_bound_to_the_browser() {
     let replay = send(started_in.get(back.redirect_url.as_str())).await;
     assert_eq!(replay.status, StatusCode::BAD_REQUEST, "{}", replay.body);
     assert_eq!(replay.json()["error"], "invalid_state");
-    assert_eq!(w.idp.counters().code_exchanges, 1, "the code was redeemed once");
+    assert_eq!(
+        w.idp.counters().code_exchanges,
+        1,
+        "the code was redeemed once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,14 +306,23 @@ async fn return_to_sends_the_browser_back_to_a_local_path_only() {
     assert_eq!(refused.status, StatusCode::SEE_OTHER, "{}", refused.body);
     assert_eq!(refused.header("location"), "/settings?error=access_denied");
 
-    for bad in ["https%3A%2F%2Fevil.example%2F", "%2F%2Fevil.example", "settings"] {
+    for bad in [
+        "https%3A%2F%2Fevil.example%2F",
+        "%2F%2Fevil.example",
+        "settings",
+    ] {
         let login = send(
             browser
                 .get(w.a.url(&format!("/broker/{ALIAS}/login?return_to={bad}")))
                 .bearer_auth(user("alice")),
         )
         .await;
-        assert_eq!(login.status, StatusCode::BAD_REQUEST, "{bad}: {}", login.body);
+        assert_eq!(
+            login.status,
+            StatusCode::BAD_REQUEST,
+            "{bad}: {}",
+            login.body
+        );
         assert_eq!(login.json()["error"], "invalid_request");
     }
 }
@@ -421,7 +452,9 @@ async fn every_bad_caller_gets_the_same_401() {
         );
     }
     // Nothing was unlinked by all that.
-    let read = w.a.get(&format!("/broker/{ALIAS}/token"), Some(&user("alice"))).await;
+    let read =
+        w.a.get(&format!("/broker/{ALIAS}/token"), Some(&user("alice")))
+            .await;
     assert_eq!(read.status, StatusCode::OK);
 }
 
@@ -431,25 +464,25 @@ async fn denied_is_indistinguishable_from_absent() {
     let w = world().await;
     w.link("alice").await;
     let no_role = |who: &str| sign(&claims(who, false));
-    let denied_existing = w
-        .a
-        .get(&format!("/broker/{ALIAS}/token"), Some(&no_role("alice")))
-        .await;
-    let denied_missing = w
-        .a
-        .get(&format!("/broker/{ALIAS}/token"), Some(&no_role("carol")))
-        .await;
-    let denied_unknown_provider = w
-        .a
-        .get("/broker/nope/token", Some(&no_role("alice")))
-        .await;
+    let denied_existing =
+        w.a.get(&format!("/broker/{ALIAS}/token"), Some(&no_role("alice")))
+            .await;
+    let denied_missing =
+        w.a.get(&format!("/broker/{ALIAS}/token"), Some(&no_role("carol")))
+            .await;
+    let denied_unknown_provider = w.a.get("/broker/nope/token", Some(&no_role("alice"))).await;
     let other_realm = send(
         browser()
             .get(format!("{}/realms/other/broker/{ALIAS}/token", w.a.base))
             .bearer_auth(user("alice")),
     )
     .await;
-    assert_eq!(denied_existing.status, StatusCode::FORBIDDEN, "{}", denied_existing.body);
+    assert_eq!(
+        denied_existing.status,
+        StatusCode::FORBIDDEN,
+        "{}",
+        denied_existing.body
+    );
     for other in [&denied_missing, &denied_unknown_provider, &other_realm] {
         assert_eq!(
             (other.status, &other.body),
@@ -492,10 +525,20 @@ async fn bad_requests_get_typed_400s() {
     w.link("alice").await;
     let alice = user("alice");
     let bad_alias = w.a.get("/broker/Bad%20Alias/token", Some(&alice)).await;
-    assert_eq!(bad_alias.status, StatusCode::BAD_REQUEST, "{}", bad_alias.body);
+    assert_eq!(
+        bad_alias.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        bad_alias.body
+    );
     assert_eq!(bad_alias.json()["error"], "invalid_request");
     let unknown_provider = w.a.get("/broker/nope/login", Some(&alice)).await;
-    assert_eq!(unknown_provider.status, StatusCode::NOT_FOUND, "{}", unknown_provider.body);
+    assert_eq!(
+        unknown_provider.status,
+        StatusCode::NOT_FOUND,
+        "{}",
+        unknown_provider.body
+    );
 
     let exchange_url = w.a.url("/protocol/openid-connect/token");
     let not_a_form = send(
@@ -507,26 +550,23 @@ async fn bad_requests_get_typed_400s() {
     .await;
     assert_eq!(not_a_form.status, StatusCode::BAD_REQUEST);
     assert_eq!(not_a_form.json()["error"], "invalid_request");
-    let other_grant = send(
-        browser()
-            .post(&exchange_url)
-            .form(&[("grant_type", "password"), ("subject_token", alice.as_str())]),
-    )
+    let other_grant = send(browser().post(&exchange_url).form(&[
+        ("grant_type", "password"),
+        ("subject_token", alice.as_str()),
+    ]))
     .await;
     assert_eq!(other_grant.status, StatusCode::BAD_REQUEST);
     assert_eq!(other_grant.json()["error"], "unsupported_grant_type");
-    let no_subject_token = send(
-        browser()
-            .post(&exchange_url)
-            .form(&[("grant_type", TOKEN_EXCHANGE_GRANT), ("requested_issuer", ALIAS)]),
-    )
+    let no_subject_token = send(browser().post(&exchange_url).form(&[
+        ("grant_type", TOKEN_EXCHANGE_GRANT),
+        ("requested_issuer", ALIAS),
+    ]))
     .await;
     assert_eq!(no_subject_token.status, StatusCode::BAD_REQUEST);
-    let no_issuer = send(
-        browser()
-            .post(&exchange_url)
-            .form(&[("grant_type", TOKEN_EXCHANGE_GRANT), ("subject_token", alice.as_str())]),
-    )
+    let no_issuer = send(browser().post(&exchange_url).form(&[
+        ("grant_type", TOKEN_EXCHANGE_GRANT),
+        ("subject_token", alice.as_str()),
+    ]))
     .await;
     assert_eq!(no_issuer.status, StatusCode::BAD_REQUEST);
     let repeated = send(
@@ -540,7 +580,12 @@ async fn bad_requests_get_typed_400s() {
             )),
     )
     .await;
-    assert_eq!(repeated.status, StatusCode::BAD_REQUEST, "{}", repeated.body);
+    assert_eq!(
+        repeated.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        repeated.body
+    );
     let wrong_scope = send(browser().post(&exchange_url).form(&[
         ("grant_type", TOKEN_EXCHANGE_GRANT),
         ("subject_token", alice.as_str()),
@@ -551,7 +596,9 @@ async fn bad_requests_get_typed_400s() {
     assert_eq!(wrong_scope.status, StatusCode::BAD_REQUEST);
     assert_eq!(wrong_scope.json()["error"], "invalid_scope");
     // Still linked, still readable.
-    let read = w.a.get(&format!("/broker/{ALIAS}/token"), Some(&alice)).await;
+    let read =
+        w.a.get(&format!("/broker/{ALIAS}/token"), Some(&alice))
+            .await;
     assert_eq!(read.status, StatusCode::OK);
     let _ = &w.broker_a;
 }
