@@ -31,7 +31,9 @@
 //! broker.complete_login(start.pending, &callback).await?;
 //!
 //! // 2. Read: your app authenticated the caller; the broker checks it may read the link.
-//! let caller = Caller::new(key.realm.clone(), key.subject.clone(), "my-app").with_role("read-token").with_full_client_scope();
+//! let caller = Caller::new(key.realm.clone(), key.subject.clone(), "my-app")
+//!     .with_role("read-token")
+//!     .with_client_scope_roles(["read-token"]); // the roles the client's token carries
 //! let tokens = broker.retrieve(&caller, &key).await?.tokens;
 //! assert!(!tokens.access_token().expose_secret().is_empty());
 //! # Ok(()) }

@@ -40,3 +40,8 @@ pub use answer::Answer;
 pub use auth::{CallerAuthenticator, JwtAuthenticator, Unauthenticated};
 pub use extract::{AuthenticatedCaller, Authenticator};
 pub use router::{BrokerRouterBuilder, DEFAULT_COOKIE_NAME, broker_router};
+
+/// The README's code blocks, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
