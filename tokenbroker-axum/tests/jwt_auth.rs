@@ -299,7 +299,13 @@ async fn a_good_rs256_token_gives_its_caller() {
 #[tokio::test]
 async fn a_good_es256_token_gives_its_caller() {
     let server = JwksServer::start(default_jwks()).await;
-    let auth = remote(&server).build().expect("authenticator");
+    // The default HTTP client this time.
+    let auth = JwtAuthenticator::builder(ISSUER, AUDIENCE)
+        .realm(realm())
+        .client_roles_of("broker")
+        .jwks_url(server.url.clone())
+        .build()
+        .expect("authenticator");
 
     let token = sign(
         &good_claims(),
