@@ -318,6 +318,33 @@ async fn a_good_es256_token_gives_its_caller() {
 }
 
 #[tokio::test]
+async fn a_static_jwks_verifies_without_any_fetch() {
+    let jwks: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_value(json!({ "keys": default_jwks() })).expect("JWKS");
+    let auth = JwtAuthenticator::builder(ISSUER, AUDIENCE)
+        .realm(realm())
+        .client_roles_of("broker")
+        .static_jwks(jwks)
+        .build()
+        .expect("authenticator");
+
+    let rs = by_header(&auth, &rs256(&good_claims(), "rsa-1")).await;
+    assert_user_1(&rs.expect("RS256"));
+    let es = sign(
+        &good_claims(),
+        Algorithm::ES256,
+        Some("ec-1"),
+        &ec_signing(&keys().ec),
+    );
+    assert_user_1(&by_header(&auth, &es).await.expect("ES256"));
+    assert_rejected(
+        by_header(&auth, &rs256(&good_claims(), "rsa-2")).await,
+        "kid not in the static set",
+        "UnknownKey",
+    );
+}
+
+#[tokio::test]
 async fn client_id_falls_back_to_the_client_id_claim_and_roles_may_be_absent() {
     let server = JwksServer::start(default_jwks()).await;
     let auth = remote(&server).build().expect("authenticator");
@@ -732,7 +759,7 @@ async fn a_rotated_key_is_picked_up_with_exactly_one_refetch() {
     assert_eq!(server.fetches(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unknown_kids_refetch_at_most_once_per_interval() {
     let server = JwksServer::start(default_jwks()).await;
     let auth = remote(&server)
