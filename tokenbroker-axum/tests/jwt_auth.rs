@@ -299,7 +299,13 @@ async fn a_good_rs256_token_gives_its_caller() {
 #[tokio::test]
 async fn a_good_es256_token_gives_its_caller() {
     let server = JwksServer::start(default_jwks()).await;
-    let auth = remote(&server).build().expect("authenticator");
+    // The default HTTP client this time.
+    let auth = JwtAuthenticator::builder(ISSUER, AUDIENCE)
+        .realm(realm())
+        .client_roles_of("broker")
+        .jwks_url(server.url.clone())
+        .build()
+        .expect("authenticator");
 
     let token = sign(
         &good_claims(),
@@ -309,6 +315,33 @@ async fn a_good_es256_token_gives_its_caller() {
     );
     let caller = by_header(&auth, &token).await.expect("accepted");
     assert_user_1(&caller);
+}
+
+#[tokio::test]
+async fn a_static_jwks_verifies_without_any_fetch() {
+    let jwks: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_value(json!({ "keys": default_jwks() })).expect("JWKS");
+    let auth = JwtAuthenticator::builder(ISSUER, AUDIENCE)
+        .realm(realm())
+        .client_roles_of("broker")
+        .static_jwks(jwks)
+        .build()
+        .expect("authenticator");
+
+    let rs = by_header(&auth, &rs256(&good_claims(), "rsa-1")).await;
+    assert_user_1(&rs.expect("RS256"));
+    let es = sign(
+        &good_claims(),
+        Algorithm::ES256,
+        Some("ec-1"),
+        &ec_signing(&keys().ec),
+    );
+    assert_user_1(&by_header(&auth, &es).await.expect("ES256"));
+    assert_rejected(
+        by_header(&auth, &rs256(&good_claims(), "rsa-2")).await,
+        "kid not in the static set",
+        "UnknownKey",
+    );
 }
 
 #[tokio::test]
@@ -726,7 +759,7 @@ async fn a_rotated_key_is_picked_up_with_exactly_one_refetch() {
     assert_eq!(server.fetches(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unknown_kids_refetch_at_most_once_per_interval() {
     let server = JwksServer::start(default_jwks()).await;
     let auth = remote(&server)

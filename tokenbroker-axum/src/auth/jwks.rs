@@ -200,18 +200,24 @@ impl RemoteJwks {
     }
 
     /// Fetches the JWKS again unless someone did since `seen_generation` or the rate limit
-    /// forbids it. Returns the keys to use from now on: new ones when a fetch (ours or a
-    /// concurrent one) succeeded, `None` otherwise. A failed fetch keeps the old cache.
+    /// forbids it. Returns the keys to use from now on and their generation: new ones when a
+    /// fetch (ours or a concurrent one) succeeded, `None` otherwise. A failed fetch keeps the
+    /// old cache.
     pub(crate) async fn refresh(
         &self,
         seen_generation: u64,
         trigger: Trigger,
-    ) -> Option<Arc<Vec<Key>>> {
-        let mut log = self.fetch.lock().await;
+    ) -> Option<(Arc<Vec<Key>>, u64)> {
+        let mut log = match trigger {
+            // Stale keys are still good while someone else fetches; only the request that
+            // fetches waits for the IdP (up to the time-out when it is down).
+            Trigger::Stale if seen_generation > 0 => self.fetch.try_lock().ok()?,
+            _ => self.fetch.lock().await,
+        };
         {
             let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
             if cache.generation != seen_generation {
-                return Some(Arc::clone(&cache.keys));
+                return Some((Arc::clone(&cache.keys), cache.generation));
             }
         }
         let recent =
@@ -235,7 +241,7 @@ impl RemoteJwks {
                 cache.generation += 1;
                 cache.fetched_at = Some(Instant::now());
                 tracing::debug!(url = %self.url, keys = keys.len(), ?trigger, "JWKS fetched");
-                Some(keys)
+                Some((keys, cache.generation))
             }
             Err(error) => {
                 log.last_failure = Some(Instant::now());

@@ -233,16 +233,16 @@ impl JwtAuthenticator {
                 if stale {
                     // A failed refresh leaves the old keys in use until a fetch succeeds.
                     if let Some(fresh) = remote.refresh(generation, Trigger::Stale).await {
-                        keys = fresh;
+                        (keys, generation) = fresh;
                     }
-                    generation = remote.snapshot().1;
                 }
                 match lookup(&keys, kid, alg) {
                     Lookup::Found(key) => key.clone(),
                     Lookup::Rejected(reason) => return Err(Unauthenticated::because(reason)),
                     Lookup::Missing => {
                         // Perhaps the IdP rotated its keys: one rate-limited re-fetch.
-                        let Some(fresh) = remote.refresh(generation, Trigger::UnknownKid).await
+                        let Some((fresh, _)) =
+                            remote.refresh(generation, Trigger::UnknownKid).await
                         else {
                             return Err(missing_key(kid));
                         };
