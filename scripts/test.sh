@@ -21,6 +21,10 @@ bash scripts/setup-idp.sh
 
 say "browser: chromium and chromedriver"
 bash scripts/setup-browser.sh
+# Installed: then a browser test that cannot start is a failure, not a skip.
+if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+  export TOKENBROKER_REQUIRE_BROWSER=1
+fi
 
 if [ -z "${TOKENBROKER_TEST_POSTGRES_URL:-}" ]; then
   say "PostgreSQL: throwaway cluster"

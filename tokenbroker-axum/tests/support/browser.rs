@@ -152,8 +152,10 @@ impl Browser {
         let serde_json::Value::Object(capabilities) = capabilities else {
             unreachable!()
         };
-        let mut builder = ClientBuilder::rustls()
-            .map_err(|e| Skip(format!("fantoccini's HTTP client cannot start: {e}")))?;
+        // chromedriver speaks plain HTTP on loopback: no TLS stack (whose default crypto
+        // provider is ambiguous when the workspace's features enable two of them).
+        let mut builder =
+            ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new());
         let client = builder
             .capabilities(capabilities)
             .connect(&format!("http://{addr}"))
