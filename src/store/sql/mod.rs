@@ -206,6 +206,344 @@ macro_rules! extend_lease_sql {
 }
 pub(crate) use extend_lease_sql;
 
+/// The part of a SQL store that SQLite and PostgreSQL share word for word: migrations (each
+/// dialect opens the migration's transaction under its own lock, `begin_migration`), purge,
+/// load, list, scan, and the fenced lease release and extension. Expanded inside each store's
+/// inherent `impl`, where `self.pool`, `backend`, `STORE`, `MIGRATIONS` and the dialect's
+/// `db_now_ms!` are that store's; the statements that differ (insert, compare-and-swap, delete,
+/// try-lease: one statement with a sequence in PostgreSQL, a `BEGIN IMMEDIATE` transaction in
+/// SQLite) stay in each file.
+macro_rules! shared_link_queries {
+    () => {
+        /// Applies the embedded migrations the database does not have yet, each in its own
+        /// transaction. Idempotent, and safe when several processes start at once: each
+        /// migration runs under the database's lock (SQLite's write lock, a PostgreSQL
+        /// advisory lock), taken before the applied versions are read.
+        ///
+        /// A database made by an earlier version is upgraded in place, its links and leases
+        /// kept. Instances of the earlier version keep working on it during a rolling upgrade,
+        /// but their leases carry no fencing token: fencing holds once every instance runs this
+        /// version.
+        pub async fn migrate(&self) -> Result<(), StoreError> {
+            for migration in MIGRATIONS {
+                let mut tx = self.begin_migration().await?;
+                sqlx::query(
+                    "CREATE TABLE IF NOT EXISTS tokenbroker_schema_migrations \
+                     (version INT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+                )
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+                let applied: Option<i32> = sqlx::query_scalar(
+                    "SELECT version FROM tokenbroker_schema_migrations WHERE version = $1",
+                )
+                .bind(migration.version)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(backend)?;
+                if applied.is_some() {
+                    // Ended here, not on drop: a dropped transaction is rolled back only when
+                    // its connection is next used, and until then it keeps the lock that the
+                    // next migration's transaction, on another connection of the same pool,
+                    // would wait for.
+                    tx.rollback().await.map_err(backend)?;
+                    continue;
+                }
+                sqlx::raw_sql(migration.sql)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+                sqlx::query(concat!(
+                    "INSERT INTO tokenbroker_schema_migrations (version, applied_at) VALUES ($1, ",
+                    db_now_ms!(),
+                    ")"
+                ))
+                .bind(migration.version)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+                tx.commit().await.map_err(backend)?;
+                tracing::info!(
+                    store = STORE,
+                    version = migration.version,
+                    "applied schema migration"
+                );
+            }
+            Ok(())
+        }
+
+        /// Deletes old links as `policy` says, one statement per rule, by the database's
+        /// clock; links with an unexpired lease are kept.
+        pub async fn purge(
+            &self,
+            policy: &super::RetentionPolicy,
+        ) -> Result<super::PurgeReport, StoreError> {
+            let mut report = super::PurgeReport::default();
+            if let Some(age) = policy.unused_for {
+                report.unused = sqlx::query(concat!(
+                    "DELETE FROM tokenbroker_links WHERE updated_at < ",
+                    db_now_ms!(),
+                    " - $1 AND ",
+                    super::lease_is_free!(db_now_ms!())
+                ))
+                .bind(super::duration_ms(age))
+                .execute(&self.pool)
+                .await
+                .map_err(backend)?
+                .rows_affected();
+            }
+            if let Some(age) = policy.relink_required_for {
+                report.relink_required = sqlx::query(concat!(
+                    "DELETE FROM tokenbroker_links WHERE state = 'relink_required' \
+                     AND relink_since < ",
+                    db_now_ms!(),
+                    " - $1 AND ",
+                    super::lease_is_free!(db_now_ms!())
+                ))
+                .bind(super::duration_ms(age))
+                .execute(&self.pool)
+                .await
+                .map_err(backend)?
+                .rows_affected();
+            }
+            Ok(report)
+        }
+
+        async fn load_link(
+            &self,
+            key: &crate::ids::TokenKey,
+        ) -> Result<Option<crate::store::StoredRecord>, StoreError> {
+            use sqlx::Row as _;
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                super::link_columns!(),
+                ", payload FROM tokenbroker_links WHERE ",
+                super::key_where!()
+            ))
+            .bind(key.realm.as_str())
+            .bind(key.subject.as_str())
+            .bind(key.provider.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+            let Some(row) = row else { return Ok(None) };
+            let payload: Vec<u8> = row.try_get("payload").map_err(backend)?;
+            super::RawLink::from_row(&row)
+                .map_err(backend)?
+                .into_stored(payload)
+                .map(Some)
+        }
+
+        async fn list_links(
+            &self,
+            realm: &crate::ids::Realm,
+            subject: &crate::ids::Subject,
+        ) -> Result<Vec<crate::ids::TokenKey>, StoreError> {
+            let providers: Vec<String> = sqlx::query_scalar(
+                "SELECT provider FROM tokenbroker_links WHERE realm = $1 AND subject = $2 \
+                 ORDER BY provider",
+            )
+            .bind(realm.as_str())
+            .bind(subject.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+            providers
+                .iter()
+                .map(|p| super::parse_key(realm.as_str(), subject.as_str(), p))
+                .collect()
+        }
+
+        async fn scan_links(
+            &self,
+            after: Option<&crate::ids::TokenKey>,
+            limit: usize,
+        ) -> Result<Vec<crate::store::ScannedLink>, StoreError> {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = match after {
+                None => {
+                    sqlx::query(concat!(
+                        "SELECT ",
+                        super::link_columns!(),
+                        " FROM tokenbroker_links ORDER BY realm, subject, provider LIMIT $1"
+                    ))
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await
+                }
+                Some(after) => {
+                    // Bytewise order in both (SQLite's BINARY collation, the "C" collation of
+                    // the PostgreSQL columns, which wins over the parameters' default one), so
+                    // the row-value comparison walks the primary key.
+                    sqlx::query(concat!(
+                        "SELECT ",
+                        super::link_columns!(),
+                        " FROM tokenbroker_links WHERE (realm, subject, provider) > ($1, $2, $3) \
+                         ORDER BY realm, subject, provider LIMIT $4"
+                    ))
+                    .bind(after.realm.as_str())
+                    .bind(after.subject.as_str())
+                    .bind(after.provider.as_str())
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await
+                }
+            }
+            .map_err(backend)?;
+            rows.iter()
+                .map(|row| {
+                    super::RawLink::from_row(row)
+                        .map_err(backend)?
+                        .into_scanned()
+                })
+                .collect()
+        }
+
+        /// Deletes the link whatever its version.
+        async fn delete_link_unconditionally(
+            &self,
+            key: &crate::ids::TokenKey,
+        ) -> Result<bool, StoreError> {
+            let deleted = sqlx::query(concat!(
+                "DELETE FROM tokenbroker_links WHERE ",
+                super::key_where!()
+            ))
+            .bind(key.realm.as_str())
+            .bind(key.subject.as_str())
+            .bind(key.provider.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?
+            .rows_affected();
+            Ok(deleted > 0)
+        }
+
+        async fn release_link_lease(&self, lease: &crate::store::Lease) -> Result<(), StoreError> {
+            sqlx::query(super::RELEASE_LEASE)
+                .bind(lease.key.realm.as_str())
+                .bind(lease.key.subject.as_str())
+                .bind(lease.key.provider.as_str())
+                .bind(lease.token.as_str())
+                .execute(&self.pool)
+                .await
+                .map_err(backend)?;
+            Ok(())
+        }
+
+        async fn extend_link_lease(
+            &self,
+            lease: &crate::store::Lease,
+            ttl: std::time::Duration,
+        ) -> Result<Option<crate::store::Lease>, StoreError> {
+            let until: Option<i64> = sqlx::query_scalar(super::extend_lease_sql!(db_now_ms!()))
+                .bind(lease.key.realm.as_str())
+                .bind(lease.key.subject.as_str())
+                .bind(lease.key.provider.as_str())
+                .bind(lease.token.as_str())
+                .bind(super::duration_ms(ttl))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend)?;
+            let Some(until) = until else { return Ok(None) };
+            let expires_at = super::from_ms(until, "lease_expires_at").map_err(|reason| {
+                StoreError::Corrupt {
+                    key: lease.key.clone(),
+                    reason,
+                    version: None,
+                }
+            })?;
+            let mut extended = lease.clone();
+            extended.expires_at = expires_at;
+            Ok(Some(extended))
+        }
+    };
+}
+pub(crate) use shared_link_queries;
+
+/// Implements [`TokenStore`](crate::store::TokenStore) for a SQL store over its inherent
+/// methods: the shared queries of `shared_link_queries!` and the dialect's own `insert_link`,
+/// `swap_link`, `delete_link` and `try_lease_link`.
+macro_rules! sql_token_store {
+    ($store:ty) => {
+        #[async_trait::async_trait]
+        impl crate::store::TokenStore for $store {
+            async fn load(
+                &self,
+                key: &crate::ids::TokenKey,
+            ) -> Result<Option<crate::store::StoredRecord>, StoreError> {
+                self.load_link(key).await
+            }
+
+            async fn insert(
+                &self,
+                key: &crate::ids::TokenKey,
+                record: &crate::store::Record,
+            ) -> Result<crate::store::Version, StoreError> {
+                self.insert_link(key, record).await
+            }
+
+            async fn compare_and_swap(
+                &self,
+                key: &crate::ids::TokenKey,
+                expected: crate::store::Version,
+                record: &crate::store::Record,
+                fence: Option<&crate::store::LeaseToken>,
+            ) -> Result<crate::store::Version, StoreError> {
+                self.swap_link(key, expected, record, fence).await
+            }
+
+            async fn delete(
+                &self,
+                key: &crate::ids::TokenKey,
+                expected: Option<crate::store::Version>,
+            ) -> Result<bool, StoreError> {
+                self.delete_link(key, expected).await
+            }
+
+            async fn list(
+                &self,
+                realm: &crate::ids::Realm,
+                subject: &crate::ids::Subject,
+            ) -> Result<Vec<crate::ids::TokenKey>, StoreError> {
+                self.list_links(realm, subject).await
+            }
+
+            async fn scan(
+                &self,
+                after: Option<&crate::ids::TokenKey>,
+                limit: usize,
+            ) -> Result<Vec<crate::store::ScannedLink>, StoreError> {
+                self.scan_links(after, limit).await
+            }
+
+            async fn try_lease(
+                &self,
+                key: &crate::ids::TokenKey,
+                holder: &crate::store::LeaseHolder,
+                ttl: std::time::Duration,
+            ) -> Result<crate::store::LeaseAttempt, StoreError> {
+                self.try_lease_link(key, holder, ttl).await
+            }
+
+            async fn release_lease(&self, lease: &crate::store::Lease) -> Result<(), StoreError> {
+                self.release_link_lease(lease).await
+            }
+
+            async fn extend_lease(
+                &self,
+                lease: &crate::store::Lease,
+                ttl: std::time::Duration,
+            ) -> Result<Option<crate::store::Lease>, StoreError> {
+                self.extend_link_lease(lease, ttl).await
+            }
+        }
+    };
+}
+pub(crate) use sql_token_store;
+
 /// Migration 2 (both engines): the fencing token of the current lease acquisition.
 ///
 /// Existing rows get `NULL`. A lease taken before the upgrade keeps its holder and expiry, so

@@ -3,20 +3,15 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::{
-    ADD_LEASE_TOKEN, Columns, Migration, PurgeReport, RELEASE_LEASE, RawLink, RetentionPolicy,
-    duration_ms, extend_lease_sql, fence_holds, from_ms, key_where, lease_is_free, link_columns,
-    version_from_db, version_to_db,
+    ADD_LEASE_TOKEN, Columns, Migration, duration_ms, fence_holds, from_ms, key_where,
+    lease_is_free, version_from_db, version_to_db,
 };
-use crate::ids::{Realm, Subject, TokenKey};
-use crate::store::{
-    Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoreError, StoredRecord,
-    TokenStore, Version,
-};
+use crate::ids::TokenKey;
+use crate::store::{Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, StoreError, Version};
 
 const STORE: &str = "postgres";
 
@@ -123,6 +118,23 @@ fn backend(e: sqlx::Error) -> StoreError {
 }
 
 impl PostgresStore {
+    super::shared_link_queries!();
+
+    /// Opens a migration's transaction under a transaction-scoped advisory lock, taken before
+    /// anything else, so even `CREATE TABLE IF NOT EXISTS` cannot race (two concurrent ones can
+    /// fail on the catalog's unique index).
+    async fn begin_migration(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        Ok(tx)
+    }
+
     /// Connects a pool to `url` (`postgres://user:password@host/db`) and brings the schema up
     /// to date. Errors never repeat the URL.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -146,101 +158,6 @@ impl PostgresStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
-
-    /// Applies the embedded migrations the database does not have yet, each in its own
-    /// transaction. Idempotent, and safe when several instances start at once: each migration
-    /// runs under a transaction-scoped advisory lock, taken before the applied versions are read.
-    ///
-    /// A database made by an earlier version is upgraded in place, its links and leases kept.
-    /// Instances of the earlier version keep working on it during a rolling upgrade, but their
-    /// leases carry no fencing token: fencing holds once every instance runs this version.
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        for migration in MIGRATIONS {
-            let mut tx = self.pool.begin().await.map_err(backend)?;
-            // Taken before anything else, so even the CREATE TABLE IF NOT EXISTS below cannot
-            // race (two concurrent ones can fail on the catalog's unique index).
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(MIGRATION_LOCK)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-            sqlx::query(
-                "CREATE TABLE IF NOT EXISTS tokenbroker_schema_migrations \
-                 (version INT PRIMARY KEY, applied_at BIGINT NOT NULL)",
-            )
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-            let applied: Option<i32> = sqlx::query_scalar(
-                "SELECT version FROM tokenbroker_schema_migrations WHERE version = $1",
-            )
-            .bind(migration.version)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(backend)?;
-            if applied.is_some() {
-                // Ended here, not on drop: a dropped transaction is rolled back only when its
-                // connection is next used, and until then it keeps the write lock (the
-                // advisory lock in PostgreSQL) that the next migration's transaction, on
-                // another connection of the same pool, would wait for.
-                tx.rollback().await.map_err(backend)?;
-                continue;
-            }
-            sqlx::raw_sql(migration.sql)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-            sqlx::query(concat!(
-                "INSERT INTO tokenbroker_schema_migrations (version, applied_at) VALUES ($1, ",
-                db_now_ms!(),
-                ")"
-            ))
-            .bind(migration.version)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-            tx.commit().await.map_err(backend)?;
-            tracing::info!(
-                store = STORE,
-                version = migration.version,
-                "applied schema migration"
-            );
-        }
-        Ok(())
-    }
-
-    /// Deletes old links as `policy` says, one statement per rule, by the database's clock;
-    /// links with an unexpired lease are kept.
-    pub async fn purge(&self, policy: &RetentionPolicy) -> Result<PurgeReport, StoreError> {
-        let mut report = PurgeReport::default();
-        if let Some(age) = policy.unused_for {
-            report.unused = sqlx::query(concat!(
-                "DELETE FROM tokenbroker_links WHERE updated_at < ",
-                db_now_ms!(),
-                " - $1 AND ",
-                lease_is_free!(db_now_ms!())
-            ))
-            .bind(duration_ms(age))
-            .execute(&self.pool)
-            .await
-            .map_err(backend)?
-            .rows_affected();
-        }
-        if let Some(age) = policy.relink_required_for {
-            report.relink_required = sqlx::query(concat!(
-                "DELETE FROM tokenbroker_links WHERE state = 'relink_required' AND relink_since < ",
-                db_now_ms!(),
-                " - $1 AND ",
-                lease_is_free!(db_now_ms!())
-            ))
-            .bind(duration_ms(age))
-            .execute(&self.pool)
-            .await
-            .map_err(backend)?
-            .rows_affected();
-        }
-        Ok(report)
-    }
 }
 
 fn corrupt(key: &TokenKey) -> impl Fn(String) -> StoreError + '_ {
@@ -251,30 +168,10 @@ fn corrupt(key: &TokenKey) -> impl Fn(String) -> StoreError + '_ {
     }
 }
 
-#[async_trait]
-impl TokenStore for PostgresStore {
-    async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            link_columns!(),
-            ", payload FROM tokenbroker_links WHERE ",
-            key_where!()
-        ))
-        .bind(key.realm.as_str())
-        .bind(key.subject.as_str())
-        .bind(key.provider.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(backend)?;
-        let Some(row) = row else { return Ok(None) };
-        let payload: Vec<u8> = row.try_get("payload").map_err(backend)?;
-        RawLink::from_row(&row)
-            .map_err(backend)?
-            .into_stored(payload)
-            .map(Some)
-    }
-
-    async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
+/// The statements this dialect does its own way. `sql_token_store!` implements
+/// [`TokenStore`](crate::store::TokenStore) over them and the shared queries.
+impl PostgresStore {
+    async fn insert_link(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
         let c = Columns::of(&record.meta);
         let version: Option<i64> = sqlx::query_scalar(
             "INSERT INTO tokenbroker_links (realm, subject, provider, version, payload, state, \
@@ -301,7 +198,7 @@ impl TokenStore for PostgresStore {
         }
     }
 
-    async fn compare_and_swap(
+    async fn swap_link(
         &self,
         key: &TokenKey,
         expected: Version,
@@ -343,20 +240,13 @@ impl TokenStore for PostgresStore {
         }
     }
 
-    async fn delete(&self, key: &TokenKey, expected: Option<Version>) -> Result<bool, StoreError> {
+    async fn delete_link(
+        &self,
+        key: &TokenKey,
+        expected: Option<Version>,
+    ) -> Result<bool, StoreError> {
         let Some(expected) = expected else {
-            let deleted = sqlx::query(concat!(
-                "DELETE FROM tokenbroker_links WHERE ",
-                key_where!()
-            ))
-            .bind(key.realm.as_str())
-            .bind(key.subject.as_str())
-            .bind(key.provider.as_str())
-            .execute(&self.pool)
-            .await
-            .map_err(backend)?
-            .rows_affected();
-            return Ok(deleted > 0);
+            return self.delete_link_unconditionally(key).await;
         };
         // One statement: the EXISTS sees the snapshot the DELETE started from, so "not deleted"
         // and "present" describe the same moment.
@@ -385,66 +275,7 @@ impl TokenStore for PostgresStore {
         }
     }
 
-    async fn list(&self, realm: &Realm, subject: &Subject) -> Result<Vec<TokenKey>, StoreError> {
-        let providers: Vec<String> = sqlx::query_scalar(
-            "SELECT provider FROM tokenbroker_links WHERE realm = $1 AND subject = $2 \
-             ORDER BY provider",
-        )
-        .bind(realm.as_str())
-        .bind(subject.as_str())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(backend)?;
-        providers
-            .iter()
-            .map(|p| super::parse_key(realm.as_str(), subject.as_str(), p))
-            .collect()
-    }
-
-    async fn scan(
-        &self,
-        after: Option<&TokenKey>,
-        limit: usize,
-    ) -> Result<Vec<ScannedLink>, StoreError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = match after {
-            None => {
-                sqlx::query(concat!(
-                    "SELECT ",
-                    link_columns!(),
-                    " FROM tokenbroker_links ORDER BY realm, subject, provider LIMIT $1"
-                ))
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await
-            }
-            Some(after) => {
-                // The columns' "C" collation wins over the parameters' default one, so the
-                // row-value comparison is bytewise and can walk the primary key.
-                sqlx::query(concat!(
-                    "SELECT ",
-                    link_columns!(),
-                    " FROM tokenbroker_links WHERE (realm, subject, provider) > ($1, $2, $3) \
-                     ORDER BY realm, subject, provider LIMIT $4"
-                ))
-                .bind(after.realm.as_str())
-                .bind(after.subject.as_str())
-                .bind(after.provider.as_str())
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await
-            }
-        }
-        .map_err(backend)?;
-        rows.iter()
-            .map(|row| RawLink::from_row(row).map_err(backend)?.into_scanned())
-            .collect()
-    }
-
-    async fn try_lease(
+    async fn try_lease_link(
         &self,
         key: &TokenKey,
         holder: &LeaseHolder,
@@ -488,36 +319,6 @@ impl TokenStore for PostgresStore {
             (None, false) => LeaseAttempt::Missing,
         })
     }
-
-    async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
-        sqlx::query(RELEASE_LEASE)
-            .bind(lease.key.realm.as_str())
-            .bind(lease.key.subject.as_str())
-            .bind(lease.key.provider.as_str())
-            .bind(lease.token.as_str())
-            .execute(&self.pool)
-            .await
-            .map_err(backend)?;
-        Ok(())
-    }
-
-    async fn extend_lease(
-        &self,
-        lease: &Lease,
-        ttl: Duration,
-    ) -> Result<Option<Lease>, StoreError> {
-        let until: Option<i64> = sqlx::query_scalar(extend_lease_sql!(db_now_ms!()))
-            .bind(lease.key.realm.as_str())
-            .bind(lease.key.subject.as_str())
-            .bind(lease.key.provider.as_str())
-            .bind(lease.token.as_str())
-            .bind(duration_ms(ttl))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend)?;
-        let Some(until) = until else { return Ok(None) };
-        let mut extended = lease.clone();
-        extended.expires_at = from_ms(until, "lease_expires_at").map_err(corrupt(&lease.key))?;
-        Ok(Some(extended))
-    }
 }
+
+super::sql_token_store!(PostgresStore);
