@@ -602,3 +602,56 @@ async fn bad_requests_get_typed_400s() {
     assert_eq!(read.status, StatusCode::OK);
     let _ = &w.broker_a;
 }
+
+/// The host's IdP rotates its signing key: tokens under the new `kid` are accepted after one
+/// re-fetch of the JWKS, and tokens under the retired key are refused with the same `401`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_caller_key_is_picked_up_from_the_jwks() {
+    let idp = FakeIdp::start_default().await.unwrap();
+    let (old_key, old_jwk) = app::new_key("k1");
+    let (new_key, new_jwk) = app::new_key("k2");
+    let jwks = app::JwksServer::start(json!({ "keys": [old_jwk] })).await;
+    let auth = tokenbroker_axum::JwtAuthenticator::builder(app::ISSUER, app::AUDIENCE)
+        .jwks_url(jwks.url.clone())
+        .realm(tokenbroker::Realm::new(REALM).unwrap())
+        .client_roles_of(app::AUDIENCE)
+        .build()
+        .unwrap();
+    let (listener, base) = app::listener().await;
+    let broker = app::broker(
+        &idp.issuer().parse().unwrap(),
+        ALIAS,
+        idp.client_id(),
+        idp.client_secret(),
+        callback_url(&base, ALIAS),
+        Arc::new(MemoryStore::new()),
+    )
+    .await;
+    app::serve(
+        listener,
+        broker_router(broker, auth)
+            .secure_cookie(false)
+            .build(tower_sessions::MemoryStore::default()),
+    );
+    let status = |token: String| {
+        let url = format!("{base}/realms/{REALM}/broker/{ALIAS}/link");
+        async move { send(browser().get(url).bearer_auth(token)).await }
+    };
+    // Authenticated (no link yet: 404, not 401) with the current key.
+    let before = status(app::sign_with(&old_key, "k1", &claims("alice", true))).await;
+    assert_eq!(before.status, StatusCode::NOT_FOUND, "{}", before.body);
+    assert_eq!(jwks.fetches(), 1);
+
+    jwks.publish(json!({ "keys": [new_jwk] }));
+    let rotated = status(app::sign_with(&new_key, "k2", &claims("alice", true))).await;
+    assert_eq!(rotated.status, StatusCode::NOT_FOUND, "{}", rotated.body);
+    assert_eq!(jwks.fetches(), 2, "one re-fetch for the unknown kid");
+
+    // A token under a kid nobody published is refused with the uniform 401, and asks the IdP
+    // for nothing: re-fetches for unknown kids are limited to one a minute.
+    let (stranger, _) = app::new_key("k3");
+    let refused = status(app::sign_with(&stranger, "k3", &claims("alice", true))).await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{}", refused.body);
+    assert_eq!(refused.header("www-authenticate"), "Bearer");
+    assert_eq!(jwks.fetches(), 2);
+}

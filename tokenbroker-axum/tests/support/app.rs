@@ -122,3 +122,64 @@ pub async fn listener() -> (tokio::net::TcpListener, String) {
 pub fn serve(listener: tokio::net::TcpListener, router: axum::Router) {
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
 }
+
+/// A JWKS endpoint of the host's IdP on loopback, whose published keys a test can change (key
+/// rotation), counting how often it is fetched.
+pub struct JwksServer {
+    pub url: Url,
+    keys: Arc<std::sync::Mutex<Value>>,
+    fetches: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl JwksServer {
+    pub async fn start(jwks: Value) -> JwksServer {
+        let keys = Arc::new(std::sync::Mutex::new(jwks));
+        let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (k, f) = (keys.clone(), fetches.clone());
+        let router = axum::Router::new().route(
+            "/certs",
+            axum::routing::get(move || {
+                let (k, f) = (k.clone(), f.clone());
+                async move {
+                    f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    axum::Json(k.lock().unwrap().clone())
+                }
+            }),
+        );
+        let (listener, base) = listener().await;
+        serve(listener, router);
+        JwksServer {
+            url: format!("{base}/certs").parse().unwrap(),
+            keys,
+            fetches,
+        }
+    }
+
+    pub fn publish(&self, jwks: Value) {
+        *self.keys.lock().unwrap() = jwks;
+    }
+
+    pub fn fetches(&self) -> usize {
+        self.fetches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A new ES256 key with its public JWK under `kid`.
+pub fn new_key(kid: &str) -> (p256::ecdsa::SigningKey, Value) {
+    let key = p256::ecdsa::SigningKey::random(&mut OsRng);
+    let point = key.verifying_key().to_encoded_point(false);
+    let jwk = json!({
+        "kty": "EC", "kid": kid, "use": "sig", "alg": "ES256", "crv": "P-256",
+        "x": URL_SAFE_NO_PAD.encode(point.x().unwrap()),
+        "y": URL_SAFE_NO_PAD.encode(point.y().unwrap()),
+    });
+    (key, jwk)
+}
+
+/// `claims` signed with `key` under `kid`.
+pub fn sign_with(key: &p256::ecdsa::SigningKey, kid: &str, claims: &Value) -> String {
+    let encoding = EncodingKey::from_ec_der(key.to_pkcs8_der().unwrap().as_bytes());
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, claims, &encoding).unwrap()
+}
