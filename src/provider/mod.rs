@@ -4,6 +4,7 @@
 //! refresh protocol; a provider only speaks its IdP's dialect: how to build the authorization
 //! URL, how to call the token endpoint, how to read its answers and classify its errors.
 
+mod client_auth;
 mod oauth2;
 mod oidc;
 mod quirks;
@@ -20,6 +21,11 @@ use crate::ids::{ProviderId, Scopes};
 use crate::secret::Secret;
 use crate::token::ProviderTokens;
 
+pub use self::client_auth::{
+    CLIENT_ASSERTION_LIFETIME_SECS, CLIENT_ASSERTION_TYPE, ClientAssertionAlgorithm,
+    ClientAssertionAudience, ClientAssertionKey, ClientAssertionKeyError,
+    SharedClientAssertionKey,
+};
 pub use self::oauth2::{AccountEndpoint, ClientAuth, OAuth2Config, OAuth2Provider};
 pub use self::oidc::{IssuerPolicy, OidcConfig, OidcProvider, VerifiedIdToken};
 pub use self::quirks::{GitHubQuirks, GoogleQuirks, MicrosoftQuirks, Quirks, StandardQuirks};
