@@ -14,7 +14,7 @@ use jsonwebtoken::{EncodingKey, Header};
 use serde::Serialize;
 use sha2::Digest as _;
 
-use super::ProviderError;
+use super::{ClientAuth, ProviderError};
 use crate::secret::Secret;
 
 /// The `client_assertion_type` of a JWT client assertion (RFC 7523 §2.2).
@@ -341,4 +341,108 @@ pub(crate) fn client_assertion(
     signed.map(Secret::new).map_err(|_| ProviderError::Config {
         reason: "the client assertion could not be signed".into(),
     })
+}
+
+/// The credentials a host holds for one provider, from which discovery chooses the client
+/// authentication method ([`ClientCredentials::choose_client_auth`]).
+///
+/// ```
+/// use tokenbroker::provider::{ClientAuth, ClientCredentials};
+/// use tokenbroker::Secret;
+///
+/// let credentials = ClientCredentials::secret(Secret::new("s3cr~t"));
+/// let accepted = ["client_secret_post".to_owned(), "private_key_jwt".to_owned()];
+/// assert_eq!(credentials.choose_client_auth(&accepted)?, ClientAuth::Post);
+/// // A public client against a provider that takes only confidential ones: an error, not a guess.
+/// assert!(ClientCredentials::none().choose_client_auth(&accepted).is_err());
+/// # Ok::<(), tokenbroker::ProviderError>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct ClientCredentials {
+    /// The client secret (`client_secret_basic`, `client_secret_post`, `client_secret_jwt`).
+    pub secret: Option<Secret>,
+    /// The `private_key_jwt` key.
+    pub assertion_key: Option<SharedClientAssertionKey>,
+}
+
+impl ClientCredentials {
+    /// No credentials: a public client (`none`, with PKCE).
+    pub fn none() -> Self {
+        ClientCredentials::default()
+    }
+    /// A client secret.
+    pub fn secret(secret: Secret) -> Self {
+        ClientCredentials::none().with_secret(secret)
+    }
+    /// A `private_key_jwt` key.
+    pub fn assertion_key(key: impl Into<SharedClientAssertionKey>) -> Self {
+        ClientCredentials::none().with_assertion_key(key)
+    }
+    /// Adds a client secret.
+    pub fn with_secret(mut self, secret: Secret) -> Self {
+        self.secret = Some(secret);
+        self
+    }
+    /// Adds a `private_key_jwt` key.
+    pub fn with_assertion_key(mut self, key: impl Into<SharedClientAssertionKey>) -> Self {
+        self.assertion_key = Some(key.into());
+        self
+    }
+
+    /// The methods these credentials allow, best first: with a key `private_key_jwt`; with a
+    /// secret `client_secret_basic`, `client_secret_post`, `client_secret_jwt` (after the key's
+    /// method when both are set); with neither `none`.
+    pub fn usable_methods(&self) -> Vec<ClientAuth> {
+        let mut methods = Vec::new();
+        if self.assertion_key.is_some() {
+            methods.push(ClientAuth::PrivateKeyJwt);
+        }
+        if self.secret.is_some() {
+            methods.extend([ClientAuth::Basic, ClientAuth::Post, ClientAuth::SecretJwt]);
+        }
+        if methods.is_empty() {
+            methods.push(ClientAuth::None);
+        }
+        methods
+    }
+
+    /// Chooses the first of [`ClientCredentials::usable_methods`] that the provider lists in
+    /// `token_endpoint_auth_methods_supported` (`supported`; empty means RFC 8414's default,
+    /// `client_secret_basic` only). Fails with [`ProviderError::ClientAuthNotAccepted`] when
+    /// none is listed.
+    pub fn choose_client_auth(&self, supported: &[String]) -> Result<ClientAuth, ProviderError> {
+        let accepted: Vec<String> = if supported.is_empty() {
+            vec![ClientAuth::Basic.method_name().to_owned()]
+        } else {
+            supported.to_vec()
+        };
+        let usable = self.usable_methods();
+        if let Some(method) = usable
+            .iter()
+            .find(|m| accepted.iter().any(|a| a == m.method_name()))
+        {
+            return Ok(*method);
+        }
+        let configured = match (self.assertion_key.is_some(), self.secret.is_some()) {
+            (true, true) => "a private key and a client secret",
+            (true, false) => "a private key",
+            (false, true) => "a client secret",
+            (false, false) => "no credentials",
+        };
+        Err(ProviderError::ClientAuthNotAccepted {
+            accepted,
+            configured,
+            usable,
+        })
+    }
+}
+
+impl From<Option<Secret>> for ClientCredentials {
+    fn from(secret: Option<Secret>) -> Self {
+        ClientCredentials {
+            secret,
+            assertion_key: None,
+        }
+    }
 }
