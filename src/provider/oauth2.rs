@@ -430,9 +430,13 @@ impl OAuth2Provider {
         };
         let assertion = match c.client_auth {
             ClientAuth::SecretJwt => {
-                let secret = c.client_secret.as_ref().ok_or_else(|| ProviderError::Config {
-                    reason: "client_secret_jwt is configured but no client secret is set".into(),
-                })?;
+                let secret = c
+                    .client_secret
+                    .as_ref()
+                    .ok_or_else(|| ProviderError::Config {
+                        reason: "client_secret_jwt is configured but no client secret is set"
+                            .into(),
+                    })?;
                 client_assertion(&c.client_id, audience, AssertionSigner::Secret(secret))?
             }
             ClientAuth::PrivateKeyJwt => {

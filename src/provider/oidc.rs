@@ -25,8 +25,8 @@ use url::Url;
 use super::oauth2::transport_error;
 use super::quirks::{GoogleQuirks, MicrosoftQuirks};
 use super::{
-    AuthorizationRequest, ClientAuth, ClientCredentials, CodeExchange, OAuth2Config, OAuth2Provider, Provider,
-    ProviderError, RefreshTokenReuse, TokenKind,
+    AuthorizationRequest, ClientAuth, ClientCredentials, CodeExchange, OAuth2Config,
+    OAuth2Provider, Provider, ProviderError, RefreshTokenReuse, TokenKind,
 };
 use crate::account::UpstreamAccount;
 use crate::clock::{self, SharedClock};
@@ -353,7 +353,8 @@ impl OidcConfig {
                 ),
             });
         };
-        let client_auth = credentials.choose_client_auth(&doc.token_endpoint_auth_methods_supported)?;
+        let client_auth =
+            credentials.choose_client_auth(&doc.token_endpoint_auth_methods_supported)?;
         let mut oauth2 = OAuth2Config::new(
             id,
             client_id,

@@ -2086,9 +2086,18 @@ fn authenticate_assertion(
             "the client is not registered for client assertions",
         ));
     }
-    if headers.contains_key(header::AUTHORIZATION) || form.contains_key("client_secret") {
+    let has_assertion =
+        form.contains_key("client_assertion") || form.contains_key("client_assertion_type");
+    let has_other =
+        headers.contains_key(header::AUTHORIZATION) || form.contains_key("client_secret");
+    if has_assertion && has_other {
         return Err(OAuthError::invalid_request(
             "more than one client authentication method",
+        ));
+    }
+    if !has_assertion {
+        return Err(OAuthError::invalid_client(
+            "the client is registered for a client assertion",
         ));
     }
     if form.get("client_assertion_type").map(String::as_str)
@@ -2119,11 +2128,15 @@ fn authenticate_assertion(
         } else if let Ok(key) = DecodingKey::from_rsa_pem(pem.as_bytes()) {
             (key, vec![Algorithm::RS256, Algorithm::PS256])
         } else {
-            return Err(OAuthError::invalid_client("the registered public key is unusable"));
+            return Err(OAuthError::invalid_client(
+                "the registered public key is unusable",
+            ));
         }
     };
     if !algorithms.contains(&header.alg) {
-        return Err(OAuthError::invalid_client("client assertion algorithm not allowed"));
+        return Err(OAuthError::invalid_client(
+            "client assertion algorithm not allowed",
+        ));
     }
     let audiences = match &shared.client_auth.assertion_audience {
         Some(aud) => vec![aud.clone()],
@@ -2139,15 +2152,22 @@ fn authenticate_assertion(
         .map_err(|_| OAuthError::invalid_client("client assertion rejected"))?
         .claims;
     if claims["sub"].as_str() != Some(shared.client_id.as_str()) {
-        return Err(OAuthError::invalid_client("client assertion sub is not the client"));
+        return Err(OAuthError::invalid_client(
+            "client assertion sub is not the client",
+        ));
     }
-    if form.get("client_id").is_some_and(|id| *id != shared.client_id) {
+    if form
+        .get("client_id")
+        .is_some_and(|id| *id != shared.client_id)
+    {
         return Err(OAuthError::invalid_client("client_id mismatch"));
     }
     let now = unix_now();
     let exp = claims["exp"].as_u64().unwrap_or(0);
     if exp > now + 300 {
-        return Err(OAuthError::invalid_client("client assertion lives too long"));
+        return Err(OAuthError::invalid_client(
+            "client assertion lives too long",
+        ));
     }
     let jti = claims["jti"]
         .as_str()
