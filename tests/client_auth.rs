@@ -762,19 +762,16 @@ async fn a_document_without_the_list_means_client_secret_basic() {
                 .unwrap(),
         )
     };
-    let run = |credentials: ClientCredentials| {
-        let http = http;
-        async move {
-            OidcConfig::discover_with_credentials(
-                ProviderId::new("x").unwrap(),
-                &"https://idp.example".parse().unwrap(),
-                "c",
-                credentials,
-                "https://app.example/cb".parse().unwrap(),
-                &http,
-            )
-            .await
-        }
+    let run = |credentials: ClientCredentials| async move {
+        OidcConfig::discover_with_credentials(
+            ProviderId::new("x").unwrap(),
+            &"https://idp.example".parse().unwrap(),
+            "c",
+            credentials,
+            "https://app.example/cb".parse().unwrap(),
+            &http,
+        )
+        .await
     };
     let config = run(ClientCredentials::secret(Secret::new("s")))
         .await
