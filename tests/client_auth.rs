@@ -888,3 +888,69 @@ async fn keys_secrets_and_assertions_never_show_in_debug_or_errors() {
         assert!(!text.contains(&signature), "{text}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Introspection uses the same authentication
+
+#[tokio::test]
+async fn introspection_authenticates_like_the_token_endpoint() {
+    let pair = ec_pair();
+    for auth in [
+        ClientAuth::Basic,
+        ClientAuth::Post,
+        ClientAuth::SecretJwt,
+        ClientAuth::PrivateKeyJwt,
+        ClientAuth::None,
+    ] {
+        let w = world(
+            FakeIdpConfig::default()
+                .with_client_auth_method(auth)
+                .with_client_public_key(&pair.public_pem),
+            |idp| {
+                provider_config(idp, auth).with_client_assertion_key(assertion_key(
+                    ClientAssertionAlgorithm::Es256,
+                    &pair,
+                    "k",
+                ))
+            },
+        )
+        .await;
+        let linked = w.try_link().await.unwrap();
+        let http: Arc<dyn HttpClient> = Arc::new(ReqwestClient::new().unwrap());
+        let config = provider_config(&w.idp, auth)
+            .with_client_assertion_key(assertion_key(ClientAssertionAlgorithm::Es256, &pair, "k"))
+            .with_introspection_endpoint(w.idp.introspection_endpoint());
+        let p = OAuth2Provider::new(config.clone(), http.clone());
+        let at = linked.access_token();
+        assert!(
+            p.introspect(at, TokenKind::AccessToken).await.unwrap(),
+            "{auth}"
+        );
+        p.revoke(linked.refresh_token().unwrap(), TokenKind::RefreshToken)
+            .await
+            .unwrap();
+        assert!(
+            !p.introspect(at, TokenKind::AccessToken).await.unwrap(),
+            "{auth}"
+        );
+        assert_eq!(w.idp.counters().introspections, 2, "{auth}");
+        if auth == ClientAuth::PrivateKeyJwt {
+            let wrong = OAuth2Provider::new(
+                config.with_client_assertion_key(assertion_key(
+                    ClientAssertionAlgorithm::Es256,
+                    &ec_pair(),
+                    "k",
+                )),
+                http,
+            );
+            let err = wrong
+                .introspect(at, TokenKind::AccessToken)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, ProviderError::InvalidClient { .. }),
+                "{err:?}"
+            );
+        }
+    }
+}

@@ -148,6 +148,8 @@ pub struct OAuth2Config {
     /// a link records its upstream account. None by default (OpenID Connect providers say it in
     /// the ID token).
     pub account_endpoint: Option<AccountEndpoint>,
+    /// The RFC 7662 introspection endpoint, for [`OAuth2Provider::introspect`].
+    pub introspection_endpoint: Option<Url>,
     /// The key `private_key_jwt` assertions are signed with, read at every request (rotate it
     /// through the handle).
     pub client_assertion_key: Option<SharedClientAssertionKey>,
@@ -216,6 +218,7 @@ impl OAuth2Config {
             refresh_token_reuse: RefreshTokenReuse::Rejected,
             quirks: Arc::new(StandardQuirks),
             account_endpoint: None,
+            introspection_endpoint: None,
             client_assertion_key: None,
             client_assertion_audience: ClientAssertionAudience::TokenEndpoint,
         }
@@ -339,6 +342,11 @@ impl OAuth2Config {
     /// ```
     pub fn with_client_assertion_key(mut self, key: impl Into<SharedClientAssertionKey>) -> Self {
         self.client_assertion_key = Some(key.into());
+        self
+    }
+    /// Sets the RFC 7662 introspection endpoint ([`OAuth2Provider::introspect`]).
+    pub fn with_introspection_endpoint(mut self, url: Url) -> Self {
+        self.introspection_endpoint = Some(url);
         self
     }
     /// Sets the `aud` of client assertions (see [`ClientAssertionAudience`]).
@@ -614,6 +622,49 @@ impl OAuth2Provider {
             account.email = Some(email.clone());
         }
         Ok(account)
+    }
+}
+
+impl OAuth2Provider {
+    /// Asks the RFC 7662 introspection endpoint whether `token` is active, authenticating as
+    /// at the token endpoint (any [`ClientAuth`]). [`ProviderError::Unsupported`] when no
+    /// introspection endpoint is configured.
+    pub async fn introspect(&self, token: &Secret, kind: TokenKind) -> Result<bool, ProviderError> {
+        let Some(url) = &self.config.introspection_endpoint else {
+            return Err(ProviderError::Unsupported {
+                operation: "introspect",
+            });
+        };
+        let response = self
+            .post_form(
+                url,
+                vec![
+                    ("token", token.expose_secret()),
+                    ("token_type_hint", kind.hint()),
+                ],
+            )
+            .await?;
+        let status = response.status();
+        if status.is_success() {
+            let body: serde_json::Value =
+                serde_json::from_slice(response.body()).map_err(|e| ProviderError::Protocol {
+                    status: Some(status.as_u16()),
+                    reason: format!("introspection answer is not JSON ({})", e.classify_name()),
+                })?;
+            return body["active"]
+                .as_bool()
+                .ok_or_else(|| ProviderError::Protocol {
+                    status: Some(status.as_u16()),
+                    reason: "introspection answer has no boolean `active`".into(),
+                });
+        }
+        match parse_token_response(status, response.headers(), response.body()) {
+            Err(e) => Err(self.config.quirks.classify_error(e)),
+            Ok(_) => Err(ProviderError::Protocol {
+                status: Some(status.as_u16()),
+                reason: "unexpected answer".into(),
+            }),
+        }
     }
 }
 
