@@ -46,7 +46,10 @@
 //! `state` and PKCE (`S256` only) are required at `/authorize`, request bodies must be
 //! `application/x-www-form-urlencoded`, parameters must not repeat, and HTTP Basic credentials
 //! are form-url-decoded before comparison (RFC 6749 §2.3.1, so a `+` in a secret must be sent
-//! as `%2B`). Only confidential clients (with a secret) are supported. The one relaxation is
+//! as `%2B`). By default the client authenticates with its secret (`client_secret_basic` or
+//! `client_secret_post`); [`FakeIdpConfig::with_client_auth_method`] registers it for exactly
+//! one method instead, including `client_secret_jwt`, `private_key_jwt` (assertions verified
+//! as RFC 7523 §3 asks, replays refused) and `none` (public client). The one relaxation is
 //! [`FakeIdpConfig::google`]'s `/revoke`, which, like Google's, also takes a bare token.
 //!
 //! # ID tokens
