@@ -8,7 +8,7 @@ mod oidc_provider;
 use std::sync::Arc;
 use std::time::Duration;
 
-use oidc_provider::{CLIENT_SECRET, OidcProvider, Profile};
+use oidc_provider::{CLIENT_SECRET, JWT_CLIENT_SECRET, OidcProvider, Profile, ProviderOptions};
 use tokenbroker::http::ReqwestClient;
 use tokenbroker::provider::{
     ClientAuth, GoogleQuirks, IssuerPolicy, MicrosoftQuirks, OAuth2Config, OidcConfig,
@@ -583,4 +583,200 @@ async fn a_relink_with_another_account_replaces_the_link_and_revokes_the_old_gra
     );
     let read = broker.retrieve(&alice(), &key()).await.unwrap();
     assert_eq!(read.tokens.account().unwrap().subject, "bob");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client authentication with assertions: `tb-pkjwt` (private_key_jwt, keys generated here and
+// registered through CLIENT_JWKS) and `tb-secretjwt` (client_secret_jwt).
+
+mod assertions {
+    use super::*;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use p256::pkcs8::{EncodePrivateKey, LineEnding};
+    use rand_core::OsRng;
+    use rsa::traits::PublicKeyParts;
+    use tokenbroker::provider::{
+        ClientAssertionAlgorithm, ClientAssertionKey, ClientCredentials, SharedClientAssertionKey,
+    };
+
+    /// A P-256 key (`kid` "ec-1") and a 2048-bit RSA key (`kid` "rsa-1"), both made now, and
+    /// the public JWK Set that registers both.
+    struct Keys {
+        ec: ClientAssertionKey,
+        rsa: ClientAssertionKey,
+        jwks: String,
+    }
+
+    fn keys() -> Keys {
+        let ec = p256::ecdsa::SigningKey::random(&mut OsRng);
+        let point = ec.verifying_key().to_encoded_point(false);
+        let rsa = rsa::RsaPrivateKey::new(&mut OsRng, 2048).unwrap();
+        let b64 = |b: &[u8]| URL_SAFE_NO_PAD.encode(b);
+        let jwks = serde_json::json!({"keys": [
+            {"kty": "EC", "crv": "P-256", "kid": "ec-1", "use": "sig",
+             "x": b64(point.x().unwrap()), "y": b64(point.y().unwrap())},
+            {"kty": "RSA", "kid": "rsa-1", "use": "sig",
+             "n": b64(&rsa.n().to_bytes_be()), "e": b64(&rsa.e().to_bytes_be())},
+        ]});
+        let ec_pem = ec.to_pkcs8_pem(LineEnding::LF).unwrap();
+        let rsa_pem = {
+            use rsa::pkcs8::EncodePrivateKey;
+            rsa.to_pkcs8_pem(LineEnding::LF).unwrap()
+        };
+        Keys {
+            ec: ClientAssertionKey::from_pkcs8_pem(ClientAssertionAlgorithm::Es256, &ec_pem)
+                .unwrap()
+                .with_key_id("ec-1"),
+            rsa: ClientAssertionKey::from_pkcs8_pem(ClientAssertionAlgorithm::Ps256, &rsa_pem)
+                .unwrap()
+                .with_key_id("rsa-1"),
+            jwks: jwks.to_string(),
+        }
+    }
+
+    async fn discover(
+        idp: &OidcProvider,
+        client_id: &str,
+        credentials: ClientCredentials,
+    ) -> OidcConfig {
+        let config = OidcConfig::discover_with_credentials(
+            ProviderId::new("idp").unwrap(),
+            &idp.issuer(),
+            client_id,
+            credentials,
+            idp.redirect_uri(),
+            &*http(),
+        )
+        .await
+        .expect("discovery");
+        let mut config = config;
+        config.oauth2 = config
+            .oauth2
+            .with_scopes(Scopes::parse("openid offline_access"));
+        config
+    }
+
+    async fn refresh_and_check(broker: &TokenBroker, idp: &OidcProvider) -> TokenView {
+        wait_for_expiry().await;
+        let read = broker.retrieve(&alice(), &key()).await.unwrap();
+        assert!(read.refreshed);
+        assert!(
+            idp.is_active(read.tokens.access_token().expose_secret())
+                .await
+        );
+        read.tokens
+    }
+
+    async fn unlink_and_check(broker: &TokenBroker, idp: &OidcProvider, tokens: &TokenView) {
+        let rt = tokens.refresh_token().unwrap().expose_secret().to_owned();
+        assert!(idp.is_active(&rt).await);
+        let outcome = broker.unlink(&key()).await.unwrap();
+        assert_eq!(outcome.revocation, RevocationStatus::Revoked);
+        assert!(!idp.is_active(&rt).await, "revoked upstream");
+        assert_eq!(idp.counters().await.revocation_requests, 1);
+    }
+
+    async fn assert_invalid_client_and_untouched(
+        broker: &TokenBroker,
+        store: &Arc<MemoryStore>,
+        what: &str,
+    ) {
+        wait_for_expiry().await;
+        let before = store.load(&key()).await.unwrap().unwrap();
+        let err = broker.retrieve(&alice(), &key()).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Provider {
+                    source: ProviderError::InvalidClient { .. },
+                    ..
+                }
+            ),
+            "{what}: {err:?}"
+        );
+        let after = store.load(&key()).await.unwrap().unwrap();
+        assert_eq!(after.version, before.version, "{what}: record rewritten");
+        assert_eq!(
+            after.record.payload.expose_secret(),
+            before.record.payload.expose_secret(),
+            "{what}"
+        );
+        assert_eq!(after.record.meta, before.record.meta, "{what}");
+        assert!(!after.record.meta.state.is_relink_required(), "{what}");
+    }
+
+    #[tokio::test]
+    async fn private_key_jwt_links_refreshes_rotates_keys_and_revokes() {
+        let keys = keys();
+        let idp = OidcProvider::start_with(
+            ProviderOptions::new(Profile::Oidc, TTL).client_jwks(&keys.jwks),
+        )
+        .await;
+        let shared = SharedClientAssertionKey::new(keys.ec.clone());
+        // Discovery with a key picks private_key_jwt from the provider's list.
+        let config = discover(
+            &idp,
+            "tb-pkjwt",
+            ClientCredentials::assertion_key(shared.clone()),
+        )
+        .await;
+        assert_eq!(config.oauth2.client_auth, ClientAuth::PrivateKeyJwt);
+        let store = Arc::new(MemoryStore::new());
+        let broker = oidc_broker(config, &store);
+        let linked = link(&broker, &idp, consent()).await;
+        assert!(linked.id_token().is_some());
+        assert!(linked.refresh_token().is_some());
+        let refreshed = refresh_and_check(&broker, &idp).await;
+        assert_ne!(
+            refreshed.refresh_token().unwrap().expose_secret(),
+            linked.refresh_token().unwrap().expose_secret()
+        );
+
+        // A key the provider does not know: invalid_client, the link untouched.
+        let stranger = {
+            let k = p256::ecdsa::SigningKey::random(&mut OsRng);
+            let pem = k.to_pkcs8_pem(LineEnding::LF).unwrap();
+            ClientAssertionKey::from_pkcs8_pem(ClientAssertionAlgorithm::Es256, &pem)
+                .unwrap()
+                .with_key_id("ec-1")
+        };
+        shared.rotate(stranger);
+        assert_invalid_client_and_untouched(&broker, &store, "unknown key").await;
+
+        // Rotating to the other registered key (PS256) works without rebuilding the broker.
+        shared.rotate(keys.rsa.clone());
+        let tokens = refresh_and_check(&broker, &idp).await;
+        unlink_and_check(&broker, &idp, &tokens).await;
+    }
+
+    #[tokio::test]
+    async fn client_secret_jwt_links_refreshes_and_revokes_and_a_wrong_secret_is_invalid_client() {
+        let idp = OidcProvider::start(Profile::Oidc, TTL).await;
+        let config = discover(
+            &idp,
+            "tb-secretjwt",
+            ClientCredentials::secret(Secret::new(JWT_CLIENT_SECRET)),
+        )
+        .await;
+        // oidc-provider lists client_secret_basic too, which comes first for a secret; this
+        // client is registered for client_secret_jwt, so the host says so.
+        assert_eq!(config.oauth2.client_auth, ClientAuth::Basic);
+        let mut config = config;
+        config.oauth2 = config.oauth2.with_client_auth(ClientAuth::SecretJwt);
+        let store = Arc::new(MemoryStore::new());
+        let broker = oidc_broker(config.clone(), &store);
+        link(&broker, &idp, consent()).await;
+        refresh_and_check(&broker, &idp).await;
+
+        let mut wrong = config.clone();
+        wrong.oauth2 = wrong
+            .oauth2
+            .with_client_secret(Secret::new("not-the-registered-secret-0123456789abcdef"));
+        let wrong_broker = oidc_broker(wrong, &store);
+        assert_invalid_client_and_untouched(&wrong_broker, &store, "wrong secret").await;
+
+        let tokens = broker.retrieve(&alice(), &key()).await.unwrap().tokens;
+        unlink_and_check(&broker, &idp, &tokens).await;
+    }
 }

@@ -4,6 +4,7 @@
 //! refresh protocol; a provider only speaks its IdP's dialect: how to build the authorization
 //! URL, how to call the token endpoint, how to read its answers and classify its errors.
 
+mod client_auth;
 mod oauth2;
 mod oidc;
 mod quirks;
@@ -20,6 +21,11 @@ use crate::ids::{ProviderId, Scopes};
 use crate::secret::Secret;
 use crate::token::ProviderTokens;
 
+pub use self::client_auth::{
+    CLIENT_ASSERTION_LIFETIME_SECS, CLIENT_ASSERTION_TYPE, ClientAssertionAlgorithm,
+    ClientAssertionAudience, ClientAssertionKey, ClientAssertionKeyError, ClientCredentials,
+    SharedClientAssertionKey,
+};
 pub use self::oauth2::{AccountEndpoint, ClientAuth, OAuth2Config, OAuth2Provider};
 pub use self::oidc::{IssuerPolicy, OidcConfig, OidcProvider, VerifiedIdToken};
 pub use self::quirks::{GitHubQuirks, GoogleQuirks, MicrosoftQuirks, Quirks, StandardQuirks};
@@ -206,6 +212,25 @@ pub enum ProviderError {
         /// The provider's description.
         description: Option<String>,
     },
+    /// The provider accepts none of the client authentication methods the configured
+    /// credentials allow (chosen at discovery, see
+    /// [`ClientCredentials::choose_client_auth`]): a configuration problem, reported instead
+    /// of falling back to a method the provider would refuse.
+    #[error(
+        "no client authentication method fits: the provider accepts [{}], the configured credentials ({configured}) allow [{}]",
+        .accepted.join(", "),
+        fmt_methods(.usable)
+    )]
+    ClientAuthNotAccepted {
+        /// The provider's `token_endpoint_auth_methods_supported` (RFC 8414's default
+        /// `client_secret_basic` when it has none).
+        accepted: Vec<String>,
+        /// What the host configured: `a private key`, `a client secret`, `a private key and a
+        /// client secret` or `no credentials`.
+        configured: &'static str,
+        /// The methods those credentials allow, in order of preference.
+        usable: Vec<ClientAuth>,
+    },
     /// The provider answered with another OAuth error (`invalid_request`, `invalid_scope`, ...).
     #[error("provider rejected the request: {error}{}", fmt_desc(.description))]
     Rejected {
@@ -272,6 +297,14 @@ fn fmt_status(s: &Option<u16>) -> String {
 }
 
 /// Cuts provider-supplied text to a loggable size.
+fn fmt_methods(methods: &[ClientAuth]) -> String {
+    methods
+        .iter()
+        .map(|m| m.method_name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub(crate) fn truncate_description(text: &str) -> String {
     const MAX: usize = 200;
     if text.chars().count() <= MAX {

@@ -14,10 +14,12 @@ use oauth2::{
 };
 use url::Url;
 
+use super::client_auth::{AssertionSigner, client_assertion};
 use super::quirks::{GitHubQuirks, Quirks, StandardQuirks, set_param};
 use super::response::parse_token_response;
 use super::{
-    AuthorizationRequest, CodeExchange, Provider, ProviderError, RefreshTokenReuse, TokenKind,
+    AuthorizationRequest, CLIENT_ASSERTION_TYPE, ClientAssertionAudience, CodeExchange, Provider,
+    ProviderError, RefreshTokenReuse, SharedClientAssertionKey, TokenKind,
 };
 use crate::account::UpstreamAccount;
 use crate::http::{ClientDebug, HttpError, HttpErrorKind, HttpResponse, SharedHttpClient};
@@ -26,16 +28,73 @@ use crate::provider::oidc::ClassifyName as _;
 use crate::secret::Secret;
 use crate::token::ProviderTokens;
 
-/// How the client authenticates at the token and revocation endpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How the client authenticates at the token, revocation and introspection endpoints (the
+/// `token_endpoint_auth_method` of OpenID Connect Dynamic Client Registration §2).
+///
+/// The same method is used at every endpoint. The JWT methods send a fresh assertion per
+/// request (RFC 7523 §2.2: `iss` = `sub` = the client id, `aud` as set by
+/// [`OAuth2Config::with_client_assertion_audience`], a unique `jti`, `iat`, and `exp` 60 s
+/// later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum ClientAuth {
-    /// HTTP Basic (`client_secret_basic`), the RFC 6749 default.
+    /// HTTP Basic (`client_secret_basic`), the RFC 6749 default. Without a client secret the
+    /// request carries only `client_id` in the body, as for [`ClientAuth::None`].
     #[default]
     Basic,
     /// `client_id` and `client_secret` in the form body (`client_secret_post`). Use it for
     /// servers that do not decode form-encoded Basic credentials (secrets with `~`, `+`, `/`).
     Post,
+    /// `client_secret_jwt`: an HS256 assertion signed with the client secret, which itself
+    /// never leaves the process.
+    SecretJwt,
+    /// `private_key_jwt`: an assertion signed with the
+    /// [`ClientAssertionKey`](super::ClientAssertionKey) set by
+    /// [`OAuth2Config::with_client_assertion_key`] (ES256, RS256 or PS256).
+    PrivateKeyJwt,
+    /// `none`: a public client, identified by `client_id` only and protected by PKCE (which
+    /// every login uses). A configured secret is not sent.
+    None,
+}
+
+impl ClientAuth {
+    /// The registered method name (`client_secret_basic`, `client_secret_post`,
+    /// `client_secret_jwt`, `private_key_jwt`, `none`), as in
+    /// `token_endpoint_auth_methods_supported`.
+    pub fn method_name(self) -> &'static str {
+        match self {
+            ClientAuth::Basic => "client_secret_basic",
+            ClientAuth::Post => "client_secret_post",
+            ClientAuth::SecretJwt => "client_secret_jwt",
+            ClientAuth::PrivateKeyJwt => "private_key_jwt",
+            ClientAuth::None => "none",
+        }
+    }
+
+    /// The method with this registered name, if it is one this crate speaks.
+    ///
+    /// ```
+    /// use tokenbroker::provider::ClientAuth;
+    /// assert_eq!(ClientAuth::from_method_name("private_key_jwt"), Some(ClientAuth::PrivateKeyJwt));
+    /// assert_eq!(ClientAuth::from_method_name("tls_client_auth"), None);
+    /// ```
+    pub fn from_method_name(name: &str) -> Option<ClientAuth> {
+        [
+            ClientAuth::Basic,
+            ClientAuth::Post,
+            ClientAuth::SecretJwt,
+            ClientAuth::PrivateKeyJwt,
+            ClientAuth::None,
+        ]
+        .into_iter()
+        .find(|m| m.method_name() == name)
+    }
+}
+
+impl fmt::Display for ClientAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.method_name())
+    }
 }
 
 /// Configuration of a generic OAuth 2.0 provider.
@@ -89,6 +148,13 @@ pub struct OAuth2Config {
     /// a link records its upstream account. None by default (OpenID Connect providers say it in
     /// the ID token).
     pub account_endpoint: Option<AccountEndpoint>,
+    /// The RFC 7662 introspection endpoint, for [`OAuth2Provider::introspect`].
+    pub introspection_endpoint: Option<Url>,
+    /// The key `private_key_jwt` assertions are signed with, read at every request (rotate it
+    /// through the handle).
+    pub client_assertion_key: Option<SharedClientAssertionKey>,
+    /// The `aud` of client assertions (the token endpoint by default).
+    pub client_assertion_audience: ClientAssertionAudience,
 }
 
 /// An endpoint that answers, for an access token, which account it belongs to: a `GET` with
@@ -152,6 +218,9 @@ impl OAuth2Config {
             refresh_token_reuse: RefreshTokenReuse::Rejected,
             quirks: Arc::new(StandardQuirks),
             account_endpoint: None,
+            introspection_endpoint: None,
+            client_assertion_key: None,
+            client_assertion_audience: ClientAssertionAudience::TokenEndpoint,
         }
     }
 
@@ -242,6 +311,49 @@ impl OAuth2Config {
         self.client_auth = auth;
         self
     }
+    /// Sets the key for `private_key_jwt` ([`ClientAuth::PrivateKeyJwt`], which this does not
+    /// select by itself). Pass a [`SharedClientAssertionKey`] to keep a handle to rotate the
+    /// key later, or a [`ClientAssertionKey`](super::ClientAssertionKey).
+    ///
+    /// ```
+    /// # use tokenbroker::provider::*;
+    /// # use tokenbroker::ProviderId;
+    /// # use p256::pkcs8::EncodePrivateKey;
+    /// # let pem = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng)
+    /// #     .to_pkcs8_pem(Default::default()).unwrap();
+    /// let key = SharedClientAssertionKey::new(
+    ///     ClientAssertionKey::from_pkcs8_pem(ClientAssertionAlgorithm::Es256, &pem)?.with_key_id("k1"),
+    /// );
+    /// let config = OAuth2Config::new(
+    ///     ProviderId::new("corp")?,
+    ///     "client-1",
+    ///     "https://idp.example/authorize".parse()?,
+    ///     "https://idp.example/token".parse()?,
+    ///     "https://app.example/callback".parse()?,
+    /// )
+    /// .with_client_auth(ClientAuth::PrivateKeyJwt)
+    /// .with_client_assertion_key(key.clone());
+    /// // Later, without rebuilding anything:
+    /// # let pem2 = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng)
+    /// #     .to_pkcs8_pem(Default::default()).unwrap();
+    /// key.rotate(ClientAssertionKey::from_pkcs8_pem(ClientAssertionAlgorithm::Es256, &pem2)?.with_key_id("k2"));
+    /// assert!(!format!("{config:?}").contains("PRIVATE KEY"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_client_assertion_key(mut self, key: impl Into<SharedClientAssertionKey>) -> Self {
+        self.client_assertion_key = Some(key.into());
+        self
+    }
+    /// Sets the RFC 7662 introspection endpoint ([`OAuth2Provider::introspect`]).
+    pub fn with_introspection_endpoint(mut self, url: Url) -> Self {
+        self.introspection_endpoint = Some(url);
+        self
+    }
+    /// Sets the `aud` of client assertions (see [`ClientAssertionAudience`]).
+    pub fn with_client_assertion_audience(mut self, audience: ClientAssertionAudience) -> Self {
+        self.client_assertion_audience = audience;
+        self
+    }
     /// Adds an authorization parameter sent on every login.
     pub fn with_authorize_param(
         mut self,
@@ -304,12 +416,54 @@ impl OAuth2Provider {
             .set_redirect_uri(RedirectUrl::from_url(c.redirect_uri.clone()))
             .set_auth_type(match c.client_auth {
                 ClientAuth::Basic => AuthType::BasicAuth,
-                ClientAuth::Post => AuthType::RequestBody,
+                // The others send `client_id` in the body; the JWT methods add their assertion
+                // with `client_auth_params`.
+                _ => AuthType::RequestBody,
             });
-        if let Some(secret) = &c.client_secret {
+        if let (ClientAuth::Basic | ClientAuth::Post, Some(secret)) =
+            (c.client_auth, &c.client_secret)
+        {
             client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()));
         }
         client
+    }
+
+    /// The form parameters a JWT client authentication adds to a request (`client_assertion_type`
+    /// and a freshly signed `client_assertion`); none for the other methods.
+    fn client_auth_params(&self) -> Result<Vec<(&'static str, Secret)>, ProviderError> {
+        let c = &self.config;
+        let audience = match &c.client_assertion_audience {
+            ClientAssertionAudience::TokenEndpoint => c.token_endpoint.as_str(),
+            ClientAssertionAudience::Issuer(issuer) => issuer.as_str(),
+        };
+        let assertion = match c.client_auth {
+            ClientAuth::SecretJwt => {
+                let secret = c
+                    .client_secret
+                    .as_ref()
+                    .ok_or_else(|| ProviderError::Config {
+                        reason: "client_secret_jwt is configured but no client secret is set"
+                            .into(),
+                    })?;
+                client_assertion(&c.client_id, audience, AssertionSigner::Secret(secret))?
+            }
+            ClientAuth::PrivateKeyJwt => {
+                let key = c
+                    .client_assertion_key
+                    .as_ref()
+                    .ok_or_else(|| ProviderError::Config {
+                        reason: "private_key_jwt is configured but no client assertion key is set"
+                            .into(),
+                    })?
+                    .current();
+                client_assertion(&c.client_id, audience, AssertionSigner::Key(&key))?
+            }
+            ClientAuth::Basic | ClientAuth::Post | ClientAuth::None => return Ok(Vec::new()),
+        };
+        Ok(vec![
+            ("client_assertion_type", Secret::new(CLIENT_ASSERTION_TYPE)),
+            ("client_assertion", assertion),
+        ])
     }
 
     /// Turns the outcome of an `oauth2` token request into tokens, reading the captured
@@ -367,6 +521,7 @@ impl OAuth2Provider {
             .client_secret
             .as_ref()
             .map(Secret::expose_secret);
+        let assertion = self.client_auth_params()?;
         match (self.config.client_auth, secret) {
             (ClientAuth::Basic, Some(secret)) => {
                 // RFC 6749 §2.3.1: form-encode id and secret before Base64.
@@ -380,12 +535,17 @@ impl OAuth2Provider {
                 );
                 builder = builder.header(http::header::AUTHORIZATION, value);
             }
-            (_, secret) => {
+            (ClientAuth::Post, secret) => {
                 form.push(("client_id", &self.config.client_id));
                 if let Some(secret) = secret {
                     form.push(("client_secret", secret));
                 }
             }
+            // `none`, Basic without a secret, and the JWT methods (whose assertion follows).
+            _ => form.push(("client_id", &self.config.client_id)),
+        }
+        for (name, value) in &assertion {
+            form.push((name, value.expose_secret()));
         }
         let body = url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(form)
@@ -465,6 +625,49 @@ impl OAuth2Provider {
     }
 }
 
+impl OAuth2Provider {
+    /// Asks the RFC 7662 introspection endpoint whether `token` is active, authenticating as
+    /// at the token endpoint (any [`ClientAuth`]). [`ProviderError::Unsupported`] when no
+    /// introspection endpoint is configured.
+    pub async fn introspect(&self, token: &Secret, kind: TokenKind) -> Result<bool, ProviderError> {
+        let Some(url) = &self.config.introspection_endpoint else {
+            return Err(ProviderError::Unsupported {
+                operation: "introspect",
+            });
+        };
+        let response = self
+            .post_form(
+                url,
+                vec![
+                    ("token", token.expose_secret()),
+                    ("token_type_hint", kind.hint()),
+                ],
+            )
+            .await?;
+        let status = response.status();
+        if status.is_success() {
+            let body: serde_json::Value =
+                serde_json::from_slice(response.body()).map_err(|e| ProviderError::Protocol {
+                    status: Some(status.as_u16()),
+                    reason: format!("introspection answer is not JSON ({})", e.classify_name()),
+                })?;
+            return body["active"]
+                .as_bool()
+                .ok_or_else(|| ProviderError::Protocol {
+                    status: Some(status.as_u16()),
+                    reason: "introspection answer has no boolean `active`".into(),
+                });
+        }
+        match parse_token_response(status, response.headers(), response.body()) {
+            Err(e) => Err(self.config.quirks.classify_error(e)),
+            Ok(_) => Err(ProviderError::Protocol {
+                status: Some(status.as_u16()),
+                reason: "unexpected answer".into(),
+            }),
+        }
+    }
+}
+
 pub(crate) fn transport_error(e: HttpError) -> ProviderError {
     match e.kind() {
         HttpErrorKind::TooLarge => ProviderError::Protocol {
@@ -522,16 +725,18 @@ impl Provider for OAuth2Provider {
         exchange: &CodeExchange,
     ) -> Result<ProviderTokens, ProviderError> {
         let capture = Capture::new(&self.http);
-        let result = self
-            .client()
+        let client = self.client();
+        let mut request = client
             .exchange_code(AuthorizationCode::new(
                 exchange.code.expose_secret().to_owned(),
             ))
             .set_pkce_verifier(PkceCodeVerifier::new(
                 exchange.pkce_verifier.expose_secret().to_owned(),
-            ))
-            .request_async(&capture)
-            .await;
+            ));
+        for (name, value) in self.client_auth_params()? {
+            request = request.add_extra_param(name, value.expose_secret().to_owned());
+        }
+        let result = request.request_async(&capture).await;
         let mut tokens = self.fixed(
             Self::finish(result, capture),
             Some(&exchange.requested_scopes).filter(|s| !s.is_empty()),
@@ -554,6 +759,9 @@ impl Provider for OAuth2Provider {
         let scopes = scopes.map(|s| self.config.quirks.requested_scopes(s.clone()));
         if let Some(scopes) = &scopes {
             request = request.add_scopes(scopes.iter().map(|s| Scope::new(s.to_owned())));
+        }
+        for (name, value) in self.client_auth_params()? {
+            request = request.add_extra_param(name, value.expose_secret().to_owned());
         }
         let result = request.request_async(&capture).await;
         self.fixed(Self::finish(result, capture), scopes.as_ref())

@@ -25,8 +25,8 @@ use url::Url;
 use super::oauth2::transport_error;
 use super::quirks::{GoogleQuirks, MicrosoftQuirks};
 use super::{
-    AuthorizationRequest, ClientAuth, CodeExchange, OAuth2Config, OAuth2Provider, Provider,
-    ProviderError, RefreshTokenReuse, TokenKind,
+    AuthorizationRequest, ClientAuth, ClientCredentials, CodeExchange, OAuth2Config,
+    OAuth2Provider, Provider, ProviderError, RefreshTokenReuse, TokenKind,
 };
 use crate::account::UpstreamAccount;
 use crate::clock::{self, SharedClock};
@@ -258,11 +258,64 @@ impl OidcConfig {
     /// let provider = OidcProvider::new(config, http);
     /// # Ok(()) }
     /// ```
+    ///
+    /// The client authentication method is chosen from the document's
+    /// `token_endpoint_auth_methods_supported` as [`ClientCredentials::choose_client_auth`]
+    /// describes (a secret: `client_secret_basic`, then `client_secret_post`, then
+    /// `client_secret_jwt`; no secret: `none`). Use
+    /// [`OidcConfig::discover_with_credentials`] for a `private_key_jwt` key.
     pub async fn discover(
         id: ProviderId,
         issuer: &Url,
         client_id: impl Into<String>,
         client_secret: Option<Secret>,
+        redirect_uri: Url,
+        http: &dyn crate::http::HttpClient,
+    ) -> Result<OidcConfig, ProviderError> {
+        Self::discover_with_credentials(
+            id,
+            issuer,
+            client_id,
+            ClientCredentials::from(client_secret),
+            redirect_uri,
+            http,
+        )
+        .await
+    }
+
+    /// [`OidcConfig::discover`] with any [`ClientCredentials`]: a client secret, a
+    /// `private_key_jwt` key, both, or none. The method is the first of
+    /// [`ClientCredentials::usable_methods`] the provider accepts (a key: `private_key_jwt`
+    /// first); when it accepts none of them, this fails with
+    /// [`ProviderError::ClientAuthNotAccepted`] naming both sides.
+    ///
+    /// ```no_run
+    /// # async fn run(pem: &str) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::sync::Arc;
+    /// use tokenbroker::provider::*;
+    /// use tokenbroker::ProviderId;
+    ///
+    /// let http = Arc::new(tokenbroker::http::ReqwestClient::new()?);
+    /// let key = SharedClientAssertionKey::new(
+    ///     ClientAssertionKey::from_pkcs8_pem(ClientAssertionAlgorithm::Rs256, pem)?.with_key_id("k1"),
+    /// );
+    /// let config = OidcConfig::discover_with_credentials(
+    ///     ProviderId::new("corp")?,
+    ///     &"https://idp.example".parse()?,
+    ///     "client-1",
+    ///     ClientCredentials::assertion_key(key.clone()),
+    ///     "https://app.example/callback".parse()?,
+    ///     &*http,
+    /// )
+    /// .await?;
+    /// assert_eq!(config.oauth2.client_auth, ClientAuth::PrivateKeyJwt);
+    /// # Ok(()) }
+    /// ```
+    pub async fn discover_with_credentials(
+        id: ProviderId,
+        issuer: &Url,
+        client_id: impl Into<String>,
+        credentials: ClientCredentials,
         redirect_uri: Url,
         http: &dyn crate::http::HttpClient,
     ) -> Result<OidcConfig, ProviderError> {
@@ -300,16 +353,8 @@ impl OidcConfig {
                 ),
             });
         };
-        let client_auth = if doc
-            .token_endpoint_auth_methods_supported
-            .iter()
-            .any(|m| m == "client_secret_basic")
-            || doc.token_endpoint_auth_methods_supported.is_empty()
-        {
-            ClientAuth::Basic
-        } else {
-            ClientAuth::Post
-        };
+        let client_auth =
+            credentials.choose_client_auth(&doc.token_endpoint_auth_methods_supported)?;
         let mut oauth2 = OAuth2Config::new(
             id,
             client_id,
@@ -319,7 +364,8 @@ impl OidcConfig {
         )
         .with_client_auth(client_auth)
         .with_scopes(Scopes::parse("openid"));
-        oauth2.client_secret = client_secret;
+        oauth2.client_secret = credentials.secret;
+        oauth2.client_assertion_key = credentials.assertion_key;
         oauth2.revocation_endpoint = doc.revocation_endpoint;
         let mut config = OidcConfig::new(oauth2, issuer_policy, doc.jwks_uri);
         config.userinfo_endpoint = doc.userinfo_endpoint;

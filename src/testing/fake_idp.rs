@@ -46,7 +46,10 @@
 //! `state` and PKCE (`S256` only) are required at `/authorize`, request bodies must be
 //! `application/x-www-form-urlencoded`, parameters must not repeat, and HTTP Basic credentials
 //! are form-url-decoded before comparison (RFC 6749 §2.3.1, so a `+` in a secret must be sent
-//! as `%2B`). Only confidential clients (with a secret) are supported. The one relaxation is
+//! as `%2B`). By default the client authenticates with its secret (`client_secret_basic` or
+//! `client_secret_post`); [`FakeIdpConfig::with_client_auth_method`] registers it for exactly
+//! one method instead, including `client_secret_jwt`, `private_key_jwt` (assertions verified
+//! as RFC 7523 §3 asks, replays refused) and `none` (public client). The one relaxation is
 //! [`FakeIdpConfig::google`]'s `/revoke`, which, like Google's, also takes a bare token.
 //!
 //! # ID tokens
@@ -153,6 +156,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use url::{Position, Url};
 
+use crate::provider::ClientAuth;
+
 /// Configuration of a [`FakeIdp`], built with `with_*` methods on top of [`Default`].
 ///
 /// Defaults: client `fake-client` / `fake-client-secret`, any redirect URI accepted, default
@@ -175,6 +180,18 @@ pub struct FakeIdpConfig {
     sign_id_tokens: bool,
     keep_rotated_refresh_tokens: bool,
     flavor: Flavor,
+    client_auth: ClientAuthRegistration,
+}
+
+/// How the fake's client must authenticate (see [`FakeIdpConfig::with_client_auth_method`]).
+#[derive(Clone, Default)]
+struct ClientAuthRegistration {
+    /// `None`: `client_secret_basic` or `client_secret_post`, as before the other methods.
+    method: Option<ClientAuth>,
+    /// SPKI PEM of the `private_key_jwt` public key.
+    public_key_pem: Option<String>,
+    /// The only `aud` accepted in assertions; `None`: the token endpoint or the issuer.
+    assertion_audience: Option<String>,
 }
 
 /// Which real provider's quirks the fake imitates (set by the presets).
@@ -204,6 +221,7 @@ impl Default for FakeIdpConfig {
             sign_id_tokens: true,
             keep_rotated_refresh_tokens: false,
             flavor: Flavor::Generic,
+            client_auth: ClientAuthRegistration::default(),
         }
     }
 }
@@ -227,6 +245,7 @@ impl fmt::Debug for FakeIdpConfig {
                 &self.keep_rotated_refresh_tokens,
             )
             .field("flavor", &self.flavor)
+            .field("client_auth_method", &self.client_auth.method)
             .finish()
     }
 }
@@ -334,6 +353,39 @@ impl FakeIdpConfig {
     /// Sets the one registered client's secret.
     pub fn with_client_secret(mut self, client_secret: impl Into<String>) -> Self {
         self.client_secret = client_secret.into();
+        self
+    }
+
+    /// Registers the client with exactly one `token_endpoint_auth_method`, which `/token`,
+    /// `/revoke` and `/introspect` then require, and which discovery advertises alone:
+    ///
+    /// - [`ClientAuth::SecretJwt`]: an HS256 assertion signed with the client secret;
+    /// - [`ClientAuth::PrivateKeyJwt`]: an assertion signed with the private key of
+    ///   [`FakeIdpConfig::with_client_public_key`] (ES256 for a P-256 key, RS256 or PS256 for
+    ///   RSA);
+    /// - [`ClientAuth::None`]: a public client, `client_id` only;
+    /// - [`ClientAuth::Basic`] / [`ClientAuth::Post`]: only that one of the two.
+    ///
+    /// Assertions are checked as RFC 7523 §3 asks: signature, `iss` = `sub` = client id, `aud`
+    /// (the token endpoint or the issuer, see [`FakeIdpConfig::with_client_assertion_audience`]),
+    /// `exp` in the future and at most 5 minutes away, a `jti` never seen before. A bad one is
+    /// answered `401 invalid_client`. Unset (the default), either secret method is accepted.
+    pub fn with_client_auth_method(mut self, method: ClientAuth) -> Self {
+        self.client_auth.method = Some(method);
+        self
+    }
+
+    /// Registers the client's `private_key_jwt` public key: SPKI PEM (`-----BEGIN PUBLIC
+    /// KEY-----`), P-256 or RSA.
+    pub fn with_client_public_key(mut self, public_key_pem: impl Into<String>) -> Self {
+        self.client_auth.public_key_pem = Some(public_key_pem.into());
+        self
+    }
+
+    /// Accepts client assertions only with this `aud` (by default the token endpoint URL and
+    /// the issuer are both accepted).
+    pub fn with_client_assertion_audience(mut self, audience: impl Into<String>) -> Self {
+        self.client_auth.assertion_audience = Some(audience.into());
         self
     }
 
@@ -574,6 +626,8 @@ impl FakeIdp {
             issue_id_token: config.issue_id_token,
             sign_id_tokens: config.sign_id_tokens,
             flavor: config.flavor.clone(),
+            client_auth: config.client_auth.clone(),
+            seen_assertion_ids: Mutex::new(std::collections::HashSet::new()),
             state: Mutex::new(IdpState::new(&config)),
         });
         let router = Router::new()
@@ -922,6 +976,10 @@ struct Shared {
     issue_id_token: bool,
     sign_id_tokens: bool,
     flavor: Flavor,
+    client_auth: ClientAuthRegistration,
+    /// `jti`s of the client assertions accepted so far (a replay is refused). Its own lock:
+    /// the handlers call [`authenticate`] while holding `state`.
+    seen_assertion_ids: Mutex<std::collections::HashSet<String>>,
     state: Mutex<IdpState>,
 }
 
@@ -1262,6 +1320,36 @@ fn ct_eq(a: &str, b: &str) -> bool {
 /// Client authentication: `client_secret_basic` (RFC 6749 §2.3.1, id and secret
 /// form-url-encoded before Base64) or `client_secret_post`, never both.
 fn authenticate(shared: &Shared, headers: &HeaderMap, form: &Params) -> Result<(), OAuthError> {
+    let method = shared.client_auth.method;
+    if form.contains_key("client_assertion")
+        || form.contains_key("client_assertion_type")
+        || matches!(
+            method,
+            Some(ClientAuth::SecretJwt | ClientAuth::PrivateKeyJwt)
+        )
+    {
+        return authenticate_assertion(shared, headers, form);
+    }
+    if method == Some(ClientAuth::None) {
+        if headers.contains_key(header::AUTHORIZATION) || form.contains_key("client_secret") {
+            return Err(OAuthError::invalid_client(
+                "the client is registered with token_endpoint_auth_method none",
+            ));
+        }
+        return match form.get("client_id") {
+            Some(id) if ct_eq(id, &shared.client_id) => Ok(()),
+            _ => Err(OAuthError::invalid_client("client authentication failed")),
+        };
+    }
+    let used_basic = headers.contains_key(header::AUTHORIZATION);
+    match (method, used_basic) {
+        (Some(ClientAuth::Basic), false) | (Some(ClientAuth::Post), true) => {
+            return Err(OAuthError::invalid_client(
+                "the client is registered with another token_endpoint_auth_method",
+            ));
+        }
+        _ => {}
+    }
     let basic = match headers.get(header::AUTHORIZATION) {
         None => None,
         Some(value) => {
@@ -1985,6 +2073,115 @@ fn signed_jwt(key: usize, claims: &Value, tamper: bool) -> String {
     format!("{signed_part}.{}", URL_SAFE_NO_PAD.encode(signature))
 }
 
+/// `client_secret_jwt` and `private_key_jwt` (RFC 7523 §2.2 and §3).
+fn authenticate_assertion(
+    shared: &Shared,
+    headers: &HeaderMap,
+    form: &Params,
+) -> Result<(), OAuthError> {
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+    let method = shared.client_auth.method;
+    if !matches!(
+        method,
+        Some(ClientAuth::SecretJwt | ClientAuth::PrivateKeyJwt)
+    ) {
+        return Err(OAuthError::invalid_client(
+            "the client is not registered for client assertions",
+        ));
+    }
+    let has_assertion =
+        form.contains_key("client_assertion") || form.contains_key("client_assertion_type");
+    let has_other =
+        headers.contains_key(header::AUTHORIZATION) || form.contains_key("client_secret");
+    if has_assertion && has_other {
+        return Err(OAuthError::invalid_request(
+            "more than one client authentication method",
+        ));
+    }
+    if !has_assertion {
+        return Err(OAuthError::invalid_client(
+            "the client is registered for a client assertion",
+        ));
+    }
+    if form.get("client_assertion_type").map(String::as_str)
+        != Some(crate::provider::CLIENT_ASSERTION_TYPE)
+    {
+        return Err(OAuthError::invalid_client(
+            "client_assertion_type missing or unsupported",
+        ));
+    }
+    let assertion = form
+        .get("client_assertion")
+        .ok_or_else(|| OAuthError::invalid_client("client_assertion missing"))?;
+    let header = jsonwebtoken::decode_header(assertion)
+        .map_err(|_| OAuthError::invalid_client("malformed client assertion"))?;
+    let (key, algorithms) = if method == Some(ClientAuth::SecretJwt) {
+        (
+            DecodingKey::from_secret(shared.client_secret.as_bytes()),
+            vec![Algorithm::HS256],
+        )
+    } else {
+        let pem = shared
+            .client_auth
+            .public_key_pem
+            .as_deref()
+            .ok_or_else(|| OAuthError::invalid_client("no public key registered"))?;
+        if let Ok(key) = DecodingKey::from_ec_pem(pem.as_bytes()) {
+            (key, vec![Algorithm::ES256])
+        } else if let Ok(key) = DecodingKey::from_rsa_pem(pem.as_bytes()) {
+            (key, vec![Algorithm::RS256, Algorithm::PS256])
+        } else {
+            return Err(OAuthError::invalid_client(
+                "the registered public key is unusable",
+            ));
+        }
+    };
+    if !algorithms.contains(&header.alg) {
+        return Err(OAuthError::invalid_client(
+            "client assertion algorithm not allowed",
+        ));
+    }
+    let audiences = match &shared.client_auth.assertion_audience {
+        Some(aud) => vec![aud.clone()],
+        None => vec![format!("{}/token", shared.base), shared.issuer.clone()],
+    };
+    let mut validation = Validation::new(header.alg);
+    validation.algorithms = algorithms;
+    validation.leeway = 5;
+    validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+    validation.set_issuer(&[&shared.client_id]);
+    validation.set_audience(&audiences);
+    let claims = jsonwebtoken::decode::<Value>(assertion, &key, &validation)
+        .map_err(|_| OAuthError::invalid_client("client assertion rejected"))?
+        .claims;
+    if claims["sub"].as_str() != Some(shared.client_id.as_str()) {
+        return Err(OAuthError::invalid_client(
+            "client assertion sub is not the client",
+        ));
+    }
+    if form
+        .get("client_id")
+        .is_some_and(|id| *id != shared.client_id)
+    {
+        return Err(OAuthError::invalid_client("client_id mismatch"));
+    }
+    let now = unix_now();
+    let exp = claims["exp"].as_u64().unwrap_or(0);
+    if exp > now + 300 {
+        return Err(OAuthError::invalid_client(
+            "client assertion lives too long",
+        ));
+    }
+    let jti = claims["jti"]
+        .as_str()
+        .filter(|j| !j.is_empty())
+        .ok_or_else(|| OAuthError::invalid_client("client assertion has no jti"))?;
+    if !lock(&shared.seen_assertion_ids).insert(jti.to_owned()) {
+        return Err(OAuthError::invalid_client("client assertion replayed"));
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // /revoke and /introspect
 
@@ -2071,7 +2268,10 @@ fn discovery_document(shared: &Shared, tenant: Option<&str>) -> Value {
         "id_token_signing_alg_values_supported": ["RS256"],
         "scopes_supported": ["openid", "email", "profile", "offline_access"],
         "grant_types_supported": ["authorization_code", "refresh_token"],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "token_endpoint_auth_methods_supported": match shared.client_auth.method {
+            Some(method) => json!([method.method_name()]),
+            None => json!(["client_secret_basic", "client_secret_post"]),
+        },
         "code_challenge_methods_supported": ["S256"],
         "claims_supported": ["iss", "sub", "aud", "azp", "iat", "exp", "nonce", "email", "email_verified"],
     });

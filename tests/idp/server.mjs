@@ -19,7 +19,9 @@
 //                 covers the request.
 //
 // Clients: `tb-basic` (client_secret_basic) and `tb-post` (client_secret_post), both with the
-// secret `tb-secret~+/=` (characters that trip up Basic auth encoders).
+// secret `tb-secret~+/=` (characters that trip up Basic auth encoders); `tb-secretjwt`
+// (client_secret_jwt, secret JWT_SECRET below); `tb-pkjwt` (private_key_jwt) when CLIENT_JWKS
+// holds a public JWK Set (JSON) that the test generated at run time.
 //
 // Test-only endpoints (under /__test/):
 //   POST /__test/revoke-user?user=NAME   revokes every grant of NAME (next refresh: invalid_grant)
@@ -131,6 +133,25 @@ const configuration = {
   }),
   cookies: { keys: ['tokenbroker-test-cookie-key'] },
 };
+
+// Clients authenticating with a signed assertion (RFC 7523), appended to the two above.
+const JWT_SECRET = 'tb-secretjwt-secret~+/=-0123456789abcdefghijklmnopqrstuvwxyz';
+const assertionClient = (id, method, extra) => ({
+  client_id: id,
+  redirect_uris: [REDIRECT_URI],
+  grant_types: ['authorization_code', 'refresh_token'],
+  response_types: ['code'],
+  token_endpoint_auth_method: method,
+  ...extra,
+});
+configuration.clients.push(
+  assertionClient('tb-secretjwt', 'client_secret_jwt', { client_secret: JWT_SECRET }),
+);
+if (process.env.CLIENT_JWKS) {
+  configuration.clients.push(
+    assertionClient('tb-pkjwt', 'private_key_jwt', { jwks: JSON.parse(process.env.CLIENT_JWKS) }),
+  );
+}
 
 const server = http.createServer();
 server.keepAliveTimeout = 60_000;

@@ -75,6 +75,9 @@ pub struct ProviderOptions {
     /// The redirect URI registered for both clients (`tb-basic`, `tb-post`).
     pub redirect_uri: Url,
     pub interactions: Interactions,
+    /// The public JWK Set (JSON) registered for the `private_key_jwt` client `tb-pkjwt`
+    /// (`CLIENT_JWKS`); without it that client is not registered.
+    pub client_jwks: Option<String>,
 }
 
 impl ProviderOptions {
@@ -85,6 +88,7 @@ impl ProviderOptions {
             access_ttl,
             redirect_uri: DEFAULT_REDIRECT_URI.parse().unwrap(),
             interactions: Interactions::Scripted,
+            client_jwks: None,
         }
     }
     pub fn redirect_uri(mut self, redirect_uri: Url) -> ProviderOptions {
@@ -93,6 +97,12 @@ impl ProviderOptions {
     }
     pub fn interactions(mut self, interactions: Interactions) -> ProviderOptions {
         self.interactions = interactions;
+        self
+    }
+    /// Registers `tb-pkjwt` (`private_key_jwt`) with this public JWK Set, e.g.
+    /// `{"keys":[{"kty":"EC",...}]}` made from a key the test generated.
+    pub fn client_jwks(mut self, jwks: impl Into<String>) -> ProviderOptions {
+        self.client_jwks = Some(jwks.into());
         self
     }
 }
@@ -143,6 +153,9 @@ pub struct OidcProvider {
 
 pub const CLIENT_SECRET: &str = "tb-secret~+/=";
 
+/// The secret of the `client_secret_jwt` client `tb-secretjwt` (HS256 wants 32 bytes or more).
+pub const JWT_CLIENT_SECRET: &str = "tb-secretjwt-secret~+/=-0123456789abcdefghijklmnopqrstuvwxyz";
+
 impl OidcProvider {
     /// Starts a provider with the given profile and access-token lifetime (seconds), the
     /// default redirect URI and scripted interactions.
@@ -157,6 +170,7 @@ impl OidcProvider {
             access_ttl,
             redirect_uri,
             interactions,
+            client_jwks,
         } = options;
         let dir = idp_dir();
         assert!(
@@ -164,7 +178,11 @@ impl OidcProvider {
             "{}/node_modules is missing: run scripts/setup-idp.sh (scripts/test.sh does it)",
             dir.display()
         );
-        let mut child = Command::new("node")
+        let mut command = Command::new("node");
+        if let Some(jwks) = &client_jwks {
+            command.env("CLIENT_JWKS", jwks);
+        }
+        let mut child = command
             .arg("server.mjs")
             .current_dir(&dir)
             .env("PROFILE", profile.name())
