@@ -776,11 +776,16 @@ impl OAuth2Provider {
         let Some(endpoint) = self.config.par_endpoint()? else {
             return Ok(full);
         };
-        // The same parameters the URL would carry, but the client id: the client's
-        // authentication names it (and `post_form` adds it where the method needs it).
+        // The same parameters the URL would carry. RFC 9126 §2.1 has `client_id` in the body;
+        // `post_form` already adds it for every client authentication but Basic with a secret,
+        // and a second one would be refused as a repeated parameter.
+        let basic = matches!(
+            (self.config.client_auth, &self.config.client_secret),
+            (ClientAuth::Basic, Some(_))
+        );
         let params: Vec<(String, String)> = full
             .query_pairs()
-            .filter(|(name, _)| name != "client_id")
+            .filter(|(name, _)| basic || name != "client_id")
             .map(|(n, v)| (n.into_owned(), v.into_owned()))
             .collect();
         let form = params

@@ -75,6 +75,8 @@ pub struct ProviderOptions {
     /// The redirect URI registered for both clients (`tb-basic`, `tb-post`).
     pub redirect_uri: Url,
     pub interactions: Interactions,
+    /// The provider requires pushed authorization requests of every client (`REQUIRE_PAR`).
+    pub require_par: bool,
 }
 
 impl ProviderOptions {
@@ -85,7 +87,13 @@ impl ProviderOptions {
             access_ttl,
             redirect_uri: DEFAULT_REDIRECT_URI.parse().unwrap(),
             interactions: Interactions::Scripted,
+            require_par: false,
         }
+    }
+    /// Makes the provider require pushed authorization requests (RFC 9126) of every client.
+    pub fn require_par(mut self, on: bool) -> ProviderOptions {
+        self.require_par = on;
+        self
     }
     pub fn redirect_uri(mut self, redirect_uri: Url) -> ProviderOptions {
         self.redirect_uri = redirect_uri;
@@ -157,6 +165,7 @@ impl OidcProvider {
             access_ttl,
             redirect_uri,
             interactions,
+            require_par,
         } = options;
         let dir = idp_dir();
         assert!(
@@ -171,6 +180,7 @@ impl OidcProvider {
             .env("ACCESS_TTL", access_ttl.to_string())
             .env("REDIRECT_URI", redirect_uri.as_str())
             .env("INTERACTIONS", interactions.name())
+            .env("REQUIRE_PAR", if require_par { "1" } else { "0" })
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
