@@ -116,7 +116,11 @@ async fn a_foreign_iss_is_refused_before_the_code_is_redeemed_and_cannot_be_repl
     let response = BrokerResponse::from_error(&err);
     assert_eq!(response.status, 400);
     assert_eq!(response.json().unwrap()["error"], "invalid_request");
-    assert_eq!(idp.counters().code_exchanges, 0, "the code was not redeemed");
+    assert_eq!(
+        idp.counters().code_exchanges,
+        0,
+        "the code was not redeemed"
+    );
 
     // The refused attempt used the pending login up: the genuine callback (right iss, same
     // state and code) cannot complete a login afterwards.
@@ -217,7 +221,10 @@ async fn the_right_iss_links() {
     let cb = idp.authorize(&start.authorization_url, "alice").unwrap();
     let callback = Callback::from_url(&cb.redirect_url);
     assert_eq!(callback.iss.as_deref(), Some(idp.issuer().as_str()));
-    let outcome = broker.complete_login(start.pending, &callback).await.unwrap();
+    let outcome = broker
+        .complete_login(start.pending, &callback)
+        .await
+        .unwrap();
     assert!(outcome.stored);
     assert!(broker.retrieve(&caller(), &key()).await.is_ok());
 }
@@ -272,11 +279,7 @@ async fn a_plain_oauth2_provider_checks_iss_against_its_configured_issuer() {
         Err(Error::IssuerMismatch { missing: true, .. })
     ));
     // Known issuer that does not always send iss: a missing iss is fine.
-    assert!(
-        run(oauth2(Some((idp.issuer(), false))), None)
-            .await
-            .is_ok()
-    );
+    assert!(run(oauth2(Some((idp.issuer(), false))), None).await.is_ok());
     // No issuer configured: nothing to compare with, iss is not checked (documented).
     assert!(run(oauth2(None), foreign).await.is_ok());
     assert_eq!(idp.counters().code_exchanges, 3);
@@ -290,8 +293,7 @@ fn par_idp() -> FakeIdpConfig {
 }
 
 #[tokio::test]
-async fn an_advertised_par_endpoint_is_used_and_the_url_carries_only_client_id_and_request_uri()
-{
+async fn an_advertised_par_endpoint_is_used_and_the_url_carries_only_client_id_and_request_uri() {
     let idp = FakeIdp::start(par_idp()).await.unwrap();
     let config = discovered(&idp).await;
     assert_eq!(
@@ -330,7 +332,10 @@ async fn an_advertised_par_endpoint_is_used_and_the_url_carries_only_client_id_a
         .complete_login(start.pending, &Callback::from_url(&cb.redirect_url))
         .await
         .unwrap();
-    assert!(linked.tokens.id_token().is_some(), "nonce and PKCE went through PAR");
+    assert!(
+        linked.tokens.id_token().is_some(),
+        "nonce and PKCE went through PAR"
+    );
     // The request_uri is single use.
     assert!(matches!(
         idp.authorize(url, "alice"),
@@ -439,9 +444,10 @@ async fn par_required_with_an_endpoint_links() {
 
 #[tokio::test]
 async fn a_provider_that_requires_par_gets_it_and_refuses_urls_without_it() {
-    let idp = FakeIdp::start(FakeIdpConfig::default().with_require_pushed_authorization_requests(true))
-        .await
-        .unwrap();
+    let idp =
+        FakeIdp::start(FakeIdpConfig::default().with_require_pushed_authorization_requests(true))
+            .await
+            .unwrap();
     let config = discovered(&idp).await;
     assert!(config.oauth2.require_pushed_authorization_requests);
 

@@ -11,8 +11,8 @@ use std::time::Duration;
 use oidc_provider::{CLIENT_SECRET, OidcProvider, Profile};
 use tokenbroker::http::ReqwestClient;
 use tokenbroker::provider::{
-    ClientAuth, GoogleQuirks, IssuerPolicy, MicrosoftQuirks, OAuth2Config, OidcConfig,
-    ParMode, ProviderError, Quirks, RefreshTokenReuse,
+    ClientAuth, GoogleQuirks, IssuerPolicy, MicrosoftQuirks, OAuth2Config, OidcConfig, ParMode,
+    ProviderError, Quirks, RefreshTokenReuse,
 };
 use tokenbroker::store::TokenStore;
 use tokenbroker::{
@@ -640,7 +640,11 @@ async fn rfc9207_a_callback_with_a_foreign_iss_is_refused_and_its_code_never_red
         .await
         .unwrap_err();
     assert!(matches!(err, Error::LoginRejected { .. }), "{err:?}");
-    assert_eq!(idp.counters().await.code_exchanges, 0, "no code was redeemed");
+    assert_eq!(
+        idp.counters().await.code_exchanges,
+        0,
+        "no code was redeemed"
+    );
     assert!(store.load(&key()).await.unwrap().is_none());
 }
 
@@ -668,7 +672,10 @@ async fn link_with_par(idp: &OidcProvider, config: OidcConfig) {
         .await
         .unwrap()
         .tokens;
-    assert!(linked.refresh_token().is_some(), "prompt=consent went through PAR");
+    assert!(
+        linked.refresh_token().is_some(),
+        "prompt=consent went through PAR"
+    );
     assert!(linked.id_token().is_some(), "the nonce went through PAR");
     wait_for_expiry().await;
     let read = broker.retrieve(&alice(), &key()).await.unwrap();
@@ -736,12 +743,18 @@ async fn par_a_client_that_requires_it_links_with_par_and_is_refused_without() {
 
 #[tokio::test]
 async fn par_a_provider_that_requires_it_is_honoured_from_discovery() {
-    let idp = OidcProvider::start_with(oidc_provider::ProviderOptions::new(Profile::Oidc, TTL).require_par(true)).await;
+    let idp = OidcProvider::start_with(
+        oidc_provider::ProviderOptions::new(Profile::Oidc, TTL).require_par(true),
+    )
+    .await;
     let config = discovered(&idp, ClientAuth::Basic, "openid offline_access email").await;
     assert!(config.oauth2.require_pushed_authorization_requests);
     // Turning PAR off cannot work with this provider: a configuration error, before any request.
     let store = Arc::new(MemoryStore::new());
-    let off = oidc_broker(config.clone().with_pushed_authorization(ParMode::Off), &store);
+    let off = oidc_broker(
+        config.clone().with_pushed_authorization(ParMode::Off),
+        &store,
+    );
     let err = off
         .begin_login(&key(), LoginOptions::default())
         .await
