@@ -166,6 +166,19 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// The callback's `iss` (RFC 9207) is not the provider's issuer, or the callback has none
+    /// although the provider always sends it (`authorization_response_iss_parameter_supported`):
+    /// the response may come from another provider (a mix-up attack). Checked before the code
+    /// is redeemed, so the code was not sent anywhere; the pending login is used up, so the
+    /// same callback cannot complete a login later either. Start the login again.
+    #[error("login callback for provider {provider} rejected: {}", if *.missing { "the authorization response has no iss" } else { "the authorization response's iss is not the provider's issuer" })]
+    IssuerMismatch {
+        /// The provider alias the login was for.
+        provider: String,
+        /// Whether `iss` was missing (rather than wrong).
+        missing: bool,
+    },
+
     /// The user or provider refused the authorization (`error=access_denied` on the callback).
     #[error("provider refused the authorization: {error}")]
     AuthorizationDenied {
@@ -221,6 +234,7 @@ impl Error {
             Error::InvalidAccessToken { .. } => "upstream_error",
             Error::UnknownProvider(_) | Error::InvalidId(_) => "invalid_request",
             Error::LoginRejected { .. } => "invalid_state",
+            Error::IssuerMismatch { .. } => "invalid_request",
             Error::ScopesNotGranted { .. } => "invalid_scope",
             Error::AuthorizationDenied { .. } => "access_denied",
             Error::Provider { .. } => "upstream_error",

@@ -11,7 +11,7 @@ use std::time::Duration;
 use oidc_provider::{CLIENT_SECRET, JWT_CLIENT_SECRET, OidcProvider, Profile, ProviderOptions};
 use tokenbroker::http::ReqwestClient;
 use tokenbroker::provider::{
-    ClientAuth, GoogleQuirks, IssuerPolicy, MicrosoftQuirks, OAuth2Config, OidcConfig,
+    ClientAuth, GoogleQuirks, IssuerPolicy, MicrosoftQuirks, OAuth2Config, OidcConfig, ParMode,
     ProviderError, Quirks, RefreshTokenReuse,
 };
 use tokenbroker::store::TokenStore;
@@ -779,4 +779,180 @@ mod assertions {
         let tokens = broker.retrieve(&alice(), &key()).await.unwrap().tokens;
         unlink_and_check(&broker, &idp, &tokens).await;
     }
+}
+// RFC 9207 (`iss` on the authorization response) and RFC 9126 (pushed authorization requests).
+// oidc-provider 9 has both on by default and advertises them in discovery.
+
+fn query_param(url: &url::Url, name: &str) -> Option<String> {
+    url.query_pairs()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// `url` with its `iss` parameter replaced.
+fn with_iss(url: &url::Url, iss: &str) -> url::Url {
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(k, _)| k != "iss")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let mut out = url.clone();
+    out.set_query(None);
+    out.query_pairs_mut()
+        .extend_pairs(pairs)
+        .append_pair("iss", iss);
+    out
+}
+
+#[tokio::test]
+async fn rfc9207_a_callback_with_a_foreign_iss_is_refused_and_its_code_never_redeemed() {
+    let idp = OidcProvider::start(Profile::Oidc, TTL).await;
+    let store = Arc::new(MemoryStore::new());
+    let config = discovered(&idp, ClientAuth::Basic, "openid offline_access email").await;
+    assert!(config.oauth2.authorization_response_iss_parameter_supported);
+    let broker = oidc_broker(config, &store);
+    let start = broker
+        .begin_login(&key(), consent().with_login_hint("alice"))
+        .await
+        .unwrap();
+    let redirect = idp.login(&start.authorization_url).await;
+    let iss = query_param(&redirect, "iss").expect("oidc-provider sends iss");
+    assert_eq!(iss, idp.issuer().as_str().trim_end_matches('/'));
+
+    let forged = with_iss(&redirect, "https://attacker.example");
+    let err = broker
+        .complete_login(start.pending.clone(), &Callback::from_url(&forged))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::IssuerMismatch { missing: false, .. }),
+        "{err:?}"
+    );
+    // The genuine callback, replayed after the refusal, cannot complete the login either.
+    let err = broker
+        .complete_login(start.pending, &Callback::from_url(&redirect))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::LoginRejected { .. }), "{err:?}");
+    assert_eq!(
+        idp.counters().await.code_exchanges,
+        0,
+        "no code was redeemed"
+    );
+    assert!(store.load(&key()).await.unwrap().is_none());
+}
+
+/// Links through PAR and checks what the browser was sent to; then a refresh.
+async fn link_with_par(idp: &OidcProvider, config: OidcConfig) {
+    assert_eq!(
+        config.oauth2.pushed_authorization_request_endpoint,
+        Some(idp.issuer().join("/request").unwrap()),
+        "discovery fills the PAR endpoint"
+    );
+    let store = Arc::new(MemoryStore::new());
+    let broker = oidc_broker(config, &store);
+    let start = broker
+        .begin_login(&key(), consent().with_login_hint("alice"))
+        .await
+        .unwrap();
+    let url = &start.authorization_url;
+    let names: Vec<String> = url.query_pairs().map(|(k, _)| k.into_owned()).collect();
+    assert_eq!(names, ["client_id", "request_uri"], "{url}");
+    assert_eq!(url.path(), "/auth");
+    let redirect = idp.login(url).await;
+    assert!(query_param(&redirect, "code").is_some(), "{redirect}");
+    let linked = broker
+        .complete_login(start.pending, &Callback::from_url(&redirect))
+        .await
+        .unwrap()
+        .tokens;
+    assert!(
+        linked.refresh_token().is_some(),
+        "prompt=consent went through PAR"
+    );
+    assert!(linked.id_token().is_some(), "the nonce went through PAR");
+    wait_for_expiry().await;
+    let read = broker.retrieve(&alice(), &key()).await.unwrap();
+    assert!(read.refreshed);
+    assert!(
+        idp.is_active(read.tokens.access_token().expose_secret())
+            .await
+    );
+}
+
+#[tokio::test]
+async fn par_end_to_end_with_basic_and_post_client_authentication() {
+    let idp = OidcProvider::start(Profile::Oidc, TTL).await;
+    for auth in [ClientAuth::Basic, ClientAuth::Post] {
+        let config = discovered(&idp, auth, "openid offline_access email").await;
+        assert!(!config.oauth2.require_pushed_authorization_requests);
+        link_with_par(&idp, config).await;
+    }
+}
+
+/// The discovered configuration of the `tb-par` client, which must push its requests.
+async fn tb_par(idp: &OidcProvider) -> OidcConfig {
+    let mut config = OidcConfig::discover(
+        ProviderId::new("idp").unwrap(),
+        &idp.issuer(),
+        "tb-par",
+        Some(Secret::new(CLIENT_SECRET)),
+        idp.redirect_uri(),
+        &*http(),
+    )
+    .await
+    .expect("discovery");
+    config.oauth2 = config
+        .oauth2
+        .with_client_auth(ClientAuth::Basic)
+        .with_scopes(Scopes::parse("openid offline_access email"));
+    config
+}
+
+#[tokio::test]
+async fn par_a_client_that_requires_it_links_with_par_and_is_refused_without() {
+    let idp = OidcProvider::start(Profile::Oidc, TTL).await;
+    // Without PAR the provider refuses the authorization request: the requirement is real.
+    let store = Arc::new(MemoryStore::new());
+    let broker = oidc_broker(
+        tb_par(&idp).await.with_pushed_authorization(ParMode::Off),
+        &store,
+    );
+    let start = broker
+        .begin_login(&key(), consent().with_login_hint("alice"))
+        .await
+        .unwrap();
+    let redirect = idp.login(&start.authorization_url).await;
+    let err = broker
+        .complete_login(start.pending, &Callback::from_url(&redirect))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::AuthorizationDenied { error, .. } if error == "invalid_request"),
+        "{err:?}"
+    );
+
+    link_with_par(&idp, tb_par(&idp).await).await;
+}
+
+#[tokio::test]
+async fn par_a_provider_that_requires_it_is_honoured_from_discovery() {
+    let idp = OidcProvider::start_with(
+        oidc_provider::ProviderOptions::new(Profile::Oidc, TTL).require_par(true),
+    )
+    .await;
+    let config = discovered(&idp, ClientAuth::Basic, "openid offline_access email").await;
+    assert!(config.oauth2.require_pushed_authorization_requests);
+    // Turning PAR off cannot work with this provider: a configuration error, before any request.
+    let store = Arc::new(MemoryStore::new());
+    let off = oidc_broker(
+        config.clone().with_pushed_authorization(ParMode::Off),
+        &store,
+    );
+    let err = off
+        .begin_login(&key(), LoginOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err:?}");
+    link_with_par(&idp, config).await;
 }

@@ -157,6 +157,8 @@ pub struct Callback {
     pub error: Option<String>,
     /// The error's description.
     pub error_description: Option<String>,
+    /// The issuer identifier of the authorization response (RFC 9207 `iss`), if sent.
+    pub iss: Option<String>,
 }
 
 impl fmt::Debug for Callback {
@@ -166,6 +168,7 @@ impl fmt::Debug for Callback {
             .field("state", &self.state)
             .field("error", &self.error)
             .field("error_description", &self.error_description)
+            .field("iss", &self.iss)
             .finish()
     }
 }
@@ -194,10 +197,17 @@ impl Callback {
                 "error_description" if cb.error_description.is_none() => {
                     cb.error_description = Some(crate::provider::truncate_description(&value))
                 }
+                "iss" if cb.iss.is_none() => cb.iss = Some(value.into_owned()),
                 _ => {}
             }
         }
         cb
+    }
+
+    /// Sets the issuer identifier (RFC 9207 `iss`) of the authorization response.
+    pub fn with_iss(mut self, iss: impl Into<String>) -> Self {
+        self.iss = Some(iss.into());
+        self
     }
 
     /// Parses the query of a full callback URL.
@@ -255,7 +265,12 @@ impl TokenBroker {
     ///
     /// # Errors
     /// [`Error::UnknownProvider`], [`Error::Store`] (the broker checks whether a refresh
-    /// token is held, so providers such as Google ask for consent only when needed).
+    /// token is held, so providers such as Google ask for consent only when needed). With a
+    /// pushed authorization request (RFC 9126): [`Error::Unavailable`] (the PAR endpoint failed
+    /// with 5xx, answered something unreadable, or did not answer in time),
+    /// [`Error::Provider`] (it refused the request or the client), [`Error::Config`] (PAR
+    /// required but the provider has no PAR endpoint, or required by the provider but turned
+    /// off). Nothing is stored in either case.
     pub async fn begin_login(&self, key: &TokenKey, options: LoginOptions) -> Result<LoginStart> {
         let inner = &self.inner;
         let entry = inner.entry(&key.provider)?;
@@ -304,13 +319,32 @@ impl TokenBroker {
             login_hint: options.login_hint,
             extra_params: options.extra_params,
         };
-        let authorization_url = entry
-            .provider
-            .authorization_url(&request)
-            .map_err(|source| Error::Provider {
-                provider: key.provider.to_string(),
+        let provider = key.provider.to_string();
+        // A pushed authorization request (RFC 9126) makes this a network call.
+        let authorization_url = tokio::time::timeout(
+            inner.config.refresh_timeout,
+            entry.provider.start_authorization(&request),
+        )
+        .await
+        .map_err(|_| Error::Unavailable {
+            provider: provider.clone(),
+            retry_after: None,
+            source: None,
+        })?
+        .map_err(|e| match e {
+            ProviderError::Config { reason } => {
+                Error::Config(format!("provider {provider}: {reason}"))
+            }
+            e if e.is_transient() => Error::Unavailable {
+                provider: provider.clone(),
+                retry_after: e.retry_after(),
+                source: Some(e),
+            },
+            source => Error::Provider {
+                provider: provider.clone(),
                 source,
-            })?;
+            },
+        })?;
         Ok(LoginStart {
             authorization_url,
             pending,
@@ -324,8 +358,11 @@ impl TokenBroker {
     ///
     /// # Errors
     /// [`Error::LoginRejected`] (wrong or missing state, expired, already used, code rejected
-    /// by the provider), [`Error::AuthorizationDenied`], [`Error::Unavailable`],
-    /// [`Error::Provider`], [`Error::Store`].
+    /// by the provider), [`Error::IssuerMismatch`] (RFC 9207: the callback's `iss` is not the
+    /// provider's, or is missing where the provider always sends it; checked before the code is
+    /// redeemed, after the pending login is used up, so the callback cannot be replayed),
+    /// [`Error::AuthorizationDenied`], [`Error::Unavailable`], [`Error::Provider`],
+    /// [`Error::Store`].
     pub async fn complete_login(
         &self,
         pending: PendingLogin,
@@ -347,6 +384,18 @@ impl TokenBroker {
             });
         }
         inner.consume_state(&pending.state, now)?;
+        // RFC 9207, before anything else of the response is believed and before the code goes
+        // anywhere. The state is already used up: a refused callback cannot be replayed, with
+        // or without a corrected `iss` (the user starts the login again).
+        let entry = inner.entry(&pending.key.provider)?;
+        check_issuer(
+            &entry.provider.authorization_response_issuer(),
+            callback.iss.as_deref(),
+        )
+        .map_err(|missing| Error::IssuerMismatch {
+            provider: pending.key.provider.to_string(),
+            missing,
+        })?;
         if let Some(error) = &callback.error {
             return Err(Error::AuthorizationDenied {
                 error: error.clone(),
@@ -356,7 +405,6 @@ impl TokenBroker {
         let code = callback.code.clone().ok_or(Error::LoginRejected {
             reason: "callback has no code",
         })?;
-        let entry = inner.entry(&pending.key.provider)?;
         let exchange = CodeExchange {
             code,
             pkce_verifier: pending.pkce_verifier.clone(),
@@ -444,6 +492,34 @@ impl TokenBroker {
             tokens: TokenView::new(Arc::new(tokens), &entry.policy),
             replaced_account,
         })
+    }
+}
+
+/// RFC 9207: a callback's `iss` must be one of the provider's issuers (exact, constant-time
+/// comparison), and must be present where the provider always sends it. `Err(true)`: missing,
+/// `Err(false)`: wrong. A provider that knows no issuer cannot check a sent `iss`.
+fn check_issuer(
+    expected: &crate::provider::AuthorizationResponseIssuer,
+    iss: Option<&str>,
+) -> std::result::Result<(), bool> {
+    use subtle::ConstantTimeEq as _;
+    match iss {
+        None if expected.iss_parameter_supported => Err(true),
+        None => Ok(()),
+        Some(_) if expected.issuers.is_empty() => Ok(()),
+        Some(iss) => {
+            let matched = expected
+                .issuers
+                .iter()
+                .fold(subtle::Choice::from(0), |found, issuer| {
+                    found | issuer.as_bytes().ct_eq(iss.as_bytes())
+                });
+            if bool::from(matched) {
+                Ok(())
+            } else {
+                Err(false)
+            }
+        }
     }
 }
 

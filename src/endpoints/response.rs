@@ -126,6 +126,17 @@ impl BrokerResponse {
             ),
             Error::InvalidId(e) => (StatusCode::BAD_REQUEST, e.to_string()),
             Error::LoginRejected { reason } => (StatusCode::BAD_REQUEST, (*reason).to_owned()),
+            Error::IssuerMismatch { missing: false, .. } => (
+                StatusCode::BAD_REQUEST,
+                "the authorization response's issuer (iss) is not the provider's (RFC 9207)"
+                    .to_owned(),
+            ),
+            Error::IssuerMismatch { missing: true, .. } => (
+                StatusCode::BAD_REQUEST,
+                "the authorization response has no issuer (iss) although the provider sends one \
+                 (RFC 9207)"
+                    .to_owned(),
+            ),
             Error::AuthorizationDenied { .. } => (
                 StatusCode::BAD_REQUEST,
                 "the user or provider refused the authorization".to_owned(),

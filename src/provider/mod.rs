@@ -26,6 +26,7 @@ pub use self::client_auth::{
     ClientAssertionAudience, ClientAssertionKey, ClientAssertionKeyError, ClientCredentials,
     SharedClientAssertionKey,
 };
+pub use self::oauth2::ParMode;
 pub use self::oauth2::{AccountEndpoint, ClientAuth, OAuth2Config, OAuth2Provider};
 pub use self::oidc::{IssuerPolicy, OidcConfig, OidcProvider, VerifiedIdToken};
 pub use self::quirks::{GitHubQuirks, GoogleQuirks, MicrosoftQuirks, Quirks, StandardQuirks};
@@ -175,6 +176,50 @@ pub trait Provider: Debug + Send + Sync + 'static {
     /// `Tolerated` only for a provider that keeps old refresh tokens valid.
     fn refresh_token_reuse(&self) -> RefreshTokenReuse {
         RefreshTokenReuse::Rejected
+    }
+
+    /// Builds the URL to send the user's browser to, making whatever requests that takes: a
+    /// provider using pushed authorization requests (RFC 9126) posts the parameters first and
+    /// answers a URL with only `client_id` and `request_uri`. The broker calls this, not
+    /// [`Provider::authorization_url`]; the default calls [`Provider::authorization_url`].
+    async fn start_authorization(
+        &self,
+        request: &AuthorizationRequest,
+    ) -> Result<Url, ProviderError> {
+        self.authorization_url(request)
+    }
+
+    /// What the provider says about the `iss` parameter of its authorization responses
+    /// (RFC 9207), which the broker checks on the callback before the code is redeemed. The
+    /// default knows no issuer: the callback's `iss` is then not checked.
+    fn authorization_response_issuer(&self) -> AuthorizationResponseIssuer {
+        AuthorizationResponseIssuer::default()
+    }
+}
+
+/// The issuer identification of a provider's authorization responses (RFC 9207), from
+/// [`Provider::authorization_response_issuer`].
+///
+/// A callback that carries `iss` must name one of [`issuers`](Self::issuers) (compared exactly,
+/// in constant time); with [`iss_parameter_supported`](Self::iss_parameter_supported), a
+/// callback without `iss` is refused too. With no issuers known, `iss` is not checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AuthorizationResponseIssuer {
+    /// The issuer identifiers the provider may send (usually one: its `issuer`).
+    pub issuers: Vec<String>,
+    /// The provider's metadata says `authorization_response_iss_parameter_supported: true`: it
+    /// always sends `iss`, so a callback without one did not come from it.
+    pub iss_parameter_supported: bool,
+}
+
+impl AuthorizationResponseIssuer {
+    /// A provider with one issuer identifier that does (or does not) always send `iss`.
+    pub fn new(issuer: impl Into<String>, iss_parameter_supported: bool) -> Self {
+        AuthorizationResponseIssuer {
+            issuers: vec![issuer.into()],
+            iss_parameter_supported,
+        }
     }
 }
 

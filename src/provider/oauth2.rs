@@ -132,6 +132,19 @@ pub struct OAuth2Config {
     pub token_endpoint: Url,
     /// The RFC 7009 revocation endpoint, if the provider has one.
     pub revocation_endpoint: Option<Url>,
+    /// The provider's issuer identifier (RFC 8414 `issuer`), if known. With it, a callback's
+    /// `iss` (RFC 9207) must equal it. Discovery fills it.
+    pub issuer: Option<String>,
+    /// The provider's metadata says `authorization_response_iss_parameter_supported: true`: a
+    /// callback without `iss` is then refused.
+    pub authorization_response_iss_parameter_supported: bool,
+    /// The RFC 9126 pushed authorization request endpoint, if the provider has one.
+    pub pushed_authorization_request_endpoint: Option<Url>,
+    /// The provider's metadata says `require_pushed_authorization_requests: true`: every login
+    /// goes through the PAR endpoint, whatever [`pushed_authorization`](Self::pushed_authorization) says.
+    pub require_pushed_authorization_requests: bool,
+    /// When logins use pushed authorization requests ([`ParMode::IfAdvertised`] by default).
+    pub pushed_authorization: ParMode,
     /// The redirect URI registered for this client.
     pub redirect_uri: Url,
     /// The scopes every login asks for.
@@ -211,6 +224,11 @@ impl OAuth2Config {
             authorization_endpoint,
             token_endpoint,
             revocation_endpoint: None,
+            issuer: None,
+            authorization_response_iss_parameter_supported: false,
+            pushed_authorization_request_endpoint: None,
+            require_pushed_authorization_requests: false,
+            pushed_authorization: ParMode::IfAdvertised,
             redirect_uri,
             scopes: Scopes::new(),
             client_auth: ClientAuth::Basic,
@@ -275,6 +293,9 @@ impl OAuth2Config {
         self.authorization_endpoint = rebase(base, &self.authorization_endpoint);
         self.token_endpoint = rebase(base, &self.token_endpoint);
         self.revocation_endpoint = self.revocation_endpoint.map(|u| rebase(base, &u));
+        self.pushed_authorization_request_endpoint = self
+            .pushed_authorization_request_endpoint
+            .map(|u| rebase(base, &u));
         if let Some(account) = &mut self.account_endpoint {
             account.url = rebase(base, &account.url);
         }
@@ -799,6 +820,17 @@ impl Provider for OAuth2Provider {
     fn refresh_token_reuse(&self) -> RefreshTokenReuse {
         self.config.refresh_token_reuse
     }
+
+    async fn start_authorization(
+        &self,
+        request: &AuthorizationRequest,
+    ) -> Result<Url, ProviderError> {
+        self.pushed_authorization_url(request).await
+    }
+
+    fn authorization_response_issuer(&self) -> super::AuthorizationResponseIssuer {
+        self.config.response_issuer()
+    }
 }
 
 /// An `oauth2` HTTP client that forwards to ours and keeps the raw answer, because `oauth2`
@@ -843,5 +875,164 @@ impl<'c> oauth2::AsyncHttpClient<'c> for Capture {
             *self.response.lock().unwrap_or_else(|e| e.into_inner()) = Some(response);
             Ok(status_only)
         })
+    }
+}
+
+/// When a login uses a pushed authorization request (RFC 9126): the broker posts the
+/// authorization parameters to the provider's `pushed_authorization_request_endpoint` with the
+/// client's authentication, and the browser is sent to an authorization URL that carries only
+/// `client_id` and the `request_uri` the provider answered.
+///
+/// Whatever the mode, a provider whose metadata says `require_pushed_authorization_requests:
+/// true` is treated as [`ParMode::Required`] (and [`ParMode::Off`] is then a configuration
+/// error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ParMode {
+    /// Never push: the parameters travel in the authorization URL.
+    Off,
+    /// Push when the provider has a PAR endpoint (from discovery or configuration).
+    #[default]
+    IfAdvertised,
+    /// Always push; a provider without a PAR endpoint is a configuration error at login.
+    Required,
+}
+
+impl OAuth2Config {
+    /// Sets the provider's issuer identifier (RFC 8414), so that a callback's `iss` (RFC 9207)
+    /// is checked against it. `iss_parameter_supported`: the provider always sends `iss`
+    /// (`authorization_response_iss_parameter_supported`), so a callback without it is refused.
+    pub fn with_issuer(mut self, issuer: impl Into<String>, iss_parameter_supported: bool) -> Self {
+        self.issuer = Some(issuer.into());
+        self.authorization_response_iss_parameter_supported = iss_parameter_supported;
+        self
+    }
+
+    /// Sets the pushed authorization request endpoint (RFC 9126).
+    pub fn with_pushed_authorization_request_endpoint(mut self, url: Url) -> Self {
+        self.pushed_authorization_request_endpoint = Some(url);
+        self
+    }
+
+    /// Sets when logins use pushed authorization requests (see [`ParMode`]).
+    pub fn with_pushed_authorization(mut self, mode: ParMode) -> Self {
+        self.pushed_authorization = mode;
+        self
+    }
+
+    /// Declares that the provider requires pushed authorization requests
+    /// (`require_pushed_authorization_requests`).
+    pub fn with_require_pushed_authorization_requests(mut self, required: bool) -> Self {
+        self.require_pushed_authorization_requests = required;
+        self
+    }
+
+    /// The PAR endpoint a login must use, `None` to send the parameters in the URL.
+    pub(crate) fn par_endpoint(&self) -> Result<Option<&Url>, ProviderError> {
+        let required = self.pushed_authorization == ParMode::Required
+            || self.require_pushed_authorization_requests;
+        match (
+            self.pushed_authorization,
+            &self.pushed_authorization_request_endpoint,
+        ) {
+            (ParMode::Off, _) if self.require_pushed_authorization_requests => {
+                Err(ProviderError::Config {
+                    reason: format!(
+                        "provider {} requires pushed authorization requests \
+                         (require_pushed_authorization_requests) but ParMode::Off is configured",
+                        self.id
+                    ),
+                })
+            }
+            (ParMode::Off, _) => Ok(None),
+            (_, Some(url)) => Ok(Some(url)),
+            (_, None) if required => Err(ProviderError::Config {
+                reason: format!(
+                    "provider {} requires pushed authorization requests but has no \
+                     pushed_authorization_request_endpoint",
+                    self.id
+                ),
+            }),
+            (_, None) => Ok(None),
+        }
+    }
+
+    /// The RFC 9207 issuer identification this configuration declares.
+    pub(crate) fn response_issuer(&self) -> super::AuthorizationResponseIssuer {
+        super::AuthorizationResponseIssuer {
+            issuers: self.issuer.iter().cloned().collect(),
+            iss_parameter_supported: self.authorization_response_iss_parameter_supported,
+        }
+    }
+}
+
+/// A PAR endpoint's success answer (RFC 9126 §2.2).
+#[derive(serde::Deserialize)]
+struct ParAnswer {
+    request_uri: String,
+    expires_in: u64,
+}
+
+impl OAuth2Provider {
+    /// The authorization URL of a login, through the PAR endpoint when the configuration says
+    /// so (see [`ParMode`]).
+    pub(crate) async fn pushed_authorization_url(
+        &self,
+        request: &AuthorizationRequest,
+    ) -> Result<Url, ProviderError> {
+        let full = self.authorization_url(request)?;
+        let Some(endpoint) = self.config.par_endpoint()? else {
+            return Ok(full);
+        };
+        // The same parameters the URL would carry. RFC 9126 §2.1 has `client_id` in the body;
+        // `post_form` already adds it for every client authentication but Basic with a secret,
+        // and a second one would be refused as a repeated parameter.
+        let basic = matches!(
+            (self.config.client_auth, &self.config.client_secret),
+            (ClientAuth::Basic, Some(_))
+        );
+        let params: Vec<(String, String)> = full
+            .query_pairs()
+            .filter(|(name, _)| basic || name != "client_id")
+            .map(|(n, v)| (n.into_owned(), v.into_owned()))
+            .collect();
+        let form = params
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let response = self.post_form(endpoint, form).await?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(
+                match parse_token_response(status, response.headers(), response.body()) {
+                    Err(e) => self.config.quirks.classify_error(e),
+                    Ok(_) => ProviderError::Protocol {
+                        status: Some(status.as_u16()),
+                        reason: "the pushed authorization request failed".into(),
+                    },
+                },
+            );
+        }
+        let answer: ParAnswer =
+            serde_json::from_slice(response.body()).map_err(|e| ProviderError::Protocol {
+                status: Some(status.as_u16()),
+                reason: format!(
+                    "the pushed authorization response is not valid ({})",
+                    e.classify_name()
+                ),
+            })?;
+        if answer.request_uri.is_empty() || answer.expires_in == 0 {
+            return Err(ProviderError::Protocol {
+                status: Some(status.as_u16()),
+                reason: "the pushed authorization response has an empty request_uri or \
+                         expires_in"
+                    .into(),
+            });
+        }
+        let mut url = self.config.authorization_endpoint.clone();
+        url.query_pairs_mut()
+            .append_pair("client_id", &self.config.client_id)
+            .append_pair("request_uri", &answer.request_uri);
+        Ok(url)
     }
 }

@@ -367,6 +367,13 @@ impl OidcConfig {
         oauth2.client_secret = credentials.secret;
         oauth2.client_assertion_key = credentials.assertion_key;
         oauth2.revocation_endpoint = doc.revocation_endpoint;
+        if !doc.issuer.contains("{tenantid}") {
+            oauth2.issuer = Some(doc.issuer.clone());
+        }
+        oauth2.authorization_response_iss_parameter_supported =
+            doc.authorization_response_iss_parameter_supported;
+        oauth2.pushed_authorization_request_endpoint = doc.pushed_authorization_request_endpoint;
+        oauth2.require_pushed_authorization_requests = doc.require_pushed_authorization_requests;
         let mut config = OidcConfig::new(oauth2, issuer_policy, doc.jwks_uri);
         config.userinfo_endpoint = doc.userinfo_endpoint;
         config.end_session_endpoint = doc.end_session_endpoint;
@@ -445,6 +452,12 @@ struct DiscoveryDocument {
     id_token_signing_alg_values_supported: Vec<String>,
     #[serde(default)]
     token_endpoint_auth_methods_supported: Vec<String>,
+    #[serde(default)]
+    pushed_authorization_request_endpoint: Option<Url>,
+    #[serde(default)]
+    require_pushed_authorization_requests: bool,
+    #[serde(default)]
+    authorization_response_iss_parameter_supported: bool,
 }
 
 pub(crate) trait ClassifyName {
@@ -895,5 +908,51 @@ impl Provider for OidcProvider {
 
     fn refresh_token_reuse(&self) -> RefreshTokenReuse {
         self.oauth2.refresh_token_reuse()
+    }
+
+    async fn start_authorization(
+        &self,
+        request: &AuthorizationRequest,
+    ) -> Result<Url, ProviderError> {
+        self.oauth2.start_authorization(request).await
+    }
+
+    fn authorization_response_issuer(&self) -> super::AuthorizationResponseIssuer {
+        let mut answer = self.config.oauth2.response_issuer();
+        if answer.issuers.is_empty() {
+            answer.issuers = match &self.config.issuer {
+                IssuerPolicy::Exact(issuer) => vec![issuer.clone()],
+                IssuerPolicy::AnyOf(list) => list.clone(),
+                // One pinned tenant names one issuer; a multi-tenant template names none.
+                IssuerPolicy::TenantTemplate {
+                    template,
+                    tenants: Some(tenants),
+                } if tenants.len() == 1 => vec![template.replace("{tenantid}", &tenants[0])],
+                IssuerPolicy::TenantTemplate { .. } => Vec::new(),
+            };
+        }
+        answer
+    }
+}
+
+impl OidcConfig {
+    /// Sets when logins use pushed authorization requests (RFC 9126, see [`ParMode`](super::ParMode)).
+    /// Discovery fills the endpoint and whether the provider requires them.
+    pub fn with_pushed_authorization(mut self, mode: super::ParMode) -> Self {
+        self.oauth2.pushed_authorization = mode;
+        self
+    }
+
+    /// Sets the pushed authorization request endpoint (RFC 9126).
+    pub fn with_pushed_authorization_request_endpoint(mut self, url: Url) -> Self {
+        self.oauth2.pushed_authorization_request_endpoint = Some(url);
+        self
+    }
+
+    /// Declares whether the provider always sends `iss` on its authorization responses
+    /// (RFC 9207 `authorization_response_iss_parameter_supported`); discovery fills it.
+    pub fn with_authorization_response_iss(mut self, supported: bool) -> Self {
+        self.oauth2.authorization_response_iss_parameter_supported = supported;
+        self
     }
 }

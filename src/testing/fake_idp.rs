@@ -11,6 +11,12 @@
 //! | `POST /introspect` | RFC 7662-style introspection |
 //! | `GET /.well-known/openid-configuration` | OpenID Connect discovery ([`FakeIdp::discovery_url`]) |
 //! | `GET /jwks` | the public keys that verify ID tokens, with `kid` ([`FakeIdp::jwks_uri`]) |
+//! | `POST /par` | RFC 9126 pushed authorization requests: a single-use, expiring `request_uri` that `/authorize` resolves ([`FakeIdp::par_endpoint`]) |
+//!
+//! Authorization responses carry `iss` (RFC 9207) unless
+//! [`FakeIdpConfig::with_iss_in_response`]`(false)`; PAR is advertised in discovery with
+//! [`FakeIdpConfig::with_pushed_authorization_requests`] and can be required with
+//! [`FakeIdpConfig::with_require_pushed_authorization_requests`].
 //!
 //! Everything that makes a provider hard to live with can be switched on from the test:
 //! refresh-token rotation ([`FakeIdp::set_rotation`]), reuse detection, refresh responses without
@@ -192,6 +198,17 @@ struct ClientAuthRegistration {
     public_key_pem: Option<String>,
     /// The only `aud` accepted in assertions; `None`: the token endpoint or the issuer.
     assertion_audience: Option<String>,
+    login_extensions: LoginExtensions,
+}
+
+/// RFC 9207 and RFC 9126 settings of the fake (see [`FakeIdpConfig::with_iss_in_response`] and
+/// [`FakeIdpConfig::with_pushed_authorization_requests`]).
+#[derive(Clone, Debug)]
+struct LoginExtensions {
+    iss_in_response: bool,
+    par: bool,
+    require_par: bool,
+    request_uri_ttl: Duration,
 }
 
 /// Which real provider's quirks the fake imitates (set by the presets).
@@ -222,6 +239,12 @@ impl Default for FakeIdpConfig {
             keep_rotated_refresh_tokens: false,
             flavor: Flavor::Generic,
             client_auth: ClientAuthRegistration::default(),
+            login_extensions: LoginExtensions {
+                iss_in_response: true,
+                par: false,
+                require_par: false,
+                request_uri_ttl: Duration::from_secs(60),
+            },
         }
     }
 }
@@ -246,6 +269,7 @@ impl fmt::Debug for FakeIdpConfig {
             )
             .field("flavor", &self.flavor)
             .field("client_auth_method", &self.client_auth.method)
+            .field("login_extensions", &self.login_extensions)
             .finish()
     }
 }
@@ -287,6 +311,7 @@ impl FakeIdpConfig {
             reuse_detection: false,
             ..Self::default()
         }
+        .with_iss_in_response(false)
     }
 
     /// A preset that behaves like the Microsoft identity platform (Entra ID, v2.0 endpoints)
@@ -328,6 +353,7 @@ impl FakeIdpConfig {
             keep_rotated_refresh_tokens: true,
             ..Self::default()
         }
+        .with_iss_in_response(false)
     }
 
     /// Signs ID tokens with RS256 (default) or, when off, sends them unsigned with
@@ -440,6 +466,42 @@ impl FakeIdpConfig {
         self.issue_id_token = on;
         self
     }
+
+    /// Whether authorization responses (success and error redirects) carry `iss` =
+    /// [`FakeIdp::issuer`] (RFC 9207), and discovery says
+    /// `authorization_response_iss_parameter_supported: true`. On by default, as at
+    /// `oidc-provider` and Keycloak; off in the Google and Microsoft presets, whose providers
+    /// do not advertise it.
+    pub fn with_iss_in_response(mut self, on: bool) -> Self {
+        self.login_extensions.iss_in_response = on;
+        self
+    }
+
+    /// Whether discovery advertises the pushed authorization request endpoint
+    /// (`POST /par`, RFC 9126; [`FakeIdp::par_endpoint`]). Off by default; the endpoint is
+    /// served either way.
+    pub fn with_pushed_authorization_requests(mut self, on: bool) -> Self {
+        self.login_extensions.par = on;
+        self
+    }
+
+    /// Whether authorization requests must come through `POST /par` (an authorization request
+    /// without `request_uri` is then refused) and discovery says
+    /// `require_pushed_authorization_requests: true`. On implies
+    /// [`with_pushed_authorization_requests`](Self::with_pushed_authorization_requests).
+    pub fn with_require_pushed_authorization_requests(mut self, on: bool) -> Self {
+        self.login_extensions.require_par = on;
+        if on {
+            self.login_extensions.par = true;
+        }
+        self
+    }
+
+    /// How long a `request_uri` from `POST /par` stays valid (default 60 s; single use).
+    pub fn with_request_uri_ttl(mut self, ttl: Duration) -> Self {
+        self.login_extensions.request_uri_ttl = ttl;
+        self
+    }
 }
 
 /// A snapshot of the fake IdP's call counters. See [`FakeIdp::counters`].
@@ -468,6 +530,12 @@ pub struct Counters {
     pub discovery_calls: u64,
     /// Accepted authorization requests with `prompt=consent` (the consent screen was forced).
     pub consent_prompts: u64,
+    /// Requests that reached `POST /par` (RFC 9126), including failed and faulted ones.
+    pub par_requests: u64,
+    /// Pushed requests stored (answered `201` with a `request_uri`).
+    pub par_successes: u64,
+    /// Authorization requests that presented a `request_uri` (valid or not).
+    pub request_uri_uses: u64,
 }
 
 /// A one-shot misbehaviour of the `/token` endpoint, queued with [`FakeIdp::inject`].
@@ -628,6 +696,7 @@ impl FakeIdp {
             flavor: config.flavor.clone(),
             client_auth: config.client_auth.clone(),
             seen_assertion_ids: Mutex::new(std::collections::HashSet::new()),
+            login_extensions: config.login_extensions.clone(),
             state: Mutex::new(IdpState::new(&config)),
         });
         let router = Router::new()
@@ -635,6 +704,7 @@ impl FakeIdp {
             .route("/token", post(token_handler))
             .route("/revoke", post(revoke_handler))
             .route("/introspect", post(introspect_handler))
+            .route("/par", post(par_handler))
             .route("/.well-known/openid-configuration", get(discovery_handler))
             .route("/jwks", get(jwks_handler))
             // Microsoft's tenant-scoped paths; they answer 404 in the other flavors.
@@ -767,6 +837,32 @@ impl FakeIdp {
     /// [`FakeIdpConfig::microsoft`].
     pub fn supports_revocation(&self) -> bool {
         !matches!(self.inner.shared.flavor, Flavor::Microsoft { .. })
+    }
+
+    /// `POST /par`: the pushed authorization request endpoint (RFC 9126). It authenticates
+    /// the client as `/token` does, stores the parameters and answers `201` with a single-use
+    /// `request_uri` (valid for [`FakeIdpConfig::with_request_uri_ttl`]) that `/authorize`
+    /// then resolves. Faults for it are queued with [`FakeIdp::inject_par`].
+    pub fn par_endpoint(&self) -> Url {
+        self.endpoint("par")
+    }
+
+    /// Queues `fault` for the next `POST /par` request (its own queue, apart from `/token`'s).
+    /// [`Fault::Delay`] sleeps and then answers normally; [`Fault::ExpiresInAsString`] and
+    /// [`Fault::TamperedIdToken`] change nothing there; the others answer as at `/token`.
+    pub fn inject_par(&self, fault: Fault) {
+        self.inner.shared.lock().pushed.faults.push_back(fault);
+    }
+
+    /// How many pushed requests are stored and neither used nor expired.
+    pub fn pending_pushed_requests(&self) -> usize {
+        let now = Instant::now();
+        let st = self.inner.shared.lock();
+        st.pushed
+            .requests
+            .values()
+            .filter(|p| p.expires > now)
+            .count()
     }
 
     /// `POST /introspect` (RFC 7662).
@@ -980,6 +1076,7 @@ struct Shared {
     /// `jti`s of the client assertions accepted so far (a replay is refused). Its own lock:
     /// the handlers call [`authenticate`] while holding `state`.
     seen_assertion_ids: Mutex<std::collections::HashSet<String>>,
+    login_extensions: LoginExtensions,
     state: Mutex<IdpState>,
 }
 
@@ -1093,6 +1190,8 @@ struct IdpState {
     used_keys: Vec<usize>,
     /// Set by `token_handler` around one request: tamper with its ID token.
     tamper_this_response: bool,
+    /// Pushed authorization requests by `request_uri` (RFC 9126), and faults for `POST /par`.
+    pushed: PushedRequests,
 }
 
 impl IdpState {
@@ -1121,6 +1220,7 @@ impl IdpState {
             signing_key: 0,
             used_keys: vec![0],
             tamper_this_response: false,
+            pushed: PushedRequests::default(),
         }
     }
 
@@ -1466,6 +1566,12 @@ fn authorize_core(
     let bad = |description: &str| FakeIdpError::BadRequest {
         description: description.to_owned(),
     };
+    let pushed = resolve_request_uri(shared, st, params)?;
+    let params = pushed.as_ref().unwrap_or(params);
+    let iss = shared
+        .login_extensions
+        .iss_in_response
+        .then(|| shared.issuer.clone());
     // Errors about the client or the redirect URI must not redirect (§4.1.2.1).
     let client_id = params
         .get("client_id")
@@ -1500,6 +1606,9 @@ fn authorize_core(
                 .append_pair("error_description", description);
             if let Some(state) = &state {
                 q.append_pair("state", state);
+            }
+            if let Some(iss) = &iss {
+                q.append_pair("iss", iss);
             }
         }
         FakeIdpError::Redirected {
@@ -1617,6 +1726,9 @@ fn authorize_core(
         .query_pairs_mut()
         .append_pair("code", &code)
         .append_pair("state", &state);
+    if let Some(iss) = &iss {
+        redirect_url.query_pairs_mut().append_pair("iss", iss);
+    }
     Ok(AuthorizationCallback {
         code,
         state,
@@ -2291,6 +2403,16 @@ fn discovery_document(shared: &Shared, tenant: Option<&str>) -> Value {
             }
         }
         _ => {
+            let ext = &shared.login_extensions;
+            if ext.iss_in_response {
+                doc["authorization_response_iss_parameter_supported"] = true.into();
+            }
+            if ext.par {
+                doc["pushed_authorization_request_endpoint"] = format!("{base}/par").into();
+            }
+            if ext.require_par {
+                doc["require_pushed_authorization_requests"] = true.into();
+            }
             doc["issuer"] = shared.issuer.clone().into();
             doc["authorization_endpoint"] = format!("{base}/authorize").into();
             doc["token_endpoint"] = format!("{base}/token").into();
@@ -3656,4 +3778,105 @@ mod tests {
         assert!(!shown.contains("very-secret-value"));
         assert!(shown.contains(idp.client_id()));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pushed authorization requests (RFC 9126)
+
+#[derive(Default)]
+struct PushedRequests {
+    requests: HashMap<String, PushedRequest>,
+    faults: VecDeque<Fault>,
+}
+
+struct PushedRequest {
+    params: Params,
+    expires: Instant,
+}
+
+const REQUEST_URI_PREFIX: &str = "urn:ietf:params:oauth:request_uri:";
+
+/// `POST /par`: client authentication as at `/token`, then the parameters are stored under a
+/// fresh, single-use `request_uri`.
+async fn par_handler(
+    AxumState(shared): AxumState<Arc<Shared>>,
+    ConnectInfo(conn): ConnectInfo<ConnTag>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let fault = {
+        let mut st = shared.lock();
+        st.counters.par_requests += 1;
+        st.pushed.faults.pop_front()
+    };
+    match fault {
+        None | Some(Fault::ExpiresInAsString) | Some(Fault::TamperedIdToken) => {}
+        Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        Some(fault) => return fault_response(fault, &conn),
+    }
+    let result = parse_form(&headers, &body).and_then(|mut form| {
+        authenticate(&shared, &headers, &form)?;
+        if form.contains_key("request_uri") || form.contains_key("request") {
+            return Err(OAuthError::invalid_request(
+                "request_uri and request must not be pushed",
+            ));
+        }
+        form.remove("client_secret");
+        form.insert("client_id".to_owned(), shared.client_id.clone());
+        let ttl = shared.login_extensions.request_uri_ttl;
+        let request_uri = random_token(REQUEST_URI_PREFIX);
+        let mut st = shared.lock();
+        let now = Instant::now();
+        st.pushed.requests.retain(|_, p| p.expires > now);
+        st.pushed.requests.insert(
+            request_uri.clone(),
+            PushedRequest {
+                params: form,
+                expires: now + ttl,
+            },
+        );
+        st.counters.par_successes += 1;
+        Ok(json!({ "request_uri": request_uri, "expires_in": ttl.as_secs().max(1) }))
+    });
+    match result {
+        Ok(body) => json_response(StatusCode::CREATED, &body),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The pushed parameters an authorization request's `request_uri` names (used up here), or
+/// `None` for a request without one. A request without `request_uri` where PAR is required,
+/// and an unknown, used or expired `request_uri`, are refused without a redirect.
+#[expect(
+    clippy::result_large_err,
+    reason = "a rare test-helper error; keeping `Url` unboxed reads better"
+)]
+fn resolve_request_uri(
+    shared: &Shared,
+    st: &mut IdpState,
+    params: &Params,
+) -> Result<Option<Params>, FakeIdpError> {
+    let bad = |description: &str| FakeIdpError::BadRequest {
+        description: description.to_owned(),
+    };
+    let Some(request_uri) = params.get("request_uri") else {
+        if shared.login_extensions.require_par {
+            return Err(bad(
+                "pushed authorization requests are required: request_uri missing",
+            ));
+        }
+        return Ok(None);
+    };
+    st.counters.request_uri_uses += 1;
+    // Single use: removed whether or not the rest of the request is good.
+    let pushed = st
+        .pushed
+        .requests
+        .remove(request_uri)
+        .filter(|p| p.expires > Instant::now())
+        .ok_or_else(|| bad("request_uri is invalid, expired, or was already used"))?;
+    if params.get("client_id") != pushed.params.get("client_id") {
+        return Err(bad("client_id does not match the pushed request's"));
+    }
+    Ok(Some(pushed.params))
 }

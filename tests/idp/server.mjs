@@ -8,6 +8,11 @@
 //   PROFILE       oidc (default) | google-like | microsoft-like
 //   ACCESS_TTL    access-token lifetime in seconds (default 5)
 //   REDIRECT_URI  the test client's redirect URI (default http://127.0.0.1:9/callback)
+//   REQUIRE_PAR   1 (oidc profile): the provider requires pushed authorization requests
+//                 (RFC 9126) of every client (`require_pushed_authorization_requests: true` in
+//                 discovery). PAR is on in the oidc profile (oidc-provider's default) and off
+//                 in the google-like and microsoft-like ones, as at Google and Microsoft; `iss`
+//                 on authorization responses (RFC 9207) is on in all of them.
 //   INTERACTIONS  scripted (default): the `login_hint` user (else `alice`) is signed in and
 //                 consent granted without any page.
 //                 pages: oidc-provider's built-in development pages (devInteractions). The
@@ -21,7 +26,8 @@
 // Clients: `tb-basic` (client_secret_basic) and `tb-post` (client_secret_post), both with the
 // secret `tb-secret~+/=` (characters that trip up Basic auth encoders); `tb-secretjwt`
 // (client_secret_jwt, secret JWT_SECRET below); `tb-pkjwt` (private_key_jwt) when CLIENT_JWKS
-// holds a public JWK Set (JSON) that the test generated at run time.
+// holds a public JWK Set (JSON) that the test generated at run time. `tb-par` (oidc profile
+// only) is `tb-basic` with client metadata `require_pushed_authorization_requests: true`.
 //
 // Test-only endpoints (under /__test/):
 //   POST /__test/revoke-user?user=NAME   revokes every grant of NAME (next refresh: invalid_grant)
@@ -151,6 +157,24 @@ if (process.env.CLIENT_JWKS) {
   configuration.clients.push(
     assertionClient('tb-pkjwt', 'private_key_jwt', { jwks: JSON.parse(process.env.CLIENT_JWKS) }),
   );
+}
+
+// RFC 9126. Google and Microsoft advertise no PAR endpoint: their profiles turn it off, so
+// their logins keep sending parameters in the URL (which the microsoft-like hack above reads).
+// The oidc profile has a client that must push its authorization requests, and optionally
+// requires them of every client.
+if (PROFILE === 'oidc') {
+  configuration.clients.push({
+    ...configuration.clients.find((c) => c.client_id === 'tb-basic'),
+    client_id: 'tb-par',
+    require_pushed_authorization_requests: true,
+  });
+  configuration.features.pushedAuthorizationRequests = {
+    enabled: true,
+    requirePushedAuthorizationRequests: process.env.REQUIRE_PAR === '1',
+  };
+} else {
+  configuration.features.pushedAuthorizationRequests = { enabled: false };
 }
 
 const server = http.createServer();

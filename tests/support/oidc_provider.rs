@@ -78,6 +78,8 @@ pub struct ProviderOptions {
     /// The public JWK Set (JSON) registered for the `private_key_jwt` client `tb-pkjwt`
     /// (`CLIENT_JWKS`); without it that client is not registered.
     pub client_jwks: Option<String>,
+    /// The provider requires pushed authorization requests of every client (`REQUIRE_PAR`).
+    pub require_par: bool,
 }
 
 impl ProviderOptions {
@@ -89,7 +91,13 @@ impl ProviderOptions {
             redirect_uri: DEFAULT_REDIRECT_URI.parse().unwrap(),
             interactions: Interactions::Scripted,
             client_jwks: None,
+            require_par: false,
         }
+    }
+    /// Makes the provider require pushed authorization requests (RFC 9126) of every client.
+    pub fn require_par(mut self, on: bool) -> ProviderOptions {
+        self.require_par = on;
+        self
     }
     pub fn redirect_uri(mut self, redirect_uri: Url) -> ProviderOptions {
         self.redirect_uri = redirect_uri;
@@ -171,6 +179,7 @@ impl OidcProvider {
             redirect_uri,
             interactions,
             client_jwks,
+            require_par,
         } = options;
         let dir = idp_dir();
         assert!(
@@ -189,6 +198,7 @@ impl OidcProvider {
             .env("ACCESS_TTL", access_ttl.to_string())
             .env("REDIRECT_URI", redirect_uri.as_str())
             .env("INTERACTIONS", interactions.name())
+            .env("REQUIRE_PAR", if require_par { "1" } else { "0" })
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
