@@ -187,6 +187,7 @@ pub struct FakeIdpConfig {
     keep_rotated_refresh_tokens: bool,
     flavor: Flavor,
     client_auth: ClientAuthRegistration,
+    login_extensions: LoginExtensions,
 }
 
 /// How the fake's client must authenticate (see [`FakeIdpConfig::with_client_auth_method`]).
@@ -198,7 +199,6 @@ struct ClientAuthRegistration {
     public_key_pem: Option<String>,
     /// The only `aud` accepted in assertions; `None`: the token endpoint or the issuer.
     assertion_audience: Option<String>,
-    login_extensions: LoginExtensions,
 }
 
 /// RFC 9207 and RFC 9126 settings of the fake (see [`FakeIdpConfig::with_iss_in_response`] and
