@@ -256,6 +256,7 @@ impl TokenBroker {
     /// # Errors
     /// [`Error::UnknownProvider`], [`Error::Store`] (the broker checks whether a refresh
     /// token is held, so providers such as Google ask for consent only when needed).
+    #[tracing::instrument(name = "tokenbroker.login", target = "tokenbroker", skip_all, fields(provider = %key.provider, subject_hash = %crate::telemetry::SubjectHash(&key.subject)))]
     pub async fn begin_login(&self, key: &TokenKey, options: LoginOptions) -> Result<LoginStart> {
         let inner = &self.inner;
         let entry = inner.entry(&key.provider)?;
@@ -326,6 +327,7 @@ impl TokenBroker {
     /// [`Error::LoginRejected`] (wrong or missing state, expired, already used, code rejected
     /// by the provider), [`Error::AuthorizationDenied`], [`Error::Unavailable`],
     /// [`Error::Provider`], [`Error::Store`].
+    #[tracing::instrument(name = "tokenbroker.login", target = "tokenbroker", skip_all, fields(provider = %pending.key().provider, subject_hash = %crate::telemetry::SubjectHash(&pending.key().subject)))]
     pub async fn complete_login(
         &self,
         pending: PendingLogin,
