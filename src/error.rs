@@ -207,6 +207,16 @@ pub enum Error {
     #[error(transparent)]
     Access(#[from] AccessError),
 
+    /// The broker is shutting down ([`TokenBroker::shutdown`](crate::TokenBroker::shutdown)):
+    /// it starts no new refresh, and this read needed one (its access token is expired, or
+    /// within the skew with nothing valid to serve). Nothing was sent upstream; the link is
+    /// unchanged. Retry on another instance.
+    #[error("the broker is shutting down; {key} needs a refresh")]
+    ShuttingDown {
+        /// The link.
+        key: TokenKey,
+    },
+
     /// A broker invariant broke (a bug): e.g. a refresh task panicked.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -229,7 +239,8 @@ impl Error {
             Error::Unavailable { .. }
             | Error::RefreshInProgress { .. }
             | Error::RecordChanged { .. }
-            | Error::WritePending { .. } => "temporarily_unavailable",
+            | Error::WritePending { .. }
+            | Error::ShuttingDown { .. } => "temporarily_unavailable",
             Error::AudienceNotAllowed { .. } | Error::NarrowedRefused { .. } => "invalid_scope",
             Error::InvalidAccessToken { .. } => "upstream_error",
             Error::UnknownProvider(_) | Error::InvalidId(_) => "invalid_request",

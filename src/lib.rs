@@ -88,6 +88,7 @@ mod ids;
 pub mod provider;
 mod secret;
 pub mod store;
+pub mod telemetry;
 mod token;
 
 pub use access::{
@@ -97,8 +98,8 @@ pub use access::{
 pub use account::UpstreamAccount;
 pub use broker::{
     Callback, GrantStatus, LEASE_MARGIN, LinkOutcome, LoginOptions, LoginStart, PendingLogin,
-    ReplacedAccount, RetrievedTokens, SweepOptions, SweepReport, TokenBroker, TokenBrokerBuilder,
-    TokenView, UnlinkOutcome,
+    ReplacedAccount, RetrievedTokens, ShutdownReport, SweepOptions, SweepReport, TokenBroker,
+    TokenBrokerBuilder, TokenView, UnlinkOutcome,
 };
 pub use clock::{Clock, SharedClock, SystemClock};
 pub use endpoints::{ACCESS_TOKEN_TYPE, BrokerResponse, TOKEN_EXCHANGE_GRANT};

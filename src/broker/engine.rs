@@ -23,11 +23,13 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::Inner;
 use super::refresh::Need;
 use crate::error::{Error, Result};
 use crate::ids::{Scopes, TokenKey};
+use crate::telemetry::{RefreshOutcome, SubjectHash};
 use crate::token::TokenSet;
 
 /// What a flight answers: the tokens to serve and whether a refresh happened (here or in
@@ -43,7 +45,8 @@ pub(crate) struct FlightKey {
 }
 
 pub(crate) struct Flight {
-    answer: watch::Receiver<Option<Outcome>>,
+    /// Answered once the flight has written (or parked) its result and released its lease.
+    pub(crate) answer: watch::Receiver<Option<Outcome>>,
     /// What the flight was started for; a joiner with another need checks the answer.
     need: Need,
 }
@@ -74,7 +77,7 @@ impl Inner {
             if self.is_parked(key) {
                 return Err(Error::WritePending { key: key.clone() });
             }
-            let (answer, same_need) = self.join_or_start(&flight, &need);
+            let (answer, same_need) = self.join_or_start(&flight, &need)?;
             let outcome = wait(answer).await;
             // A flight started for another need (a sweep's window, a token a resource server
             // rejected) may not serve ours; then our own flight follows it, once.
@@ -92,15 +95,26 @@ impl Inner {
     }
 
     /// Joins the flight of `flight`, or starts it. Returns its answer channel and whether it
-    /// runs for the same need.
+    /// runs for the same need. Once the broker is shutting down, a flight in progress is
+    /// still joined (it calls the provider at most once whoever waits), but none starts.
     fn join_or_start(
         self: &Arc<Self>,
         flight: &FlightKey,
         need: &Need,
-    ) -> (watch::Receiver<Option<Outcome>>, bool) {
+    ) -> Result<(watch::Receiver<Option<Outcome>>, bool)> {
         let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(running) = flights.get(flight) {
-            return (running.answer.clone(), running.need.same_as(need));
+            return Ok((running.answer.clone(), running.need.same_as(need)));
+        }
+        // Checked under the lock `shutdown` takes to set the flag and list the flights: a
+        // flight starts before it (and is waited for) or not at all.
+        if self.is_closing() {
+            drop(flights);
+            self.metrics(&flight.key.provider)
+                .refresh(RefreshOutcome::ShuttingDown);
+            return Err(Error::ShuttingDown {
+                key: flight.key.clone(),
+            });
         }
         let (tx, rx) = watch::channel(None);
         flights.insert(
@@ -117,20 +131,34 @@ impl Inner {
             answer: rx.clone(),
         };
         let need = need.clone();
+        // The flight outlives the caller that started it: its span is a root that follows
+        // from the caller's, not a child of it.
+        let span = tracing::info_span!(
+            target: "tokenbroker",
+            parent: None,
+            "tokenbroker.refresh",
+            provider = %flight.key.provider,
+            subject_hash = %SubjectHash(&flight.key.subject),
+            narrowed = need.scopes.is_some(),
+        );
+        span.follows_from(tracing::Span::current());
         // A panic outside the lease (the part under it is caught in `refresh_with_lease`,
         // which must release) ends the task: the guard still removes the flight, and the
         // dropped sender answers the joiners with `Error::Internal`.
-        tokio::spawn(async move {
-            let outcome = guard
-                .inner
-                .refresh_with_lease(&guard.flight.key, &need)
-                .await;
-            // Removed before answering: a reader arriving after this starts a new flight, which
-            // finds the fresh record under the lease without calling the provider.
-            drop(guard);
-            let _ = tx.send(Some(outcome));
-        });
-        (rx, true)
+        tokio::spawn(
+            async move {
+                let outcome = guard
+                    .inner
+                    .refresh_with_lease(&guard.flight.key, &need)
+                    .await;
+                // Removed before answering: a reader arriving after this starts a new flight, which
+                // finds the fresh record under the lease without calling the provider.
+                drop(guard);
+                let _ = tx.send(Some(outcome));
+            }
+            .instrument(span),
+        );
+        Ok((rx, true))
     }
 
     /// Whether a refresh of `key` (its own scopes) is in flight in this process.

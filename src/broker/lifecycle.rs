@@ -1,6 +1,7 @@
 //! The life of a grant after login: its health, a keep-alive sweep, and requests signed with
 //! its access token.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use super::refresh::Need;
 use crate::access::Caller;
 use crate::error::{Error, Result};
 use crate::http::{HttpClient, HttpRequest, HttpResponse};
-use crate::ids::TokenKey;
+use crate::ids::{ProviderId, TokenKey};
 use crate::secret::Secret;
 use crate::store::LinkState;
 use crate::token::TokenSet;
@@ -174,6 +175,9 @@ impl TokenBroker {
         let semaphore = Arc::new(tokio::sync::Semaphore::new(options.concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
         let mut cursor: Option<TokenKey> = None;
+        // Links per provider by stored state, for the health gauges: (active, relink-required).
+        let mut health: HashMap<ProviderId, (u64, u64), foldhash::fast::RandomState> =
+            HashMap::default();
         'pages: loop {
             let page = inner
                 .store
@@ -186,9 +190,12 @@ impl TokenBroker {
                 let Ok(entry) = inner.entry(&link.key.provider) else {
                     continue; // a provider this instance does not serve
                 };
+                let counts = health.entry(link.key.provider.clone()).or_default();
                 if link.meta.state.is_relink_required() {
+                    counts.1 += 1;
                     continue;
                 }
+                counts.0 += 1;
                 let now = inner.clock.now();
                 let expiring = link
                     .meta
@@ -229,6 +236,9 @@ impl TokenBroker {
         }
         while let Some(done) = tasks.join_next().await {
             record(&mut report, done, &self.inner);
+        }
+        if !report.budget_exhausted {
+            self.set_health_gauges(health, &report);
         }
         Ok(report)
     }
@@ -296,6 +306,43 @@ impl TokenBroker {
         http.execute(with_bearer(retry, key, fresh.access_token())?)
             .await
             .map_err(|e| resource_server_unavailable(key, e))
+    }
+}
+
+impl TokenBroker {
+    /// Sets the links-by-health gauges from a complete sweep: what the scan found, with the
+    /// links this sweep found dead moved to relink-required and the keys backing off now (in
+    /// this process) moved from active to backoff.
+    fn set_health_gauges(
+        &self,
+        mut health: HashMap<ProviderId, (u64, u64), foldhash::fast::RandomState>,
+        report: &SweepReport,
+    ) {
+        let inner = &self.inner;
+        for key in &report.relink_required {
+            if let Some(counts) = health.get_mut(&key.provider) {
+                counts.0 = counts.0.saturating_sub(1);
+                counts.1 += 1;
+            }
+        }
+        let now = inner.clock.now();
+        let mut backoff: HashMap<&ProviderId, u64, foldhash::fast::RandomState> =
+            HashMap::default();
+        let backing_off = inner.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        for key in backing_off
+            .iter()
+            .filter(|(_, b)| b.until() > now)
+            .map(|(key, _)| key)
+        {
+            *backoff.entry(&key.provider).or_default() += 1;
+        }
+        for (id, entry) in &inner.providers {
+            let (active, relink) = health.get(id).copied().unwrap_or_default();
+            let backing = backoff.get(id).copied().unwrap_or_default().min(active);
+            entry.metrics.links_active.set((active - backing) as f64);
+            entry.metrics.links_backoff.set(backing as f64);
+            entry.metrics.links_relink_required.set(relink as f64);
+        }
     }
 }
 

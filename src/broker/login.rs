@@ -271,6 +271,7 @@ impl TokenBroker {
     /// [`Error::Provider`] (it refused the request or the client), [`Error::Config`] (PAR
     /// required but the provider has no PAR endpoint, or required by the provider but turned
     /// off). Nothing is stored in either case.
+    #[tracing::instrument(name = "tokenbroker.login", target = "tokenbroker", skip_all, fields(provider = %key.provider, subject_hash = %crate::telemetry::SubjectHash(&key.subject)))]
     pub async fn begin_login(&self, key: &TokenKey, options: LoginOptions) -> Result<LoginStart> {
         let inner = &self.inner;
         let entry = inner.entry(&key.provider)?;
@@ -363,6 +364,7 @@ impl TokenBroker {
     /// redeemed, after the pending login is used up, so the callback cannot be replayed),
     /// [`Error::AuthorizationDenied`], [`Error::Unavailable`], [`Error::Provider`],
     /// [`Error::Store`].
+    #[tracing::instrument(name = "tokenbroker.login", target = "tokenbroker", skip_all, fields(provider = %pending.key().provider, subject_hash = %crate::telemetry::SubjectHash(&pending.key().subject)))]
     pub async fn complete_login(
         &self,
         pending: PendingLogin,

@@ -26,6 +26,7 @@ use crate::ids::{Scopes, TokenKey};
 use crate::provider::{ProviderError, RefreshTokenReuse, TokenKind};
 use crate::secret::Secret;
 use crate::store::{Lease, LeaseAttempt, LinkState, Record, RecordMeta, StoreError, StoredRecord};
+use crate::telemetry::RefreshOutcome;
 use crate::token::TokenSet;
 
 /// A key whose provider failed recently: no upstream call before `until`.
@@ -48,6 +49,13 @@ pub(crate) struct Need {
     pub(crate) written_after: Option<OffsetDateTime>,
     /// A token for these narrower scopes rather than the link's own.
     pub(crate) scopes: Option<Scopes>,
+}
+
+impl Backoff {
+    /// Until when the key is left alone.
+    pub(crate) fn until(&self) -> OffsetDateTime {
+        self.until
+    }
 }
 
 impl Need {
@@ -158,7 +166,13 @@ impl Inner {
         if loaded.set.is_fresh(self.clock.now(), self.config.skew) {
             return Ok((loaded.set, false, false));
         }
-        let (set, refreshed) = self.refresh(key, Need::fresh(self.config.skew)).await?;
+        let (set, refreshed) = match self.refresh(key, Need::fresh(self.config.skew)).await {
+            // Shutting down, no refresh: a token inside the skew but unexpired still works.
+            Err(Error::ShuttingDown { .. }) if loaded.set.is_unexpired(self.clock.now()) => {
+                (loaded.set, false)
+            }
+            other => other?,
+        };
         let stale = !set.is_fresh(self.clock.now(), self.config.skew);
         Ok((set, refreshed, stale))
     }
@@ -288,6 +302,7 @@ impl Inner {
         let deadline = Instant::now() + self.config.lease_wait;
         let mut pause = Duration::from_millis(10);
         let mut turns = 0;
+        let mut waited = false;
         loop {
             let asked_at = Instant::now();
             match self
@@ -316,6 +331,10 @@ impl Inner {
                     }
                 }
                 LeaseAttempt::Busy => {
+                    if !waited {
+                        waited = true;
+                        self.metrics(&key.provider).lease_waits.increment(1);
+                    }
                     // An instance of this process sharing the store wakes us when it releases
                     // the lease; otherwise (another process) the pause runs out.
                     let waiter = super::lease_wake::Waiter::register(
@@ -338,7 +357,14 @@ impl Inner {
                     if need.satisfied_by(&loaded.set, written, self.clock.now())
                         && let Some(view) = need.view(&loaded.set)
                     {
+                        self.metrics(&key.provider).refresh(RefreshOutcome::Joined);
                         return Ok((view, true));
+                    }
+                    if self.is_closing() {
+                        // Nothing was sent: stop waiting for the other instance.
+                        self.metrics(&key.provider)
+                            .refresh(RefreshOutcome::ShuttingDown);
+                        return Err(Error::ShuttingDown { key: key.clone() });
                     }
                     if Instant::now() >= deadline {
                         return Err(Error::RefreshInProgress { key: key.clone() });
@@ -375,6 +401,7 @@ impl Inner {
         if need.satisfied_by(&set, stored.record.meta.updated_at, now)
             && let Some(view) = need.view(&set)
         {
+            self.metrics(&key.provider).refresh(RefreshOutcome::Joined);
             return Turn::Done(Ok((view, true)));
         }
         // What may be served if no refresh happens: never a wider token than was asked for.
@@ -387,15 +414,24 @@ impl Inner {
         // The link's backoff (its provider is failing) holds narrowed refreshes back too; only
         // the link's own refreshes set it.
         if let Some(until) = self.backing_off(key, now) {
+            self.metrics(&key.provider).refresh(RefreshOutcome::Backoff);
             let retry_after = Some((until - now).unsigned_abs());
             return Turn::Done(
                 self.serve_unexpired(fallback, now, || self.unavailable(key, retry_after, None)),
             );
         }
-        let provider = match self.entry(&key.provider) {
-            Ok(entry) => Arc::clone(&entry.provider),
+        let (provider, metrics) = match self.entry(&key.provider) {
+            Ok(entry) => (Arc::clone(&entry.provider), &entry.metrics),
             Err(e) => return Turn::Done(Err(e)),
         };
+        // Shutting down: the refresh token is not spent yet, so this flight may give up. Past
+        // this check (no await before the call) it runs to its write, and shutdown waits.
+        if self.is_closing() {
+            metrics.refresh(RefreshOutcome::ShuttingDown);
+            return Turn::Done(
+                self.serve_unexpired(fallback, now, || Error::ShuttingDown { key: key.clone() }),
+            );
+        }
         let mut retried = false;
         let answer = loop {
             // Bounded by what is left of the lease, counted from when it was taken: a holder
@@ -414,10 +450,12 @@ impl Inner {
                 ));
             }
             let limit = self.config.refresh_timeout.min(budget);
+            let called = Instant::now();
             let answer =
                 tokio::time::timeout(limit, provider.refresh(&spent, need.scopes.as_ref()))
                     .await
                     .unwrap_or_else(|_| Err(timed_out()));
+            metrics.provider_call(called.elapsed());
             // No answer at all (a time-out, a dropped connection): the provider may or may not
             // have used the token. Where old tokens stay valid, asking again is free.
             let unknown = matches!(answer, Err(ProviderError::Transient { status: None, .. }));
@@ -508,6 +546,11 @@ impl Inner {
                     if scopes.is_none() {
                         self.clear_backoff(key);
                     }
+                    self.metrics(&key.provider).refresh(if rotated {
+                        RefreshOutcome::Rotated
+                    } else {
+                        RefreshOutcome::Refreshed
+                    });
                     self.emit_info(|| BrokerEvent::Refreshed {
                         key: key.clone(),
                         rotated,
@@ -537,6 +580,8 @@ impl Inner {
                         .refresh_token()
                         .is_some_and(|rt| rt.constant_time_eq(&spent));
                     if !holds_spent {
+                        self.metrics(&key.provider)
+                            .refresh(RefreshOutcome::LostRace);
                         self.emit(BrokerEvent::LostRace { key: key.clone() });
                         return self.serve_winner(key, need, current, theirs);
                     }
@@ -544,6 +589,9 @@ impl Inner {
                         // Same version, so only the fence failed: the lease was taken over.
                         // The rotated token must land all the same; the version still keeps
                         // any other write from being lost.
+                        if held.fenced {
+                            self.metrics(&key.provider).lease_takeovers.increment(1);
+                        }
                         held.fenced = false;
                     } else {
                         tracing::info!(target: "tokenbroker", %key, "record changed during refresh but holds the spent refresh token; writing the refreshed tokens onto it");
@@ -577,7 +625,10 @@ impl Inner {
                         held.until = Instant::now() + self.config.lease_ttl;
                         held.lease = extended;
                     }
-                    Ok(None) => held.fenced = false,
+                    Ok(None) => {
+                        self.metrics(&key.provider).lease_takeovers.increment(1);
+                        held.fenced = false;
+                    }
                     Err(_) => {}
                 }
             }
@@ -626,6 +677,7 @@ impl Inner {
             }
             parked.insert(key.clone(), ());
         }
+        self.metrics(&key.provider).refresh(RefreshOutcome::Parked);
         self.emit(BrokerEvent::WriteParked { key: key.clone() });
         let inner = Arc::clone(self);
         let parked_key = key.clone();
@@ -749,6 +801,8 @@ impl Inner {
         };
         if current.version != stored.version {
             // Lost race: another writer refreshed (or re-linked) with a newer token.
+            self.metrics(&key.provider)
+                .refresh(RefreshOutcome::LostRace);
             self.emit(BrokerEvent::LostRace { key: key.clone() });
             return match self.decode(key, &current) {
                 Ok(theirs) => self.serve_winner(key, need, current, theirs),
@@ -780,6 +834,8 @@ impl Inner {
                 tracing::warn!(target: "tokenbroker", %key, error = %e, "could not mark link relink-required")
             }
         }
+        self.metrics(&key.provider)
+            .refresh(RefreshOutcome::RelinkRequired);
         self.emit(BrokerEvent::RelinkRequired {
             key: key.clone(),
             reason: reason.clone(),
@@ -819,6 +875,8 @@ impl Inner {
                 tracing::warn!(target: "tokenbroker", %key, error = %e, "could not mark link relink-required")
             }
         }
+        self.metrics(&key.provider)
+            .refresh(RefreshOutcome::AccountMismatch);
         self.emit(BrokerEvent::AccountMismatch { key: key.clone() });
         Turn::Done(Err(Error::AccountMismatch { key: key.clone() }))
     }
@@ -841,6 +899,12 @@ impl Inner {
             _ => None,
         };
         let served_stale = set.as_ref().is_some_and(|s| s.is_unexpired(now));
+        self.metrics(&key.provider)
+            .refresh(if error.is_transient() {
+                RefreshOutcome::Transient
+            } else {
+                RefreshOutcome::Rejected
+            });
         self.emit(BrokerEvent::TransientFailure {
             key: key.clone(),
             status,
@@ -870,6 +934,13 @@ impl Inner {
         fallback: Option<Arc<TokenSet>>,
         error: ProviderError,
     ) -> Outcome {
+        self.metrics(&key.provider).refresh(match &error {
+            ProviderError::InvalidGrant { .. } | ProviderError::Rejected { .. } => {
+                RefreshOutcome::NarrowedRefused
+            }
+            e if e.is_transient() => RefreshOutcome::Transient,
+            _ => RefreshOutcome::Rejected,
+        });
         self.emit(BrokerEvent::NarrowedRefreshFailed {
             key: key.clone(),
             reason: error.to_string(),

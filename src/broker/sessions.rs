@@ -71,9 +71,12 @@ impl TokenBroker {
         target: &TokenKey,
         scopes: &Scopes,
     ) -> Result<RetrievedTokens> {
-        let entry = self.check_read(caller, target).await?;
-        let (tokens, refreshed, stale) = self.inner.fresh_narrowed(target, scopes).await?;
-        Ok(self.read_done(caller, target, entry, tokens, refreshed, stale))
+        self.observe_read(target, async {
+            let entry = self.check_read(caller, target).await?;
+            let (tokens, refreshed, stale) = self.inner.fresh_narrowed(target, scopes).await?;
+            Ok(self.read_done(caller, target, entry, tokens, refreshed, stale))
+        })
+        .await
     }
 
     /// Starts a login that adds `missing` scopes to an existing link (incremental consent);
@@ -106,16 +109,19 @@ impl TokenBroker {
         target: &TokenKey,
         session_id: &str,
     ) -> Result<RetrievedTokens> {
-        let entry = self.check_read(caller, target).await?;
-        let session = session_key(target, &Secret::new(session_id))?;
-        // One load when the session has its own link. `NotFound` also covers a session link
-        // deleted (session ended) while it was being refreshed: the offline link is then the
-        // right answer too.
-        let (tokens, refreshed, stale) = match self.inner.fresh_tokens(&session).await {
-            Err(Error::NotFound { .. }) => self.inner.fresh_tokens(target).await?,
-            other => other?,
-        };
-        Ok(self.read_done(caller, target, entry, tokens, refreshed, stale))
+        self.observe_read(target, async {
+            let entry = self.check_read(caller, target).await?;
+            let session = session_key(target, &Secret::new(session_id))?;
+            // One load when the session has its own link. `NotFound` also covers a session
+            // link deleted (session ended) while it was being refreshed: the offline link is
+            // then the right answer too.
+            let (tokens, refreshed, stale) = match self.inner.fresh_tokens(&session).await {
+                Err(Error::NotFound { .. }) => self.inner.fresh_tokens(target).await?,
+                other => other?,
+            };
+            Ok(self.read_done(caller, target, entry, tokens, refreshed, stale))
+        })
+        .await
     }
 
     /// Ends a login session of the host: deletes every session-bound link of that session

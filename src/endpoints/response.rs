@@ -108,7 +108,9 @@ impl BrokerResponse {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "a refresh is in progress; try again shortly".to_owned(),
             ),
-            Error::RecordChanged { .. } | Error::WritePending { .. } => (
+            Error::RecordChanged { .. }
+            | Error::WritePending { .. }
+            | Error::ShuttingDown { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the tokens are being updated; try again shortly".to_owned(),
             ),
@@ -155,7 +157,8 @@ impl BrokerResponse {
             Error::Unavailable { retry_after, .. } => *retry_after,
             Error::RefreshInProgress { .. }
             | Error::RecordChanged { .. }
-            | Error::WritePending { .. } => Some(std::time::Duration::from_secs(1)),
+            | Error::WritePending { .. }
+            | Error::ShuttingDown { .. } => Some(std::time::Duration::from_secs(1)),
             _ => None,
         };
         if let Some(after) = retry_after {
