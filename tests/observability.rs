@@ -206,8 +206,17 @@ fn read(outcome: &'static str) -> [(&'static str, &'static str); 2] {
     [("provider", "fake"), ("outcome", outcome)]
 }
 
+/// The tests of this file run one at a time. `tracing` caches per call site whether anyone
+/// listens, and a call site first reached by another test, while the span test's subscriber was
+/// being registered on its thread, could be cached as unheard and never reach that subscriber.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
 #[tokio::test(start_paused = true)]
 async fn metrics_count_reads_refreshes_relinks_and_sweeps_with_low_cardinality_labels() {
+    let _serial = serial().await;
     use tokenbroker::telemetry::*;
     let w = World::new();
     let recorder = DebuggingRecorder::new();
@@ -351,6 +360,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Spans {
 
 #[tokio::test(start_paused = true)]
 async fn spans_carry_the_provider_and_a_salted_subject_hash_never_the_subject_or_a_token() {
+    let _serial = serial().await;
     let spans = Spans::default();
     let _guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
@@ -424,6 +434,7 @@ async fn spans_carry_the_provider_and_a_salted_subject_hash_never_the_subject_or
 /// call), while a valid token is still served. Shutdown is safe from several clones and twice.
 #[tokio::test(start_paused = true)]
 async fn shutdown_lets_a_refresh_in_flight_store_its_rotated_token_and_starts_no_new_one() {
+    let _serial = serial().await;
     let w = World::new();
     let broker = w.broker();
     let linked = w.link(&broker, &w.key).await;
@@ -492,6 +503,7 @@ async fn shutdown_lets_a_refresh_in_flight_store_its_rotated_token_and_starts_no
 /// token is stored all the same.
 #[tokio::test(start_paused = true)]
 async fn shutdown_returns_at_its_deadline_and_reports_a_stuck_flight_which_still_stores() {
+    let _serial = serial().await;
     let w = World::new();
     let broker = w.broker();
     let linked = w.link(&broker, &w.key).await;
