@@ -476,7 +476,9 @@ async fn server_stopped_mid_operation_is_a_backend_error_and_the_store_recovers(
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.kill();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Down for longer than the connection manager's reconnection attempts last (3 retries,
+    // at most 2 s apart): it must try again on later calls, not give up for good.
+    tokio::time::sleep(Duration::from_secs(4)).await;
 
     // While it is down, a call fails, typed.
     let err = store.load(&k).await.expect_err("Redis is down");

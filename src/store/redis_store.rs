@@ -3,7 +3,7 @@
 //! # Why the `redis` crate
 //!
 //! It is the maintained, widely used client (redis-rs), with a tokio
-//! [`ConnectionManager`](redis::aio::ConnectionManager) that multiplexes one connection for
+//! [`ConnectionManager`] that multiplexes one connection for
 //! every task and reconnects on its own after the server went away, and with
 //! [`redis::Script`], which runs a Lua script by `EVALSHA` and loads it on `NOSCRIPT`. `fred` has
 //! more built in (pools, Sentinel and Cluster clients in one crate), but every decision here is
@@ -46,16 +46,22 @@
 //!   primary and replicas); it does not spread over the cluster. To spread load, give groups of
 //!   realms stores of their own prefix. This store talks to one node through a
 //!   `ConnectionManager`; it does not follow `MOVED` redirections.
-//! - **Sentinel fail-over, replication.** Replication is asynchronous: a write acknowledged by
-//!   the old primary may be missing on the promoted replica. A lease may then be lost (another
-//!   instance takes it and refreshes too), and a version written just before the fail-over may
-//!   be lost with its record. What still holds: every write is checked against the version and,
-//!   when fenced, the lease token that the *new* primary holds, so a writer that read before the
-//!   fail-over cannot overwrite a newer record, and the engine re-reads on conflict. At worst a
-//!   link is refreshed twice (with a provider that rotates refresh tokens and detects reuse,
-//!   that can cost the user a re-link), never a rotated token silently replaced by a stale one.
-//!   A write lost with the old primary is lost like any unacknowledged write. Reconnecting to
-//!   the new primary is the host's part (a Sentinel-aware URL or a DNS name that follows it).
+//! - **Sentinel fail-over, replication.** Replication is asynchronous, and so is what a
+//!   fail-over keeps. A lease may be lost: the promoted replica may not have it, another
+//!   instance takes it and refreshes too. The fencing token and the versioned compare-and-swap
+//!   still stop the stale writer: its write is checked against the version and lease token the
+//!   *new* primary holds, so it cannot overwrite a newer record, and the engine re-reads on the
+//!   conflict and serves the winner's tokens. The engine then guarantees at worst a second
+//!   refresh of the link (at a provider that rotates refresh tokens and rejects reuse, the
+//!   second one can revoke the grant, and the user links again), never a newer record replaced
+//!   by an older one. What no check can keep is a write that the old primary acknowledged and
+//!   had not yet replicated: it is gone, and if it held a rotated refresh token the link needs a
+//!   re-link. Where that matters, narrow the window with `min-replicas-to-write` and
+//!   `min-replicas-max-lag` on the primary (it then refuses writes while too few replicas keep
+//!   up; the engine retries them), or use PostgreSQL with synchronous replication.
+//!   Reconnecting to the new primary is the host's part: point the URL at a name that follows
+//!   the primary, or build the `ConnectionManager` yourself
+//!   ([`RedisStore::from_manager`]).
 //!
 //! [`TokenKey`]: crate::TokenKey
 
