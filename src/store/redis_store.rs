@@ -816,7 +816,7 @@ mod tests {
     }
 
     #[test]
-    fn optional_duration_rounds_up() {
+    fn durations_round_up_to_whole_milliseconds() {
         assert_eq!(duration_ms(Duration::from_micros(1)), 1);
         assert_eq!(duration_ms(Duration::MAX), 100 * 366 * 24 * 3600 * 1000);
     }
