@@ -2,6 +2,7 @@
 # The whole test suite, set-up included, on a fresh machine:
 #   - Node packages for the real OpenID Provider (oidc-provider, from tests/idp/package-lock.json)
 #   - a throwaway PostgreSQL cluster (Debian's postgresql package, installed when missing)
+#   - a throwaway Redis server (Debian's redis-server package, installed when missing)
 #   - headless Chromium and ChromeDriver for the adapter's browser test (Debian's chromium and
 #     chromium-driver, installed when missing; without them that test prints SKIPPED)
 # then every test of every workspace member (tokenbroker, tokenbroker-axum) with every feature,
@@ -9,7 +10,8 @@
 # libFuzzer target (scripts/fuzz.sh).
 #
 # Usage: scripts/test.sh [extra cargo test arguments]
-# Set TOKENBROKER_TEST_POSTGRES_URL to use an existing server instead of starting one,
+# Set TOKENBROKER_TEST_POSTGRES_URL / TOKENBROKER_TEST_REDIS_URL to use existing servers instead
+# of starting them,
 # TOKENBROKER_SOAK_SECONDS to soak longer, FUZZ_SECONDS to fuzz longer (0: not at all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +34,13 @@ if [ -z "${TOKENBROKER_TEST_POSTGRES_URL:-}" ]; then
   trap 'bash scripts/stop-postgres.sh >&2 || true' EXIT
 fi
 export TOKENBROKER_TEST_POSTGRES_URL
+
+if [ -z "${TOKENBROKER_TEST_REDIS_URL:-}" ]; then
+  say "Redis: throwaway server"
+  eval "$(bash scripts/setup-redis.sh)"
+  trap 'bash scripts/stop-postgres.sh >&2 || true; bash scripts/stop-redis.sh >&2 || true' EXIT
+fi
+export TOKENBROKER_TEST_REDIS_URL
 
 say "cargo test --workspace --all-features"
 cargo test --workspace --all-features "$@"

@@ -47,6 +47,7 @@
 //! | `testing` | no | `testing`: `FakeProvider`, a loopback fake IdP, `ManualClock`, the store conformance suite |
 //! | `sqlite` | no | `SqliteStore`: links in a SQLite file (sqlx, bundled SQLite) |
 //! | `postgres` | no | `PostgresStore`: links in PostgreSQL, for several instances (sqlx) |
+//! | `redis` | no | `RedisStore`: links in Redis, for several instances (redis-rs `ConnectionManager`, Lua scripts) |
 //! | `encryption` | no | `store::EncryptedStore`: envelope encryption of payloads at rest (XChaCha20-Poly1305), with key rotation |
 //!
 //! # Implementing a `TokenStore`
@@ -111,6 +112,9 @@ pub use secret::Secret;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use store::PostgresStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use store::RedisStore;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use store::SqliteStore;

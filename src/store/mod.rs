@@ -30,6 +30,9 @@
 #[cfg(feature = "encryption")]
 mod encrypted;
 mod memory;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis_store;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod sql;
 
@@ -45,6 +48,11 @@ use crate::error::BoxError;
 use crate::ids::{Realm, Subject, TokenKey};
 use crate::token::Payload;
 
+/// The `redis` crate the Redis store is built on, so that a host builds a `ConnectionManager`
+/// of the same version for [`RedisStore::from_manager`].
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use ::redis;
 #[cfg(feature = "encryption")]
 #[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
 pub use encrypted::{
@@ -52,6 +60,9 @@ pub use encrypted::{
     StaticKeyring, WrappedKey, key_id_of,
 };
 pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis_store::RedisStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use sql::postgres::PostgresStore;
