@@ -66,7 +66,7 @@ CREATE SEQUENCE tokenbroker_link_version AS BIGINT START 1;
     },
 ];
 
-/// A [`TokenStore`] in PostgreSQL (feature `postgres`), for deployments of several instances.
+/// A [`TokenStore`](crate::TokenStore) in PostgreSQL (feature `postgres`), for deployments of several instances.
 ///
 /// Every decision is one statement: compare-and-swap is an `UPDATE ... WHERE version = $n`,
 /// versions come from a sequence, and the refresh lease is taken by one `UPDATE` judged by the

@@ -70,7 +70,7 @@ INSERT INTO tokenbroker_link_version (id, n) VALUES (1, 0);
     },
 ];
 
-/// A [`TokenStore`] in a SQLite database file (feature `sqlite`).
+/// A [`TokenStore`](crate::TokenStore) in a SQLite database file (feature `sqlite`).
 ///
 /// Several processes may open the same file: versions, compare-and-swap and the refresh lease
 /// all work across them, because every decision is one statement or one `BEGIN IMMEDIATE`
