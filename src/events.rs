@@ -10,7 +10,9 @@ use crate::access::DenyReason;
 use crate::account::UpstreamAccount;
 use crate::ids::{Subject, TokenKey};
 
-/// The outcome of an upstream revocation on unlink.
+/// The outcome of an upstream revocation (on unlink, on a re-link that replaced another
+/// account's grant, and for each entry a [`drain`](crate::TokenBroker::drain_revocations)
+/// settles).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RevocationStatus {
@@ -19,10 +21,22 @@ pub enum RevocationStatus {
     /// The provider has no revocation endpoint; the grant stays alive upstream until it
     /// expires or the user revokes it there.
     NotSupported,
-    /// The revocation failed; the message says why (no token in it).
+    /// The revocation failed and will not be tried again; the message says why (no token in
+    /// it).
     Failed(String),
     /// There was nothing to revoke (no record, or no token).
     NothingToRevoke,
+    /// The revocation failed for now. It is kept in the store's outbox, and
+    /// [`drain_revocations`](crate::TokenBroker::drain_revocations) (or a sweep), on any
+    /// instance, tries it again from `retry_at` until the provider takes it.
+    Deferred {
+        /// Why the last try failed (no token in it).
+        reason: String,
+        /// When it may be tried again.
+        retry_at: time::OffsetDateTime,
+    },
+    /// The token had expired before it could be revoked: nothing is left to revoke.
+    Expired,
 }
 
 /// Something the broker did.
@@ -142,6 +156,28 @@ pub enum BrokerEvent {
         /// The link.
         key: TokenKey,
     },
+    /// A revocation owed to a provider (after an unlink, a re-link to another account, or a
+    /// link deleted during its refresh) was settled: revoked, not supported, expired, or given
+    /// up. It has left the store's outbox.
+    RevocationSettled {
+        /// The link it came from.
+        key: TokenKey,
+        /// How it ended.
+        outcome: RevocationStatus,
+        /// How many tries it took.
+        attempts: u32,
+    },
+    /// A try of an owed revocation failed; it stays in the store's outbox for a later drain.
+    RevocationDeferred {
+        /// The link it came from.
+        key: TokenKey,
+        /// Tries so far.
+        attempts: u32,
+        /// When it may be tried again.
+        retry_at: time::OffsetDateTime,
+        /// Why this try failed (no token in it).
+        reason: String,
+    },
     /// A parked write ended: stored, or dropped because the record changed in a way that
     /// made it moot (unlinked, or a newer refresh token was written by someone else).
     ParkedWriteResolved {
@@ -181,6 +217,14 @@ pub(crate) fn trace(event: &BrokerEvent) {
         }
         BrokerEvent::WriteParked { key } => {
             tracing::error!(target: "tokenbroker", %key, "refreshed tokens could not be stored; kept in memory and retried")
+        }
+        BrokerEvent::RevocationDeferred {
+            key,
+            attempts,
+            reason,
+            ..
+        } => {
+            tracing::warn!(target: "tokenbroker", %key, attempts, %reason, "revocation failed; kept in the outbox")
         }
         BrokerEvent::NarrowedRefreshFailed { key, reason } => {
             tracing::warn!(target: "tokenbroker", %key, %reason, "narrowed refresh failed")

@@ -98,9 +98,9 @@ pub use access::{
 };
 pub use account::UpstreamAccount;
 pub use broker::{
-    Callback, GrantStatus, LEASE_MARGIN, LinkOutcome, LoginOptions, LoginStart, PendingLogin,
-    ReplacedAccount, RetrievedTokens, ShutdownReport, SweepOptions, SweepReport, TokenBroker,
-    TokenBrokerBuilder, TokenView, UnlinkOutcome,
+    Callback, DrainOptions, DrainReport, GrantStatus, LEASE_MARGIN, LinkOutcome, LoginOptions,
+    LoginStart, PendingLogin, ReplacedAccount, RetrievedTokens, ShutdownReport, SweepOptions,
+    SweepReport, TokenBroker, TokenBrokerBuilder, TokenView, UnlinkOutcome,
 };
 pub use clock::{Clock, SharedClock, SystemClock};
 pub use endpoints::{ACCESS_TOKEN_TYPE, BrokerResponse, TOKEN_EXCHANGE_GRANT};

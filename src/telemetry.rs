@@ -25,6 +25,7 @@
 //! | `tokenbroker_links_active` | gauge | `provider` | links neither backing off nor relink-required, as the last complete [`sweep`](crate::TokenBroker::sweep) counted them |
 //! | `tokenbroker_links_backoff` | gauge | `provider` | links backing off after transient failures, as of the last complete sweep |
 //! | `tokenbroker_links_relink_required` | gauge | `provider` | links marked relink-required, as of the last complete sweep |
+//! | `tokenbroker_revocations_total` | counter | `provider`, `outcome` | each try of a revocation owed after an unlink, a re-link to another account or a link deleted mid-refresh (see [`drain_revocations`](crate::TokenBroker::drain_revocations)): `revoked`, `not_supported`, `expired` (the token had expired anyway), `deferred` (failed; kept in the store's outbox for a later drain), `given_up` (failed for longer than the drain allows, or undecodable) |
 //!
 //! The gauges are set only by a sweep that scanned every link (not one whose time budget ran
 //! out). Refresh outcomes are counted per turn under the lease, so one read that loses a race
@@ -67,6 +68,8 @@ pub const LEASE_TAKEOVERS: &str = "tokenbroker_lease_takeovers_total";
 pub const LINKS_ACTIVE: &str = "tokenbroker_links_active";
 /// `tokenbroker_links_backoff`.
 pub const LINKS_BACKOFF: &str = "tokenbroker_links_backoff";
+/// `tokenbroker_revocations_total`.
+pub const REVOCATIONS: &str = "tokenbroker_revocations_total";
 /// `tokenbroker_links_relink_required`.
 pub const LINKS_RELINK_REQUIRED: &str = "tokenbroker_links_relink_required";
 
@@ -157,6 +160,36 @@ impl RefreshOutcome {
     }
 }
 
+/// How one try of an owed revocation ended (the `outcome` of `tokenbroker_revocations_total`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RevocationOutcome {
+    Revoked,
+    NotSupported,
+    Expired,
+    Deferred,
+    GivenUp,
+}
+
+impl RevocationOutcome {
+    const ALL: [RevocationOutcome; 5] = [
+        RevocationOutcome::Revoked,
+        RevocationOutcome::NotSupported,
+        RevocationOutcome::Expired,
+        RevocationOutcome::Deferred,
+        RevocationOutcome::GivenUp,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            RevocationOutcome::Revoked => "revoked",
+            RevocationOutcome::NotSupported => "not_supported",
+            RevocationOutcome::Expired => "expired",
+            RevocationOutcome::Deferred => "deferred",
+            RevocationOutcome::GivenUp => "given_up",
+        }
+    }
+}
+
 /// The metric handles of one provider, resolved once when the broker is built against the
 /// recorder installed then (global, or the thread's local one).
 #[derive(Debug, Clone)]
@@ -170,6 +203,7 @@ pub(crate) struct ProviderMetrics {
     pub(crate) links_active: Gauge,
     pub(crate) links_backoff: Gauge,
     pub(crate) links_relink_required: Gauge,
+    revocations: [Counter; RevocationOutcome::ALL.len()],
 }
 
 impl ProviderMetrics {
@@ -187,7 +221,10 @@ impl ProviderMetrics {
             lease_takeovers: metrics::counter!(LEASE_TAKEOVERS, "provider" => p.clone()),
             links_active: metrics::gauge!(LINKS_ACTIVE, "provider" => p.clone()),
             links_backoff: metrics::gauge!(LINKS_BACKOFF, "provider" => p.clone()),
-            links_relink_required: metrics::gauge!(LINKS_RELINK_REQUIRED, "provider" => p),
+            links_relink_required: metrics::gauge!(LINKS_RELINK_REQUIRED, "provider" => p.clone()),
+            revocations: RevocationOutcome::ALL.map(
+                |o| metrics::counter!(REVOCATIONS, "provider" => p.clone(), "outcome" => o.label()),
+            ),
         }
     }
 
@@ -200,6 +237,11 @@ impl ProviderMetrics {
     /// Counts what a refresh turn came to.
     pub(crate) fn refresh(&self, outcome: RefreshOutcome) {
         self.refreshes[outcome as usize].increment(1);
+    }
+
+    /// Counts one try of an owed revocation.
+    pub(crate) fn revocation(&self, outcome: RevocationOutcome) {
+        self.revocations[outcome as usize].increment(1);
     }
 
     /// Records how long a provider call took.

@@ -397,17 +397,19 @@ async fn unlink_retries_a_failing_revocation_and_reports_how_it_ended() {
     assert!(outcome.deleted);
     assert_eq!(w.idp.counters().revocations, 2);
 
-    // Failing every time: given up after three attempts, deleted locally anyway.
+    // Failing every time: three quick tries, then deferred to the store's outbox (see
+    // tests/revocation_outbox.rs), deleted locally anyway.
     for _ in 0..3 {
         w.idp.inject(unavailable());
     }
     let outcome = w.broker.unlink(&World::key("bob")).await.unwrap();
     match &outcome.revocation {
-        RevocationStatus::Failed(reason) => {
-            assert!(reason.contains("after 3 attempts"), "{reason}")
+        RevocationStatus::Deferred { reason, .. } => {
+            assert!(reason.contains("503"), "{reason}")
         }
         other => panic!("{other:?}"),
     }
+    assert_eq!(w.idp.counters().revocations, 5);
     assert!(outcome.deleted);
     assert_eq!(
         w.broker.status(&World::key("bob")).await.unwrap(),

@@ -442,3 +442,131 @@ async fn fan_in_across_processes_on_one_sqlite_file() {
 async fn fan_in_across_processes_on_one_postgres_database() {
     fan_in_across_processes(Db::postgres().await).await;
 }
+
+// An unlink killed between its delete and its revocation
+// ---------------------------------------------------------------------------------------------
+
+const UNLINK_CHILD_ENV: &str = "TOKENBROKER_UNLINK_CHILD";
+
+/// The child's side of `a_killed_unlink_is_finished_by_another_process`: unlinks alice against
+/// a revocation endpoint that never answers, and is killed while it waits.
+#[test]
+fn unlink_child() {
+    let Ok(spec) = std::env::var(UNLINK_CHILD_ENV) else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        // spec: `db|token_endpoint|authorization_endpoint|client_id|client_secret|revocation`
+        let parts: Vec<&str> = spec.split('|').collect();
+        let config = provider_config(
+            parts[1].parse().unwrap(),
+            parts[2].parse().unwrap(),
+            parts[3],
+            parts[4],
+        )
+        .with_revocation_endpoint(parts[5].parse().unwrap());
+        let store = Db::from_env(parts[0]).open().await;
+        let broker = broker(config, store, Arc::new(ManualClock::starting_now()));
+        println!("READY");
+        let outcome = broker.unlink(&key()).await;
+        // Not reached: the parent kills this process while the revocation hangs.
+        println!("DONE {outcome:?}");
+    });
+}
+
+/// A process killed after its unlink deleted the link, before the provider answered the
+/// revocation: the revocation it owed is in the store's outbox, and another process's drain
+/// revokes the grant. Without the outbox, the grant would stay alive upstream with no record
+/// left to retry from.
+async fn a_killed_unlink_is_finished_by_another_process(db: Db) {
+    let idp = start_idp().await;
+    let clock = Arc::new(ManualClock::starting_now());
+    let store = db.open().await;
+    let survivor = broker(
+        config_for(&idp).with_revocation_endpoint(idp.revocation_endpoint()),
+        store.clone(),
+        clock.clone(),
+    );
+    let access_token = link(&idp, &survivor).await;
+
+    // Accepts connections (the kernel's backlog does) and never answers.
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let spec = [
+        db.to_env(),
+        idp.token_endpoint().to_string(),
+        idp.authorization_endpoint().to_string(),
+        idp.client_id().to_owned(),
+        idp.client_secret().to_owned(),
+        format!("http://{}/revoke", black_hole.local_addr().unwrap()),
+    ]
+    .join("|");
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "unlink_child", "--nocapture", "--test-threads=1"])
+        .env(UNLINK_CHILD_ENV, &spec)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    // Kill it as soon as the link is gone from the store: it is then waiting on the revocation.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while store.load(&key()).await.unwrap().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the child never deleted the link"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().await.unwrap();
+    let output = child.wait_with_output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !stdout.contains("DONE"),
+        "the child finished its unlink before it was killed: {stdout}"
+    );
+    assert!(
+        idp.is_active(&access_token),
+        "the grant was revoked before the kill"
+    );
+    assert_eq!(idp.counters().revocations, 0);
+
+    // The entry is the child's until its claim runs out; then any instance may drain it.
+    let early = survivor
+        .drain_revocations(tokenbroker::DrainOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(early.claimed, 0, "the dead child's claim was taken early");
+    clock.advance(Duration::from_secs(600));
+    let report = survivor
+        .drain_revocations(tokenbroker::DrainOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((report.claimed, report.revoked), (1, 1), "{report:?}");
+    assert!(
+        !idp.is_active(&access_token),
+        "the grant is still alive upstream"
+    );
+    assert_eq!(idp.counters().revocations, 1);
+    let again = survivor
+        .drain_revocations(tokenbroker::DrainOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(again.claimed, 0, "a settled revocation was claimed again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_unlink_is_finished_by_another_process_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    a_killed_unlink_is_finished_by_another_process(Db::Sqlite(dir.path().join("links.db"))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_unlink_is_finished_by_another_process_on_postgres() {
+    a_killed_unlink_is_finished_by_another_process(Db::postgres().await).await;
+}

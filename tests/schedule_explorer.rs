@@ -1228,6 +1228,45 @@ impl TokenStore for GatedStore {
         )
         .await
     }
+
+    // The revocation outbox is passed through untouched.
+    async fn delete_and_enqueue_revocation(
+        &self,
+        key: &tokenbroker::TokenKey,
+        expected: Option<tokenbroker::store::Version>,
+        revocation: &tokenbroker::store::PendingRevocation,
+    ) -> Result<bool, tokenbroker::StoreError> {
+        self.inner
+            .delete_and_enqueue_revocation(key, expected, revocation)
+            .await
+    }
+    async fn enqueue_revocation(
+        &self,
+        revocation: &tokenbroker::store::PendingRevocation,
+    ) -> Result<(), tokenbroker::StoreError> {
+        self.inner.enqueue_revocation(revocation).await
+    }
+    async fn claim_revocations(
+        &self,
+        now: time::OffsetDateTime,
+        until: time::OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<tokenbroker::store::PendingRevocation>, tokenbroker::StoreError> {
+        self.inner.claim_revocations(now, until, limit).await
+    }
+    async fn reschedule_revocation(
+        &self,
+        claimed: &tokenbroker::store::PendingRevocation,
+        due_at: time::OffsetDateTime,
+    ) -> Result<bool, tokenbroker::StoreError> {
+        self.inner.reschedule_revocation(claimed, due_at).await
+    }
+    async fn remove_revocation(
+        &self,
+        id: &tokenbroker::store::RevocationId,
+    ) -> Result<(), tokenbroker::StoreError> {
+        self.inner.remove_revocation(id).await
+    }
 }
 
 /// Watches a `try_lease` call: a lease granted whose answer is dropped on its way back (while

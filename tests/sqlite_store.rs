@@ -73,13 +73,13 @@ async fn migrations_are_idempotent() {
     let store = db.open().await;
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
-    assert_eq!(migrations_applied(&store).await, vec![1, 2]);
+    assert_eq!(migrations_applied(&store).await, vec![1, 2, 3]);
     // Reopening runs them again, as a restart would.
     let k = key("acme", "alice", "google");
     store.insert(&k, &active("x")).await.unwrap();
     let reopened = db.open().await;
     assert!(reopened.load(&k).await.unwrap().is_some());
-    assert_eq!(migrations_applied(&reopened).await, vec![1, 2]);
+    assert_eq!(migrations_applied(&reopened).await, vec![1, 2, 3]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -91,7 +91,7 @@ async fn instances_opening_one_new_file_at_once_migrate_once() {
     });
     let stores: Vec<SqliteStore> = futures_join_all(opens).await;
     for store in &stores {
-        assert_eq!(migrations_applied(store).await, vec![1, 2]);
+        assert_eq!(migrations_applied(store).await, vec![1, 2, 3]);
     }
     // All of them work on the one schema.
     let k = key("acme", "alice", "google");
@@ -131,7 +131,7 @@ async fn a_schema_1_database_is_upgraded_in_place() {
     old.close().await;
 
     let store = db.open().await;
-    assert_eq!(migrations_applied(&store).await, vec![1, 2]);
+    assert_eq!(migrations_applied(&store).await, vec![1, 2, 3]);
     store_cases::upgraded_from_v1(&store).await;
     let store: Arc<dyn TokenStore> = Arc::new(store);
     tokenbroker::testing::store_conformance::run_all(&store).await;
@@ -434,6 +434,45 @@ mod conformance {
             ttl: Duration,
         ) -> Result<Option<Lease>, StoreError> {
             self.store.extend_lease(lease, ttl).await
+        }
+
+        // The revocation outbox is passed through untouched.
+        async fn delete_and_enqueue_revocation(
+            &self,
+            key: &tokenbroker::TokenKey,
+            expected: Option<tokenbroker::store::Version>,
+            revocation: &tokenbroker::store::PendingRevocation,
+        ) -> Result<bool, tokenbroker::StoreError> {
+            self.store
+                .delete_and_enqueue_revocation(key, expected, revocation)
+                .await
+        }
+        async fn enqueue_revocation(
+            &self,
+            revocation: &tokenbroker::store::PendingRevocation,
+        ) -> Result<(), tokenbroker::StoreError> {
+            self.store.enqueue_revocation(revocation).await
+        }
+        async fn claim_revocations(
+            &self,
+            now: time::OffsetDateTime,
+            until: time::OffsetDateTime,
+            limit: usize,
+        ) -> Result<Vec<tokenbroker::store::PendingRevocation>, tokenbroker::StoreError> {
+            self.store.claim_revocations(now, until, limit).await
+        }
+        async fn reschedule_revocation(
+            &self,
+            claimed: &tokenbroker::store::PendingRevocation,
+            due_at: time::OffsetDateTime,
+        ) -> Result<bool, tokenbroker::StoreError> {
+            self.store.reschedule_revocation(claimed, due_at).await
+        }
+        async fn remove_revocation(
+            &self,
+            id: &tokenbroker::store::RevocationId,
+        ) -> Result<(), tokenbroker::StoreError> {
+            self.store.remove_revocation(id).await
         }
     }
 

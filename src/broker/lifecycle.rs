@@ -109,6 +109,9 @@ pub struct SweepReport {
     pub transient: Vec<(TokenKey, Option<OffsetDateTime>)>,
     /// Whether the time budget ran out before every due link was tried.
     pub budget_exhausted: bool,
+    /// What the drain of owed revocations at the end of the sweep did (see
+    /// [`TokenBroker::drain_revocations`]).
+    pub revocations: super::DrainReport,
 }
 
 impl TokenBroker {
@@ -154,6 +157,8 @@ impl TokenBroker {
     ///
     /// Refreshes go through the same lease as reads, so a sweep on every instance at once is
     /// safe; links backing off after transient failures are skipped until their time comes.
+    /// At the end it drains the revocations owed to providers that are due
+    /// ([`drain_revocations`](Self::drain_revocations)), up to one page of them.
     ///
     /// ```
     /// # async fn run(broker: tokenbroker::TokenBroker) -> tokenbroker::Result<()> {
@@ -239,6 +244,21 @@ impl TokenBroker {
         }
         if !report.budget_exhausted {
             self.set_health_gauges(health, &report);
+        }
+        // The outbox's failure does not undo the refreshes above: it is logged, and the next
+        // sweep or drain tries again.
+        match self
+            .drain_revocations(
+                super::DrainOptions::default()
+                    .with_limit(options.page_size.max(1))
+                    .with_concurrency(options.concurrency),
+            )
+            .await
+        {
+            Ok(drained) => report.revocations = drained,
+            Err(e) => {
+                tracing::warn!(target: "tokenbroker", error = %e, "could not drain the revocation outbox")
+            }
         }
         Ok(report)
     }

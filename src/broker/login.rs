@@ -465,8 +465,9 @@ impl TokenBroker {
             Upsert::Replaced { set, other_account } => {
                 let replaced = match other_account {
                     Some(old) => {
-                        // The old account's grant has no link any more: revoke it.
-                        let revocation = inner.revoke_upstream(&*entry.provider, &old).await;
+                        // The old account's grant has no link any more: revoke it, through the
+                        // outbox so that an outage or a crash does not leave it alive.
+                        let revocation = inner.revoke_owed(&pending.key, &old).await;
                         inner.emit(BrokerEvent::AccountChanged {
                             key: pending.key.clone(),
                             previous: old.account().cloned(),

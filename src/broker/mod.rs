@@ -6,6 +6,7 @@ mod lease_wake;
 mod lifecycle;
 mod login;
 mod refresh;
+mod revocations;
 mod sessions;
 mod shutdown;
 mod view;
@@ -26,7 +27,7 @@ use crate::events::{self, BrokerEvent, EventSink, RevocationStatus};
 use crate::http::{self, ClientDebug, SharedHttpClient};
 use crate::ids::{ProviderId, TokenKey};
 use crate::provider::{
-    OAuth2Config, OAuth2Provider, OidcConfig, OidcProvider, Provider, ProviderError, TokenKind,
+    OAuth2Config, OAuth2Provider, OidcConfig, OidcProvider, Provider, ProviderError,
 };
 use crate::store::{LeaseHolder, MemoryStore, TokenStore};
 use crate::telemetry::{ProviderMetrics, ReadOutcome, SubjectHash};
@@ -34,6 +35,7 @@ use crate::token::TokenSet;
 
 pub use lifecycle::{GrantStatus, SweepOptions, SweepReport};
 pub use login::{Callback, LinkOutcome, LoginOptions, LoginStart, PendingLogin, ReplacedAccount};
+pub use revocations::{DrainOptions, DrainReport};
 pub use shutdown::ShutdownReport;
 pub use view::TokenView;
 
@@ -285,9 +287,19 @@ impl TokenBroker {
         }
     }
 
-    /// Removes a link: revokes the grant upstream where the provider supports it, then deletes
-    /// the record whatever the revocation's outcome. The outcome says honestly what happened
-    /// upstream.
+    /// Removes a link and revokes its grant upstream where the provider supports it.
+    ///
+    /// The record is deleted and the revocation it owes written to the store's outbox in one
+    /// atomic step; then the provider is called (up to three times while it fails
+    /// transiently). The outcome says honestly what happened upstream: when the provider could
+    /// not be reached it is [`RevocationStatus::Deferred`], and
+    /// [`drain_revocations`](Self::drain_revocations) (or a [`sweep`](Self::sweep)) on any
+    /// instance finishes the job, also after a crash at any point of this call.
+    ///
+    /// A refresh writing the record at the same time makes the delete retry on the newer
+    /// version (so the newer tokens are the ones revoked); after five such conflicts in a row
+    /// the unlink fails with [`StoreError::Conflict`](crate::StoreError::Conflict) and nothing
+    /// was deleted.
     pub async fn unlink(&self, key: &TokenKey) -> Result<UnlinkOutcome> {
         let span = tracing::info_span!(
             target: "tokenbroker",
@@ -300,16 +312,19 @@ impl TokenBroker {
 
     async fn unlink_inner(&self, key: &TokenKey) -> Result<UnlinkOutcome> {
         let inner = &self.inner;
-        let entry = inner.entry(&key.provider)?;
-        // A refresh may rotate the token between our load and our delete; the versioned delete
-        // notices, and we revoke the newer token too.
-        let mut revocation = RevocationStatus::NothingToRevoke;
-        for _ in 0..3 {
+        inner.entry(&key.provider)?;
+        // A refresh may write between our load and our delete; the versioned delete notices,
+        // and we read again, so that the revocation owed is for the tokens actually deleted.
+        const TRIES: u32 = 5;
+        for attempt in 0..TRIES {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
+            }
             let stored = match inner.store.load(key).await {
                 Ok(Some(stored)) => stored,
                 Ok(None) => {
                     return Ok(UnlinkOutcome {
-                        revocation,
+                        revocation: RevocationStatus::NothingToRevoke,
                         deleted: false,
                     });
                 }
@@ -332,18 +347,52 @@ impl TokenBroker {
                 }
                 Err(e) => return Err(e.into()),
             };
-            revocation = match TokenSet::from_payload(&stored.record.payload) {
-                Ok(set) => inner.revoke_upstream(&*entry.provider, &set).await,
-                Err(_) => RevocationStatus::Failed("stored record could not be decoded".into()),
+            let Ok(set) = TokenSet::from_payload(&stored.record.payload) else {
+                let revocation =
+                    RevocationStatus::Failed("stored record could not be decoded".into());
+                match inner.store.delete(key, Some(stored.version)).await {
+                    Ok(deleted) => return Ok(inner.unlinked(key, revocation, deleted)),
+                    Err(crate::StoreError::Conflict { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
             };
-            match inner.store.delete(key, Some(stored.version)).await {
-                Ok(deleted) => return Ok(inner.unlinked(key, revocation, deleted)),
+            // The revocation is owed from the moment the link is gone, so it is written in the
+            // same step as the delete: a crash, an outage or a dropped caller after this point
+            // leaves it in the outbox for a drain, never a live grant without a record.
+            let entry = inner.owed_revocation(key, &set);
+            match inner
+                .store
+                .delete_and_enqueue_revocation(key, Some(stored.version), &entry)
+                .await
+            {
+                Ok(true) => {
+                    inner.forget(key);
+                    // In a task of its own, so that a caller dropped mid-call does not cut the
+                    // provider call off between its answer and the outbox's update.
+                    let settling = Arc::clone(inner);
+                    let revocation = tokio::spawn(async move {
+                        settling
+                            .settle_revocation(
+                                entry,
+                                revocations::QUICK_TRIES,
+                                DrainOptions::default().give_up_after,
+                            )
+                            .await
+                    })
+                    .await
+                    .unwrap_or_else(|_| {
+                        RevocationStatus::Failed("the revocation task panicked".into())
+                    });
+                    return Ok(inner.unlinked(key, revocation, true));
+                }
+                Ok(false) => {
+                    return Ok(inner.unlinked(key, RevocationStatus::NothingToRevoke, false));
+                }
                 Err(crate::StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
-        let deleted = inner.store.delete(key, None).await?;
-        Ok(inner.unlinked(key, revocation, deleted))
+        Err(crate::StoreError::Conflict { key: key.clone() }.into())
     }
 }
 
@@ -379,47 +428,30 @@ impl Inner {
         }
     }
 
-    async fn revoke_upstream(&self, provider: &dyn Provider, set: &TokenSet) -> RevocationStatus {
-        let (token, kind) = match set.refresh_token() {
-            Some(rt) => (rt, TokenKind::RefreshToken),
-            None => (set.access_token(), TokenKind::AccessToken),
-        };
-        // Transient failures are retried a few times before giving up; the local delete follows
-        // whatever happens, so the outcome must say honestly how it ended.
-        const ATTEMPTS: u32 = 3;
-        let mut attempt = 1;
-        loop {
-            let outcome =
-                tokio::time::timeout(self.config.refresh_timeout, provider.revoke(token, kind))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(ProviderError::Transient {
-                            status: None,
-                            retry_after: None,
-                            reason: Some("timed out".into()),
-                            source: None,
-                        })
-                    });
-            match outcome {
-                Ok(()) => return RevocationStatus::Revoked,
-                Err(ProviderError::Unsupported { .. }) => return RevocationStatus::NotSupported,
-                Err(e) if e.is_transient() && attempt < ATTEMPTS => {
-                    let pause = e
-                        .retry_after()
-                        .unwrap_or(Duration::from_millis(200 << attempt))
-                        .min(Duration::from_secs(2));
-                    tracing::warn!(target: "tokenbroker", error = %e, attempt, "revocation failed; retrying");
-                    tokio::time::sleep(pause).await;
-                    attempt += 1;
-                }
-                Err(e) => {
-                    return RevocationStatus::Failed(format!(
-                        "failed after {attempt} attempt{}: {e}",
-                        if attempt == 1 { "" } else { "s" }
-                    ));
-                }
-            }
+    /// Revokes `set` at once, without the outbox (its fallback when the store would not take
+    /// the entry).
+    pub(crate) async fn revoke_upstream(
+        &self,
+        provider: &dyn Provider,
+        set: &TokenSet,
+    ) -> RevocationStatus {
+        match self
+            .try_revoke(provider, set, revocations::QUICK_TRIES)
+            .await
+        {
+            Ok(()) => RevocationStatus::Revoked,
+            Err(ProviderError::Unsupported { .. }) => RevocationStatus::NotSupported,
+            Err(e) => RevocationStatus::Failed(format!("{e}")),
         }
+    }
+
+    /// Drops what this process remembers of a link: its hot-cache entry and backoff.
+    fn forget(&self, key: &TokenKey) {
+        self.backoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        self.hot.remove(key);
     }
 
     fn unlinked(
@@ -428,11 +460,7 @@ impl Inner {
         revocation: RevocationStatus,
         deleted: bool,
     ) -> UnlinkOutcome {
-        self.backoff
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
-        self.hot.remove(key);
+        self.forget(key);
         self.emit(BrokerEvent::Unlinked {
             key: key.clone(),
             revocation: revocation.clone(),

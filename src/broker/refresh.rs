@@ -23,7 +23,7 @@ use super::engine::{CatchUnwind, MAX_PARKED, Outcome};
 use crate::error::{Error, Result};
 use crate::events::BrokerEvent;
 use crate::ids::{Scopes, TokenKey};
-use crate::provider::{ProviderError, RefreshTokenReuse, TokenKind};
+use crate::provider::{ProviderError, RefreshTokenReuse};
 use crate::secret::Secret;
 use crate::store::{Lease, LeaseAttempt, LinkState, Record, RecordMeta, StoreError, StoredRecord};
 use crate::telemetry::RefreshOutcome;
@@ -703,7 +703,7 @@ impl Inner {
     /// The parked write's loop: by the same rule as `store_refreshed`, for as long as the
     /// process lives. Returns whether the set was written, and after how many attempts.
     async fn write_parked(
-        &self,
+        self: &Arc<Self>,
         key: &TokenKey,
         spent: &Secret,
         newer: &TokenSet,
@@ -764,22 +764,18 @@ impl Inner {
     }
 
     /// Revokes a rotated refresh token whose link was deleted while it was being obtained, so
-    /// that no live grant is left upstream without a record. Best effort, in the background.
-    fn revoke_orphan(&self, key: &TokenKey, newer: &TokenSet) {
-        let Some(token) = newer.refresh_token().cloned() else {
+    /// that no live grant is left upstream without a record: through the store's outbox, in a
+    /// task of its own, so neither a dropped caller nor a provider outage loses it.
+    fn revoke_orphan(self: &Arc<Self>, key: &TokenKey, newer: &TokenSet) {
+        if newer.refresh_token().is_none() {
             return;
-        };
-        let Ok(entry) = self.entry(&key.provider) else {
-            return;
-        };
-        let provider = Arc::clone(&entry.provider);
-        let timeout = self.config.refresh_timeout;
+        }
+        let inner = Arc::clone(self);
         let key = key.clone();
+        let newer = newer.clone();
         tokio::spawn(async move {
-            let outcome =
-                tokio::time::timeout(timeout, provider.revoke(&token, TokenKind::RefreshToken))
-                    .await;
-            tracing::info!(target: "tokenbroker", %key, revoked = matches!(outcome, Ok(Ok(()))), "link was deleted during its refresh; revoked the new refresh token");
+            let outcome = inner.revoke_owed(&key, &newer).await;
+            tracing::info!(target: "tokenbroker", %key, ?outcome, "link was deleted during its refresh; revoking the new refresh token");
         });
     }
 

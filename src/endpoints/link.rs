@@ -147,7 +147,8 @@ pub fn link_body(outcome: &LinkOutcome) -> BrokerResponse {
 
 /// Unlinks the caller's link to `alias`: revokes the grant upstream where the provider
 /// supports it and deletes the tokens. `200 {"deleted":true,"revocation":"revoked"}`
-/// (`revocation` is one of `revoked`, `not_supported`, `failed`, `nothing_to_revoke`), `404`
+/// (`revocation` is one of `revoked`, `not_supported`, `failed`, `nothing_to_revoke`,
+/// `deferred` (kept in the outbox and retried by the drain), `expired`), `404`
 /// when there was no link.
 pub async fn unlink(
     broker: &TokenBroker,
@@ -249,5 +250,7 @@ fn revocation_name(status: &RevocationStatus) -> &'static str {
         RevocationStatus::NotSupported => "not_supported",
         RevocationStatus::Failed(_) => "failed",
         RevocationStatus::NothingToRevoke => "nothing_to_revoke",
+        RevocationStatus::Deferred { .. } => "deferred",
+        RevocationStatus::Expired => "expired",
     }
 }

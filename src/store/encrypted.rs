@@ -88,8 +88,8 @@ use chacha20poly1305::aead::{Aead, Generate, KeyInit, Payload as AeadPayload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
 use super::{
-    Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoreError, StoredRecord,
-    TokenStore, Version,
+    Lease, LeaseAttempt, LeaseHolder, LeaseToken, PendingRevocation, Record, RevocationId,
+    ScannedLink, StoreError, StoredRecord, TokenStore, Version,
 };
 use crate::clock::SharedClock;
 use crate::ids::{Realm, Subject, TokenKey};
@@ -100,6 +100,7 @@ use envelope::{
 };
 use keys::EncryptFailed;
 pub use keys::{DataKey, KeyError, KeyId, KeyProvider, KeyringError, StaticKeyring, WrappedKey};
+use time::OffsetDateTime;
 
 /// The `store` name of [`StoreError::Backend`] errors raised by the encryption layer.
 const STORE_NAME: &str = "encryption";
@@ -206,6 +207,7 @@ enum Rewrapped {
 enum Opener {
     Load,
     Rewrap,
+    Outbox,
 }
 
 /// Plain records served: counted, and each key logged once (up to [`PLAIN_WARN_LIMIT`] keys).
@@ -520,6 +522,12 @@ impl<S: TokenStore> EncryptedStore<S> {
 
     /// Encrypts a record in the current format (2) under this process's intermediate key.
     async fn seal(&self, key: &TokenKey, record: &Record) -> Result<Record, StoreError> {
+        let payload = self.seal_payload(key, &record.payload).await?;
+        Ok(Record::new(payload, record.meta.clone()))
+    }
+
+    /// Encrypts a payload bound to `key` (a record's, or an outbox entry's of that link).
+    async fn seal_payload(&self, key: &TokenKey, payload: &Payload) -> Result<Payload, StoreError> {
         let write_key = self.write_key().await?;
         let aad = record_aad_v2(key, &write_key.kek_id);
         let nonce = XNonce::try_generate().map_err(|e| backend(KeyError::unavailable(e)))?;
@@ -527,7 +535,7 @@ impl<S: TokenStore> EncryptedStore<S> {
             .encrypt(
                 &nonce,
                 AeadPayload {
-                    msg: record.payload.expose_secret(),
+                    msg: payload.expose_secret(),
                     aad: &aad,
                 },
             )
@@ -541,7 +549,32 @@ impl<S: TokenStore> EncryptedStore<S> {
         out.extend_from_slice(&write_key.header);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ciphertext);
-        Ok(Record::new(Payload::new(out), record.meta.clone()))
+        Ok(Payload::new(out))
+    }
+
+    /// Decrypts an outbox entry's payload. One that cannot be decrypted is passed on as it is:
+    /// the broker then fails to decode it and gives the entry up, with an outcome that says
+    /// so, rather than letting it block the outbox. A key provider that is unavailable is an
+    /// error, so the entry is tried again later.
+    async fn open_revocation(
+        &self,
+        sealed: PendingRevocation,
+    ) -> Result<PendingRevocation, StoreError> {
+        // The envelope code works on records; the meta and version are placeholders that
+        // nothing reads back.
+        let now = self.clock.now();
+        let as_record = StoredRecord::new(
+            Record::new(
+                sealed.payload.clone(),
+                super::RecordMeta::new(super::LinkState::Active, None, now, now),
+            ),
+            Version::new(0),
+        );
+        match self.open(&sealed.key, as_record, Opener::Outbox).await {
+            Ok(opened) => Ok(sealed.with_payload(opened.record.payload)),
+            Err(StoreError::Corrupt { .. }) => Ok(sealed),
+            Err(e) => Err(e),
+        }
     }
 
     /// This process's current intermediate key, if `header` names it and it is within its
@@ -951,5 +984,51 @@ impl<S: TokenStore> TokenStore for EncryptedStore<S> {
         ttl: Duration,
     ) -> Result<Option<Lease>, StoreError> {
         self.inner.extend_lease(lease, ttl).await
+    }
+
+    // The entry is encrypted under the link's binding, as the record was.
+    async fn delete_and_enqueue_revocation(
+        &self,
+        key: &TokenKey,
+        expected: Option<Version>,
+        revocation: &PendingRevocation,
+    ) -> Result<bool, StoreError> {
+        let sealed = revocation.with_payload(self.seal_payload(key, &revocation.payload).await?);
+        self.inner
+            .delete_and_enqueue_revocation(key, expected, &sealed)
+            .await
+    }
+
+    async fn enqueue_revocation(&self, revocation: &PendingRevocation) -> Result<(), StoreError> {
+        let sealed = revocation.with_payload(
+            self.seal_payload(&revocation.key, &revocation.payload)
+                .await?,
+        );
+        self.inner.enqueue_revocation(&sealed).await
+    }
+
+    async fn claim_revocations(
+        &self,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<PendingRevocation>, StoreError> {
+        let mut opened = Vec::new();
+        for sealed in self.inner.claim_revocations(now, until, limit).await? {
+            opened.push(self.open_revocation(sealed).await?);
+        }
+        Ok(opened)
+    }
+
+    async fn reschedule_revocation(
+        &self,
+        claimed: &PendingRevocation,
+        due_at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        self.inner.reschedule_revocation(claimed, due_at).await
+    }
+
+    async fn remove_revocation(&self, id: &RevocationId) -> Result<(), StoreError> {
+        self.inner.remove_revocation(id).await
     }
 }

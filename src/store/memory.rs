@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::{
-    Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoreError, StoredRecord,
-    TokenStore, Version,
+    Lease, LeaseAttempt, LeaseHolder, LeaseToken, PendingRevocation, Record, RevocationId,
+    ScannedLink, StoreError, StoredRecord, TokenStore, Version,
 };
 use crate::clock::{self, SharedClock};
 use crate::ids::{Realm, Subject, TokenKey};
@@ -42,6 +42,9 @@ pub struct MemoryStore {
     hasher: RandomState,
     next_version: AtomicU64,
     clock: SharedClock,
+    /// The revocation outbox. Locked after a shard, never before, so that a delete and its
+    /// entry are one step.
+    outbox: std::sync::Mutex<HashMap<RevocationId, PendingRevocation, RandomState>>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -88,6 +91,7 @@ impl MemoryStore {
             hasher: RandomState::default(),
             next_version: AtomicU64::new(1),
             clock,
+            outbox: std::sync::Mutex::default(),
         }
     }
 
@@ -104,6 +108,34 @@ impl MemoryStore {
     fn shard(&self, key: &TokenKey) -> &RwLock<Shard> {
         let i = self.hasher.hash_one(key) as usize % SHARDS;
         &self.shards[i]
+    }
+
+    /// Deletes like `TokenStore::delete` and runs `then` under the shard's lock when a record
+    /// was deleted.
+    fn delete_then(
+        &self,
+        key: &TokenKey,
+        expected: Option<Version>,
+        then: impl FnOnce(),
+    ) -> Result<bool, StoreError> {
+        let mut shard = write(self.shard(key));
+        match (shard.get(key), expected) {
+            (None, _) => Ok(false),
+            (Some(slot), Some(v)) if slot.version != v => {
+                Err(StoreError::Conflict { key: key.clone() })
+            }
+            (Some(_), _) => {
+                shard.remove(key);
+                then();
+                Ok(true)
+            }
+        }
+    }
+
+    fn outbox(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<RevocationId, PendingRevocation, RandomState>> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn next_version(&self) -> Version {
@@ -168,14 +200,7 @@ impl TokenStore for MemoryStore {
     }
 
     async fn delete(&self, key: &TokenKey, expected: Option<Version>) -> Result<bool, StoreError> {
-        let mut shard = write(self.shard(key));
-        match (shard.get(key), expected) {
-            (None, _) => Ok(false),
-            (Some(slot), Some(v)) if slot.version != v => {
-                Err(StoreError::Conflict { key: key.clone() })
-            }
-            (Some(_), _) => Ok(shard.remove(key).is_some()),
-        }
+        self.delete_then(key, expected, || {})
     }
 
     async fn list(&self, realm: &Realm, subject: &Subject) -> Result<Vec<TokenKey>, StoreError> {
@@ -275,5 +300,63 @@ impl TokenStore for MemoryStore {
             }
             _ => Ok(None),
         }
+    }
+
+    async fn delete_and_enqueue_revocation(
+        &self,
+        key: &TokenKey,
+        expected: Option<Version>,
+        revocation: &PendingRevocation,
+    ) -> Result<bool, StoreError> {
+        self.delete_then(key, expected, || {
+            self.outbox()
+                .insert(revocation.id.clone(), revocation.clone());
+        })
+    }
+
+    async fn enqueue_revocation(&self, revocation: &PendingRevocation) -> Result<(), StoreError> {
+        self.outbox()
+            .insert(revocation.id.clone(), revocation.clone());
+        Ok(())
+    }
+
+    async fn claim_revocations(
+        &self,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<PendingRevocation>, StoreError> {
+        let mut outbox = self.outbox();
+        let mut due: Vec<&mut PendingRevocation> =
+            outbox.values_mut().filter(|r| r.due_at <= now).collect();
+        due.sort_unstable_by_key(|r| r.due_at);
+        Ok(due
+            .into_iter()
+            .take(limit)
+            .map(|r| {
+                r.attempts = r.attempts.saturating_add(1);
+                r.due_at = until;
+                r.clone()
+            })
+            .collect())
+    }
+
+    async fn reschedule_revocation(
+        &self,
+        claimed: &PendingRevocation,
+        due_at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        Ok(match self.outbox().get_mut(&claimed.id) {
+            Some(r) if r.attempts == claimed.attempts => {
+                r.due_at = due_at;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    async fn remove_revocation(&self, id: &RevocationId) -> Result<(), StoreError> {
+        self.outbox().remove(id);
+        Ok(())
     }
 }

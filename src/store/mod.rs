@@ -30,6 +30,7 @@
 #[cfg(feature = "encryption")]
 mod encrypted;
 mod memory;
+mod outbox;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis_store;
@@ -60,6 +61,7 @@ pub use encrypted::{
     StaticKeyring, WrappedKey, key_id_of,
 };
 pub use memory::MemoryStore;
+pub use outbox::{PendingRevocation, RevocationId};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis_store::RedisStore;
@@ -425,6 +427,24 @@ impl StoreError {
 /// - Leases do not change a record's version: the lease only keeps refresh tokens from being
 ///   spent twice; versions keep writes from being lost.
 /// - Deleting a record drops its lease.
+///
+/// The revocation outbox (see [`PendingRevocation`]) lives in the same store, so that a link
+/// and the revocation it leaves behind are written together:
+/// - `delete_and_enqueue_revocation` is `delete` and, **in the same atomic step**, only when a
+///   record was deleted, the write of the entry; on `Conflict`, on `Ok(false)` and on an error
+///   nothing is written. A store that cannot do both atomically must not claim to be
+///   conformant: a crash between them leaves either a live grant without a record or a
+///   revocation of a link that still exists.
+/// - `enqueue_revocation` writes an entry (replacing one with the same id).
+/// - Entries are not links: `load`, `list` and `scan` never see them.
+/// - `claim_revocations(now, until, limit)` atomically takes up to `limit` entries whose
+///   `due_at` is at or before `now`, sets their `due_at` to `until`, adds one to their
+///   `attempts`, and returns them as claimed. Two concurrent claims never return the same
+///   entry. `now` is the caller's clock: a claim only keeps instances from doing the same work
+///   at once, since revoking twice is harmless.
+/// - `reschedule_revocation` sets `due_at` only while the entry's `attempts` is still the
+///   claimed one (nobody claimed it since); it returns whether it did.
+/// - `remove_revocation` deletes an entry; removing a missing one is `Ok`.
 #[async_trait]
 pub trait TokenStore: Debug + Send + Sync + 'static {
     /// Loads a record.
@@ -472,6 +492,38 @@ pub trait TokenStore: Debug + Send + Sync + 'static {
     /// lease, or `None` when the lease was taken again since.
     async fn extend_lease(&self, lease: &Lease, ttl: Duration)
     -> Result<Option<Lease>, StoreError>;
+
+    /// Deletes the record like [`delete`](Self::delete) and, in the same atomic step, writes
+    /// `revocation` to the outbox if a record was deleted.
+    async fn delete_and_enqueue_revocation(
+        &self,
+        key: &TokenKey,
+        expected: Option<Version>,
+        revocation: &PendingRevocation,
+    ) -> Result<bool, StoreError>;
+
+    /// Writes a revocation to the outbox (replacing one with the same id).
+    async fn enqueue_revocation(&self, revocation: &PendingRevocation) -> Result<(), StoreError>;
+
+    /// Claims up to `limit` revocations due at `now`: each gets `due_at = until` and one more
+    /// attempt, atomically, and is returned as claimed.
+    async fn claim_revocations(
+        &self,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<PendingRevocation>, StoreError>;
+
+    /// Sets a claimed revocation's `due_at`, if nobody claimed it since (its `attempts` is
+    /// unchanged). Whether it did.
+    async fn reschedule_revocation(
+        &self,
+        claimed: &PendingRevocation,
+        due_at: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+
+    /// Removes a revocation from the outbox: done, or given up. Idempotent.
+    async fn remove_revocation(&self, id: &RevocationId) -> Result<(), StoreError>;
 }
 
 macro_rules! forward_store {
@@ -534,6 +586,40 @@ macro_rules! forward_store {
                 ttl: Duration,
             ) -> Result<Option<Lease>, StoreError> {
                 (**self).extend_lease(lease, ttl).await
+            }
+            async fn delete_and_enqueue_revocation(
+                &self,
+                key: &TokenKey,
+                expected: Option<Version>,
+                revocation: &PendingRevocation,
+            ) -> Result<bool, StoreError> {
+                (**self)
+                    .delete_and_enqueue_revocation(key, expected, revocation)
+                    .await
+            }
+            async fn enqueue_revocation(
+                &self,
+                revocation: &PendingRevocation,
+            ) -> Result<(), StoreError> {
+                (**self).enqueue_revocation(revocation).await
+            }
+            async fn claim_revocations(
+                &self,
+                now: OffsetDateTime,
+                until: OffsetDateTime,
+                limit: usize,
+            ) -> Result<Vec<PendingRevocation>, StoreError> {
+                (**self).claim_revocations(now, until, limit).await
+            }
+            async fn reschedule_revocation(
+                &self,
+                claimed: &PendingRevocation,
+                due_at: OffsetDateTime,
+            ) -> Result<bool, StoreError> {
+                (**self).reschedule_revocation(claimed, due_at).await
+            }
+            async fn remove_revocation(&self, id: &RevocationId) -> Result<(), StoreError> {
+                (**self).remove_revocation(id).await
             }
         }
     };

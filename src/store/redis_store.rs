@@ -20,6 +20,8 @@
 //! | `{tokenbroker}:version` | string | the counter of versions (`INCR`), never reset, so a key deleted and inserted again never gets a version it had |
 //! | `{tokenbroker}:subject:{realm}:{subject}` | set | the providers of one subject's links, for `list` |
 //! | `{tokenbroker}:scan` | sorted set | every link, all scores 0, members `realm NUL subject NUL provider`, for `scan` |
+//! | `{tokenbroker}:revocation:{id}` | hash | one owed revocation (the outbox): `realm`, `subject`, `provider`, `payload` (binary), `attempts`, `due_at`, `created_at` |
+//! | `{tokenbroker}:revocations` | sorted set | the outbox's ids scored by `due_at` (unix milliseconds), for the claim |
 //!
 //! Key parts are percent-encoded (`%`, `:`, `{`, `}`), so no realm or subject can make two links
 //! share a key or open a hash tag of its own. Scan members are the raw parts joined by a NUL
@@ -75,8 +77,8 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::{
-    Lease, LeaseAttempt, LeaseHolder, LeaseToken, LinkState, Record, RecordMeta, ScannedLink,
-    StoreError, StoredRecord, TokenStore, Version,
+    Lease, LeaseAttempt, LeaseHolder, LeaseToken, LinkState, PendingRevocation, Record, RecordMeta,
+    RevocationId, ScannedLink, StoreError, StoredRecord, TokenStore, Version,
 };
 use crate::ids::{ProviderId, Realm, Subject, TokenKey};
 use crate::token::Payload;
@@ -132,9 +134,26 @@ struct Scripts {
     try_lease: Script,
     release: Script,
     extend: Script,
+    delete_enqueue: Script,
+    enqueue: Script,
+    claim: Script,
+    reschedule: Script,
+    remove: Script,
 }
 
-static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+/// Writes an outbox entry: `KEYS[hash]`, `KEYS[queue]`, and `ARGV[first]` .. `ARGV[first+7]`
+/// = id, realm, subject, provider, payload, attempts, due_at, created_at.
+const WRITE_REVOCATION: &str = r#"
+local function write_revocation(hash, queue, first)
+  redis.call('HSET', hash, 'realm', ARGV[first + 1], 'subject', ARGV[first + 2],
+    'provider', ARGV[first + 3], 'payload', ARGV[first + 4], 'attempts', ARGV[first + 5],
+    'due_at', ARGV[first + 6], 'created_at', ARGV[first + 7])
+  redis.call('ZADD', queue, ARGV[first + 6], ARGV[first])
+end
+"#;
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
+    Scripts {
     // KEYS: link, counter, subject index, scan index. ARGV: provider, scan member, fields (3..9).
     insert: Script::new(&format!(
         "{WRITE_FIELDS}
@@ -203,6 +222,60 @@ local until_ms = now_ms() + tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'lease_expires_at', until_ms)
 return until_ms"
     )),
+    // KEYS: link, subject index, scan index, entry hash, queue. ARGV: expected version (empty:
+    // any), provider, scan member, the entry (4..11). As `delete`, and the entry is written in
+    // the same script exactly when the link was deleted.
+    delete_enqueue: Script::new(&format!(
+        "{WRITE_REVOCATION}
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'version') ~= ARGV[1] then return -1 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[3])
+write_revocation(KEYS[4], KEYS[5], 4)
+return 1"
+    )),
+    // KEYS: entry hash, queue. ARGV: the entry (1..8).
+    enqueue: Script::new(&format!(
+        "{WRITE_REVOCATION}
+write_revocation(KEYS[1], KEYS[2], 1)
+return 1"
+    )),
+    // KEYS: queue. ARGV: now, until (unix ms), limit, the entries' key prefix. The queue is
+    // scored by `due_at`; each claimed entry moves to `until`. Entry hashes share the queue's
+    // hash tag, so they live in its slot. Returns {id, realm, subject, provider, payload,
+    // attempts, due_at, created_at} per entry.
+    claim: Script::new(
+        "local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(ids) do
+  local h = ARGV[4] .. id
+  if redis.call('EXISTS', h) == 1 then
+    local attempts = redis.call('HINCRBY', h, 'attempts', 1)
+    redis.call('HSET', h, 'due_at', ARGV[2])
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    local f = redis.call('HMGET', h, 'realm', 'subject', 'provider', 'payload', 'created_at')
+    out[#out + 1] = {id, f[1], f[2], f[3], f[4], tostring(attempts), ARGV[2], f[5]}
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return out",
+    ),
+    // KEYS: entry hash, queue. ARGV: claimed attempts, due_at, id. 1 when it was still ours.
+    reschedule: Script::new(
+        "if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'due_at', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+return 1",
+    ),
+    // KEYS: entry hash, queue. ARGV: id.
+    remove: Script::new(
+        "redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1",
+    ),
+}
 });
 
 /// A [`TokenStore`] in Redis (feature `redis`), for deployments of several instances.
@@ -363,6 +436,19 @@ impl RedisStore {
 
     fn scan_key(&self) -> String {
         format!("{}:scan", self.tag)
+    }
+
+    /// The prefix of outbox entries' keys; an entry's key is the prefix and its id.
+    fn revocation_prefix(&self) -> String {
+        format!("{}:revocation:", self.tag)
+    }
+
+    fn revocation_key(&self, id: &RevocationId) -> String {
+        format!("{}{}", self.revocation_prefix(), id.as_str())
+    }
+
+    fn revocation_queue_key(&self) -> String {
+        format!("{}:revocations", self.tag)
     }
 
     /// Runs a script with `EVALSHA`, loading it when the server does not have it (after a
@@ -746,6 +832,136 @@ impl TokenStore for RedisStore {
         extended.expires_at = lease_until(&lease.key, until)?;
         Ok(Some(extended))
     }
+
+    async fn delete_and_enqueue_revocation(
+        &self,
+        key: &TokenKey,
+        expected: Option<Version>,
+        revocation: &PendingRevocation,
+    ) -> Result<bool, StoreError> {
+        let mut inv = SCRIPTS.delete_enqueue.prepare_invoke();
+        inv.key(self.link_key(key))
+            .key(self.subject_key(&key.realm, &key.subject))
+            .key(self.scan_key())
+            .key(self.revocation_key(&revocation.id))
+            .key(self.revocation_queue_key())
+            .arg(expected.map_or_else(String::new, |v| v.get().to_string()))
+            .arg(key.provider.as_str())
+            .arg(scan_member(key));
+        push_revocation(&mut inv, revocation);
+        match self.run::<i64>(&inv).await? {
+            1 => Ok(true),
+            0 => Ok(false),
+            _ => Err(StoreError::Conflict { key: key.clone() }),
+        }
+    }
+
+    async fn enqueue_revocation(&self, revocation: &PendingRevocation) -> Result<(), StoreError> {
+        let mut inv = SCRIPTS.enqueue.prepare_invoke();
+        inv.key(self.revocation_key(&revocation.id))
+            .key(self.revocation_queue_key());
+        push_revocation(&mut inv, revocation);
+        let _: i64 = self.run(&inv).await?;
+        Ok(())
+    }
+
+    async fn claim_revocations(
+        &self,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<PendingRevocation>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut inv = SCRIPTS.claim.prepare_invoke();
+        inv.key(self.revocation_queue_key())
+            .arg(to_ms(now))
+            .arg(to_ms(until))
+            .arg(limit)
+            .arg(self.revocation_prefix());
+        let rows: Vec<Vec<Option<Vec<u8>>>> = self.run(&inv).await?;
+        rows.into_iter().map(parse_revocation).collect()
+    }
+
+    async fn reschedule_revocation(
+        &self,
+        claimed: &PendingRevocation,
+        due_at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let mut inv = SCRIPTS.reschedule.prepare_invoke();
+        inv.key(self.revocation_key(&claimed.id))
+            .key(self.revocation_queue_key())
+            .arg(claimed.attempts)
+            .arg(to_ms(due_at))
+            .arg(claimed.id.as_str());
+        Ok(self.run::<i64>(&inv).await? == 1)
+    }
+
+    async fn remove_revocation(&self, id: &RevocationId) -> Result<(), StoreError> {
+        let mut inv = SCRIPTS.remove.prepare_invoke();
+        inv.key(self.revocation_key(id))
+            .key(self.revocation_queue_key())
+            .arg(id.as_str());
+        let _: i64 = self.run(&inv).await?;
+        Ok(())
+    }
+}
+
+/// Adds an outbox entry's eight fields to a script invocation.
+fn push_revocation(inv: &mut ::redis::ScriptInvocation<'_>, r: &PendingRevocation) {
+    inv.arg(r.id.as_str())
+        .arg(r.key.realm.as_str())
+        .arg(r.key.subject.as_str())
+        .arg(r.key.provider.as_str())
+        .arg(r.payload.expose_secret())
+        .arg(r.attempts)
+        .arg(to_ms(r.due_at))
+        .arg(to_ms(r.created_at));
+}
+
+/// One entry as the claim script returns it.
+fn parse_revocation(fields: Vec<Option<Vec<u8>>>) -> Result<PendingRevocation, StoreError> {
+    let text = |i: usize| -> Option<String> {
+        fields
+            .get(i)
+            .cloned()
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    };
+    let id = text(0).ok_or_else(|| invalid_key("outbox entry without an id"))?;
+    let (Some(realm), Some(subject), Some(provider)) = (text(1), text(2), text(3)) else {
+        return Err(invalid_key(&format!("outbox entry {id} without its key")));
+    };
+    let key = TokenKey::parse(&realm, &subject, &provider)
+        .map_err(|e| invalid_key(&format!("outbox entry {id}: key does not parse: {e}")))?;
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: key.clone(),
+        reason: format!("outbox entry {id}: {reason}"),
+        version: None,
+    };
+    let number = |i: usize, field: &str| -> Result<i64, StoreError> {
+        text(i)
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| corrupt(format!("field {field} is missing or not a number")))
+    };
+    let payload = fields
+        .get(4)
+        .cloned()
+        .flatten()
+        .ok_or_else(|| corrupt("field payload is missing".into()))?;
+    let attempts = u32::try_from(number(5, "attempts")?)
+        .map_err(|_| corrupt("field attempts is out of range".into()))?;
+    let due_at = from_ms(number(6, "due_at")?, "due_at").map_err(corrupt)?;
+    let created_at = from_ms(number(7, "created_at")?, "created_at").map_err(corrupt)?;
+    Ok(PendingRevocation::from_parts(
+        RevocationId::new(id.clone()),
+        key.clone(),
+        Payload::new(payload),
+        attempts,
+        due_at,
+        created_at,
+    ))
 }
 
 fn version_of(key: &TokenKey, version: Option<i64>) -> Result<Version, StoreError> {

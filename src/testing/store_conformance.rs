@@ -39,8 +39,8 @@ use time::OffsetDateTime;
 
 use crate::ids::{ProviderId, Realm, Subject, TokenKey};
 use crate::store::{
-    Lease, LeaseAttempt, LeaseHolder, LeaseToken, LinkState, Record, RecordMeta, StoreError,
-    TokenStore, Version,
+    Lease, LeaseAttempt, LeaseHolder, LeaseToken, LinkState, PendingRevocation, Record, RecordMeta,
+    RevocationId, StoreError, TokenStore, Version,
 };
 use crate::token::Payload;
 
@@ -56,35 +56,41 @@ const LEASE_EXPIRY_PATIENCE: Duration = Duration::from_secs(20);
 /// How many tasks race in the concurrency checks.
 pub const RACERS: usize = 32;
 
+/// The list of checks, kept once: it hands the names to the macro named in `callback`, after
+/// the tokens in `context`, so that [`run_all`] and
+/// [`store_conformance_tests!`](crate::store_conformance_tests) cannot drift apart.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __store_conformance_checks {
+    (callback = [$($callback:tt)*], context = [$($context:tt)*]) => {
+        $($callback)*! { $($context)* ;
+            load_missing, insert_and_load, insert_existing_conflicts, compare_and_swap_replaces,
+            compare_and_swap_stale_conflicts, compare_and_swap_missing_conflicts,
+            versions_never_repeat, delete_semantics, list_by_subject, realms_are_isolated,
+            scan_walks_in_key_order, metadata_round_trips, large_and_odd_values,
+            lease_is_exclusive, lease_on_missing_key, lease_expires,
+            lease_is_independent_of_writes, delete_drops_lease,
+            stale_lease_token_is_fenced_out, expired_lease_not_taken_over_stays_current,
+            fenced_write_with_current_token_succeeds, extend_lease_moves_expiry,
+            released_lease_token_cannot_write, unfenced_write_ignores_lease,
+            concurrent_compare_and_swap_has_one_winner, concurrent_insert_has_one_winner,
+            concurrent_lease_has_one_holder, outbox_delete_and_enqueue_is_atomic,
+            outbox_claim_reschedule_remove, outbox_concurrent_claims_are_disjoint }
+    };
+}
+
 /// Runs every check, one after the other, panicking at the first broken rule.
+///
+/// The outbox checks claim every outbox entry due before their own instants, which lie in the
+/// 1970s–1990s: never run them on a store whose outbox a broker drains, and do not run two of
+/// them at once on one store.
 pub async fn run_all(store: &SharedStore) {
-    load_missing(store).await;
-    insert_and_load(store).await;
-    insert_existing_conflicts(store).await;
-    compare_and_swap_replaces(store).await;
-    compare_and_swap_stale_conflicts(store).await;
-    compare_and_swap_missing_conflicts(store).await;
-    versions_never_repeat(store).await;
-    delete_semantics(store).await;
-    list_by_subject(store).await;
-    realms_are_isolated(store).await;
-    scan_walks_in_key_order(store).await;
-    metadata_round_trips(store).await;
-    large_and_odd_values(store).await;
-    lease_is_exclusive(store).await;
-    lease_on_missing_key(store).await;
-    lease_expires(store).await;
-    lease_is_independent_of_writes(store).await;
-    delete_drops_lease(store).await;
-    stale_lease_token_is_fenced_out(store).await;
-    expired_lease_not_taken_over_stays_current(store).await;
-    fenced_write_with_current_token_succeeds(store).await;
-    extend_lease_moves_expiry(store).await;
-    released_lease_token_cannot_write(store).await;
-    unfenced_write_ignores_lease(store).await;
-    concurrent_compare_and_swap_has_one_winner(store).await;
-    concurrent_insert_has_one_winner(store).await;
-    concurrent_lease_has_one_holder(store).await;
+    macro_rules! run_each {
+        ($store:ident ; $($check:ident),* $(,)?) => {
+            $( $check($store).await; )*
+        };
+    }
+    crate::__store_conformance_checks!(callback = [run_each], context = [store]);
 }
 
 /// Generates one `#[tokio::test]` per conformance check, each on a store made by the given
@@ -105,18 +111,10 @@ pub async fn run_all(store: &SharedStore) {
 #[macro_export]
 macro_rules! store_conformance_tests {
     ($make:expr) => {
-        $crate::store_conformance_tests!(@each $make;
-            load_missing, insert_and_load, insert_existing_conflicts, compare_and_swap_replaces,
-            compare_and_swap_stale_conflicts, compare_and_swap_missing_conflicts,
-            versions_never_repeat, delete_semantics, list_by_subject, realms_are_isolated,
-            scan_walks_in_key_order, metadata_round_trips, large_and_odd_values,
-            lease_is_exclusive, lease_on_missing_key, lease_expires,
-            lease_is_independent_of_writes, delete_drops_lease,
-            stale_lease_token_is_fenced_out, expired_lease_not_taken_over_stays_current,
-            fenced_write_with_current_token_succeeds, extend_lease_moves_expiry,
-            released_lease_token_cannot_write, unfenced_write_ignores_lease,
-            concurrent_compare_and_swap_has_one_winner, concurrent_insert_has_one_winner,
-            concurrent_lease_has_one_holder);
+        $crate::__store_conformance_checks!(
+            callback = [$crate::store_conformance_tests],
+            context = [@each $make]
+        );
     };
     (@each $make:expr; $($check:ident),* $(,)?) => {
         $(
@@ -1025,4 +1023,262 @@ pub async fn concurrent_lease_has_one_holder(store: &SharedStore) {
         }
     }
     assert_eq!(acquired, 1, "{acquired} holders got the same lease");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The revocation outbox
+// ---------------------------------------------------------------------------------------------
+
+/// An instant of its own for one outbox check, in whole milliseconds, far in the past (so that
+/// no real entry, due about now, is ever before it) and random (so that checks of earlier runs
+/// on the same store are told apart by id, not by time).
+fn outbox_instant() -> OffsetDateTime {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("randomness");
+    // 1971 to about 2000.
+    let ms = 31_536_000_000 + (u64::from_le_bytes(bytes) % 900_000_000_000) as i64;
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).expect("in range")
+}
+
+fn revocation(key: &TokenKey, payload: &[u8], at: OffsetDateTime) -> PendingRevocation {
+    PendingRevocation::from_parts(
+        RevocationId::random(),
+        key.clone(),
+        Payload::new(payload.to_vec()),
+        1,
+        at,
+        at,
+    )
+}
+
+/// Claims everything due at `now` and returns those of `ids` (others' entries are claimed too,
+/// and left so).
+async fn claim_ours(
+    store: &SharedStore,
+    now: OffsetDateTime,
+    until: OffsetDateTime,
+    ids: &[&RevocationId],
+) -> Vec<PendingRevocation> {
+    store
+        .claim_revocations(now, until, 100_000)
+        .await
+        .unwrap_or_else(|e| panic!("claim_revocations failed: {e}"))
+        .into_iter()
+        .filter(|r| ids.contains(&&r.id))
+        .collect()
+}
+
+/// `delete_and_enqueue_revocation` deletes and writes the entry together, or neither: a stale
+/// version and a missing key write no entry; entries are not links.
+pub async fn outbox_delete_and_enqueue_is_atomic(store: &SharedStore) {
+    let realm = fresh_realm();
+    let k = key(&realm, "alice", "example");
+    let at = outbox_instant();
+    let later = at + Duration::from_secs(60);
+    let v1 = must_insert(store, &k, b"one").await;
+    let v2 = store
+        .compare_and_swap(&k, v1, &record(b"two"), None)
+        .await
+        .expect("CAS");
+
+    let refused = revocation(&k, b"tokens of v1", at);
+    assert_conflict(
+        store
+            .delete_and_enqueue_revocation(&k, Some(v1), &refused)
+            .await,
+        "delete_and_enqueue_revocation with a stale version",
+    );
+    assert!(
+        payload_of(store, &k).await.is_some(),
+        "a refused delete_and_enqueue_revocation deleted the link"
+    );
+    let missing = key(&realm, "nobody", "example");
+    let nothing = revocation(&missing, b"no tokens", at);
+    assert!(
+        !store
+            .delete_and_enqueue_revocation(&missing, None, &nothing)
+            .await
+            .expect("delete_and_enqueue_revocation of a missing key"),
+        "deleting a missing key reported a deletion"
+    );
+    assert!(
+        claim_ours(store, at, later, &[&refused.id, &nothing.id])
+            .await
+            .is_empty(),
+        "an entry was written although no link was deleted"
+    );
+
+    let owed = revocation(&k, b"tokens of v2", at);
+    assert!(
+        store
+            .delete_and_enqueue_revocation(&k, Some(v2), &owed)
+            .await
+            .expect("delete_and_enqueue_revocation with the version"),
+        "the link was not reported deleted"
+    );
+    assert!(
+        payload_of(store, &k).await.is_none(),
+        "link still there after delete_and_enqueue_revocation"
+    );
+    assert!(
+        store
+            .list(&realm, &k.subject)
+            .await
+            .expect("list")
+            .is_empty(),
+        "an outbox entry shows up in list"
+    );
+    let claimed = claim_ours(store, at, later, &[&owed.id]).await;
+    assert_eq!(
+        claimed.len(),
+        1,
+        "the entry was not written with the delete"
+    );
+    let entry = &claimed[0];
+    assert_eq!(entry.key, k, "the entry's key");
+    assert_eq!(
+        entry.payload.expose_secret(),
+        b"tokens of v2",
+        "the entry's payload"
+    );
+    assert_eq!(entry.attempts, 2, "a claim adds one to attempts");
+    assert_eq!(entry.due_at, later, "a claim sets due_at to `until`");
+    assert_eq!(entry.created_at, at, "created_at round-trips");
+    store.remove_revocation(&owed.id).await.expect("remove");
+}
+
+/// Entries become claimable at `due_at`, a claim hides them until `until`, a reschedule acts
+/// only for the latest claim, and removal is idempotent.
+pub async fn outbox_claim_reschedule_remove(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    let at = outbox_instant();
+    let ms = Duration::from_millis(1);
+    let entry = revocation(&k, b"owed", at);
+    store.enqueue_revocation(&entry).await.expect("enqueue");
+    // Writing the same id again replaces it: still one entry.
+    store
+        .enqueue_revocation(&entry)
+        .await
+        .expect("enqueue again");
+    assert!(
+        claim_ours(store, at - ms, at + ms, &[&entry.id])
+            .await
+            .is_empty(),
+        "an entry was claimed before it was due"
+    );
+    assert!(
+        payload_of(store, &k).await.is_none(),
+        "an outbox entry shows up as a link"
+    );
+    let first = claim_ours(store, at, at + Duration::from_secs(3600), &[&entry.id]).await;
+    assert_eq!(
+        first.len(),
+        1,
+        "a due entry was not claimed (or claimed twice)"
+    );
+    assert!(
+        claim_ours(store, at + ms, at + Duration::from_secs(7200), &[&entry.id])
+            .await
+            .is_empty(),
+        "a claimed entry was claimed again before its claim ran out"
+    );
+    let retry_at = at + 5 * ms;
+    assert!(
+        store
+            .reschedule_revocation(&first[0], retry_at)
+            .await
+            .expect("reschedule"),
+        "rescheduling the latest claim was refused"
+    );
+    let second = claim_ours(store, retry_at, retry_at + ms, &[&entry.id]).await;
+    assert_eq!(
+        second.len(),
+        1,
+        "a rescheduled entry was not claimed when due"
+    );
+    assert_eq!(second[0].attempts, first[0].attempts + 1);
+    assert!(
+        !store
+            .reschedule_revocation(&first[0], at)
+            .await
+            .expect("stale reschedule"),
+        "a reschedule by an earlier claim was accepted"
+    );
+    assert!(
+        claim_ours(store, retry_at, retry_at + ms, &[&entry.id])
+            .await
+            .is_empty(),
+        "a stale reschedule moved the entry"
+    );
+    store.remove_revocation(&entry.id).await.expect("remove");
+    store
+        .remove_revocation(&entry.id)
+        .await
+        .expect("removing a removed entry");
+    assert!(
+        claim_ours(
+            store,
+            at + Duration::from_secs(86_400 * 365),
+            at,
+            &[&entry.id]
+        )
+        .await
+        .is_empty(),
+        "a removed entry was claimed"
+    );
+}
+
+/// Many claims at once never hand out the same entry twice, and together take every due one.
+pub async fn outbox_concurrent_claims_are_disjoint(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    let at = outbox_instant();
+    let entries: Vec<PendingRevocation> = (0..20)
+        .map(|i| revocation(&k, format!("owed-{i}").as_bytes(), at))
+        .collect();
+    for e in &entries {
+        store.enqueue_revocation(e).await.expect("enqueue");
+    }
+    let ours: BTreeSet<RevocationId> = entries.iter().map(|e| e.id.clone()).collect();
+    let mut tasks = Vec::new();
+    for _ in 0..RACERS {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .claim_revocations(at, at + Duration::from_secs(3600), 3)
+                .await
+        }));
+    }
+    let mut seen = Vec::new();
+    for task in tasks {
+        seen.extend(
+            task.await
+                .expect("task")
+                .expect("claim")
+                .into_iter()
+                .map(|r| r.id)
+                .filter(|id| ours.contains(id)),
+        );
+    }
+    let distinct: BTreeSet<RevocationId> = seen.iter().cloned().collect();
+    assert_eq!(
+        distinct.len(),
+        seen.len(),
+        "concurrent claims handed out the same entry twice"
+    );
+    // Entries of earlier runs due before `at` may have taken some of the claims' room.
+    let rest = claim_ours(
+        store,
+        at,
+        at + Duration::from_secs(3600),
+        &ours.iter().collect::<Vec<_>>(),
+    )
+    .await;
+    assert_eq!(
+        distinct.len() + rest.len(),
+        entries.len(),
+        "some due entries were never claimed"
+    );
+    for e in &entries {
+        store.remove_revocation(&e.id).await.expect("remove");
+    }
 }

@@ -463,6 +463,190 @@ macro_rules! shared_link_queries {
 }
 pub(crate) use shared_link_queries;
 
+/// The revocation outbox, `tokenbroker_revocations` (migration 3), the same on both engines
+/// but for the claim's row lock (`claim_lock!`: PostgreSQL skips rows another claim holds;
+/// SQLite has one writer, so it needs none) and how a write transaction starts
+/// (`begin_write_tx`).
+macro_rules! shared_outbox_queries {
+    () => {
+        async fn delete_link_and_enqueue(
+            &self,
+            key: &crate::ids::TokenKey,
+            expected: Option<crate::store::Version>,
+            revocation: &crate::store::PendingRevocation,
+        ) -> Result<bool, StoreError> {
+            // One transaction: the entry exists exactly when the link was deleted.
+            let mut tx = self.begin_write_tx().await?;
+            let deleted = sqlx::query(concat!(
+                "DELETE FROM tokenbroker_links WHERE ",
+                super::key_where!(),
+                " AND ($4 IS NULL OR version = $4)"
+            ))
+            .bind(key.realm.as_str())
+            .bind(key.subject.as_str())
+            .bind(key.provider.as_str())
+            .bind(expected.map(super::version_to_db))
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?
+            .rows_affected();
+            if deleted == 0 {
+                let present: Option<i64> = sqlx::query_scalar(concat!(
+                    "SELECT version FROM tokenbroker_links WHERE ",
+                    super::key_where!()
+                ))
+                .bind(key.realm.as_str())
+                .bind(key.subject.as_str())
+                .bind(key.provider.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(backend)?;
+                tx.rollback().await.map_err(backend)?;
+                return match present {
+                    Some(_) => Err(StoreError::Conflict { key: key.clone() }),
+                    None => Ok(false),
+                };
+            }
+            Self::insert_revocation(&mut *tx, revocation).await?;
+            tx.commit().await.map_err(backend)?;
+            Ok(true)
+        }
+
+        async fn insert_revocation(
+            conn: &mut <Self as super::Dialect>::Connection,
+            revocation: &crate::store::PendingRevocation,
+        ) -> Result<(), StoreError> {
+            sqlx::query(
+                "INSERT INTO tokenbroker_revocations (id, realm, subject, provider, payload, \
+                 attempts, due_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (id) DO UPDATE SET payload = excluded.payload, \
+                 attempts = excluded.attempts, due_at = excluded.due_at",
+            )
+            .bind(revocation.id.as_str())
+            .bind(revocation.key.realm.as_str())
+            .bind(revocation.key.subject.as_str())
+            .bind(revocation.key.provider.as_str())
+            .bind(revocation.payload.expose_secret())
+            .bind(i64::from(revocation.attempts))
+            .bind(super::to_ms(revocation.due_at))
+            .bind(super::to_ms(revocation.created_at))
+            .execute(&mut *conn)
+            .await
+            .map_err(backend)?;
+            Ok(())
+        }
+
+        async fn enqueue_link_revocation(
+            &self,
+            revocation: &crate::store::PendingRevocation,
+        ) -> Result<(), StoreError> {
+            let mut conn = self.pool.acquire().await.map_err(backend)?;
+            Self::insert_revocation(&mut *conn, revocation).await
+        }
+
+        async fn claim_link_revocations(
+            &self,
+            now: time::OffsetDateTime,
+            until: time::OffsetDateTime,
+            limit: usize,
+        ) -> Result<Vec<crate::store::PendingRevocation>, StoreError> {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let rows = sqlx::query(concat!(
+                "UPDATE tokenbroker_revocations SET attempts = attempts + 1, due_at = $2 \
+                 WHERE id IN (SELECT id FROM tokenbroker_revocations WHERE due_at <= $1 \
+                 ORDER BY due_at LIMIT $3",
+                claim_lock!(),
+                ") RETURNING id, realm, subject, provider, payload, attempts, due_at, created_at"
+            ))
+            .bind(super::to_ms(now))
+            .bind(super::to_ms(until))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+            rows.iter().map(super::revocation_from_row).collect()
+        }
+
+        async fn reschedule_link_revocation(
+            &self,
+            claimed: &crate::store::PendingRevocation,
+            due_at: time::OffsetDateTime,
+        ) -> Result<bool, StoreError> {
+            let updated = sqlx::query(
+                "UPDATE tokenbroker_revocations SET due_at = $1 WHERE id = $2 AND attempts = $3",
+            )
+            .bind(super::to_ms(due_at))
+            .bind(claimed.id.as_str())
+            .bind(i64::from(claimed.attempts))
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?
+            .rows_affected();
+            Ok(updated > 0)
+        }
+
+        async fn remove_link_revocation(
+            &self,
+            id: &crate::store::RevocationId,
+        ) -> Result<(), StoreError> {
+            sqlx::query("DELETE FROM tokenbroker_revocations WHERE id = $1")
+                .bind(id.as_str())
+                .execute(&self.pool)
+                .await
+                .map_err(backend)?;
+            Ok(())
+        }
+    };
+}
+pub(crate) use shared_outbox_queries;
+
+/// What the shared query macros need to name of a dialect.
+pub(crate) trait Dialect {
+    /// A connection of the dialect's driver.
+    type Connection;
+}
+
+/// Reads an outbox row on either driver.
+pub(crate) fn revocation_from_row<'r, R>(
+    row: &'r R,
+) -> Result<crate::store::PendingRevocation, StoreError>
+where
+    R: Row,
+    &'static str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let field = |e: sqlx::Error| StoreError::Backend {
+        store: "sql",
+        source: std::sync::Arc::new(e),
+    };
+    let id: String = row.try_get("id").map_err(field)?;
+    let realm: String = row.try_get("realm").map_err(field)?;
+    let subject: String = row.try_get("subject").map_err(field)?;
+    let provider: String = row.try_get("provider").map_err(field)?;
+    let key = parse_key(&realm, &subject, &provider)?;
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: key.clone(),
+        reason: format!("revocation {id}: {reason}"),
+        version: None,
+    };
+    let payload: Vec<u8> = row.try_get("payload").map_err(field)?;
+    let attempts: i64 = row.try_get("attempts").map_err(field)?;
+    let due_at: i64 = row.try_get("due_at").map_err(field)?;
+    let created_at: i64 = row.try_get("created_at").map_err(field)?;
+    Ok(crate::store::PendingRevocation::from_parts(
+        crate::store::RevocationId::new(id.clone()),
+        key.clone(),
+        Payload::new(payload),
+        u32::try_from(attempts).map_err(|_| corrupt(format!("attempts is {attempts}")))?,
+        from_ms(due_at, "due_at").map_err(corrupt)?,
+        from_ms(created_at, "created_at").map_err(corrupt)?,
+    ))
+}
+
 /// Implements [`TokenStore`](crate::store::TokenStore) for a SQL store over its inherent
 /// methods: the shared queries of `shared_link_queries!` and the dialect's own `insert_link`,
 /// `swap_link`, `delete_link` and `try_lease_link`.
@@ -539,6 +723,47 @@ macro_rules! sql_token_store {
             ) -> Result<Option<crate::store::Lease>, StoreError> {
                 self.extend_link_lease(lease, ttl).await
             }
+
+            async fn delete_and_enqueue_revocation(
+                &self,
+                key: &crate::ids::TokenKey,
+                expected: Option<crate::store::Version>,
+                revocation: &crate::store::PendingRevocation,
+            ) -> Result<bool, StoreError> {
+                self.delete_link_and_enqueue(key, expected, revocation)
+                    .await
+            }
+
+            async fn enqueue_revocation(
+                &self,
+                revocation: &crate::store::PendingRevocation,
+            ) -> Result<(), StoreError> {
+                self.enqueue_link_revocation(revocation).await
+            }
+
+            async fn claim_revocations(
+                &self,
+                now: time::OffsetDateTime,
+                until: time::OffsetDateTime,
+                limit: usize,
+            ) -> Result<Vec<crate::store::PendingRevocation>, StoreError> {
+                self.claim_link_revocations(now, until, limit).await
+            }
+
+            async fn reschedule_revocation(
+                &self,
+                claimed: &crate::store::PendingRevocation,
+                due_at: time::OffsetDateTime,
+            ) -> Result<bool, StoreError> {
+                self.reschedule_link_revocation(claimed, due_at).await
+            }
+
+            async fn remove_revocation(
+                &self,
+                id: &crate::store::RevocationId,
+            ) -> Result<(), StoreError> {
+                self.remove_link_revocation(id).await
+            }
         }
     };
 }
@@ -553,6 +778,31 @@ pub(crate) use sql_token_store;
 /// leaves the previous token in place: fencing holds once every instance runs this version.
 pub(crate) const ADD_LEASE_TOKEN: &str =
     "ALTER TABLE tokenbroker_links ADD COLUMN lease_token TEXT NULL;";
+
+/// Migration 3 (both engines, `$payload` being the dialect's binary type): the revocation
+/// outbox. Entries are not links, so `scan` and `list` never see them; `due_at` is indexed for
+/// the claim.
+macro_rules! revocation_outbox_table {
+    ($payload:literal) => {
+        concat!(
+            "CREATE TABLE tokenbroker_revocations (
+    id         TEXT   NOT NULL PRIMARY KEY,
+    realm      TEXT   NOT NULL,
+    subject    TEXT   NOT NULL,
+    provider   TEXT   NOT NULL,
+    payload    ",
+            $payload,
+            " NOT NULL,
+    attempts   BIGINT NOT NULL,
+    due_at     BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX tokenbroker_revocations_due_at ON tokenbroker_revocations (due_at);
+"
+        )
+    };
+}
+pub(crate) use revocation_outbox_table;
 
 /// One row as the database returned it, before validation.
 pub(crate) struct RawLink {

@@ -13,6 +13,17 @@ use super::{
 use crate::ids::TokenKey;
 use crate::store::{Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, StoreError, Version};
 
+/// The row lock of the outbox claim's inner `SELECT`.
+macro_rules! claim_lock {
+    () => {
+        " FOR UPDATE SKIP LOCKED"
+    };
+}
+
+impl super::Dialect for PostgresStore {
+    type Connection = sqlx::PgConnection;
+}
+
 const STORE: &str = "postgres";
 
 /// The database's clock in unix milliseconds. `clock_timestamp()` rather than `now()`, which is
@@ -63,6 +74,10 @@ CREATE SEQUENCE tokenbroker_link_version AS BIGINT START 1;
     Migration {
         version: 2,
         sql: ADD_LEASE_TOKEN,
+    },
+    Migration {
+        version: 3,
+        sql: super::revocation_outbox_table!("BYTEA"),
     },
 ];
 
@@ -119,6 +134,14 @@ fn backend(e: sqlx::Error) -> StoreError {
 
 impl PostgresStore {
     super::shared_link_queries!();
+    super::shared_outbox_queries!();
+
+    /// Starts a transaction that writes.
+    async fn begin_write_tx(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+        self.pool.begin().await.map_err(backend)
+    }
 
     /// Opens a migration's transaction under a transaction-scoped advisory lock, taken before
     /// anything else, so even `CREATE TABLE IF NOT EXISTS` cannot race (two concurrent ones can

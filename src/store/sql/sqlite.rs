@@ -15,6 +15,17 @@ use super::{
 use crate::ids::TokenKey;
 use crate::store::{Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, StoreError, Version};
 
+/// The row lock of the outbox claim's inner `SELECT`.
+macro_rules! claim_lock {
+    () => {
+        ""
+    };
+}
+
+impl super::Dialect for SqliteStore {
+    type Connection = sqlx::SqliteConnection;
+}
+
 const STORE: &str = "sqlite";
 
 /// The database's clock in unix milliseconds. `unixepoch('subsec')` needs SQLite 3.42; the
@@ -67,6 +78,10 @@ INSERT INTO tokenbroker_link_version (id, n) VALUES (1, 0);
     Migration {
         version: 2,
         sql: ADD_LEASE_TOKEN,
+    },
+    Migration {
+        version: 3,
+        sql: super::revocation_outbox_table!("BLOB"),
     },
 ];
 
@@ -155,6 +170,15 @@ fn is_busy(e: &sqlx::Error) -> bool {
 
 impl SqliteStore {
     super::shared_link_queries!();
+    super::shared_outbox_queries!();
+
+    /// Starts a transaction that writes.
+    async fn begin_write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(backend)
+    }
 
     /// Opens a migration's transaction under SQLite's write lock: `BEGIN IMMEDIATE` takes it
     /// now (waiting out the busy timeout), so two processes cannot both see a migration as
