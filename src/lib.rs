@@ -52,9 +52,11 @@
 //!
 //! # Implementing a `TokenStore`
 //!
-//! Implement the nine methods of [`TokenStore`] following its `# Contract` (versions assigned
-//! by the store, compare-and-swap on the version, an atomic refresh lease fenced by a token per
-//! acquisition), then run the conformance suite from the `testing` feature against it.
+//! Implement the fourteen methods of [`TokenStore`] following its `# Contract` (versions
+//! assigned by the store, compare-and-swap on the version, an atomic refresh lease fenced by a
+//! token per acquisition, a revocation outbox written atomically with deletes), then run the
+//! conformance suite from the `testing` feature against it. The [`store`] module docs show a
+//! complete minimal store.
 //!
 //! # Security
 //!

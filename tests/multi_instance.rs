@@ -1,11 +1,12 @@
-//! Several broker instances, each with its own connection pool, over one SQLite file and over
-//! one PostgreSQL database, against the loopback FakeIdp with rotation and reuse detection on.
+//! Several broker instances, each with its own connection pool, over one SQLite file, one
+//! PostgreSQL database and one Redis, against the loopback FakeIdp with rotation and reuse detection on.
 //! The claims: one refresh at the IdP however many readers and instances, every reader gets
 //! the new token, no rotated refresh token is ever presented twice, and a dead lease holder is
 //! taken over. One test runs the instances as separate OS processes (this test binary,
 //! re-executed as children).
 //!
-//! Needs `TOKENBROKER_TEST_POSTGRES_URL` (scripts/test.sh starts a server and sets it).
+//! Needs `TOKENBROKER_TEST_POSTGRES_URL` and `TOKENBROKER_TEST_REDIS_URL` (scripts/test.sh
+//! starts both servers and sets them).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -19,8 +20,8 @@ use tokenbroker::store::sqlx::{self, AssertSqlSafe};
 use tokenbroker::store::{LeaseAttempt, LeaseHolder};
 use tokenbroker::testing::{FakeIdp, FakeIdpConfig, ManualClock};
 use tokenbroker::{
-    Callback, Caller, Clock, LoginOptions, PostgresStore, ProviderId, ProviderPolicy, Scopes,
-    Secret, SqliteStore, TokenBroker, TokenKey, TokenStore,
+    Callback, Caller, Clock, LoginOptions, PostgresStore, ProviderId, ProviderPolicy, RedisStore,
+    Scopes, Secret, SqliteStore, TokenBroker, TokenKey, TokenStore,
 };
 
 const INSTANCES: usize = 4;
@@ -31,6 +32,7 @@ const READERS_PER_INSTANCE: usize = 100;
 enum Db {
     Sqlite(PathBuf),
     Postgres { url: String, schema: String },
+    Redis { url: String, prefix: String },
 }
 
 impl Db {
@@ -50,6 +52,16 @@ impl Db {
         Db::Postgres { url, schema }
     }
 
+    fn redis() -> Db {
+        let url = std::env::var("TOKENBROKER_TEST_REDIS_URL").unwrap_or_else(|_| {
+            panic!("TOKENBROKER_TEST_REDIS_URL is not set: run scripts/test.sh, which starts Redis")
+        });
+        Db::Redis {
+            url,
+            prefix: format!("mi_{}", unique()),
+        }
+    }
+
     /// A new store with its own pool: what one more app instance would open.
     async fn open(&self) -> Arc<dyn TokenStore> {
         match self {
@@ -67,6 +79,12 @@ impl Db {
                 store.migrate().await.unwrap();
                 Arc::new(store)
             }
+            Db::Redis { url, prefix } => Arc::new(
+                RedisStore::connect(url)
+                    .await
+                    .expect("connect to redis")
+                    .with_prefix(prefix.as_str()),
+            ),
         }
     }
 
@@ -74,12 +92,20 @@ impl Db {
         match self {
             Db::Sqlite(path) => format!("sqlite:{}", path.display()),
             Db::Postgres { url, schema } => format!("postgres:{schema}:{url}"),
+            Db::Redis { url, prefix } => format!("redis:{prefix}:{url}"),
         }
     }
 
     fn from_env(text: &str) -> Db {
         if let Some(path) = text.strip_prefix("sqlite:") {
             return Db::Sqlite(PathBuf::from(path));
+        }
+        if let Some(rest) = text.strip_prefix("redis:") {
+            let (prefix, url) = rest.split_once(':').expect("prefix:url");
+            return Db::Redis {
+                url: url.into(),
+                prefix: prefix.into(),
+            };
         }
         let rest = text.strip_prefix("postgres:").expect("db spec");
         let (schema, url) = rest.split_once(':').expect("schema:url");
@@ -236,6 +262,11 @@ async fn fan_in_across_instances_on_one_postgres_database() {
     fan_in(Db::postgres().await).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fan_in_across_instances_on_one_redis() {
+    fan_in(Db::redis()).await;
+}
+
 /// An instance died holding the refresh lease (before it reached the IdP): the others wait,
 /// take the lease over when it expires by the database's clock, refresh once, and lose nothing.
 async fn dead_holder(db: Db) {
@@ -273,6 +304,11 @@ async fn a_dead_lease_holder_is_taken_over_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_lease_holder_is_taken_over_on_postgres() {
     dead_holder(Db::postgres().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lease_holder_is_taken_over_on_redis() {
+    dead_holder(Db::redis()).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -443,6 +479,11 @@ async fn fan_in_across_processes_on_one_postgres_database() {
     fan_in_across_processes(Db::postgres().await).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_in_across_processes_on_one_redis() {
+    fan_in_across_processes(Db::redis()).await;
+}
+
 // An unlink killed between its delete and its revocation
 // ---------------------------------------------------------------------------------------------
 
@@ -569,4 +610,9 @@ async fn a_killed_unlink_is_finished_by_another_process_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_unlink_is_finished_by_another_process_on_postgres() {
     a_killed_unlink_is_finished_by_another_process(Db::postgres().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_unlink_is_finished_by_another_process_on_redis() {
+    a_killed_unlink_is_finished_by_another_process(Db::redis()).await;
 }

@@ -13,14 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
-use tokenbroker::provider::OAuth2Config;
 use tokenbroker::store::redis::{self, AsyncCommands};
 use tokenbroker::store::{LeaseAttempt, LeaseHolder, LinkState, Record, RecordMeta, StoreError};
-use tokenbroker::testing::{FakeIdp, FakeIdpConfig, ManualClock};
-use tokenbroker::{
-    Callback, Caller, LoginOptions, Payload, ProviderId, ProviderPolicy, RedisStore, Scopes,
-    Secret, TokenBroker, TokenKey, TokenStore,
-};
+use tokenbroker::{Payload, RedisStore, TokenKey, TokenStore};
 
 fn key(realm: &str, subject: &str, provider: &str) -> TokenKey {
     TokenKey::parse(realm, subject, provider).unwrap()
@@ -538,96 +533,5 @@ async fn server_stopped_mid_operation_is_a_backend_error_and_the_store_recovers(
     ));
 }
 
-const INSTANCES: usize = 4;
-const READERS_PER_INSTANCE: usize = 100;
-
-fn fan_in_key() -> TokenKey {
-    TokenKey::parse("acme", "alice", "fake").unwrap()
-}
-
-fn caller() -> Caller {
-    let k = fan_in_key();
-    Caller::new(k.realm, k.subject, "app")
-        .with_role("read-token")
-        .with_full_client_scope()
-}
-
-fn broker(idp: &FakeIdp, store: Arc<dyn TokenStore>, clock: Arc<ManualClock>) -> TokenBroker {
-    let config = OAuth2Config::new(
-        ProviderId::new("fake").unwrap(),
-        idp.client_id(),
-        idp.authorization_endpoint(),
-        idp.token_endpoint(),
-        "http://127.0.0.1:9/callback".parse().unwrap(),
-    )
-    .with_client_secret(Secret::new(idp.client_secret()))
-    .with_scopes(Scopes::parse("offline_access"));
-    TokenBroker::builder()
-        .with_oauth2_provider(config, ProviderPolicy::default())
-        .with_store(store)
-        .with_clock(clock)
-        .with_refresh_timeout(Duration::from_secs(5))
-        .with_lease_ttl(Duration::from_secs(5) + tokenbroker::LEASE_MARGIN)
-        .build()
-        .unwrap()
-}
-
-/// Four broker instances, each with its own connection to one Redis, 400 readers after the
-/// token expired: one refresh at the IdP (which rotates refresh tokens and detects reuse),
-/// every reader gets the same new token.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn fan_in_across_instances_on_one_redis() {
-    let idp = FakeIdp::start(FakeIdpConfig::default()).await.unwrap();
-    let clock = Arc::new(ManualClock::starting_now());
-    let prefix = unique_prefix();
-    let mut brokers = Vec::new();
-    for _ in 0..INSTANCES {
-        let store: Arc<dyn TokenStore> = Arc::new(open(&prefix).await);
-        brokers.push(broker(&idp, store, clock.clone()));
-    }
-    let start = brokers[0]
-        .begin_login(&fan_in_key(), LoginOptions::default())
-        .await
-        .unwrap();
-    let cb = idp.authorize(&start.authorization_url, "alice").unwrap();
-    let outcome = brokers[0]
-        .complete_login(start.pending, &Callback::from_url(&cb.redirect_url))
-        .await
-        .unwrap();
-    let linked = outcome.tokens.access_token().expose_secret().to_owned();
-    clock.advance(Duration::from_secs(3601));
-
-    let mut readers = Vec::new();
-    for i in 0..INSTANCES * READERS_PER_INSTANCE {
-        let broker = brokers[i % INSTANCES].clone();
-        readers.push(tokio::spawn(async move {
-            broker.retrieve(&caller(), &fan_in_key()).await
-        }));
-    }
-    let mut tokens = HashSet::new();
-    for reader in readers {
-        let read = reader.await.unwrap().expect("every reader gets a token");
-        tokens.insert(read.tokens.access_token().expose_secret().to_owned());
-    }
-    let counters = idp.counters();
-    assert_eq!(
-        counters.refresh_calls,
-        1,
-        "one refresh at the IdP for {} readers on {INSTANCES} instances",
-        INSTANCES * READERS_PER_INSTANCE
-    );
-    assert_eq!(
-        counters.reuse_detected, 0,
-        "no rotated refresh token was presented twice"
-    );
-    assert_eq!(tokens.len(), 1, "every reader got the same, new token");
-    let new = tokens.into_iter().next().unwrap();
-    assert_ne!(new, linked);
-    assert!(idp.is_active(&new));
-    let stored = brokers[INSTANCES - 1]
-        .retrieve(&caller(), &fan_in_key())
-        .await
-        .unwrap();
-    assert_eq!(stored.tokens.access_token().expose_secret(), new);
-    assert!(!stored.refreshed);
-}
+// The fan-in of several instances over one Redis (in-process and across OS processes) is in
+// tests/multi_instance.rs, with the same checks as for SQLite and PostgreSQL.

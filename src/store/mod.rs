@@ -26,6 +26,214 @@
 //! -- release_lease:     UPDATE links SET lease_holder = NULL, lease_token = NULL, ...
 //! --                    WHERE ... AND lease_token = $4          -- fenced, never by holder
 //! ```
+//!
+//! A complete store, one lock around everything (correct, if not fast), checked by the
+//! conformance suite (the `testing` feature; this example runs with `cargo test
+//! --all-features`):
+//!
+//! ```
+//! use std::collections::{BTreeMap, HashMap};
+//! use std::sync::Mutex;
+//! use std::time::Duration;
+//!
+//! use async_trait::async_trait;
+//! use time::OffsetDateTime;
+//! use tokenbroker::store::*;
+//! use tokenbroker::{Realm, Subject, TokenKey};
+//!
+//! #[derive(Debug, Default)]
+//! struct OneLockStore(Mutex<State>);
+//!
+//! #[derive(Debug, Default)]
+//! struct State {
+//!     next_version: u64,
+//!     // Ordered by key, so that `scan` can resume after a cursor.
+//!     links: BTreeMap<TokenKey, Row>,
+//!     outbox: HashMap<RevocationId, PendingRevocation>,
+//! }
+//!
+//! #[derive(Debug)]
+//! struct Row {
+//!     record: Record,
+//!     version: Version,
+//!     // The current lease token and its expiry, kept after expiry until replaced or released.
+//!     lease: Option<(LeaseToken, OffsetDateTime)>,
+//! }
+//!
+//! impl State {
+//!     fn version(&mut self) -> Version {
+//!         self.next_version += 1; // never reused, even after a delete
+//!         Version::new(self.next_version)
+//!     }
+//! }
+//!
+//! fn conflict(key: &TokenKey) -> StoreError {
+//!     StoreError::Conflict { key: key.clone() }
+//! }
+//!
+//! impl OneLockStore {
+//!     fn state(&self) -> std::sync::MutexGuard<'_, State> {
+//!         self.0.lock().unwrap()
+//!     }
+//!
+//!     fn delete_in(state: &mut State, key: &TokenKey, expected: Option<Version>)
+//!         -> Result<bool, StoreError> {
+//!         match (state.links.get(key), expected) {
+//!             (None, _) => Ok(false),
+//!             (Some(row), Some(v)) if row.version != v => Err(conflict(key)),
+//!             _ => Ok(state.links.remove(key).is_some()),
+//!         }
+//!     }
+//! }
+//!
+//! #[async_trait]
+//! impl TokenStore for OneLockStore {
+//!     async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError> {
+//!         let state = self.state();
+//!         Ok(state.links.get(key).map(|r| StoredRecord::new(r.record.clone(), r.version)))
+//!     }
+//!
+//!     async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
+//!         let mut state = self.state();
+//!         if state.links.contains_key(key) {
+//!             return Err(conflict(key));
+//!         }
+//!         let version = state.version();
+//!         state.links.insert(key.clone(), Row { record: record.clone(), version, lease: None });
+//!         Ok(version)
+//!     }
+//!
+//!     async fn compare_and_swap(&self, key: &TokenKey, expected: Version, record: &Record,
+//!         fence: Option<&LeaseToken>) -> Result<Version, StoreError> {
+//!         let mut state = self.state();
+//!         let version = state.version();
+//!         match state.links.get_mut(key) {
+//!             Some(row) if row.version == expected
+//!                 && fence.is_none_or(|f| row.lease.as_ref().is_some_and(|(t, _)| t == f)) => {
+//!                 row.record = record.clone();
+//!                 row.version = version;
+//!                 Ok(version)
+//!             }
+//!             _ => Err(conflict(key)),
+//!         }
+//!     }
+//!
+//!     async fn delete(&self, key: &TokenKey, expected: Option<Version>)
+//!         -> Result<bool, StoreError> {
+//!         Self::delete_in(&mut self.state(), key, expected)
+//!     }
+//!
+//!     async fn list(&self, realm: &Realm, subject: &Subject)
+//!         -> Result<Vec<TokenKey>, StoreError> {
+//!         let state = self.state();
+//!         Ok(state.links.keys()
+//!             .filter(|k| &k.realm == realm && &k.subject == subject)
+//!             .cloned()
+//!             .collect())
+//!     }
+//!
+//!     async fn scan(&self, after: Option<&TokenKey>, limit: usize)
+//!         -> Result<Vec<ScannedLink>, StoreError> {
+//!         let state = self.state();
+//!         Ok(state.links.iter()
+//!             .filter(|(k, _)| after.is_none_or(|a| *k > a))
+//!             .take(limit)
+//!             .map(|(k, r)| ScannedLink::new(k.clone(), r.record.meta.clone(), r.version))
+//!             .collect())
+//!     }
+//!
+//!     async fn try_lease(&self, key: &TokenKey, holder: &LeaseHolder, ttl: Duration)
+//!         -> Result<LeaseAttempt, StoreError> {
+//!         let now = OffsetDateTime::now_utc(); // the store's clock judges leases
+//!         let mut state = self.state();
+//!         let Some(row) = state.links.get_mut(key) else { return Ok(LeaseAttempt::Missing) };
+//!         if row.lease.as_ref().is_some_and(|(_, until)| *until > now) {
+//!             return Ok(LeaseAttempt::Busy); // not re-entrant, even for the same holder
+//!         }
+//!         let token = LeaseToken::random();
+//!         row.lease = Some((token.clone(), now + ttl));
+//!         Ok(LeaseAttempt::Acquired(Lease::new(key.clone(), holder.clone(), token, now + ttl)))
+//!     }
+//!
+//!     async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+//!         let mut state = self.state();
+//!         if let Some(row) = state.links.get_mut(&lease.key) {
+//!             if row.lease.as_ref().is_some_and(|(t, _)| *t == lease.token) {
+//!                 row.lease = None; // by its token only: a stale holder frees nothing
+//!             }
+//!         }
+//!         Ok(())
+//!     }
+//!
+//!     async fn extend_lease(&self, lease: &Lease, ttl: Duration)
+//!         -> Result<Option<Lease>, StoreError> {
+//!         let now = OffsetDateTime::now_utc();
+//!         let mut state = self.state();
+//!         match state.links.get_mut(&lease.key).and_then(|r| r.lease.as_mut()) {
+//!             Some((token, until)) if *token == lease.token => {
+//!                 *until = now + ttl;
+//!                 let mut extended = lease.clone();
+//!                 extended.expires_at = *until;
+//!                 Ok(Some(extended))
+//!             }
+//!             _ => Ok(None),
+//!         }
+//!     }
+//!
+//!     async fn delete_and_enqueue_revocation(&self, key: &TokenKey,
+//!         expected: Option<Version>, revocation: &PendingRevocation)
+//!         -> Result<bool, StoreError> {
+//!         let mut state = self.state(); // one lock: the delete and the entry are one step
+//!         let deleted = Self::delete_in(&mut state, key, expected)?;
+//!         if deleted {
+//!             state.outbox.insert(revocation.id.clone(), revocation.clone());
+//!         }
+//!         Ok(deleted)
+//!     }
+//!
+//!     async fn enqueue_revocation(&self, revocation: &PendingRevocation)
+//!         -> Result<(), StoreError> {
+//!         self.state().outbox.insert(revocation.id.clone(), revocation.clone());
+//!         Ok(())
+//!     }
+//!
+//!     async fn claim_revocations(&self, now: OffsetDateTime, until: OffsetDateTime,
+//!         limit: usize) -> Result<Vec<PendingRevocation>, StoreError> {
+//!         let mut state = self.state();
+//!         Ok(state.outbox.values_mut()
+//!             .filter(|r| r.due_at <= now)
+//!             .take(limit)
+//!             .map(|r| {
+//!                 r.attempts += 1;
+//!                 r.due_at = until;
+//!                 r.clone()
+//!             })
+//!             .collect())
+//!     }
+//!
+//!     async fn reschedule_revocation(&self, claimed: &PendingRevocation,
+//!         due_at: OffsetDateTime) -> Result<bool, StoreError> {
+//!         let mut state = self.state();
+//!         match state.outbox.get_mut(&claimed.id) {
+//!             Some(r) if r.attempts == claimed.attempts => {
+//!                 r.due_at = due_at;
+//!                 Ok(true)
+//!             }
+//!             _ => Ok(false),
+//!         }
+//!     }
+//!
+//!     async fn remove_revocation(&self, id: &RevocationId) -> Result<(), StoreError> {
+//!         self.state().outbox.remove(id);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
+//! let store: std::sync::Arc<dyn TokenStore> = std::sync::Arc::new(OneLockStore::default());
+//! tokenbroker::testing::store_conformance::run_all(&store).await;
+//! # });
+//! ```
 
 #[cfg(feature = "encryption")]
 mod encrypted;
@@ -277,7 +485,11 @@ pub struct Lease {
     pub holder: LeaseHolder,
     /// This acquisition's fencing token.
     pub token: LeaseToken,
-    /// When it expires, by the store's clock.
+    /// When it expires, by the **store's** clock: after that instant (as the store judges
+    /// it) anyone may take the lease. The holder uses it only to bound its own work, with a
+    /// margin for clock skew between it and the store
+    /// ([`LEASE_MARGIN`](crate::LEASE_MARGIN)); no decision about who holds the lease is ever
+    /// made on the holder's clock.
     pub expires_at: OffsetDateTime,
 }
 

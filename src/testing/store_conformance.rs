@@ -75,7 +75,8 @@ macro_rules! __store_conformance_checks {
             released_lease_token_cannot_write, unfenced_write_ignores_lease,
             concurrent_compare_and_swap_has_one_winner, concurrent_insert_has_one_winner,
             concurrent_lease_has_one_holder, outbox_delete_and_enqueue_is_atomic,
-            outbox_claim_reschedule_remove, outbox_concurrent_claims_are_disjoint }
+            outbox_claim_reschedule_remove, outbox_concurrent_claims_are_disjoint,
+            instances_and_readers_refresh_once_per_expiry }
     };
 }
 
@@ -1280,5 +1281,109 @@ pub async fn outbox_concurrent_claims_are_disjoint(store: &SharedStore) {
     );
     for e in &entries {
         store.remove_revocation(&e.id).await.expect("remove");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole protocol on top of the store
+// ---------------------------------------------------------------------------------------------
+
+/// Broker instances sharing the store in [`instances_and_readers_refresh_once_per_expiry`].
+pub const INSTANCES: usize = 4;
+/// Concurrent readers per instance in [`instances_and_readers_refresh_once_per_expiry`].
+pub const READERS: usize = 25;
+
+/// [`INSTANCES`] brokers over this one store, [`READERS`] concurrent readers each, read one
+/// expired link of a provider that rotates refresh tokens and revokes the grant when a spent
+/// one comes back: the provider sees exactly one refresh per expiry, every reader gets the new
+/// token, and no refresh token is presented twice. This is what the rest of the contract is
+/// for; a store that passes the other checks but fails this one has a gap they missed.
+///
+/// The brokers share one manual clock (for expiry); leases are judged by the store's clock.
+pub async fn instances_and_readers_refresh_once_per_expiry(store: &SharedStore) {
+    use crate::testing::{FakeProvider, ManualClock};
+    use crate::{Caller, LoginOptions, ProviderPolicy, TokenBroker};
+
+    let realm = fresh_realm();
+    let k = key(&realm, "alice", "fake");
+    let idp = Arc::new(FakeProvider::new("fake").expect("valid alias"));
+    idp.set_rotation(true);
+    idp.set_strict_reuse(true);
+    let clock = Arc::new(ManualClock::starting_now());
+    let brokers: Vec<TokenBroker> = (0..INSTANCES)
+        .map(|_| {
+            TokenBroker::builder()
+                .with_provider(idp.clone(), ProviderPolicy::default())
+                .with_store(store.clone())
+                .with_clock(clock.clone())
+                .with_refresh_timeout(Duration::from_secs(5))
+                .build()
+                .expect("broker")
+        })
+        .collect();
+    let caller = Caller::new(k.realm.clone(), k.subject.clone(), "app")
+        .with_role("read-token")
+        .with_full_client_scope();
+    let start = brokers[0]
+        .begin_login(&k, LoginOptions::default())
+        .await
+        .expect("begin_login");
+    let callback = idp
+        .approve(&start.authorization_url, "alice")
+        .expect("approve");
+    brokers[0]
+        .complete_login(start.pending, &callback)
+        .await
+        .expect("complete_login");
+
+    for round in 1..=2u64 {
+        clock.advance(Duration::from_secs(2 * 3600));
+        let before = idp.counters();
+        let mut readers = Vec::new();
+        for broker in &brokers {
+            for _ in 0..READERS {
+                let (broker, caller, k) = (broker.clone(), caller.clone(), k.clone());
+                readers.push(tokio::spawn(async move {
+                    broker
+                        .retrieve(&caller, &k)
+                        .await
+                        .map(|read| read.tokens.access_token().expose_secret().to_owned())
+                }));
+            }
+        }
+        let mut tokens = BTreeSet::new();
+        for reader in readers {
+            match reader.await.expect("reader task") {
+                Ok(token) => {
+                    tokens.insert(token);
+                }
+                Err(e) => panic!("round {round}: a reader failed: {e}"),
+            }
+        }
+        let after = idp.counters();
+        assert_eq!(
+            after.refresh_calls - before.refresh_calls,
+            1,
+            "round {round}: {INSTANCES} instances x {READERS} readers made {} refreshes of one \
+             expired link",
+            after.refresh_calls - before.refresh_calls
+        );
+        assert_eq!(
+            after.reuse_detected, 0,
+            "a spent refresh token was presented again"
+        );
+        assert_eq!(
+            tokens.len(),
+            1,
+            "round {round}: readers got different tokens"
+        );
+        let token = tokens.into_iter().next().expect("one token");
+        assert!(
+            idp.is_active(&token),
+            "round {round}: the token served is not live"
+        );
+    }
+    for broker in &brokers {
+        broker.unlink(&k).await.expect("unlink");
     }
 }
