@@ -22,7 +22,7 @@ use tokenbroker::store::{EncryptedStore, KeyId, StaticKeyring, StoredRecord};
 use tokenbroker::testing::{FakeIdp, FakeIdpConfig, Fault, ManualClock};
 use tokenbroker::{
     BrokerEvent, Callback, Caller, Error, EventSink, LoginOptions, MemoryStore, PostgresStore,
-    ProviderError, ProviderId, ProviderPolicy, Scopes, Secret, SqliteStore, StoreError,
+    ProviderError, ProviderId, ProviderPolicy, RedisStore, Scopes, Secret, SqliteStore, StoreError,
     TokenBroker, TokenKey, TokenStore,
 };
 
@@ -42,6 +42,20 @@ impl Events {
     fn take(&self) -> Vec<BrokerEvent> {
         std::mem::take(&mut *self.0.lock().unwrap())
     }
+}
+
+fn redis_url() -> String {
+    std::env::var("TOKENBROKER_TEST_REDIS_URL").unwrap_or_else(|_| {
+        panic!("TOKENBROKER_TEST_REDIS_URL is not set: run scripts/test.sh, which starts Redis")
+    })
+}
+
+/// A Redis store under a prefix of its own.
+async fn redis_store(url: &str) -> RedisStore {
+    RedisStore::connect(url)
+        .await
+        .expect("connect to the test Redis")
+        .with_prefix(format!("fm_{}", unique()))
 }
 
 fn unique() -> String {
@@ -103,6 +117,7 @@ enum StoreKind {
     Memory,
     Sqlite,
     Postgres,
+    Redis,
     EncryptedMemory,
 }
 
@@ -159,6 +174,7 @@ impl World {
                     .unwrap(),
             ),
             StoreKind::Postgres => Arc::new(postgres_store(&postgres_url(), None).await.0),
+            StoreKind::Redis => Arc::new(redis_store(&redis_url()).await),
             StoreKind::EncryptedMemory => Arc::new(EncryptedStore::new(
                 MemoryStore::with_clock(clock.clone()),
                 Arc::new(StaticKeyring::new(KeyId::new("k1").unwrap(), [7; 32])),
@@ -536,6 +552,11 @@ async fn upstream_faults_with_postgres_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_faults_with_redis_store() {
+    matrix(StoreKind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_faults_with_encrypted_store() {
     matrix(StoreKind::EncryptedMemory).await;
 }
@@ -742,7 +763,31 @@ async fn postgres_unreachable_and_back() {
     let (_, schema) = postgres_store(&url, None).await;
     let (store, _) = postgres_store(via_proxy.as_str(), Some(&schema)).await;
     let store: Arc<dyn TokenStore> = Arc::new(store);
+    gone_during_rotation_and_back_within_the_lease(store, &proxy).await;
+}
 
+/// The same with Redis: the `ConnectionManager` reconnects on its own once the server is
+/// reachable again, and the pending write of the rotated token lands within the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_gone_during_rotation_and_back_within_the_lease() {
+    let real = url::Url::parse(&redis_url()).unwrap();
+    let upstream: std::net::SocketAddr = format!(
+        "{}:{}",
+        real.host_str().unwrap(),
+        real.port().unwrap_or(6379)
+    )
+    .parse()
+    .unwrap();
+    let proxy = Proxy::start(upstream).await;
+    let mut via_proxy = real.clone();
+    via_proxy.set_port(Some(proxy.port)).unwrap();
+    let store: Arc<dyn TokenStore> = Arc::new(redis_store(via_proxy.as_str()).await);
+    gone_during_rotation_and_back_within_the_lease(store, &proxy).await;
+}
+
+/// Links a user, lets the IdP rotate the refresh token, cuts the store off (through `proxy`)
+/// before the broker writes the rotated set, and brings it back within the lease.
+async fn gone_during_rotation_and_back_within_the_lease(store: Arc<dyn TokenStore>, proxy: &Proxy) {
     let idp = FakeIdp::start(FakeIdpConfig::default().with_id_token(false))
         .await
         .unwrap();
