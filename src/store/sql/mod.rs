@@ -779,6 +779,134 @@ pub(crate) use sql_token_store;
 pub(crate) const ADD_LEASE_TOKEN: &str =
     "ALTER TABLE tokenbroker_links ADD COLUMN lease_token TEXT NULL;";
 
+/// Migration 1's `tokenbroker_links` and its indexes, in the dialect's words: `$key_text`, the
+/// type of the key columns, must compare bytewise (the order of Rust's `str`, which `scan`
+/// relies on: SQLite's `TEXT` has the BINARY collation, PostgreSQL's needs `COLLATE "C"`,
+/// since the database's default collation may be locale-aware); `$binary` is the payload's
+/// type. The key's (realm, subject) prefix also serves `list`, so that needs no index of its
+/// own. Sweeps use the others: retention by last write, refresh-ahead by expiry, purge of dead
+/// links.
+macro_rules! links_table {
+    ($key_text:literal, $binary:literal) => {
+        concat!(
+            "
+CREATE TABLE tokenbroker_links (
+    realm            ",
+            $key_text,
+            " NOT NULL,
+    subject          ",
+            $key_text,
+            " NOT NULL,
+    provider         ",
+            $key_text,
+            " NOT NULL,
+    version          BIGINT NOT NULL,
+    payload          ",
+            $binary,
+            " NOT NULL,
+    state            TEXT   NOT NULL,
+    relink_reason    TEXT   NULL,
+    relink_since     BIGINT NULL,
+    expires_at       BIGINT NULL,
+    created_at       BIGINT NOT NULL,
+    updated_at       BIGINT NOT NULL,
+    lease_holder     TEXT   NULL,
+    lease_expires_at BIGINT NULL,
+    PRIMARY KEY (realm, subject, provider)
+);
+CREATE INDEX tokenbroker_links_updated_at ON tokenbroker_links (updated_at);
+CREATE INDEX tokenbroker_links_expires_at ON tokenbroker_links (expires_at);
+CREATE INDEX tokenbroker_links_relink_since ON tokenbroker_links (relink_since)
+    WHERE state = 'relink_required';
+"
+        )
+    };
+}
+pub(crate) use links_table;
+
+/// A dialect's schema, in order: 1 (the links, and `$version_counter`, the dialect's counter of
+/// versions: bumped by every write, never reset, so a key deleted and inserted again gets a
+/// version it never had, the broker's guard against ABA), 2 (the lease token), 3 (the outbox),
+/// then the dialect's own. Never edit a shipped migration: append a new one.
+macro_rules! migrations {
+    (key_text: $key_text:literal, binary: $binary:literal, version_counter: $counter:literal
+     $(, $own:expr)* $(,)?) => {
+        static MIGRATIONS: &[super::Migration] = &[
+            super::Migration {
+                version: 1,
+                sql: concat!(super::links_table!($key_text, $binary), $counter),
+            },
+            super::Migration {
+                version: 2,
+                sql: super::ADD_LEASE_TOKEN,
+            },
+            super::Migration {
+                version: 3,
+                sql: super::revocation_outbox_table!($binary),
+            },
+            $($own,)*
+        ];
+    };
+}
+pub(crate) use migrations;
+
+/// What a dialect file declares about itself: its name in errors, its connection type, and the
+/// row lock of the outbox claim's inner `SELECT` (`claim_lock!`).
+macro_rules! dialect {
+    (store: $store:ty, name: $name:literal, connection: $connection:ty,
+     claim_lock: $lock:literal $(,)?) => {
+        const STORE: &str = $name;
+
+        macro_rules! claim_lock {
+            () => {
+                $lock
+            };
+        }
+
+        impl super::Dialect for $store {
+            type Connection = $connection;
+        }
+
+        fn backend(e: sqlx::Error) -> StoreError {
+            StoreError::backend(STORE, e)
+        }
+    };
+}
+pub(crate) use dialect;
+
+/// Binds a record's plain columns (a [`Columns`]), in the order every write lists them:
+/// state, relink_reason, relink_since, expires_at, created_at, updated_at.
+macro_rules! bind_columns {
+    ($query:expr, $c:expr) => {
+        $query
+            .bind($c.state)
+            .bind($c.relink_reason)
+            .bind($c.relink_since)
+            .bind($c.expires_at)
+            .bind($c.created_at)
+            .bind($c.updated_at)
+    };
+}
+pub(crate) use bind_columns;
+
+/// The answer of a `try_lease` that took the lease until `until` (unix milliseconds, the
+/// database's clock).
+pub(crate) fn acquired(
+    key: &TokenKey,
+    holder: &crate::store::LeaseHolder,
+    token: crate::store::LeaseToken,
+    until: i64,
+) -> Result<crate::store::LeaseAttempt, StoreError> {
+    let expires_at = from_ms(until, "lease_expires_at").map_err(|reason| StoreError::Corrupt {
+        key: key.clone(),
+        reason,
+        version: None,
+    })?;
+    Ok(crate::store::LeaseAttempt::Acquired(
+        crate::store::Lease::new(key.clone(), holder.clone(), token, expires_at),
+    ))
+}
+
 /// Migration 3 (both engines, `$payload` being the dialect's binary type): the revocation
 /// outbox. Entries are not links, so `scan` and `list` never see them; `due_at` is indexed for
 /// the claim.

@@ -7,24 +7,17 @@ use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::{
-    ADD_LEASE_TOKEN, Columns, Migration, duration_ms, fence_holds, from_ms, key_where,
-    lease_is_free, version_from_db, version_to_db,
+    Columns, duration_ms, fence_holds, key_where, lease_is_free, version_from_db, version_to_db,
 };
 use crate::ids::TokenKey;
-use crate::store::{Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, StoreError, Version};
+use crate::store::{LeaseAttempt, LeaseHolder, LeaseToken, Record, StoreError, Version};
 
-/// The row lock of the outbox claim's inner `SELECT`.
-macro_rules! claim_lock {
-    () => {
-        " FOR UPDATE SKIP LOCKED"
-    };
-}
-
-impl super::Dialect for PostgresStore {
-    type Connection = sqlx::PgConnection;
-}
-
-const STORE: &str = "postgres";
+super::dialect!(
+    store: PostgresStore,
+    name: "postgres",
+    connection: sqlx::PgConnection,
+    claim_lock: " FOR UPDATE SKIP LOCKED",
+);
 
 /// The database's clock in unix milliseconds. `clock_timestamp()` rather than `now()`, which is
 /// frozen at the start of the transaction and would make a lease look younger than it is.
@@ -37,49 +30,11 @@ macro_rules! db_now_ms {
 /// The key of the transaction-scoped advisory lock that serialises migrations ("tokenbrk").
 const MIGRATION_LOCK: i64 = 0x746f_6b65_6e62_726b;
 
-/// The schema, in order. Never edit a shipped migration: append a new one.
-static MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        sql: r#"
-CREATE TABLE tokenbroker_links (
-    -- COLLATE "C": bytewise order, the order of Rust's `str`, which `scan` relies on (the
-    -- database default collation may be locale-aware). The key's (realm, subject) prefix also
-    -- serves `list`, so that needs no index of its own.
-    realm            TEXT COLLATE "C" NOT NULL,
-    subject          TEXT COLLATE "C" NOT NULL,
-    provider         TEXT COLLATE "C" NOT NULL,
-    version          BIGINT NOT NULL,
-    payload          BYTEA  NOT NULL,
-    state            TEXT   NOT NULL,
-    relink_reason    TEXT   NULL,
-    relink_since     BIGINT NULL,
-    expires_at       BIGINT NULL,
-    created_at       BIGINT NOT NULL,
-    updated_at       BIGINT NOT NULL,
-    lease_holder     TEXT   NULL,
-    lease_expires_at BIGINT NULL,
-    PRIMARY KEY (realm, subject, provider)
+super::migrations!(
+    key_text: "TEXT COLLATE \"C\"",
+    binary: "BYTEA",
+    version_counter: "CREATE SEQUENCE tokenbroker_link_version AS BIGINT START 1;\n",
 );
--- Sweeps: retention by last write, refresh-ahead by expiry, purge of dead links.
-CREATE INDEX tokenbroker_links_updated_at ON tokenbroker_links (updated_at);
-CREATE INDEX tokenbroker_links_expires_at ON tokenbroker_links (expires_at);
-CREATE INDEX tokenbroker_links_relink_since ON tokenbroker_links (relink_since)
-    WHERE state = 'relink_required';
--- Versions for every write, never reset, so a key deleted and inserted again gets a version it
--- never had (the broker's guard against ABA). Gaps are fine.
-CREATE SEQUENCE tokenbroker_link_version AS BIGINT START 1;
-"#,
-    },
-    Migration {
-        version: 2,
-        sql: ADD_LEASE_TOKEN,
-    },
-    Migration {
-        version: 3,
-        sql: super::revocation_outbox_table!("BYTEA"),
-    },
-];
 
 /// A [`TokenStore`](crate::TokenStore) in PostgreSQL (feature `postgres`), for deployments of several instances.
 ///
@@ -126,10 +81,6 @@ impl std::fmt::Debug for PostgresStore {
             .field("database", &options.get_database())
             .finish_non_exhaustive()
     }
-}
-
-fn backend(e: sqlx::Error) -> StoreError {
-    StoreError::backend(STORE, e)
 }
 
 impl PostgresStore {
@@ -196,7 +147,7 @@ fn corrupt(key: &TokenKey) -> impl Fn(String) -> StoreError + '_ {
 impl PostgresStore {
     async fn insert_link(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
         let c = Columns::of(&record.meta);
-        let version: Option<i64> = sqlx::query_scalar(
+        let query = sqlx::query_scalar(
             "INSERT INTO tokenbroker_links (realm, subject, provider, version, payload, state, \
              relink_reason, relink_since, expires_at, created_at, updated_at) \
              VALUES ($1, $2, $3, nextval('tokenbroker_link_version'), $4, $5, $6, $7, $8, $9, $10) \
@@ -205,16 +156,11 @@ impl PostgresStore {
         .bind(key.realm.as_str())
         .bind(key.subject.as_str())
         .bind(key.provider.as_str())
-        .bind(record.payload.expose_secret())
-        .bind(c.state)
-        .bind(c.relink_reason)
-        .bind(c.relink_since)
-        .bind(c.expires_at)
-        .bind(c.created_at)
-        .bind(c.updated_at)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(backend)?;
+        .bind(record.payload.expose_secret());
+        let version: Option<i64> = super::bind_columns!(query, c)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
         match version {
             Some(v) => version_from_db(v).map_err(corrupt(key)),
             None => Err(StoreError::Conflict { key: key.clone() }),
@@ -233,7 +179,7 @@ impl PostgresStore {
         // or steal one a refresh is holding. The fence is checked in the same statement: a
         // concurrent try_lease that changes the token either commits first (and we re-check
         // the WHERE against its row, and write nothing) or waits for our row lock.
-        let version: Option<i64> = sqlx::query_scalar(concat!(
+        let query = sqlx::query_scalar(concat!(
             "UPDATE tokenbroker_links SET version = nextval('tokenbroker_link_version'), \
              payload = $5, state = $6, relink_reason = $7, relink_since = $8, expires_at = $9, \
              created_at = $10, updated_at = $11 WHERE ",
@@ -246,17 +192,12 @@ impl PostgresStore {
         .bind(key.subject.as_str())
         .bind(key.provider.as_str())
         .bind(version_to_db(expected))
-        .bind(record.payload.expose_secret())
-        .bind(c.state)
-        .bind(c.relink_reason)
-        .bind(c.relink_since)
-        .bind(c.expires_at)
-        .bind(c.created_at)
-        .bind(c.updated_at)
-        .bind(fence.map(LeaseToken::as_str))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(backend)?;
+        .bind(record.payload.expose_secret());
+        let version: Option<i64> = super::bind_columns!(query, c)
+            .bind(fence.map(LeaseToken::as_str))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
         match version {
             Some(v) => version_from_db(v).map_err(corrupt(key)),
             None => Err(StoreError::Conflict { key: key.clone() }),
@@ -334,10 +275,7 @@ impl PostgresStore {
         let until: Option<i64> = row.try_get("lease_until").map_err(backend)?;
         let present: bool = row.try_get("present").map_err(backend)?;
         Ok(match (until, present) {
-            (Some(until), _) => {
-                let expires_at = from_ms(until, "lease_expires_at").map_err(corrupt(key))?;
-                LeaseAttempt::Acquired(Lease::new(key.clone(), holder.clone(), token, expires_at))
-            }
+            (Some(until), _) => super::acquired(key, holder, token, until)?,
             (None, true) => LeaseAttempt::Busy,
             (None, false) => LeaseAttempt::Missing,
         })

@@ -9,24 +9,17 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, Transaction};
 
 use super::{
-    ADD_LEASE_TOKEN, Columns, Migration, duration_ms, fence_holds, from_ms, key_where,
-    lease_is_free, version_from_db, version_to_db,
+    Columns, duration_ms, fence_holds, key_where, lease_is_free, version_from_db, version_to_db,
 };
 use crate::ids::TokenKey;
-use crate::store::{Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, StoreError, Version};
+use crate::store::{LeaseAttempt, LeaseHolder, LeaseToken, Record, StoreError, Version};
 
-/// The row lock of the outbox claim's inner `SELECT`.
-macro_rules! claim_lock {
-    () => {
-        ""
-    };
-}
-
-impl super::Dialect for SqliteStore {
-    type Connection = sqlx::SqliteConnection;
-}
-
-const STORE: &str = "sqlite";
+super::dialect!(
+    store: SqliteStore,
+    name: "sqlite",
+    connection: sqlx::SqliteConnection,
+    claim_lock: "",
+);
 
 /// The database's clock in unix milliseconds. `unixepoch('subsec')` needs SQLite 3.42; the
 /// bundled library is newer. SQLite keeps `'now'` fixed within one statement, so every use in
@@ -37,53 +30,17 @@ macro_rules! db_now_ms {
     };
 }
 
-/// The schema, in order. Never edit a shipped migration: append a new one.
-static MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        sql: r#"
-CREATE TABLE tokenbroker_links (
-    realm            TEXT   NOT NULL,
-    subject          TEXT   NOT NULL,
-    provider         TEXT   NOT NULL,
-    version          BIGINT NOT NULL,
-    payload          BLOB   NOT NULL,
-    state            TEXT   NOT NULL,
-    relink_reason    TEXT   NULL,
-    relink_since     BIGINT NULL,
-    expires_at       BIGINT NULL,
-    created_at       BIGINT NOT NULL,
-    updated_at       BIGINT NOT NULL,
-    lease_holder     TEXT   NULL,
-    lease_expires_at BIGINT NULL,
-    -- TEXT compares with BINARY collation (memcmp of UTF-8), the order of Rust's `str`, which
-    -- `scan` relies on. The key's (realm, subject) prefix also serves `list`, so that needs no
-    -- index of its own.
-    PRIMARY KEY (realm, subject, provider)
-);
--- Sweeps: retention by last write, refresh-ahead by expiry, purge of dead links.
-CREATE INDEX tokenbroker_links_updated_at ON tokenbroker_links (updated_at);
-CREATE INDEX tokenbroker_links_expires_at ON tokenbroker_links (expires_at);
-CREATE INDEX tokenbroker_links_relink_since ON tokenbroker_links (relink_since)
-    WHERE state = 'relink_required';
--- The version counter: bumped by every write, never reset, so a key deleted and inserted again
--- gets a version it never had (the broker's guard against ABA).
+super::migrations!(
+    key_text: "TEXT",
+    binary: "BLOB",
+    version_counter: "
 CREATE TABLE tokenbroker_link_version (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     n  BIGINT  NOT NULL
 );
 INSERT INTO tokenbroker_link_version (id, n) VALUES (1, 0);
-"#,
-    },
-    Migration {
-        version: 2,
-        sql: ADD_LEASE_TOKEN,
-    },
-    Migration {
-        version: 3,
-        sql: super::revocation_outbox_table!("BLOB"),
-    },
-];
+",
+);
 
 /// A [`TokenStore`](crate::TokenStore) in a SQLite database file (feature `sqlite`).
 ///
@@ -119,10 +76,6 @@ impl std::fmt::Debug for SqliteStore {
             .field("file", &self.pool.connect_options().get_filename())
             .finish_non_exhaustive()
     }
-}
-
-fn backend(e: sqlx::Error) -> StoreError {
-    StoreError::backend(STORE, e)
 }
 
 /// How long [`SqliteStore::open`] keeps retrying a first connection that another process's
@@ -257,7 +210,7 @@ impl SqliteStore {
     async fn insert_link(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
         let c = Columns::of(&record.meta);
         let (mut tx, version) = self.begin_write().await?;
-        let inserted = sqlx::query(
+        let query = sqlx::query(
             "INSERT INTO tokenbroker_links (realm, subject, provider, version, payload, state, \
              relink_reason, relink_since, expires_at, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
@@ -267,17 +220,12 @@ impl SqliteStore {
         .bind(key.subject.as_str())
         .bind(key.provider.as_str())
         .bind(version)
-        .bind(record.payload.expose_secret())
-        .bind(c.state)
-        .bind(c.relink_reason)
-        .bind(c.relink_since)
-        .bind(c.expires_at)
-        .bind(c.created_at)
-        .bind(c.updated_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?
-        .rows_affected();
+        .bind(record.payload.expose_secret());
+        let inserted = super::bind_columns!(query, c)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?
+            .rows_affected();
         if inserted == 0 {
             return Err(StoreError::Conflict { key: key.clone() });
         }
@@ -300,7 +248,7 @@ impl SqliteStore {
         let (mut tx, version) = self.begin_write().await?;
         // The lease columns are left alone: a write does not need the lease, and must not free
         // or steal one a refresh is holding. The fence is checked in the same statement.
-        let updated = sqlx::query(concat!(
+        let query = sqlx::query(concat!(
             "UPDATE tokenbroker_links SET version = $5, payload = $6, state = $7, \
              relink_reason = $8, relink_since = $9, expires_at = $10, created_at = $11, \
              updated_at = $12 WHERE ",
@@ -313,18 +261,13 @@ impl SqliteStore {
         .bind(key.provider.as_str())
         .bind(version_to_db(expected))
         .bind(version)
-        .bind(record.payload.expose_secret())
-        .bind(c.state)
-        .bind(c.relink_reason)
-        .bind(c.relink_since)
-        .bind(c.expires_at)
-        .bind(c.created_at)
-        .bind(c.updated_at)
-        .bind(fence.map(LeaseToken::as_str))
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?
-        .rows_affected();
+        .bind(record.payload.expose_secret());
+        let updated = super::bind_columns!(query, c)
+            .bind(fence.map(LeaseToken::as_str))
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?
+            .rows_affected();
         if updated == 0 {
             return Err(StoreError::Conflict { key: key.clone() });
         }
@@ -409,15 +352,7 @@ impl SqliteStore {
         .await
         .map_err(backend)?;
         let attempt = match taken {
-            Some(until) => {
-                let expires_at =
-                    from_ms(until, "lease_expires_at").map_err(|reason| StoreError::Corrupt {
-                        key: key.clone(),
-                        reason,
-                        version: None,
-                    })?;
-                LeaseAttempt::Acquired(Lease::new(key.clone(), holder.clone(), token, expires_at))
-            }
+            Some(until) => super::acquired(key, holder, token, until)?,
             None if Self::exists(&mut tx, key).await? => LeaseAttempt::Busy,
             None => LeaseAttempt::Missing,
         };
