@@ -234,6 +234,63 @@ async fn unlink_revokes_at_the_provider() {
     assert_eq!(idp.counters().await.revocation_requests, 1);
 }
 
+/// The revocation endpoint cannot be reached during the unlink: the link is deleted, the
+/// revocation is kept in the store's outbox (deferred, not forgotten), and another instance's
+/// drain, once it is due, revokes the grant at the real provider.
+#[tokio::test]
+async fn an_unlink_during_an_outage_is_revoked_at_the_provider_by_a_later_drain() {
+    let idp = OidcProvider::start(Profile::Oidc, 60).await;
+    let store = Arc::new(MemoryStore::new());
+    let linking = broker(
+        config(&idp, ClientAuth::Basic, "openid offline_access"),
+        &store,
+    );
+    let linked = link(&linking, &idp, consent()).await;
+    let rt = linked.refresh_token().unwrap().expose_secret().to_owned();
+
+    // An instance whose way to the revocation endpoint is cut (nothing listens there).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let unreachable = format!("http://{}/revoke", closed.local_addr().unwrap());
+    drop(closed);
+    let cut_off = broker(
+        config(&idp, ClientAuth::Basic, "openid offline_access")
+            .with_revocation_endpoint(unreachable.parse().unwrap()),
+        &store,
+    );
+    let outcome = cut_off.unlink(&key()).await.unwrap();
+    assert!(outcome.deleted);
+    assert!(
+        matches!(outcome.revocation, RevocationStatus::Deferred { .. }),
+        "{:?}",
+        outcome.revocation
+    );
+    assert!(idp.is_active(&rt).await, "nothing reached the provider yet");
+
+    // Another instance, a minute later by its clock (the retry is due after 30 s).
+    let later = Arc::new(tokenbroker::testing::ManualClock::new(
+        time::OffsetDateTime::now_utc() + Duration::from_secs(60),
+    ));
+    let drainer = TokenBroker::builder()
+        .with_oauth2_provider(
+            config(&idp, ClientAuth::Basic, "openid offline_access"),
+            ProviderPolicy::default(),
+        )
+        .with_store(store.clone())
+        .with_clock(later)
+        .build()
+        .unwrap();
+    let report = drainer
+        .drain_revocations(tokenbroker::DrainOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((report.claimed, report.revoked), (1, 1), "{report:?}");
+    assert!(
+        !idp.is_active(&rt).await,
+        "introspection says inactive after the drain"
+    );
+    assert_eq!(idp.counters().await.revocation_requests, 1);
+}
+
 /// The provider's own rule (OIDC Core §11), seen without any help from the broker: a client
 /// whose quirks never add `prompt=consent` gets no refresh token for `offline_access`.
 #[tokio::test]
