@@ -14,7 +14,7 @@ use crate::provider::ClientAuth;
 ///
 /// Defaults: client `fake-client` / `fake-client-secret`, any redirect URI accepted, default
 /// user `alice`, access tokens valid for 3600 s, authorization codes for 60 s, refresh-token
-/// rotation and reuse detection on, refresh tokens issued, RS256-signed ID tokens issued for
+/// rotation and reuse detection on, refresh tokens issued, signed ID tokens (ES256) issued for
 /// `openid`. [`FakeIdpConfig::google`] and [`FakeIdpConfig::microsoft`] are presets that
 /// imitate those providers' quirks.
 #[derive(Clone)]
@@ -191,8 +191,8 @@ impl FakeIdpConfig {
         .with_iss_in_response(false)
     }
 
-    /// Signs ID tokens with RS256 (default) or, when off, sends them unsigned with
-    /// `{"alg":"none"}` and an empty signature part (the fake's behaviour before signing).
+    /// Signs ID tokens (default; ES256, or RS256 in the Google and Microsoft presets) or, when
+    /// off, sends them unsigned with `{"alg":"none"}` and an empty signature part.
     pub fn with_signed_id_tokens(mut self, on: bool) -> Self {
         self.sign_id_tokens = on;
         self

@@ -41,7 +41,7 @@ fn discovery_document(shared: &Shared, tenant: Option<&str>) -> Value {
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
         "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": ["RS256"],
+        "id_token_signing_alg_values_supported": [shared.flavor.signing_alg().name()],
         "scopes_supported": ["openid", "email", "profile", "offline_access"],
         "grant_types_supported": ["authorization_code", "refresh_token"],
         "token_endpoint_auth_methods_supported": match shared.client_auth.method {

@@ -308,7 +308,7 @@ pub(super) fn issue_tokens(
     {
         let claims = id_token_claims(shared, grant, now, ttl, nonce);
         let id_token = if shared.sign_id_tokens {
-            signed_jwt(st.signing_key, &claims, st.tamper_this_response)
+            signed_jwt(st.keys.current(), &claims, st.tamper_this_response)
         } else {
             unsigned_jwt(&claims)
         };

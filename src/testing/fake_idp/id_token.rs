@@ -2,14 +2,12 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use openidconnect::PrivateSigningKey;
-use openidconnect::core::CoreJwsSigningAlgorithm;
 use serde_json::{Value, json};
 
 #[cfg(doc)]
 use super::FakeIdpConfig;
 use super::grants::Grant;
-use super::keys::{KEY_IDS, test_keys};
+use super::keys::SigningKey;
 use super::modes::Flavor;
 use super::state::Shared;
 
@@ -59,23 +57,17 @@ pub(super) fn unsigned_jwt(claims: &Value) -> String {
     )
 }
 
-/// A JWS (RS256) over `claims` with the embedded test key `key`. With `tamper`, the payload is
-/// replaced after signing (another `sub`), so that only the signature check can catch it.
-pub(super) fn signed_jwt(key: usize, claims: &Value, tamper: bool) -> String {
-    let header = json!({ "alg": "RS256", "typ": "JWT", "kid": KEY_IDS[key] });
+/// A JWS over `claims` signed by `key`, with its `alg` and `kid` in the header. With `tamper`,
+/// the payload is replaced after signing (another `sub`), so that only the signature check can
+/// catch it.
+pub(super) fn signed_jwt(key: &SigningKey, claims: &Value, tamper: bool) -> String {
+    let header = json!({ "alg": key.alg().name(), "typ": "JWT", "kid": key.kid() });
     let signing_input = format!(
         "{}.{}",
         URL_SAFE_NO_PAD.encode(header.to_string()),
         URL_SAFE_NO_PAD.encode(claims.to_string())
     );
-    // Signing with a valid embedded key cannot fail; should it anyway, the token goes out with
-    // an empty signature, which every verifier rejects: the safe side for a test IdP.
-    let signature = test_keys()[key]
-        .sign(
-            &CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
-            signing_input.as_bytes(),
-        )
-        .unwrap_or_default();
+    let signature = key.sign(signing_input.as_bytes());
     let signed_part = if tamper {
         let mut forged = claims.clone();
         let sub = forged["sub"].as_str().unwrap_or_default();

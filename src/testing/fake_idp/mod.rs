@@ -65,13 +65,17 @@
 //! `email` (`{user}@example.com` unless the user name has an `@`), `email_verified`, and on
 //! code exchange only the `nonce` of the authorization request (refreshed ID tokens have none).
 //!
-//! ID tokens are **signed with RS256** by one of two RSA keys embedded in this file (test-only,
-//! public: never trust them anywhere else). The header carries the key's `kid`, and
-//! `GET /jwks` publishes the public keys, so a relying party can verify tokens for real, after
-//! discovering everything from [`FakeIdp::discovery_url`]. To exercise its key handling:
+//! ID tokens are **signed with ES256** by a P-256 key that the fake makes when it starts. The
+//! Google and Microsoft presets sign with **RS256** instead, as those providers do (and as
+//! [`OidcConfig::google`](crate::provider::OidcConfig::google) and
+//! [`OidcConfig::microsoft`](crate::provider::OidcConfig::microsoft) require), with 2048-bit
+//! RSA keys made at run time too. No key is stored anywhere. The header carries the key's
+//! `kid`, and `GET /jwks` publishes the public keys, so a relying party can verify tokens for
+//! real, after discovering everything (the algorithm included) from
+//! [`FakeIdp::discovery_url`]. To exercise its key handling:
 //!
-//! - [`FakeIdp::rotate_signing_key`] switches to the other key (a new `kid`): a relying party
-//!   with a cached key set must re-fetch `/jwks` on the unknown `kid`. The old key stays listed
+//! - [`FakeIdp::rotate_signing_key`] switches to a new key (a new `kid`): a relying party with
+//!   a cached key set must re-fetch `/jwks` on the unknown `kid`. The old keys stay listed
 //!   unless [`FakeIdp::set_publish_retired_keys`]`(false)`;
 //! - [`FakeIdp::issue_tampered_id_tokens`] (or one [`Fault::TamperedIdToken`]) alters the payload
 //!   after signing, so the signature check must fail;
@@ -80,9 +84,13 @@
 //! [`FakeIdpConfig::with_signed_id_tokens`]`(false)` brings back unsigned tokens
 //! (`{"alg":"none"}`, empty signature part).
 //!
-//! RSA signing in an unoptimized build takes around 150 ms per token. Tests with short
-//! time-outs should optimize the big-integer code in their own `Cargo.toml`, as this crate does
-//! (profiles of a dependency do not carry over):
+//! Making an RSA key takes a good part of a second in an optimized build and seconds in an
+//! unoptimized one, so the RS256 fakes of one process share their keys: the first Google or
+//! Microsoft fake makes one, and a rotation makes another only when it goes past the keys made
+//! so far. Each fake's ES256 keys are its own. RSA signing in an unoptimized build still takes
+//! around 150 ms per token; tests of the Google and Microsoft presets with short time-outs
+//! should optimize the big-integer code in their own `Cargo.toml`, as this crate does (profiles
+//! of a dependency do not carry over):
 //!
 //! ```toml
 //! [profile.dev.package.num-bigint-dig]
@@ -161,7 +169,7 @@ pub use faults::Fault;
 
 use authorize::authorize_core;
 use grants::token_info;
-use keys::KEY_IDS;
+use keys::KeyRing;
 use modes::Flavor;
 use protocol::parse_params;
 use state::{IdpState, Shared, lock};
@@ -268,8 +276,15 @@ impl fmt::Debug for FakeIdp {
 }
 
 impl FakeIdp {
-    /// Binds `127.0.0.1:0` and starts serving with `config`.
+    /// Makes the first ID-token signing key, binds `127.0.0.1:0` and starts serving with
+    /// `config`.
     pub async fn start(config: FakeIdpConfig) -> io::Result<FakeIdp> {
+        let alg = config.flavor.signing_alg();
+        // Making an RSA key takes a while: off the runtime's threads, as other tasks (and other
+        // fakes starting) may be waiting on them.
+        let keys = tokio::task::spawn_blocking(move || KeyRing::generate(alg))
+            .await
+            .map_err(io::Error::other)??;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let base_url = Url::parse(&format!("http://{addr}/")).map_err(io::Error::other)?;
@@ -292,7 +307,7 @@ impl FakeIdp {
             client_auth: config.client_auth.clone(),
             seen_assertion_ids: Mutex::new(std::collections::HashSet::new()),
             login_extensions: config.login_extensions.clone(),
-            state: Mutex::new(IdpState::new(&config)),
+            state: Mutex::new(IdpState::new(&config, keys)),
         });
         let (tx, task) = server::serve(listener, Arc::clone(&shared));
         Ok(FakeIdp {
@@ -578,18 +593,29 @@ impl FakeIdp {
         self.inner.shared.lock().last_prompt.clone()
     }
 
-    /// Switches ID-token signing to the other embedded test key (a new `kid`) and returns its
-    /// `kid`. By default `/jwks` then lists both keys, as providers do during a rollover; after
+    /// Switches ID-token signing to a newly made key (a new `kid`) and returns its `kid`. By
+    /// default `/jwks` then lists the old keys too, as providers do during a rollover; after
     /// [`FakeIdp::set_publish_retired_keys`]`(false)` it lists only the new one. Either way a
     /// relying party that cached the old key set must re-fetch it on the unknown `kid`.
+    ///
+    /// The Google and Microsoft presets sign with RSA keys shared by the fakes of the process
+    /// (see [ID tokens](self#id-tokens)); the first rotation that goes past the keys made so
+    /// far makes one, which holds up the calling thread for a moment.
+    ///
+    /// # Panics
+    ///
+    /// If no key can be made, which means the operating system's random number generator
+    /// failed.
     pub fn rotate_signing_key(&self) -> String {
+        let (alg, used) = {
+            let st = self.inner.shared.lock();
+            (st.keys.alg(), st.keys.used())
+        };
+        // Made outside the lock, so that the fake keeps answering meanwhile.
+        let key = KeyRing::next_key(alg, used).expect("the fake IdP could not make a signing key");
         let mut st = self.inner.shared.lock();
-        st.signing_key = (st.signing_key + 1) % KEY_IDS.len();
-        let current = st.signing_key;
-        if !st.used_keys.contains(&current) {
-            st.used_keys.push(current);
-        }
-        KEY_IDS[current].to_owned()
+        st.keys.rotate_to(key);
+        st.keys.current().kid().to_owned()
     }
 
     /// Whether `/jwks` keeps listing keys that no longer sign (default on). Off: only the
@@ -600,7 +626,7 @@ impl FakeIdp {
 
     /// The `kid` of the key that signs ID tokens now.
     pub fn signing_key_id(&self) -> String {
-        KEY_IDS[self.inner.shared.lock().signing_key].to_owned()
+        self.inner.shared.lock().keys.current().kid().to_owned()
     }
 
     /// While on, every ID token in a token response has its payload altered after signing (the

@@ -12,6 +12,7 @@ use serde_json::json;
 
 use super::authorize::authorize_handler;
 use super::grants::token_info;
+use super::keys::SigningAlg;
 use super::protocol::{OAuthError, json_response};
 use super::server::ConnTag;
 use super::state::Shared;
@@ -26,6 +27,19 @@ pub(super) enum Flavor {
     Google,
     /// [`FakeIdpConfig::microsoft`], with the tenant id.
     Microsoft { tenant: String },
+}
+
+impl Flavor {
+    /// How ID tokens are signed. Google and Microsoft sign with RS256, and
+    /// `OidcConfig::google` and `OidcConfig::microsoft` accept nothing else, so their fakes do
+    /// too. The generic fake uses ES256: its keys are made in microseconds, where an RSA key
+    /// takes seconds in an unoptimized build.
+    pub(super) fn signing_alg(&self) -> SigningAlg {
+        match self {
+            Flavor::Generic => SigningAlg::Es256,
+            Flavor::Google | Flavor::Microsoft { .. } => SigningAlg::Rs256,
+        }
+    }
 }
 
 impl Shared {

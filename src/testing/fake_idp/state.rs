@@ -11,6 +11,7 @@ use super::Counters;
 use super::config::{ClientAuthRegistration, FakeIdpConfig, LoginExtensions};
 use super::faults::Fault;
 use super::grants::{AccessRecord, CodeRecord, Grant, GrantId, RefreshRecord};
+use super::keys::KeyRing;
 use super::modes::Flavor;
 use super::par::PushedRequests;
 
@@ -70,10 +71,9 @@ pub(super) struct IdpState {
     /// Per user: the scopes consented to for the one client.
     pub(super) consents: HashMap<String, Vec<String>>,
     pub(super) last_prompt: Option<String>,
-    /// Index into [`KEY_IDS`] of the key that signs now.
-    pub(super) signing_key: usize,
-    /// Keys that have signed, in order of first use (what `/jwks` lists by default).
-    pub(super) used_keys: Vec<usize>,
+    /// The ID-token signing keys: the current one and those retired (listed by `/jwks`
+    /// unless [`Knobs::publish_retired_keys`] is off).
+    pub(super) keys: KeyRing,
     /// Set by `token_handler` around one request: tamper with its ID token.
     pub(super) tamper_this_response: bool,
     /// Pushed authorization requests by `request_uri` (RFC 9126), and faults for `POST /par`.
@@ -81,7 +81,7 @@ pub(super) struct IdpState {
 }
 
 impl IdpState {
-    pub(super) fn new(config: &FakeIdpConfig) -> Self {
+    pub(super) fn new(config: &FakeIdpConfig, keys: KeyRing) -> Self {
         Self {
             knobs: Knobs {
                 access_token_ttl: config.access_token_ttl,
@@ -103,8 +103,7 @@ impl IdpState {
             next_grant: 1,
             consents: HashMap::new(),
             last_prompt: None,
-            signing_key: 0,
-            used_keys: vec![0],
+            keys,
             tamper_this_response: false,
             pushed: PushedRequests::default(),
         }
