@@ -59,7 +59,7 @@ impl SigningKey {
                 KeyPair::Rs256(Box::new(rsa::pkcs1v15::SigningKey::new(key)))
             }
         };
-        // Random, so that two fakes in one test never publish the same `kid` for other keys.
+        // Random: a `kid` names one key, and one test may start many fakes.
         let kid = random_token(&format!("fake-idp-{}-", alg.name().to_ascii_lowercase()));
         Ok(SigningKey { kid, key })
     }
@@ -121,9 +121,9 @@ impl SigningKey {
 
 /// RSA keys made so far in this process, in order of making. Fakes that sign with RS256 share
 /// them: a fake's first key is the first here, its first rotation switches to the second, and
-/// so on. A 2048-bit RSA key takes a good part of a second to make in an optimized build and
-/// seconds in an unoptimized one, against microseconds for a P-256 key, so an RS256 test suite
-/// pays that once per rotation depth instead of once per fake.
+/// so on. A 2048-bit RSA key is slow to make (it can take seconds in an unoptimized build, where
+/// a P-256 key takes a moment), so a test suite pays that once per rotation depth instead of
+/// once per fake.
 static RSA_KEYS: Mutex<Vec<Arc<SigningKey>>> = Mutex::new(Vec::new());
 
 /// One fake's keys: every key that has signed, in order; the last one signs now.

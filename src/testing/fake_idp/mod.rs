@@ -84,10 +84,10 @@
 //! [`FakeIdpConfig::with_signed_id_tokens`]`(false)` brings back unsigned tokens
 //! (`{"alg":"none"}`, empty signature part).
 //!
-//! Making an RSA key takes a good part of a second in an optimized build and seconds in an
-//! unoptimized one, so the RS256 fakes of one process share their keys: the first Google or
-//! Microsoft fake makes one, and a rotation makes another only when it goes past the keys made
-//! so far. Each fake's ES256 keys are its own. RSA signing in an unoptimized build still takes
+//! Making an RSA key is slow (it can take seconds in an unoptimized build), so the RS256 fakes
+//! of one process share their keys: the first Google or Microsoft fake makes one, and a
+//! rotation makes another only when it goes past the keys made so far. Each fake's ES256 keys
+//! are its own. RSA signing in an unoptimized build still takes
 //! around 150 ms per token; tests of the Google and Microsoft presets with short time-outs
 //! should optimize the big-integer code in their own `Cargo.toml`, as this crate does (profiles
 //! of a dependency do not carry over):

@@ -32,8 +32,8 @@ pub(super) enum Flavor {
 impl Flavor {
     /// How ID tokens are signed. Google and Microsoft sign with RS256, and
     /// `OidcConfig::google` and `OidcConfig::microsoft` accept nothing else, so their fakes do
-    /// too. The generic fake uses ES256: its keys are made in microseconds, where an RSA key
-    /// takes seconds in an unoptimized build.
+    /// too. The generic fake uses ES256: its keys are quick to make, where an RSA key can take
+    /// seconds in an unoptimized build.
     pub(super) fn signing_alg(&self) -> SigningAlg {
         match self {
             Flavor::Generic => SigningAlg::Es256,
