@@ -5,7 +5,8 @@
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use openidconnect::core::{
-    CoreIdToken, CoreIdTokenVerifier, CoreJsonWebKeySet, CoreProviderMetadata,
+    CoreIdToken, CoreIdTokenVerifier, CoreJsonWebKeySet, CoreJwsSigningAlgorithm,
+    CoreProviderMetadata,
 };
 use openidconnect::{ClaimsVerificationError, ClientId, ClientSecret, IssuerUrl, Nonce};
 use serde_json::Value;
@@ -133,6 +134,9 @@ async fn fetch_jwks(idp: &FakeIdp) -> CoreJsonWebKeySet {
     serde_json::from_value(reply.json).expect("a JWK set openidconnect understands")
 }
 
+/// A verifier for the fake's ID tokens. It allows both algorithms the fake signs with (ES256,
+/// RS256 in the Google and Microsoft modes; openidconnect alone allows RS256 only); the tests
+/// assert which one each mode uses.
 fn verifier(idp: &FakeIdp, jwks: CoreJsonWebKeySet) -> CoreIdTokenVerifier<'static> {
     CoreIdTokenVerifier::new_confidential_client(
         ClientId::new(idp.client_id().to_owned()),
@@ -140,6 +144,10 @@ fn verifier(idp: &FakeIdp, jwks: CoreJsonWebKeySet) -> CoreIdTokenVerifier<'stat
         IssuerUrl::new(idp.issuer()).expect("issuer URL"),
         jwks,
     )
+    .set_allowed_algs([
+        CoreJwsSigningAlgorithm::EcdsaP256Sha256,
+        CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
+    ])
 }
 
 fn parse_id_token(jwt: &str) -> CoreIdToken {
@@ -183,7 +191,7 @@ async fn discovery_and_jwks_are_served_and_consistent() {
     assert_eq!(d["jwks_uri"], idp.jwks_uri().as_str());
     assert_eq!(
         d["id_token_signing_alg_values_supported"],
-        serde_json::json!(["RS256"])
+        serde_json::json!(["ES256"])
     );
     assert!(
         d["response_types_supported"]
@@ -207,8 +215,9 @@ async fn discovery_and_jwks_are_served_and_consistent() {
     let jwks = get_json(idp.jwks_uri()).await;
     let keys = jwks.json["keys"].as_array().unwrap();
     assert_eq!(keys.len(), 1);
-    assert_eq!(keys[0]["kty"], "RSA");
-    assert_eq!(keys[0]["alg"], "RS256");
+    assert_eq!(keys[0]["kty"], "EC");
+    assert_eq!(keys[0]["crv"], "P-256");
+    assert_eq!(keys[0]["alg"], "ES256");
     assert_eq!(keys[0]["use"], "sig");
     assert_eq!(keys[0]["kid"], idp.signing_key_id());
     assert!(keys[0].get("d").is_none(), "no private part");
@@ -222,7 +231,7 @@ async fn id_tokens_verify_with_the_jwks_and_carry_the_claims() {
     let body = login(&idp, "bob", "openid email", &[]).await;
     let jwt = body.str("id_token");
     let (header, _) = jwt_parts(&jwt);
-    assert_eq!(header["alg"], "RS256");
+    assert_eq!(header["alg"], "ES256");
     assert_eq!(header["kid"], idp.signing_key_id());
 
     let verifier = verifier(&idp, fetch_jwks(&idp).await);
@@ -339,6 +348,24 @@ async fn signing_key_rotation_needs_a_jwks_refetch() {
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0]["kid"], new_kid);
     assert_eq!(idp.counters().jwks_calls, 4);
+}
+
+#[tokio::test]
+async fn signing_keys_are_made_at_start() {
+    // ES256 keys are cheap: each fake has its own.
+    let a = FakeIdp::start_default().await.unwrap();
+    let b = FakeIdp::start_default().await.unwrap();
+    assert_ne!(a.signing_key_id(), b.signing_key_id());
+    // RSA keys are not: the RS256 fakes of a process share them, rotation by rotation.
+    let google = FakeIdp::start(FakeIdpConfig::google()).await.unwrap();
+    let microsoft = FakeIdp::start(FakeIdpConfig::microsoft(TENANT))
+        .await
+        .unwrap();
+    assert_eq!(google.signing_key_id(), microsoft.signing_key_id());
+    let jwks = get_json(google.jwks_uri()).await.json;
+    let key = &jwks["keys"][0];
+    assert_eq!((&key["kty"], &key["alg"]), (&"RSA".into(), &"RS256".into()));
+    assert!(key.get("n").is_some() && key.get("d").is_none());
 }
 
 #[tokio::test]
@@ -480,9 +507,15 @@ async fn google_discovery_lists_revocation() {
         idp.revocation_endpoint().as_str()
     );
     assert!(idp.supports_revocation());
+    // RS256 as at Google: `OidcConfig::google` accepts nothing else.
+    assert_eq!(
+        doc["id_token_signing_alg_values_supported"],
+        serde_json::json!(["RS256"])
+    );
     let jwt = login(&idp, "alice", "openid", &offline())
         .await
         .str("id_token");
+    assert_eq!(jwt_parts(&jwt).0["alg"], "RS256");
     let claims = parse_id_token(&jwt)
         .claims(
             &verifier(&idp, fetch_jwks(&idp).await),
@@ -549,7 +582,9 @@ async fn microsoft_id_token_has_tid_and_tenant_issuer() {
     let jwt = login(&idp, "alice", "openid offline_access", &[])
         .await
         .str("id_token");
-    let (_, claims) = jwt_parts(&jwt);
+    let (header, claims) = jwt_parts(&jwt);
+    // RS256 as at Microsoft: `OidcConfig::microsoft` accepts nothing else.
+    assert_eq!(header["alg"], "RS256");
     assert_eq!(claims["tid"], TENANT);
     assert_eq!(claims["iss"], issuer);
     assert_eq!(claims["ver"], "2.0");
