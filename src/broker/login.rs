@@ -448,6 +448,7 @@ impl TokenBroker {
                 replaced_account: None,
             });
         }
+        inner.note_lifetime(&pending.key.provider, &set);
         let upsert = inner.upsert_link(&pending.key, set).await?;
         let first_link = matches!(upsert, Upsert::Created(_));
         if first_link

@@ -89,6 +89,8 @@ pub(crate) struct ProviderEntry {
     pub(crate) policy: ProviderPolicy,
     /// This provider's metric handles, resolved once when the broker was built.
     pub(crate) metrics: ProviderMetrics,
+    /// Whether the warning about access tokens shorter-lived than the skew was logged.
+    pub(crate) short_lifetime_warned: Arc<AtomicBool>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -543,6 +545,11 @@ impl TokenBrokerBuilder {
         self
     }
     /// A token expiring within `skew` is refreshed before it is served (default 60 s).
+    ///
+    /// A token issued for less than twice the skew is served until half its lifetime is left
+    /// instead: with 20 s tokens and the default skew, reads refresh once 10 s are left rather
+    /// than on every read. The first such token stored for a provider logs a warning (once per
+    /// provider).
     pub fn with_skew(mut self, skew: Duration) -> Self {
         self.skew = Some(skew);
         self
@@ -643,6 +650,7 @@ impl TokenBrokerBuilder {
                         metrics: ProviderMetrics::new(id.as_str()),
                         provider,
                         policy,
+                        short_lifetime_warned: Arc::default(),
                     },
                 )
                 .is_some()
