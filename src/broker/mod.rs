@@ -611,7 +611,10 @@ impl TokenBrokerBuilder {
     /// # Errors
     /// [`Error::Config`] when the lease does not outlast the refresh time-out by the lease
     /// margin, when two providers share an alias, or when an OAuth 2.0 provider needs an HTTP
-    /// client and none is available.
+    /// client and none is available. [`Error::ReservedParameter`] when a provider configuration
+    /// given to [`with_oauth2_provider`](Self::with_oauth2_provider) or
+    /// [`with_oidc_provider`](Self::with_oidc_provider) has an extra authorization parameter
+    /// the broker sets itself (see [`OAuth2Config::validate`]).
     pub fn build(self) -> Result<TokenBroker> {
         let refresh_timeout = self.refresh_timeout.unwrap_or(Duration::from_secs(10));
         let lease_ttl = self.lease_ttl.unwrap_or(Duration::from_secs(30));
@@ -633,9 +636,13 @@ impl TokenBrokerBuilder {
                 None => return Err(Error::Config("OAuth 2.0 providers need an HTTP client: enable the `reqwest` feature or call with_http_client".into())),
             };
             for (config, policy) in self.oauth2 {
+                config.validate().map_err(|e| config_error(&config.id, e))?;
                 providers.push((Arc::new(OAuth2Provider::new(config, http.clone())), policy));
             }
             for (config, policy) in self.oidc {
+                config
+                    .validate()
+                    .map_err(|e| config_error(&config.oauth2.id, e))?;
                 let config = config.with_clock(clock.clone());
                 providers.push((Arc::new(OidcProvider::new(config, http.clone())), policy));
             }
@@ -699,5 +706,16 @@ impl TokenBrokerBuilder {
         Ok(TokenBroker {
             inner: Arc::new(inner),
         })
+    }
+}
+
+/// A provider configuration's validation error as the broker's.
+fn config_error(provider: &ProviderId, error: ProviderError) -> Error {
+    match error {
+        ProviderError::ReservedParameter { name } => Error::ReservedParameter {
+            provider: provider.to_string(),
+            name,
+        },
+        other => Error::Config(format!("provider {provider}: {other}")),
     }
 }

@@ -375,7 +375,35 @@ impl OAuth2Config {
         self.client_assertion_audience = audience;
         self
     }
-    /// Adds an authorization parameter sent on every login.
+    /// Adds an authorization parameter sent on every login (a later one of the same name
+    /// replaces it; the quirks' and the login's own parameters come after it).
+    ///
+    /// The parameters the broker sets itself ([`RESERVED_AUTHORIZATION_PARAMS`](super::RESERVED_AUTHORIZATION_PARAMS):
+    /// `state`, `nonce`, `redirect_uri`, `code_challenge`, ...) cannot be set this way:
+    /// [`validate`](Self::validate) refuses them, and so do
+    /// [`TokenBrokerBuilder::build`](crate::TokenBrokerBuilder::build) and every login.
+    ///
+    /// ```
+    /// use tokenbroker::provider::{OAuth2Config, ProviderError};
+    /// use tokenbroker::ProviderId;
+    ///
+    /// let config = OAuth2Config::new(
+    ///     ProviderId::new("example")?,
+    ///     "client-1",
+    ///     "https://idp.example/authorize".parse()?,
+    ///     "https://idp.example/token".parse()?,
+    ///     "https://app.example/callback".parse()?,
+    /// )
+    /// .with_authorize_param("audience", "https://api.example");
+    /// assert!(config.validate().is_ok());
+    ///
+    /// let hijacked = config.with_authorize_param("redirect_uri", "https://evil.example/cb");
+    /// assert!(matches!(
+    ///     hijacked.validate(),
+    ///     Err(ProviderError::ReservedParameter { name }) if name == "redirect_uri"
+    /// ));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn with_authorize_param(
         mut self,
         name: impl Into<String>,
@@ -383,6 +411,42 @@ impl OAuth2Config {
     ) -> Self {
         self.authorize_params.push((name.into(), value.into()));
         self
+    }
+    /// Adds several authorization parameters sent on every login, as
+    /// [`with_authorize_param`](Self::with_authorize_param) does for one.
+    ///
+    /// ```
+    /// # use tokenbroker::provider::OAuth2Config;
+    /// # use tokenbroker::ProviderId;
+    /// # let config = OAuth2Config::new(
+    /// #     ProviderId::new("example")?,
+    /// #     "client-1",
+    /// #     "https://idp.example/authorize".parse()?,
+    /// #     "https://idp.example/token".parse()?,
+    /// #     "https://app.example/callback".parse()?,
+    /// # );
+    /// let config = config.with_authorize_params([("prompt", "select_account"), ("ui_locales", "de")]);
+    /// assert_eq!(config.authorize_params.len(), 2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_authorize_params<K, V>(mut self, params: impl IntoIterator<Item = (K, V)>) -> Self
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        self.authorize_params
+            .extend(params.into_iter().map(|(k, v)| (k.into(), v.into())));
+        self
+    }
+    /// Checks the configuration for what can be told wrong before the first login: an extra
+    /// authorization parameter that names a reserved one.
+    /// [`TokenBrokerBuilder::build`](crate::TokenBrokerBuilder::build) calls it for every
+    /// configuration it is given.
+    ///
+    /// # Errors
+    /// [`ProviderError::ReservedParameter`], naming the first reserved parameter.
+    pub fn validate(&self) -> Result<(), ProviderError> {
+        super::check_extra_params(&self.authorize_params)
     }
     /// Declares how the provider treats used refresh tokens.
     pub fn with_refresh_token_reuse(mut self, reuse: RefreshTokenReuse) -> Self {
@@ -731,10 +795,13 @@ impl Provider for OAuth2Provider {
         }
         let mut params = self.config.authorize_params.clone();
         self.config.quirks.authorize_params(request, &mut params);
-        // The host's own parameters come last and win (e.g. `prompt=select_account`).
+        // The host's own parameters come last and win (e.g. `prompt=select_account`), except
+        // over the ones the login's security rests on: `add_extra_param` would send those a
+        // second time, and a provider may take either.
         for (name, value) in &request.extra_params {
             set_param(&mut params, name, value);
         }
+        super::check_extra_params(&params)?;
         for (name, value) in params {
             auth = auth.add_extra_param(name, value);
         }

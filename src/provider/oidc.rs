@@ -936,6 +936,15 @@ impl Provider for OidcProvider {
 }
 
 impl OidcConfig {
+    /// Checks the configuration for what can be told wrong before the first login (see
+    /// [`OAuth2Config::validate`]).
+    ///
+    /// # Errors
+    /// [`ProviderError::ReservedParameter`], naming the first reserved extra parameter.
+    pub fn validate(&self) -> Result<(), ProviderError> {
+        self.oauth2.validate()
+    }
+
     /// Sets when logins use pushed authorization requests (RFC 9126, see [`ParMode`](super::ParMode)).
     /// Discovery fills the endpoint and whether the provider requires them.
     pub fn with_pushed_authorization(mut self, mode: super::ParMode) -> Self {
