@@ -377,6 +377,19 @@ pub enum ProviderError {
         /// The parameter's name.
         name: String,
     },
+    /// A resource endpoint of the provider (userinfo) refused the access token with `401`: the
+    /// access token expired, was revoked, or was never valid there. It says nothing about the
+    /// grant: the refresh token may well be alive, so the link is **not** relink-required.
+    /// Refresh (e.g. [`TokenBroker::send_authorized`](crate::TokenBroker::send_authorized)
+    /// forces one on a 401) and try again.
+    #[error("access token rejected by the provider's {endpoint} endpoint (HTTP 401){}", fmt_desc(.description))]
+    AccessTokenRejected {
+        /// Which endpoint refused it (`userinfo`).
+        endpoint: &'static str,
+        /// The `error` and `error_description` of the answer's `WWW-Authenticate` challenge
+        /// (RFC 6750 §3), when it has them (cut to 200 characters).
+        description: Option<String>,
+    },
 }
 
 impl ProviderError {

@@ -760,6 +760,13 @@ impl OidcProvider {
     }
 
     /// Calls the userinfo endpoint with an access token and returns its JSON claims.
+    ///
+    /// # Errors
+    /// [`ProviderError::AccessTokenRejected`] when the endpoint answers `401`: the access token
+    /// expired or was revoked, which says nothing about the grant (the link is not
+    /// relink-required; refresh and try again). [`ProviderError::Unsupported`] without a
+    /// userinfo endpoint, [`ProviderError::Transient`] for other failures,
+    /// [`ProviderError::Protocol`] for an answer that is not a JSON object.
     pub async fn userinfo(
         &self,
         access_token: &Secret,
@@ -784,14 +791,18 @@ impl OidcProvider {
         let response = self.http.execute(request).await.map_err(transport_error)?;
         let status = response.status();
         if status == http::StatusCode::UNAUTHORIZED {
-            return Err(ProviderError::InvalidGrant {
-                description: Some("userinfo refused the access token".into()),
+            // The access token was refused, not the grant (RFC 6750 §3.1 `invalid_token`):
+            // `InvalidGrant` here would tell the broker to give up a link whose refresh token
+            // may be fine.
+            return Err(ProviderError::AccessTokenRejected {
+                endpoint: "userinfo",
+                description: bearer_challenge(response.headers()),
             });
         }
         if !status.is_success() {
             return Err(ProviderError::Transient {
                 status: Some(status.as_u16()),
-                retry_after: None,
+                retry_after: super::response::retry_after(response.headers()),
                 reason: Some("userinfo failed".into()),
                 source: None,
             });
@@ -822,6 +833,32 @@ impl OidcProvider {
         }
         Some(url)
     }
+}
+
+/// The `error` and `error_description` of a `WWW-Authenticate: Bearer` challenge (RFC 6750
+/// §3), as one line cut to a loggable size. The challenge carries no token.
+fn bearer_challenge(headers: &http::HeaderMap) -> Option<String> {
+    let challenge = headers
+        .get_all(http::header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| {
+            v.trim_start()
+                .get(..6)
+                .is_some_and(|scheme| scheme.eq_ignore_ascii_case("bearer"))
+        })?;
+    let param = |name: &str| {
+        let start = challenge.find(&format!("{name}=\""))? + name.len() + 2;
+        let len = challenge[start..].find('"')?;
+        Some(&challenge[start..start + len])
+    };
+    let text = match (param("error"), param("error_description")) {
+        (Some(error), Some(description)) => format!("{error}: {description}"),
+        (Some(error), None) => error.to_owned(),
+        (None, Some(description)) => description.to_owned(),
+        (None, None) => return None,
+    };
+    Some(super::truncate_description(&text))
 }
 
 /// Says which check failed, with nothing from inside the token but issuer and audience names.
