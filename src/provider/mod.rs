@@ -28,7 +28,7 @@ pub use self::client_auth::{
 };
 pub use self::oauth2::ParMode;
 pub use self::oauth2::{AccountEndpoint, ClientAuth, OAuth2Config, OAuth2Provider};
-pub use self::oidc::{IssuerPolicy, OidcConfig, OidcProvider, VerifiedIdToken};
+pub use self::oidc::{IssuerPolicy, MicrosoftAuthority, OidcConfig, OidcProvider, VerifiedIdToken};
 pub use self::quirks::{GitHubQuirks, GoogleQuirks, MicrosoftQuirks, Quirks, StandardQuirks};
 pub use self::response::{classify_error_response, parse_token_response};
 

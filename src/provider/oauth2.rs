@@ -247,6 +247,13 @@ impl OAuth2Config {
     /// the body, no RFC 7009 revocation endpoint (unlink reports "not supported upstream"), and
     /// single-use refresh tokens (GitHub Apps with expiring user tokens). Classic OAuth-app
     /// tokens carry no `expires_in` and never expire: the token set says so with no expiry.
+    /// Whose tokens a login brought is asked at `https://api.github.com/user`.
+    ///
+    /// The endpoints can be moved (a proxy, GitHub Enterprise Server, a test double) with
+    /// [`with_base_url`](Self::with_base_url),
+    /// [`with_authorization_endpoint`](Self::with_authorization_endpoint),
+    /// [`with_token_endpoint`](Self::with_token_endpoint) and
+    /// [`with_account_endpoint`](Self::with_account_endpoint); the quirks stay.
     ///
     /// ```
     /// use tokenbroker::provider::OAuth2Config;
@@ -260,6 +267,19 @@ impl OAuth2Config {
     /// )
     /// .with_scopes(Scopes::parse("read:user repo"));
     /// assert_eq!(github.token_endpoint.as_str(), "https://github.com/login/oauth/access_token");
+    ///
+    /// // GitHub Enterprise Server: the same paths on its host, the API under `/api/v3`.
+    /// use tokenbroker::provider::AccountEndpoint;
+    /// let ghes: url::Url = "https://github.corp.example".parse()?;
+    /// let enterprise = github
+    ///     .with_base_url(&ghes)
+    ///     .with_account_endpoint(
+    ///         AccountEndpoint::new(ghes.join("api/v3/user")?, "/id").with_email_pointer("/email"),
+    ///     );
+    /// assert_eq!(
+    ///     enterprise.authorization_endpoint.as_str(),
+    ///     "https://github.corp.example/login/oauth/authorize"
+    /// );
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn github(
@@ -285,14 +305,34 @@ impl OAuth2Config {
         )
     }
 
-    /// Replaces all endpoints' scheme, host and port with `base`'s, keeping their paths: points
-    /// a preset at a test double such as `testing::FakeIdp` (feature
-    /// `testing`) or at a proxy.
+    /// Moves every endpoint (authorization, token, revocation, introspection, PAR, account) to
+    /// `base`'s scheme, host and port, with `base`'s path put before each endpoint's own:
+    /// points a preset at a test double such as `testing::FakeIdp` (feature `testing`) or at a
+    /// proxy that serves them all, keeping its quirks. For endpoints on different hosts, set
+    /// each with its `with_*_endpoint` method instead (or after).
+    ///
+    /// ```
+    /// # use tokenbroker::provider::OAuth2Config;
+    /// # use tokenbroker::{ProviderId, Secret};
+    /// let github = OAuth2Config::github(
+    ///     ProviderId::new("github")?,
+    ///     "Iv1.0123456789abcdef",
+    ///     Secret::new("client-secret"),
+    ///     "https://app.example/callback".parse()?,
+    /// )
+    /// .with_base_url(&"https://egress.corp.example/github/".parse()?);
+    /// assert_eq!(
+    ///     github.token_endpoint.as_str(),
+    ///     "https://egress.corp.example/github/login/oauth/access_token"
+    /// );
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn with_base_url(mut self, base: &Url) -> Self {
         use super::oidc::rebase;
         self.authorization_endpoint = rebase(base, &self.authorization_endpoint);
         self.token_endpoint = rebase(base, &self.token_endpoint);
         self.revocation_endpoint = self.revocation_endpoint.map(|u| rebase(base, &u));
+        self.introspection_endpoint = self.introspection_endpoint.map(|u| rebase(base, &u));
         self.pushed_authorization_request_endpoint = self
             .pushed_authorization_request_endpoint
             .map(|u| rebase(base, &u));
@@ -322,9 +362,42 @@ impl OAuth2Config {
         self.revocation_endpoint = Some(url);
         self
     }
-    /// Sets the default scopes.
+    /// Sets the scopes every login asks for, replacing the preset's (see
+    /// [`with_additional_scopes`](Self::with_additional_scopes) to keep them).
     pub fn with_scopes(mut self, scopes: Scopes) -> Self {
         self.scopes = scopes;
+        self
+    }
+    /// Adds scopes to the ones every login asks for (a preset's defaults stay).
+    ///
+    /// ```
+    /// # use tokenbroker::provider::OAuth2Config;
+    /// # use tokenbroker::{ProviderId, Scopes, Secret};
+    /// let github = OAuth2Config::github(
+    ///     ProviderId::new("github")?,
+    ///     "Iv1.0123456789abcdef",
+    ///     Secret::new("client-secret"),
+    ///     "https://app.example/callback".parse()?,
+    /// )
+    /// .with_scopes(Scopes::parse("read:user"))
+    /// .with_additional_scopes(Scopes::parse("repo"));
+    /// assert_eq!(github.scopes, Scopes::parse("read:user repo"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_additional_scopes(mut self, scopes: Scopes) -> Self {
+        self.scopes = self.scopes.union(&scopes);
+        self
+    }
+    /// Sets the authorization endpoint (a preset keeps its quirks; see also
+    /// [`with_base_url`](Self::with_base_url)).
+    pub fn with_authorization_endpoint(mut self, url: Url) -> Self {
+        self.authorization_endpoint = url;
+        self
+    }
+    /// Sets the token endpoint (a preset keeps its quirks; see also
+    /// [`with_base_url`](Self::with_base_url)).
+    pub fn with_token_endpoint(mut self, url: Url) -> Self {
+        self.token_endpoint = url;
         self
     }
     /// Sets the client authentication method.
