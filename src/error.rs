@@ -224,6 +224,24 @@ pub enum Error {
     /// The broker was configured inconsistently.
     #[error("configuration error: {0}")]
     Config(String),
+
+    /// An extra authorization parameter names one the broker sets itself
+    /// ([`RESERVED_AUTHORIZATION_PARAMS`](crate::provider::RESERVED_AUTHORIZATION_PARAMS):
+    /// `state`, `nonce`, `redirect_uri`, `code_challenge`, `client_id`, `response_type`, ...).
+    /// [`TokenBrokerBuilder::build`](crate::TokenBrokerBuilder::build) returns it for a
+    /// parameter configured on a provider, and
+    /// [`begin_login`](crate::TokenBroker::begin_login) for one passed with
+    /// [`LoginOptions::with_param`](crate::LoginOptions::with_param), before anything is
+    /// loaded or sent.
+    #[error(
+        "provider {provider}: authorization parameter `{name}` is reserved (the broker sets it)"
+    )]
+    ReservedParameter {
+        /// The provider alias.
+        provider: String,
+        /// The parameter's name.
+        name: String,
+    },
 }
 
 impl Error {
@@ -250,7 +268,9 @@ impl Error {
             Error::AuthorizationDenied { .. } => "access_denied",
             Error::Provider { .. } => "upstream_error",
             Error::Store(_) | Error::Access(_) => "server_error",
-            Error::Config(_) | Error::Internal(_) => "server_error",
+            Error::Config(_) | Error::Internal(_) | Error::ReservedParameter { .. } => {
+                "server_error"
+            }
         }
     }
 }

@@ -21,6 +21,28 @@
 //!
 //! Unlike `oauth2`'s own client seam, the broker keeps the HTTP status of every answer, so a
 //! 503 or 429 is classified as a transient failure and never mistaken for a revoked grant.
+//!
+//! # The `http` crate
+//!
+//! Requests and answers are the [`http`] crate's types (version 1). This module has the
+//! crate's name, so the crate itself is re-exported here as [`types`]: a host needs no `http`
+//! dependency of its own, and cannot end up with a second, incompatible version of it.
+//!
+//! ```
+//! use tokenbroker::http::types as http;
+//! use tokenbroker::http::{HttpClient, HttpError, HttpRequest, HttpResponse};
+//!
+//! let unauthorized = |_req: HttpRequest| async {
+//!     Ok::<HttpResponse, HttpError>(
+//!         http::Response::builder()
+//!             .status(http::StatusCode::UNAUTHORIZED)
+//!             .body(Vec::new())
+//!             .unwrap(),
+//!     )
+//! };
+//! let client: std::sync::Arc<dyn HttpClient> = std::sync::Arc::new(unauthorized);
+//! # let _ = client;
+//! ```
 
 use std::fmt;
 use std::future::Future;
@@ -29,6 +51,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::error::BoxError;
+
+/// The [`http`] crate (version 1) that [`HttpRequest`], [`HttpResponse`] and the rest
+/// of the public API speak, re-exported under another name because this module is already
+/// called `http` (see [the module docs](self#the-http-crate)).
+#[doc(no_inline)]
+pub use ::http as types;
 
 /// An outgoing request.
 pub type HttpRequest = http::Request<Vec<u8>>;

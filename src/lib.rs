@@ -94,6 +94,11 @@ pub mod store;
 pub mod telemetry;
 mod token;
 
+/// The [`url`] crate (version 2), whose [`Url`](::url::Url) every endpoint and redirect
+/// URI of the public API is. The `http` crate is re-exported as [`http::types`], since
+/// [`http`] is this crate's HTTP seam.
+#[doc(no_inline)]
+pub use ::url;
 pub use access::{
     AccessError, Caller, Decision, DenyReason, KeycloakRoles, LinkKind, ProviderPolicy,
     RoleChecker, RoleGrantHook,

@@ -220,6 +220,33 @@ impl TokenSet {
         }
     }
 
+    /// Whether a read of a broker with expiry skew `skew` serves this set's access token as it
+    /// is at `now`: it stays valid for longer than the skew, or than half its lifetime when
+    /// that is shorter. A provider whose tokens live shorter than the skew would otherwise have
+    /// every read refresh (and a refreshed token would not even serve the read that asked for
+    /// it). Pure arithmetic on two instants: the cached read path pays nothing for it.
+    pub(crate) fn is_fresh_for_read(&self, now: OffsetDateTime, skew: Duration) -> bool {
+        let Some(exp) = self.expires_at else {
+            return true;
+        };
+        let left = exp - now;
+        // Never below zero: a set whose expiry precedes its receipt (bad data) is not made
+        // fresh by it, only unexpired ones are.
+        let lifetime: time::Duration = exp - self.obtained_at;
+        let half_life = (lifetime / 2_i32).max(time::Duration::ZERO);
+        if half_life < skew {
+            left > half_life
+        } else {
+            left > skew
+        }
+    }
+
+    /// How long the access token was issued for (from its receipt to its expiry), if it has a
+    /// known expiry.
+    pub(crate) fn lifetime(&self) -> Option<time::Duration> {
+        self.expires_at.map(|exp| exp - self.obtained_at)
+    }
+
     /// Whether the access token has not yet expired at `now` (it may be inside the skew).
     pub fn is_unexpired(&self, now: OffsetDateTime) -> bool {
         self.expires_at.is_none_or(|exp| exp > now)
@@ -534,6 +561,41 @@ mod tests {
         assert!(!s.is_unexpired(datetime!(2026-01-01 1:00 UTC)));
         let no_expiry = TokenSet::new(Secret::new("gh"), datetime!(2026-01-01 0:00 UTC));
         assert!(no_expiry.is_fresh(datetime!(2099-01-01 0:00 UTC), skew));
+    }
+
+    #[test]
+    fn reads_judge_freshness_by_at_most_half_the_lifetime() {
+        let skew = Duration::from_secs(60);
+        let t0 = datetime!(2026-01-01 0:00 UTC);
+        // A 20 s token: fresh while more than 10 s are left, not while more than 60 s are.
+        let short =
+            TokenSet::new(Secret::new("at"), t0).with_expires_at(t0 + Duration::from_secs(20));
+        assert!(short.is_fresh_for_read(t0, skew));
+        assert!(short.is_fresh_for_read(t0 + Duration::from_secs(9), skew));
+        assert!(!short.is_fresh_for_read(t0 + Duration::from_secs(10), skew));
+        assert!(
+            !short.is_fresh(t0, skew),
+            "the plain check still uses the whole skew"
+        );
+        // A long-lived token: the skew, unchanged.
+        let hour =
+            TokenSet::new(Secret::new("at"), t0).with_expires_at(t0 + Duration::from_secs(3600));
+        assert!(hour.is_fresh_for_read(t0 + Duration::from_secs(3539), skew));
+        assert!(!hour.is_fresh_for_read(t0 + Duration::from_secs(3540), skew));
+        // Between one and two skews: half the lifetime (50 s of 100).
+        let hundred =
+            TokenSet::new(Secret::new("at"), t0).with_expires_at(t0 + Duration::from_secs(100));
+        assert!(hundred.is_fresh_for_read(t0 + Duration::from_secs(49), skew));
+        assert!(!hundred.is_fresh_for_read(t0 + Duration::from_secs(50), skew));
+        // An expiry before receipt (bad data) or at it is never fresh once expired.
+        let odd =
+            TokenSet::new(Secret::new("at"), t0).with_expires_at(t0 - Duration::from_secs(30));
+        assert!(!odd.is_fresh_for_read(t0 - Duration::from_secs(10), skew));
+        assert!(!odd.is_fresh_for_read(t0, skew));
+        let zero = TokenSet::new(Secret::new("at"), t0).with_expires_at(t0);
+        assert!(!zero.is_fresh_for_read(t0, skew));
+        // No expiry: fresh.
+        assert!(TokenSet::new(Secret::new("gh"), t0).is_fresh_for_read(t0, skew));
     }
 
     #[test]

@@ -398,6 +398,87 @@ async fn a_time_out_leaves_the_record_unchanged() {
     .await;
 }
 
+/// A `401` from a resource endpoint (userinfo) refused an access token, not the grant: a
+/// provider that reports it must not get the link marked relink-required.
+#[tokio::test]
+async fn a_rejected_access_token_is_not_a_dead_grant() {
+    let fault = FakeFault::Error(ProviderError::AccessTokenRejected {
+        endpoint: "userinfo",
+        description: Some("invalid_token: the access token expired".into()),
+    });
+    assert_failure_keeps_record(fault, |e| {
+        matches!(
+            e,
+            Error::Provider {
+                source: ProviderError::AccessTokenRejected { .. },
+                ..
+            }
+        )
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reserved_authorization_parameters_are_refused_at_build_and_at_login() {
+    let config = tokenbroker::provider::OAuth2Config::new(
+        tokenbroker::ProviderId::new("corp").unwrap(),
+        "client-1",
+        "https://idp.example/authorize".parse().unwrap(),
+        "https://idp.example/token".parse().unwrap(),
+        "https://app.example/callback".parse().unwrap(),
+    );
+    let built = TokenBroker::builder()
+        .with_http_client(Arc::new(|_req: tokenbroker::http::HttpRequest| async {
+            Err::<tokenbroker::http::HttpResponse, _>(tokenbroker::http::HttpError::new(
+                tokenbroker::http::HttpErrorKind::Connect,
+                None,
+            ))
+        }))
+        .with_oauth2_provider(
+            config.with_authorize_param("redirect_uri", "https://evil.example/cb"),
+            ProviderPolicy::default(),
+        )
+        .build();
+    match built {
+        Err(Error::ReservedParameter { provider, name }) => {
+            assert_eq!((provider.as_str(), name.as_str()), ("corp", "redirect_uri"));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Per login, whatever the provider: nothing is loaded or sent.
+    let w = World::new();
+    for name in [
+        "state",
+        "nonce",
+        "code_challenge",
+        "client_id",
+        "response_type",
+        "request_uri",
+    ] {
+        let err = w
+            .broker
+            .begin_login(&w.key, LoginOptions::default().with_param(name, "x"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::ReservedParameter { name: n, .. } if n == name),
+            "{name}: {err:?}"
+        );
+        assert_eq!(err.code(), "server_error");
+    }
+    // Not reserved: a case variant, and the parameters a host is meant to set.
+    w.broker
+        .begin_login(
+            &w.key,
+            LoginOptions::default()
+                .with_param("State", "x")
+                .with_param("prompt", "select_account"),
+        )
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_garbage_body_leaves_the_record_unchanged() {
     let fault = FakeFault::Error(ProviderError::Protocol {

@@ -602,8 +602,9 @@ async fn a_failing_par_endpoint_is_a_typed_error_and_nothing_is_stored() {
 #[tokio::test]
 async fn a_wrong_client_secret_at_the_par_endpoint_is_invalid_client() {
     let idp = FakeIdp::start(par_idp()).await.unwrap();
-    let mut config = discovered(&idp).await;
-    config.oauth2.client_secret = Some(Secret::new("wrong"));
+    let config = discovered(&idp)
+        .await
+        .with_client_secret(Secret::new("wrong"));
     let broker = broker(config);
     let err = broker
         .begin_login(&key(), LoginOptions::default())

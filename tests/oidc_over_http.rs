@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokenbroker::http::ReqwestClient;
-use tokenbroker::provider::{IssuerPolicy, OidcConfig, OidcProvider, ProviderError};
+use tokenbroker::provider::{
+    IssuerPolicy, MicrosoftAuthority, OidcConfig, OidcProvider, Provider, ProviderError, TokenKind,
+};
 use tokenbroker::testing::{FakeIdp, FakeIdpConfig, ManualClock};
 use tokenbroker::{
-    Callback, Caller, Error, LoginOptions, ProviderId, ProviderPolicy, RevocationStatus, Scopes,
-    Secret, TokenBroker, TokenKey, TokenView,
+    Callback, Caller, Error, GrantStatus, LoginOptions, ProviderId, ProviderPolicy,
+    RevocationStatus, Scopes, Secret, TokenBroker, TokenKey, TokenView,
 };
 
 fn redirect() -> url::Url {
@@ -296,4 +298,181 @@ async fn relogin_with_the_microsoft_and_github_presets_keeps_a_working_refresh_t
     clock.advance(Duration::from_secs(3601));
     assert!(broker.retrieve(&caller(), &k).await.unwrap().refreshed);
     assert_eq!(idp.counters().reuse_detected, 0);
+}
+
+/// A Microsoft tenant at another authority (here the fake, as a proxy or a national cloud
+/// would be): endpoints and the `{tenantid}` issuer template come from the authority alone, so
+/// no issuer override is needed.
+#[tokio::test]
+async fn the_microsoft_preset_at_a_custom_authority_links_and_refreshes() {
+    let tenant = "9188040d-6c67-4c5b-b112-36a304b66dad";
+    let idp = FakeIdp::start(FakeIdpConfig::microsoft(tenant))
+        .await
+        .unwrap();
+    let config = OidcConfig::microsoft_with_authority(
+        ProviderId::new("microsoft").unwrap(),
+        MicrosoftAuthority::Custom(idp.base_url()),
+        "organizations",
+        idp.client_id(),
+        Secret::new(idp.client_secret()),
+        redirect(),
+    )
+    .unwrap();
+    let clock = Arc::new(ManualClock::starting_now());
+    let broker = broker(config, Some(clock.clone()));
+    let k = key("microsoft");
+    let linked = link(&broker, &idp, &k).await.unwrap();
+    assert_eq!(
+        linked.account().and_then(|a| a.tenant_id.as_deref()),
+        Some(tenant),
+        "the ID token passed the issuer template derived from the authority"
+    );
+    clock.advance(Duration::from_secs(3601));
+    let read = broker.retrieve(&caller(), &k).await.unwrap();
+    assert!(read.refreshed);
+    assert_eq!(idp.counters().refresh_successes, 1);
+}
+
+/// A `401` from userinfo means the access token was refused (expired, revoked), not the
+/// grant: the error says so, and the link keeps working.
+#[tokio::test]
+async fn a_401_from_userinfo_is_a_rejected_access_token_not_a_dead_grant() {
+    let idp = FakeIdp::start(FakeIdpConfig::default()).await.unwrap();
+    let http = Arc::new(ReqwestClient::new().unwrap());
+    let config = OidcConfig::discover(
+        ProviderId::new("corp").unwrap(),
+        &idp.issuer().parse().unwrap(),
+        idp.client_id(),
+        Some(Secret::new(idp.client_secret())),
+        redirect(),
+        &*http,
+    )
+    .await
+    .unwrap()
+    // The fake's account endpoint answers a JSON object for a live access token and 401
+    // otherwise, as a userinfo endpoint does.
+    .with_userinfo_endpoint(idp.base_url().join("user").unwrap());
+    let provider = OidcProvider::new(config.clone(), http.clone());
+    let clock = Arc::new(ManualClock::starting_now());
+    let broker = broker(config, Some(clock.clone()));
+    let k = key("corp");
+    let linked = link(&broker, &idp, &k).await.unwrap();
+    let at = linked.access_token().clone();
+    let claims = provider.userinfo(&at).await.unwrap();
+    assert_eq!(claims["login"], "alice");
+
+    // The access token alone is revoked upstream; the grant lives on.
+    provider.revoke(&at, TokenKind::AccessToken).await.unwrap();
+    let err = provider.userinfo(&at).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProviderError::AccessTokenRejected {
+                endpoint: "userinfo",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
+    assert!(!err.to_string().contains(at.expose_secret()));
+    assert!(matches!(
+        broker.status(&k).await.unwrap(),
+        GrantStatus::Active { .. }
+    ));
+
+    // The remedy is a refresh, which works: the refresh token was never in question.
+    clock.advance(Duration::from_secs(3601));
+    let read = broker.retrieve(&caller(), &k).await.unwrap();
+    assert!(read.refreshed);
+    let claims = provider.userinfo(read.tokens.access_token()).await.unwrap();
+    assert_eq!(claims["login"], "alice");
+}
+
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Access tokens that live 20 s, a 60 s skew: without the cap every read would refresh (and
+/// a refreshed token would not even be fresh for the read that asked). Reads serve a token
+/// until half its lifetime is left, and the first such token stored logs one warning for the
+/// provider, without a token in it.
+#[tokio::test]
+async fn access_tokens_shorter_lived_than_the_skew_are_not_refreshed_on_every_read() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let idp =
+        FakeIdp::start(FakeIdpConfig::default().with_access_token_ttl(Duration::from_secs(20)))
+            .await
+            .unwrap();
+    let http = Arc::new(ReqwestClient::new().unwrap());
+    let config = OidcConfig::discover(
+        ProviderId::new("corp").unwrap(),
+        &idp.issuer().parse().unwrap(),
+        idp.client_id(),
+        Some(Secret::new(idp.client_secret())),
+        redirect(),
+        &*http,
+    )
+    .await
+    .unwrap();
+    let clock = Arc::new(ManualClock::starting_now());
+    // The default skew, 60 s.
+    let broker = broker(config, Some(clock.clone()));
+    let k = key("corp");
+    let mut seen = vec![link(&broker, &idp, &k).await.unwrap()];
+
+    // Right after the link: 50 reads, no refresh, none stale.
+    for _ in 0..50 {
+        let read = broker.retrieve(&caller(), &k).await.unwrap();
+        assert!(!read.refreshed && !read.stale);
+    }
+    assert_eq!(idp.counters().refresh_calls, 0);
+
+    // Less than half the lifetime left (9 s of 20): the next read refreshes, once.
+    clock.advance(Duration::from_secs(11));
+    let read = broker.retrieve(&caller(), &k).await.unwrap();
+    assert!(
+        read.refreshed && !read.stale,
+        "a refreshed token serves its read"
+    );
+    seen.push(read.tokens);
+    for _ in 0..50 {
+        let read = broker.retrieve(&caller(), &k).await.unwrap();
+        assert!(!read.refreshed && !read.stale);
+    }
+    assert_eq!(idp.counters().refresh_calls, 1);
+    clock.advance(Duration::from_secs(11));
+    seen.push(broker.retrieve(&caller(), &k).await.unwrap().tokens);
+    assert_eq!(idp.counters().refresh_calls, 2);
+
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        logs.matches("less than twice the broker's expiry skew")
+            .count(),
+        1,
+        "one warning per provider: {logs}"
+    );
+    assert!(logs.contains("corp"), "{logs}");
+    for tokens in &seen {
+        assert!(!logs.contains(tokens.access_token().expose_secret()));
+        if let Some(rt) = tokens.refresh_token() {
+            assert!(!logs.contains(rt.expose_secret()));
+        }
+    }
 }

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use tokenbroker::http::{HttpClient, HttpError, HttpRequest, HttpResponse};
 use tokenbroker::provider::{
-    AuthorizationRequest, CodeExchange, IssuerPolicy, OAuth2Config, OAuth2Provider, OidcConfig,
-    Provider, ProviderError, RefreshTokenReuse, TokenKind,
+    AccountEndpoint, AuthorizationRequest, ClientAuth, CodeExchange, IssuerPolicy,
+    MicrosoftAuthority, OAuth2Config, OAuth2Provider, OidcConfig, Provider, ProviderError,
+    RESERVED_AUTHORIZATION_PARAMS, RefreshTokenReuse, TokenKind,
 };
 use tokenbroker::{ProviderId, Scopes, Secret, TokenSet};
 
@@ -60,7 +61,7 @@ fn microsoft(tenant: &str) -> OidcConfig {
         Secret::new("ms~secret"),
         redirect(),
     )
-    .with_scopes_added("User.Read")
+    .with_additional_scopes(Scopes::parse("User.Read"))
 }
 
 fn github() -> OAuth2Config {
@@ -71,17 +72,6 @@ fn github() -> OAuth2Config {
         redirect(),
     )
     .with_scopes(Scopes::parse("read:user repo"))
-}
-
-trait AddScopes {
-    fn with_scopes_added(self, scopes: &str) -> Self;
-}
-
-impl AddScopes for OidcConfig {
-    fn with_scopes_added(mut self, scopes: &str) -> Self {
-        self.oauth2.scopes = self.oauth2.scopes.union(&Scopes::parse(scopes));
-        self
-    }
 }
 
 fn request(scopes: Scopes, has_refresh_token: bool) -> AuthorizationRequest {
@@ -530,4 +520,407 @@ fn presets_can_be_pointed_at_a_test_double() {
         config.jwks_uri.as_str(),
         "http://127.0.0.1:4444/common/discovery/v2.0/keys"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authorities and endpoint overrides
+// ---------------------------------------------------------------------------------------------
+
+fn microsoft_at(authority: MicrosoftAuthority, tenant: &str) -> Result<OidcConfig, ProviderError> {
+    OidcConfig::microsoft_with_authority(
+        ProviderId::new("microsoft").unwrap(),
+        authority,
+        tenant,
+        "00000000-0000-0000-0000-00000000c11e",
+        Secret::new("ms~secret"),
+        redirect(),
+    )
+}
+
+fn template(config: &OidcConfig) -> &str {
+    match &config.issuer {
+        IssuerPolicy::TenantTemplate { template, .. } => template,
+        other => panic!("not a tenant template: {other:?}"),
+    }
+}
+
+#[test]
+fn microsoft_national_clouds_derive_every_endpoint_from_the_authority() {
+    for (authority, host, issuer_host, graph) in [
+        (
+            MicrosoftAuthority::Public,
+            "login.microsoftonline.com",
+            "login.microsoftonline.com",
+            Some("https://graph.microsoft.com/oidc/userinfo"),
+        ),
+        (
+            MicrosoftAuthority::UsGovernment,
+            "login.microsoftonline.us",
+            "login.microsoftonline.us",
+            Some("https://graph.microsoft.us/oidc/userinfo"),
+        ),
+        (
+            MicrosoftAuthority::China,
+            "login.chinacloudapi.cn",
+            // 21Vianet's tokens name its alias host as issuer.
+            "login.partner.microsoftonline.cn",
+            Some("https://microsoftgraph.chinacloudapi.cn/oidc/userinfo"),
+        ),
+        (
+            MicrosoftAuthority::Custom("https://contoso.ciamlogin.com".parse().unwrap()),
+            "contoso.ciamlogin.com",
+            "contoso.ciamlogin.com",
+            None,
+        ),
+    ] {
+        let config = microsoft_at(authority.clone(), "organizations").unwrap();
+        let at = |path: &str| format!("https://{host}/organizations/{path}");
+        assert_eq!(
+            config.oauth2.authorization_endpoint.as_str(),
+            at("oauth2/v2.0/authorize")
+        );
+        assert_eq!(
+            config.oauth2.token_endpoint.as_str(),
+            at("oauth2/v2.0/token")
+        );
+        assert_eq!(config.jwks_uri.as_str(), at("discovery/v2.0/keys"));
+        assert_eq!(
+            config.end_session_endpoint.as_ref().map(|u| u.as_str()),
+            Some(at("oauth2/v2.0/logout").as_str())
+        );
+        assert_eq!(
+            template(&config),
+            format!("https://{issuer_host}/{{tenantid}}/v2.0")
+        );
+        assert_eq!(config.userinfo_endpoint.as_ref().map(|u| u.as_str()), graph);
+        // The quirks come with every authority.
+        assert_eq!(
+            config.oauth2.refresh_token_reuse,
+            RefreshTokenReuse::Tolerated
+        );
+        assert!(format!("{:?}", config.oauth2.quirks).contains("MicrosoftQuirks"));
+        assert!(config.oauth2.revocation_endpoint.is_none());
+        // The tenant's tokens pass the issuer check; another cloud's do not.
+        let tid = "9188040d-6c67-4c5b-b112-36a304b66dad";
+        let iss = format!("https://{issuer_host}/{tid}/v2.0");
+        assert!(
+            config.issuer.check(&iss, Some(tid)).is_ok(),
+            "{authority:?}"
+        );
+        if issuer_host != "login.microsoftonline.com" {
+            let public = format!("https://login.microsoftonline.com/{tid}/v2.0");
+            assert!(
+                config.issuer.check(&public, Some(tid)).is_err(),
+                "{authority:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_public_cloud_preset_is_the_public_authority() {
+    let short = microsoft("common");
+    let long = microsoft_at(MicrosoftAuthority::default(), "common").unwrap();
+    assert_eq!(short.oauth2.token_endpoint, long.oauth2.token_endpoint);
+    assert_eq!(
+        short.oauth2.authorization_endpoint,
+        long.oauth2.authorization_endpoint
+    );
+    assert_eq!(short.jwks_uri, long.jwks_uri);
+    assert_eq!(short.issuer, long.issuer);
+    assert_eq!(short.userinfo_endpoint, long.userinfo_endpoint);
+    assert_eq!(short.end_session_endpoint, long.end_session_endpoint);
+}
+
+#[test]
+fn a_custom_authority_keeps_its_path_prefix_and_pins_a_tenant_id() {
+    let tid = "9188040d-6c67-4c5b-b112-36a304b66dad";
+    let proxy = MicrosoftAuthority::Custom("http://127.0.0.1:4444/entra/".parse().unwrap());
+    let config = microsoft_at(proxy, tid).unwrap();
+    assert_eq!(
+        config.oauth2.token_endpoint.as_str(),
+        format!("http://127.0.0.1:4444/entra/{tid}/oauth2/v2.0/token")
+    );
+    assert_eq!(
+        config.issuer,
+        IssuerPolicy::TenantTemplate {
+            template: "http://127.0.0.1:4444/entra/{tenantid}/v2.0".into(),
+            tenants: Some(vec![tid.into()]),
+        }
+    );
+}
+
+#[test]
+fn a_bad_custom_authority_or_tenant_is_a_configuration_error() {
+    let custom = |url: &str| MicrosoftAuthority::Custom(url.parse().unwrap());
+    for authority in [
+        custom("ftp://login.example"),
+        custom("https://login.example/?tenant=x"),
+        custom("https://login.example/#x"),
+        custom("https://admin:hunter2@login.example"),
+        custom("mailto:ops@login.example"),
+    ] {
+        match microsoft_at(authority.clone(), "common") {
+            Err(ProviderError::Config { reason }) => {
+                assert!(reason.contains("Microsoft authority"), "{reason}");
+                assert!(!reason.contains("hunter2"), "credentials printed: {reason}");
+            }
+            other => panic!("{authority:?}: {other:?}"),
+        }
+    }
+    for tenant in ["", "a/b", "common?x=1", "../keys", "contoso onmicrosoft"] {
+        assert!(
+            matches!(
+                microsoft_at(MicrosoftAuthority::Public, tenant),
+                Err(ProviderError::Config { .. })
+            ),
+            "{tenant:?}"
+        );
+    }
+    for tenant in [
+        "common",
+        "contoso.onmicrosoft.com",
+        "9188040d-6c67-4c5b-b112-36a304b66dad",
+    ] {
+        assert!(
+            microsoft_at(MicrosoftAuthority::China, tenant).is_ok(),
+            "{tenant}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn google_endpoints_can_be_moved_and_keep_the_quirks() {
+    let proxy = |path: &str| -> url::Url {
+        format!("https://egress.corp.example/google/{path}")
+            .parse()
+            .unwrap()
+    };
+    let config = google()
+        .with_authorization_endpoint(proxy("auth"))
+        .with_token_endpoint(proxy("token"))
+        .with_revocation_endpoint(proxy("revoke"))
+        .with_jwks_uri(proxy("certs"))
+        .with_userinfo_endpoint(proxy("userinfo"));
+    assert_eq!(config.jwks_uri, proxy("certs"));
+    assert_eq!(config.userinfo_endpoint, Some(proxy("userinfo")));
+    // The issuer check stays Google's.
+    assert!(config.issuer.check("accounts.google.com", None).is_ok());
+
+    let (http, seen) = canned(200, GOOGLE_CODE_ANSWER);
+    let p = plain(&config.oauth2, http);
+    let url = p
+        .authorization_url(&request(config.oauth2.scopes.clone(), false))
+        .unwrap();
+    assert!(url.as_str().starts_with(proxy("auth").as_str()), "{url}");
+    let q = query(&url);
+    assert_eq!(q["access_type"], "offline", "GoogleQuirks kept");
+    assert_eq!(q["prompt"], "consent");
+
+    let mut exchange = CodeExchange::new(
+        Secret::new("4/0Ab-code"),
+        Secret::new("verifier"),
+        Secret::new("nonce-1"),
+    );
+    exchange.requested_scopes = config.oauth2.scopes.clone();
+    let tokens = p.exchange_code(&exchange).await.unwrap();
+    assert!(
+        config
+            .oauth2
+            .scopes
+            .is_subset(tokens.scopes.as_ref().unwrap()),
+        "Google's long scope names mapped back"
+    );
+    assert_eq!(
+        seen.lock().unwrap()[0].uri().to_string(),
+        proxy("token").as_str()
+    );
+    p.revoke(&Secret::new("1//rt"), TokenKind::RefreshToken)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.lock().unwrap()[1].uri().to_string(),
+        proxy("revoke").as_str()
+    );
+}
+
+#[tokio::test]
+async fn github_endpoints_can_be_moved_and_keep_the_quirks() {
+    let base: url::Url = "https://egress.corp.example/github/".parse().unwrap();
+    let config = github()
+        .with_base_url(&base)
+        .with_account_endpoint(AccountEndpoint::new(
+            base.join("api/v3/user").unwrap(),
+            "/id",
+        ));
+    assert_eq!(
+        config.authorization_endpoint.as_str(),
+        "https://egress.corp.example/github/login/oauth/authorize"
+    );
+    // GitHub's configuration errors arrive with HTTP 200 and are still read as such.
+    let (http, seen) = canned(
+        200,
+        r#"{"error":"redirect_uri_mismatch","error_description":"The redirect_uri MUST match."}"#,
+    );
+    let err = refresh(&plain(&config, http)).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Config { .. }), "{err:?}");
+    assert_eq!(
+        seen.lock().unwrap()[0].uri().to_string(),
+        "https://egress.corp.example/github/login/oauth/access_token"
+    );
+    // One endpoint alone moves too.
+    let token_only = github().with_token_endpoint(base.join("token").unwrap());
+    assert_eq!(token_only.token_endpoint, base.join("token").unwrap());
+    assert_eq!(
+        token_only.authorization_endpoint.as_str(),
+        "https://github.com/login/oauth/authorize"
+    );
+}
+
+#[test]
+fn with_base_url_moves_every_endpoint_a_config_has() {
+    let base: url::Url = "http://127.0.0.1:4444/".parse().unwrap();
+    let config = google()
+        .with_introspection_endpoint("https://oauth2.googleapis.com/tokeninfo".parse().unwrap())
+        .with_pushed_authorization_request_endpoint(
+            "https://accounts.google.com/par".parse().unwrap(),
+        )
+        .with_end_session_endpoint("https://accounts.google.com/logout".parse().unwrap())
+        .with_base_url(&base);
+    let o = &config.oauth2;
+    for url in [
+        Some(&o.authorization_endpoint),
+        Some(&o.token_endpoint),
+        o.revocation_endpoint.as_ref(),
+        o.introspection_endpoint.as_ref(),
+        o.pushed_authorization_request_endpoint.as_ref(),
+        Some(&config.jwks_uri),
+        config.userinfo_endpoint.as_ref(),
+        config.end_session_endpoint.as_ref(),
+    ] {
+        let url = url.expect("set");
+        assert_eq!(url.host_str(), Some("127.0.0.1"), "{url}");
+        assert_eq!(url.port(), Some(4444), "{url}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Builder methods instead of fields
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn oidc_config_builder_methods_set_every_option() {
+    use openidconnect::core::CoreJwsSigningAlgorithm as Alg;
+    let base = OidcConfig::new(
+        OAuth2Config::new(
+            ProviderId::new("corp").unwrap(),
+            "client-1",
+            "https://idp.example/authorize".parse().unwrap(),
+            "https://idp.example/token".parse().unwrap(),
+            redirect(),
+        ),
+        IssuerPolicy::Exact("https://idp.example".into()),
+        "https://idp.example/jwks".parse().unwrap(),
+    );
+    let config = base
+        .clone()
+        .with_scopes(Scopes::parse("email"))
+        .with_additional_scopes(Scopes::parse("offline_access"))
+        .with_authorize_param("acr_values", "mfa")
+        .with_authorize_params([("ui_locales", "de"), ("prompt", "login")])
+        .with_client_secret(Secret::new("s3cr~t"))
+        .with_client_auth(ClientAuth::Post)
+        .with_refresh_token_reuse(RefreshTokenReuse::Tolerated)
+        .with_userinfo_endpoint("https://idp.example/userinfo".parse().unwrap())
+        .with_end_session_endpoint("https://idp.example/logout".parse().unwrap())
+        .with_jwks_uri("https://keys.idp.example/jwks".parse().unwrap())
+        .with_signing_algs([Alg::EcdsaP256Sha256, Alg::None]);
+    assert_eq!(
+        config.oauth2.scopes,
+        Scopes::parse("openid email offline_access"),
+        "openid is kept when the scopes are replaced"
+    );
+    assert_eq!(
+        config.oauth2.authorize_params,
+        vec![
+            ("acr_values".to_owned(), "mfa".to_owned()),
+            ("ui_locales".to_owned(), "de".to_owned()),
+            ("prompt".to_owned(), "login".to_owned()),
+        ]
+    );
+    assert!(config.oauth2.client_secret.is_some());
+    assert_eq!(config.oauth2.client_auth, ClientAuth::Post);
+    assert_eq!(
+        config.oauth2.refresh_token_reuse,
+        RefreshTokenReuse::Tolerated
+    );
+    assert_eq!(config.userinfo_endpoint.unwrap().path(), "/userinfo");
+    assert_eq!(config.end_session_endpoint.unwrap().path(), "/logout");
+    assert_eq!(config.jwks_uri.host_str(), Some("keys.idp.example"));
+    assert_eq!(
+        config.signing_algs,
+        vec![Alg::EcdsaP256Sha256],
+        "`none` is never accepted"
+    );
+    assert_eq!(
+        base.with_signing_algs([Alg::None]).signing_algs,
+        vec![Alg::RsaSsaPkcs1V15Sha256],
+        "nothing left: RS256"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reserved authorization parameters
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn configured_extra_parameters_cannot_name_a_reserved_one() {
+    for name in [
+        "state",
+        "nonce",
+        "redirect_uri",
+        "code_challenge",
+        "code_challenge_method",
+        "client_id",
+        "response_type",
+        "scope",
+        "request",
+        "request_uri",
+    ] {
+        assert!(RESERVED_AUTHORIZATION_PARAMS.contains(&name));
+        let config = google().with_authorize_param(name, "attacker-chosen");
+        match config.validate() {
+            Err(ProviderError::ReservedParameter { name: n }) => assert_eq!(n, name),
+            other => panic!("{name}: {other:?}"),
+        }
+        // The provider refuses it too, instead of sending it twice.
+        let (http, _) = canned(200, "{}");
+        let p = plain(&config.oauth2, http);
+        let err = p
+            .authorization_url(&request(config.oauth2.scopes.clone(), false))
+            .unwrap_err();
+        assert!(
+            matches!(&err, ProviderError::ReservedParameter { name: n } if n == name),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(name), "{err}");
+        assert!(!err.to_string().contains("attacker-chosen"), "{err}");
+    }
+    // Parameter names are case-sensitive: only exact names are reserved.
+    let config = github().with_authorize_params([("State", "x"), ("prompt", "consent")]);
+    assert!(config.validate().is_ok());
+}
+
+#[test]
+fn a_logins_own_extra_parameters_cannot_name_a_reserved_one() {
+    let (http, _) = canned(200, "{}");
+    let config = microsoft("common");
+    let p = plain(&config.oauth2, http);
+    let mut r = request(config.oauth2.scopes.clone(), false);
+    r.extra_params
+        .push(("code_challenge".into(), "attacker-chosen".into()));
+    assert!(matches!(
+        p.authorization_url(&r),
+        Err(ProviderError::ReservedParameter { name }) if name == "code_challenge"
+    ));
 }

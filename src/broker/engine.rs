@@ -85,7 +85,9 @@ impl Inner {
                 return outcome;
             }
             match &outcome {
-                Ok((set, refreshed)) if need.served_by(set, *refreshed, self.clock.now()) => {
+                Ok((set, refreshed))
+                    if need.served_by(set, *refreshed, self.clock.now(), self.config.skew) =>
+                {
                     return outcome;
                 }
                 Ok(_) => {}

@@ -53,7 +53,10 @@ impl LoginOptions {
         self.session = Some(Secret::new(session_id.into()));
         self
     }
-    /// Adds an authorization parameter.
+    /// Adds an authorization parameter (it replaces a configured or preset one of the same
+    /// name, e.g. `prompt`). One the broker sets itself
+    /// ([`RESERVED_AUTHORIZATION_PARAMS`](crate::provider::RESERVED_AUTHORIZATION_PARAMS)) makes
+    /// [`TokenBroker::begin_login`] fail with [`Error::ReservedParameter`].
     pub fn with_param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.extra_params.push((name.into(), value.into()));
         self
@@ -270,11 +273,21 @@ impl TokenBroker {
     /// with 5xx, answered something unreadable, or did not answer in time),
     /// [`Error::Provider`] (it refused the request or the client), [`Error::Config`] (PAR
     /// required but the provider has no PAR endpoint, or required by the provider but turned
-    /// off). Nothing is stored in either case.
+    /// off). [`Error::ReservedParameter`]: an extra parameter names one the broker sets
+    /// itself (checked first). Nothing is stored in either case.
     #[tracing::instrument(name = "tokenbroker.login", target = "tokenbroker", skip_all, fields(provider = %key.provider, subject_hash = %crate::telemetry::SubjectHash(&key.subject)))]
     pub async fn begin_login(&self, key: &TokenKey, options: LoginOptions) -> Result<LoginStart> {
         let inner = &self.inner;
         let entry = inner.entry(&key.provider)?;
+        let reserved = |e: ProviderError| match e {
+            ProviderError::ReservedParameter { name } => Error::ReservedParameter {
+                provider: key.provider.to_string(),
+                name,
+            },
+            other => Error::Config(format!("provider {}: {other}", key.provider)),
+        };
+        // Whatever the provider does with them: a custom `Provider` may not check.
+        crate::provider::check_extra_params(&options.extra_params).map_err(reserved)?;
         let key = &match entry.policy.link_kind {
             crate::access::LinkKind::SessionBound => {
                 let Some(session) = &options.session else {
@@ -336,6 +349,11 @@ impl TokenBroker {
             ProviderError::Config { reason } => {
                 Error::Config(format!("provider {provider}: {reason}"))
             }
+            // A quirk's parameter: the configured ones were checked when the broker was built.
+            ProviderError::ReservedParameter { name } => Error::ReservedParameter {
+                provider: provider.clone(),
+                name,
+            },
             e if e.is_transient() => Error::Unavailable {
                 provider: provider.clone(),
                 retry_after: e.retry_after(),
@@ -448,6 +466,7 @@ impl TokenBroker {
                 replaced_account: None,
             });
         }
+        inner.note_lifetime(&pending.key.provider, &set);
         let upsert = inner.upsert_link(&pending.key, set).await?;
         let first_link = matches!(upsert, Upsert::Created(_));
         if first_link

@@ -91,6 +91,8 @@ pub(crate) struct ProviderEntry {
     pub(crate) policy: ProviderPolicy,
     /// This provider's metric handles, resolved once when the broker was built.
     pub(crate) metrics: ProviderMetrics,
+    /// Whether the warning about access tokens shorter-lived than the skew was logged.
+    pub(crate) short_lifetime_warned: Arc<AtomicBool>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -571,6 +573,11 @@ impl TokenBrokerBuilder {
         self
     }
     /// A token expiring within `skew` is refreshed before it is served (default 60 s).
+    ///
+    /// A token issued for less than twice the skew is served until half its lifetime is left
+    /// instead: with 20 s tokens and the default skew, reads refresh once 10 s are left rather
+    /// than on every read. The first such token stored for a provider logs a warning (once per
+    /// provider).
     pub fn with_skew(mut self, skew: Duration) -> Self {
         self.skew = Some(skew);
         self
@@ -632,7 +639,10 @@ impl TokenBrokerBuilder {
     /// # Errors
     /// [`Error::Config`] when the lease does not outlast the refresh time-out by the lease
     /// margin, when two providers share an alias, or when an OAuth 2.0 provider needs an HTTP
-    /// client and none is available.
+    /// client and none is available. [`Error::ReservedParameter`] when a provider configuration
+    /// given to [`with_oauth2_provider`](Self::with_oauth2_provider) or
+    /// [`with_oidc_provider`](Self::with_oidc_provider) has an extra authorization parameter
+    /// the broker sets itself (see [`OAuth2Config::validate`]).
     pub fn build(self) -> Result<TokenBroker> {
         let refresh_timeout = self.refresh_timeout.unwrap_or(Duration::from_secs(10));
         let lease_ttl = self.lease_ttl.unwrap_or(Duration::from_secs(30));
@@ -654,9 +664,13 @@ impl TokenBrokerBuilder {
                 None => return Err(Error::Config("OAuth 2.0 providers need an HTTP client: enable the `reqwest` feature or call with_http_client".into())),
             };
             for (config, policy) in self.oauth2 {
+                config.validate().map_err(|e| config_error(&config.id, e))?;
                 providers.push((Arc::new(OAuth2Provider::new(config, http.clone())), policy));
             }
             for (config, policy) in self.oidc {
+                config
+                    .validate()
+                    .map_err(|e| config_error(&config.oauth2.id, e))?;
                 let config = config.with_clock(clock.clone());
                 providers.push((Arc::new(OidcProvider::new(config, http.clone())), policy));
             }
@@ -671,6 +685,7 @@ impl TokenBrokerBuilder {
                         metrics: ProviderMetrics::new(id.as_str()),
                         provider,
                         policy,
+                        short_lifetime_warned: Arc::default(),
                     },
                 )
                 .is_some()
@@ -719,5 +734,16 @@ impl TokenBrokerBuilder {
         Ok(TokenBroker {
             inner: Arc::new(inner),
         })
+    }
+}
+
+/// A provider configuration's validation error as the broker's.
+fn config_error(provider: &ProviderId, error: ProviderError) -> Error {
+    match error {
+        ProviderError::ReservedParameter { name } => Error::ReservedParameter {
+            provider: provider.to_string(),
+            name,
+        },
+        other => Error::Config(format!("provider {provider}: {other}")),
     }
 }

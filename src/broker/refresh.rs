@@ -88,23 +88,41 @@ impl Need {
         }
     }
 
+    /// Whether `set` serves this need at `now`, for a broker whose expiry skew is `skew`.
     fn satisfied_by(
         &self,
         set: &Arc<TokenSet>,
         written_at: OffsetDateTime,
         now: OffsetDateTime,
+        skew: Duration,
     ) -> bool {
-        self.view(set)
-            .is_some_and(|view| self.view_serves(&view, now) && self.written_after_ok(written_at))
+        self.view(set).is_some_and(|view| {
+            self.view_serves(&view, now, skew) && self.written_after_ok(written_at)
+        })
     }
 
     /// Whether a flight's answer (already the view) serves this need too.
-    pub(crate) fn served_by(&self, view: &TokenSet, refreshed: bool, now: OffsetDateTime) -> bool {
-        self.view_serves(view, now) && (self.written_after.is_none() || refreshed)
+    pub(crate) fn served_by(
+        &self,
+        view: &TokenSet,
+        refreshed: bool,
+        now: OffsetDateTime,
+        skew: Duration,
+    ) -> bool {
+        self.view_serves(view, now, skew) && (self.written_after.is_none() || refreshed)
     }
 
-    fn view_serves(&self, view: &TokenSet, now: OffsetDateTime) -> bool {
-        view.is_fresh(now, self.min_validity)
+    fn view_serves(&self, view: &TokenSet, now: OffsetDateTime, skew: Duration) -> bool {
+        // A need no stricter than a read's (reads, `send_authorized`) is judged like the read's
+        // fast path, capped at half the token's lifetime, so that every check of one flight
+        // (fast path, under the lease, after a lost race, a joiner's) agrees. A longer validity
+        // was asked for on purpose (a sweep's window) and is kept whole.
+        let fresh = if self.min_validity <= skew {
+            view.is_fresh_for_read(now, self.min_validity)
+        } else {
+            view.is_fresh(now, self.min_validity)
+        };
+        fresh
             && self
                 .reject
                 .as_ref()
@@ -163,7 +181,10 @@ impl Inner {
         key: &TokenKey,
     ) -> Result<(Arc<TokenSet>, bool, bool)> {
         let loaded = self.load(key).await?;
-        if loaded.set.is_fresh(self.clock.now(), self.config.skew) {
+        if loaded
+            .set
+            .is_fresh_for_read(self.clock.now(), self.config.skew)
+        {
             return Ok((loaded.set, false, false));
         }
         let (set, refreshed) = match self.refresh(key, Need::fresh(self.config.skew)).await {
@@ -173,7 +194,7 @@ impl Inner {
             }
             other => other?,
         };
-        let stale = !set.is_fresh(self.clock.now(), self.config.skew);
+        let stale = !set.is_fresh_for_read(self.clock.now(), self.config.skew);
         Ok((set, refreshed, stale))
     }
 
@@ -217,13 +238,17 @@ impl Inner {
             ..Need::fresh(self.config.skew)
         };
         let now = self.clock.now();
-        if need.satisfied_by(&loaded.set, loaded.stored.record.meta.updated_at, now)
-            && let Some(view) = need.view(&loaded.set)
+        if need.satisfied_by(
+            &loaded.set,
+            loaded.stored.record.meta.updated_at,
+            now,
+            self.config.skew,
+        ) && let Some(view) = need.view(&loaded.set)
         {
             return Ok((view, false, false));
         }
         let (set, refreshed) = self.refresh(key, need).await?;
-        let stale = !set.is_fresh(self.clock.now(), self.config.skew);
+        let stale = !set.is_fresh_for_read(self.clock.now(), self.config.skew);
         Ok((set, refreshed, stale))
     }
 
@@ -354,7 +379,7 @@ impl Inner {
                     pause = (pause * 2).min(Duration::from_millis(250));
                     let loaded = self.bounded(ttl, self.load(key)).await?;
                     let written = loaded.stored.record.meta.updated_at;
-                    if need.satisfied_by(&loaded.set, written, self.clock.now())
+                    if need.satisfied_by(&loaded.set, written, self.clock.now(), self.config.skew)
                         && let Some(view) = need.view(&loaded.set)
                     {
                         self.metrics(&key.provider).refresh(RefreshOutcome::Joined);
@@ -398,7 +423,7 @@ impl Inner {
             Err(e) => return Turn::Done(Err(e)),
         };
         let now = self.clock.now();
-        if need.satisfied_by(&set, stored.record.meta.updated_at, now)
+        if need.satisfied_by(&set, stored.record.meta.updated_at, now, self.config.skew)
             && let Some(view) = need.view(&set)
         {
             self.metrics(&key.provider).refresh(RefreshOutcome::Joined);
@@ -546,6 +571,7 @@ impl Inner {
                     if scopes.is_none() {
                         self.clear_backoff(key);
                     }
+                    self.note_lifetime(&key.provider, &newer);
                     self.metrics(&key.provider).refresh(if rotated {
                         RefreshOutcome::Rotated
                     } else {
@@ -651,8 +677,12 @@ impl Inner {
             }));
         }
         let now = self.clock.now();
-        if need.satisfied_by(&theirs, current.record.meta.updated_at, now)
-            && let Some(view) = need.view(&theirs)
+        if need.satisfied_by(
+            &theirs,
+            current.record.meta.updated_at,
+            now,
+            self.config.skew,
+        ) && let Some(view) = need.view(&theirs)
         {
             return Turn::Done(Ok((view, true)));
         }
@@ -1030,6 +1060,40 @@ impl Inner {
             },
         );
         wait
+    }
+
+    /// Warns once per provider (per broker) when its access tokens live less than twice the
+    /// skew, so that reads serve them until half their lifetime is left rather than the skew.
+    /// Called when a set is stored (login, refresh), never on a read. Logs lifetimes, never a
+    /// token.
+    pub(crate) fn note_lifetime(&self, provider: &crate::ids::ProviderId, set: &TokenSet) {
+        let skew = self.config.skew;
+        let Some(lifetime) = set.lifetime() else {
+            return;
+        };
+        if lifetime >= skew.saturating_mul(2) {
+            return;
+        }
+        let Ok(entry) = self.entry(provider) else {
+            return;
+        };
+        if entry
+            .short_lifetime_warned
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        let lifetime = lifetime.max(time::Duration::ZERO).unsigned_abs();
+        tracing::warn!(
+            target: "tokenbroker",
+            %provider,
+            access_token_lifetime = ?lifetime,
+            skew = ?skew,
+            effective_skew = ?(lifetime / 2),
+            "the provider's access tokens live less than twice the broker's expiry skew: reads \
+             refresh them when half their lifetime is left instead of the skew (see \
+             TokenBrokerBuilder::with_skew); logged once per provider"
+        );
     }
 
     fn clear_backoff(&self, key: &TokenKey) {

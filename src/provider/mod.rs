@@ -28,9 +28,65 @@ pub use self::client_auth::{
 };
 pub use self::oauth2::ParMode;
 pub use self::oauth2::{AccountEndpoint, ClientAuth, OAuth2Config, OAuth2Provider};
-pub use self::oidc::{IssuerPolicy, OidcConfig, OidcProvider, VerifiedIdToken};
+pub use self::oidc::{IssuerPolicy, MicrosoftAuthority, OidcConfig, OidcProvider, VerifiedIdToken};
 pub use self::quirks::{GitHubQuirks, GoogleQuirks, MicrosoftQuirks, Quirks, StandardQuirks};
 pub use self::response::{classify_error_response, parse_token_response};
+
+/// The authorization request parameters the broker (or the provider it drives) sets on every
+/// login, which host-supplied extra parameters may not name: configured ones
+/// ([`OAuth2Config::with_authorize_param`]) are refused when the broker is built, per-login ones
+/// ([`LoginOptions::with_param`](crate::LoginOptions::with_param)) when the login starts, both
+/// with a typed error naming the parameter ([`crate::Error::ReservedParameter`],
+/// [`ProviderError::ReservedParameter`]).
+///
+/// Overriding any of them would defeat a protection or break the login: `state` (CSRF),
+/// `nonce` (ID-token replay), `code_challenge`/`code_challenge_method` (PKCE), `redirect_uri` and
+/// `client_id` (where the code goes), `response_type` (the code flow), `scope` (set with the
+/// scope methods; a second `scope` would be a repeated parameter, which RFC 6749 §3.1 forbids),
+/// and `request`/`request_uri`: a request object (RFC 9101) or a pushed request's reference
+/// (RFC 9126) replaces the query's parameters at the provider, so a host-supplied one could
+/// carry another state, nonce or challenge. Names are compared exactly, as OAuth parameters
+/// are case-sensitive: `State` is not reserved.
+///
+/// ```
+/// use tokenbroker::provider::{RESERVED_AUTHORIZATION_PARAMS, is_reserved_authorization_param};
+///
+/// assert!(is_reserved_authorization_param("state"));
+/// assert!(is_reserved_authorization_param("request_uri"));
+/// assert!(!is_reserved_authorization_param("prompt"));
+/// assert!(!is_reserved_authorization_param("State"));
+/// assert!(RESERVED_AUTHORIZATION_PARAMS.contains(&"code_challenge_method"));
+/// ```
+pub const RESERVED_AUTHORIZATION_PARAMS: &[&str] = &[
+    "response_type",
+    "client_id",
+    "redirect_uri",
+    "scope",
+    "state",
+    "nonce",
+    "code_challenge",
+    "code_challenge_method",
+    "request",
+    "request_uri",
+];
+
+/// Whether `name` is one of [`RESERVED_AUTHORIZATION_PARAMS`] (compared exactly).
+pub fn is_reserved_authorization_param(name: &str) -> bool {
+    RESERVED_AUTHORIZATION_PARAMS.contains(&name)
+}
+
+/// The first reserved name among `params`, as [`ProviderError::ReservedParameter`].
+pub(crate) fn check_extra_params<'a>(
+    params: impl IntoIterator<Item = &'a (String, String)>,
+) -> Result<(), ProviderError> {
+    match params
+        .into_iter()
+        .find(|(name, _)| is_reserved_authorization_param(name))
+    {
+        Some((name, _)) => Err(ProviderError::ReservedParameter { name: name.clone() }),
+        None => Ok(()),
+    }
+}
 
 /// What the broker hands a provider to build an authorization URL.
 #[derive(Debug, Clone)]
@@ -50,7 +106,8 @@ pub struct AuthorizationRequest {
     pub has_refresh_token: bool,
     /// An optional `login_hint`.
     pub login_hint: Option<String>,
-    /// Extra query parameters from the host, added last.
+    /// Extra query parameters from the host, added last. None may be one of
+    /// [`RESERVED_AUTHORIZATION_PARAMS`].
     pub extra_params: Vec<(String, String)>,
 }
 
@@ -311,6 +368,27 @@ pub enum ProviderError {
     Config {
         /// What is wrong.
         reason: String,
+    },
+    /// A host-supplied extra authorization parameter names one the broker sets itself (see
+    /// [`RESERVED_AUTHORIZATION_PARAMS`]): a configuration error, reported instead of sending
+    /// the parameter twice or letting it replace the broker's.
+    #[error("authorization parameter `{name}` is reserved: the broker sets it on every login")]
+    ReservedParameter {
+        /// The parameter's name.
+        name: String,
+    },
+    /// A resource endpoint of the provider (userinfo) refused the access token with `401`: the
+    /// access token expired, was revoked, or was never valid there. It says nothing about the
+    /// grant: the refresh token may well be alive, so the link is **not** relink-required.
+    /// Refresh (e.g. [`TokenBroker::send_authorized`](crate::TokenBroker::send_authorized)
+    /// forces one on a 401) and try again.
+    #[error("access token rejected by the provider's {endpoint} endpoint (HTTP 401){}", fmt_desc(.description))]
+    AccessTokenRejected {
+        /// Which endpoint refused it (`userinfo`).
+        endpoint: &'static str,
+        /// The `error` and `error_description` of the answer's `WWW-Authenticate` challenge
+        /// (RFC 6750 §3), when it has them (cut to 200 characters).
+        description: Option<String>,
     },
 }
 

@@ -247,6 +247,13 @@ impl OAuth2Config {
     /// the body, no RFC 7009 revocation endpoint (unlink reports "not supported upstream"), and
     /// single-use refresh tokens (GitHub Apps with expiring user tokens). Classic OAuth-app
     /// tokens carry no `expires_in` and never expire: the token set says so with no expiry.
+    /// Whose tokens a login brought is asked at `https://api.github.com/user`.
+    ///
+    /// The endpoints can be moved (a proxy, GitHub Enterprise Server, a test double) with
+    /// [`with_base_url`](Self::with_base_url),
+    /// [`with_authorization_endpoint`](Self::with_authorization_endpoint),
+    /// [`with_token_endpoint`](Self::with_token_endpoint) and
+    /// [`with_account_endpoint`](Self::with_account_endpoint); the quirks stay.
     ///
     /// ```
     /// use tokenbroker::provider::OAuth2Config;
@@ -260,6 +267,19 @@ impl OAuth2Config {
     /// )
     /// .with_scopes(Scopes::parse("read:user repo"));
     /// assert_eq!(github.token_endpoint.as_str(), "https://github.com/login/oauth/access_token");
+    ///
+    /// // GitHub Enterprise Server: the same paths on its host, the API under `/api/v3`.
+    /// use tokenbroker::provider::AccountEndpoint;
+    /// let ghes: url::Url = "https://github.corp.example".parse()?;
+    /// let enterprise = github
+    ///     .with_base_url(&ghes)
+    ///     .with_account_endpoint(
+    ///         AccountEndpoint::new(ghes.join("api/v3/user")?, "/id").with_email_pointer("/email"),
+    ///     );
+    /// assert_eq!(
+    ///     enterprise.authorization_endpoint.as_str(),
+    ///     "https://github.corp.example/login/oauth/authorize"
+    /// );
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn github(
@@ -285,14 +305,34 @@ impl OAuth2Config {
         )
     }
 
-    /// Replaces all endpoints' scheme, host and port with `base`'s, keeping their paths: points
-    /// a preset at a test double such as `testing::FakeIdp` (feature
-    /// `testing`) or at a proxy.
+    /// Moves every endpoint (authorization, token, revocation, introspection, PAR, account) to
+    /// `base`'s scheme, host and port, with `base`'s path put before each endpoint's own:
+    /// points a preset at a test double such as `testing::FakeIdp` (feature `testing`) or at a
+    /// proxy that serves them all, keeping its quirks. For endpoints on different hosts, set
+    /// each with its `with_*_endpoint` method instead (or after).
+    ///
+    /// ```
+    /// # use tokenbroker::provider::OAuth2Config;
+    /// # use tokenbroker::{ProviderId, Secret};
+    /// let github = OAuth2Config::github(
+    ///     ProviderId::new("github")?,
+    ///     "Iv1.0123456789abcdef",
+    ///     Secret::new("client-secret"),
+    ///     "https://app.example/callback".parse()?,
+    /// )
+    /// .with_base_url(&"https://egress.corp.example/github/".parse()?);
+    /// assert_eq!(
+    ///     github.token_endpoint.as_str(),
+    ///     "https://egress.corp.example/github/login/oauth/access_token"
+    /// );
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn with_base_url(mut self, base: &Url) -> Self {
         use super::oidc::rebase;
         self.authorization_endpoint = rebase(base, &self.authorization_endpoint);
         self.token_endpoint = rebase(base, &self.token_endpoint);
         self.revocation_endpoint = self.revocation_endpoint.map(|u| rebase(base, &u));
+        self.introspection_endpoint = self.introspection_endpoint.map(|u| rebase(base, &u));
         self.pushed_authorization_request_endpoint = self
             .pushed_authorization_request_endpoint
             .map(|u| rebase(base, &u));
@@ -322,9 +362,42 @@ impl OAuth2Config {
         self.revocation_endpoint = Some(url);
         self
     }
-    /// Sets the default scopes.
+    /// Sets the scopes every login asks for, replacing the preset's (see
+    /// [`with_additional_scopes`](Self::with_additional_scopes) to keep them).
     pub fn with_scopes(mut self, scopes: Scopes) -> Self {
         self.scopes = scopes;
+        self
+    }
+    /// Adds scopes to the ones every login asks for (a preset's defaults stay).
+    ///
+    /// ```
+    /// # use tokenbroker::provider::OAuth2Config;
+    /// # use tokenbroker::{ProviderId, Scopes, Secret};
+    /// let github = OAuth2Config::github(
+    ///     ProviderId::new("github")?,
+    ///     "Iv1.0123456789abcdef",
+    ///     Secret::new("client-secret"),
+    ///     "https://app.example/callback".parse()?,
+    /// )
+    /// .with_scopes(Scopes::parse("read:user"))
+    /// .with_additional_scopes(Scopes::parse("repo"));
+    /// assert_eq!(github.scopes, Scopes::parse("read:user repo"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_additional_scopes(mut self, scopes: Scopes) -> Self {
+        self.scopes = self.scopes.union(&scopes);
+        self
+    }
+    /// Sets the authorization endpoint (a preset keeps its quirks; see also
+    /// [`with_base_url`](Self::with_base_url)).
+    pub fn with_authorization_endpoint(mut self, url: Url) -> Self {
+        self.authorization_endpoint = url;
+        self
+    }
+    /// Sets the token endpoint (a preset keeps its quirks; see also
+    /// [`with_base_url`](Self::with_base_url)).
+    pub fn with_token_endpoint(mut self, url: Url) -> Self {
+        self.token_endpoint = url;
         self
     }
     /// Sets the client authentication method.
@@ -375,7 +448,35 @@ impl OAuth2Config {
         self.client_assertion_audience = audience;
         self
     }
-    /// Adds an authorization parameter sent on every login.
+    /// Adds an authorization parameter sent on every login (a later one of the same name
+    /// replaces it; the quirks' and the login's own parameters come after it).
+    ///
+    /// The parameters the broker sets itself ([`RESERVED_AUTHORIZATION_PARAMS`](super::RESERVED_AUTHORIZATION_PARAMS):
+    /// `state`, `nonce`, `redirect_uri`, `code_challenge`, ...) cannot be set this way:
+    /// [`validate`](Self::validate) refuses them, and so do
+    /// [`TokenBrokerBuilder::build`](crate::TokenBrokerBuilder::build) and every login.
+    ///
+    /// ```
+    /// use tokenbroker::provider::{OAuth2Config, ProviderError};
+    /// use tokenbroker::ProviderId;
+    ///
+    /// let config = OAuth2Config::new(
+    ///     ProviderId::new("example")?,
+    ///     "client-1",
+    ///     "https://idp.example/authorize".parse()?,
+    ///     "https://idp.example/token".parse()?,
+    ///     "https://app.example/callback".parse()?,
+    /// )
+    /// .with_authorize_param("audience", "https://api.example");
+    /// assert!(config.validate().is_ok());
+    ///
+    /// let hijacked = config.with_authorize_param("redirect_uri", "https://evil.example/cb");
+    /// assert!(matches!(
+    ///     hijacked.validate(),
+    ///     Err(ProviderError::ReservedParameter { name }) if name == "redirect_uri"
+    /// ));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn with_authorize_param(
         mut self,
         name: impl Into<String>,
@@ -383,6 +484,42 @@ impl OAuth2Config {
     ) -> Self {
         self.authorize_params.push((name.into(), value.into()));
         self
+    }
+    /// Adds several authorization parameters sent on every login, as
+    /// [`with_authorize_param`](Self::with_authorize_param) does for one.
+    ///
+    /// ```
+    /// # use tokenbroker::provider::OAuth2Config;
+    /// # use tokenbroker::ProviderId;
+    /// # let config = OAuth2Config::new(
+    /// #     ProviderId::new("example")?,
+    /// #     "client-1",
+    /// #     "https://idp.example/authorize".parse()?,
+    /// #     "https://idp.example/token".parse()?,
+    /// #     "https://app.example/callback".parse()?,
+    /// # );
+    /// let config = config.with_authorize_params([("prompt", "select_account"), ("ui_locales", "de")]);
+    /// assert_eq!(config.authorize_params.len(), 2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_authorize_params<K, V>(mut self, params: impl IntoIterator<Item = (K, V)>) -> Self
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        self.authorize_params
+            .extend(params.into_iter().map(|(k, v)| (k.into(), v.into())));
+        self
+    }
+    /// Checks the configuration for what can be told wrong before the first login: an extra
+    /// authorization parameter that names a reserved one.
+    /// [`TokenBrokerBuilder::build`](crate::TokenBrokerBuilder::build) calls it for every
+    /// configuration it is given.
+    ///
+    /// # Errors
+    /// [`ProviderError::ReservedParameter`], naming the first reserved parameter.
+    pub fn validate(&self) -> Result<(), ProviderError> {
+        super::check_extra_params(&self.authorize_params)
     }
     /// Declares how the provider treats used refresh tokens.
     pub fn with_refresh_token_reuse(mut self, reuse: RefreshTokenReuse) -> Self {
@@ -731,10 +868,13 @@ impl Provider for OAuth2Provider {
         }
         let mut params = self.config.authorize_params.clone();
         self.config.quirks.authorize_params(request, &mut params);
-        // The host's own parameters come last and win (e.g. `prompt=select_account`).
+        // The host's own parameters come last and win (e.g. `prompt=select_account`), except
+        // over the ones the login's security rests on: `add_extra_param` would send those a
+        // second time, and a provider may take either.
         for (name, value) in &request.extra_params {
             set_param(&mut params, name, value);
         }
+        super::check_extra_params(&params)?;
         for (name, value) in params {
             auth = auth.add_extra_param(name, value);
         }

@@ -25,8 +25,9 @@ use url::Url;
 use super::oauth2::transport_error;
 use super::quirks::{GoogleQuirks, MicrosoftQuirks};
 use super::{
-    AuthorizationRequest, ClientAuth, ClientCredentials, CodeExchange, OAuth2Config,
-    OAuth2Provider, Provider, ProviderError, RefreshTokenReuse, TokenKind,
+    AuthorizationRequest, ClientAssertionAudience, ClientAuth, ClientCredentials, CodeExchange,
+    OAuth2Config, OAuth2Provider, Provider, ProviderError, Quirks, RefreshTokenReuse,
+    SharedClientAssertionKey, TokenKind,
 };
 use crate::account::UpstreamAccount;
 use crate::clock::{self, SharedClock};
@@ -93,23 +94,173 @@ fn same_issuer(a: &str, b: &str) -> bool {
     a.trim_end_matches('/') == b.trim_end_matches('/')
 }
 
+/// Where a Microsoft identity platform (Entra ID) tenant signs its users in, for
+/// [`OidcConfig::microsoft_with_authority`]. The default is the public cloud.
+///
+/// ```
+/// use tokenbroker::provider::MicrosoftAuthority;
+///
+/// assert_eq!(MicrosoftAuthority::China.url().as_str(), "https://login.chinacloudapi.cn/");
+/// assert_eq!(
+///     MicrosoftAuthority::China.issuer_template(),
+///     "https://login.partner.microsoftonline.cn/{tenantid}/v2.0"
+/// );
+/// let proxy = MicrosoftAuthority::Custom("https://proxy.example/entra/".parse()?);
+/// assert_eq!(proxy.issuer_template(), "https://proxy.example/entra/{tenantid}/v2.0");
+/// assert_eq!(proxy.userinfo_endpoint(), None);
+/// # Ok::<(), url::ParseError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum MicrosoftAuthority {
+    /// `https://login.microsoftonline.com`: Microsoft Entra ID, global service.
+    #[default]
+    Public,
+    /// `https://login.microsoftonline.us`: Microsoft Entra ID for US Government (Azure
+    /// Government, GCC High, DoD). Userinfo at `https://graph.microsoft.us`.
+    UsGovernment,
+    /// `https://login.chinacloudapi.cn`: Microsoft Entra ID operated by 21Vianet. Its ID tokens
+    /// name `https://login.partner.microsoftonline.cn/{tenantid}/v2.0`, an alias host of the
+    /// same service, as issuer. Userinfo at `https://microsoftgraph.chinacloudapi.cn`.
+    China,
+    /// Any other host: Entra External ID (`https://{subdomain}.ciamlogin.com`), a proxy in
+    /// front of one of the clouds, a test double. Endpoints go under this URL, whose path is
+    /// kept as a prefix. No userinfo endpoint is assumed.
+    Custom(Url),
+}
+
+impl MicrosoftAuthority {
+    /// The authority's base URL.
+    pub fn url(&self) -> Url {
+        let fixed = |s: &str| Url::parse(s).expect("the national clouds' URLs are valid");
+        match self {
+            MicrosoftAuthority::Public => fixed("https://login.microsoftonline.com"),
+            MicrosoftAuthority::UsGovernment => fixed("https://login.microsoftonline.us"),
+            MicrosoftAuthority::China => fixed("https://login.chinacloudapi.cn"),
+            MicrosoftAuthority::Custom(url) => url.clone(),
+        }
+    }
+
+    /// The issuer template of the authority's v2.0 ID tokens, with a literal `{tenantid}` (see
+    /// [`IssuerPolicy::TenantTemplate`]).
+    pub fn issuer_template(&self) -> String {
+        let base = match self {
+            MicrosoftAuthority::China => "https://login.partner.microsoftonline.cn".to_owned(),
+            other => other.url().as_str().trim_end_matches('/').to_owned(),
+        };
+        format!("{base}/{{tenantid}}/v2.0")
+    }
+
+    /// The OpenID Connect userinfo endpoint of the cloud's Microsoft Graph; `None` for a
+    /// custom authority.
+    pub fn userinfo_endpoint(&self) -> Option<Url> {
+        let graph = match self {
+            MicrosoftAuthority::Public => "https://graph.microsoft.com/oidc/userinfo",
+            MicrosoftAuthority::UsGovernment => "https://graph.microsoft.us/oidc/userinfo",
+            MicrosoftAuthority::China => "https://microsoftgraph.chinacloudapi.cn/oidc/userinfo",
+            MicrosoftAuthority::Custom(_) => return None,
+        };
+        Some(Url::parse(graph).expect("Microsoft Graph's URLs are valid"))
+    }
+
+    /// A custom authority must be a plain `http(s)://host[/prefix]` URL.
+    fn check(&self) -> Result<(), ProviderError> {
+        let MicrosoftAuthority::Custom(url) = self else {
+            return Ok(());
+        };
+        let problem = if !matches!(url.scheme(), "https" | "http") {
+            Some("is not an http or https URL")
+        } else if url.host().is_none() {
+            Some("has no host")
+        } else if !url.username().is_empty() || url.password().is_some() {
+            Some("carries credentials")
+        } else if url.query().is_some() || url.fragment().is_some() {
+            Some("has a query or fragment")
+        } else {
+            None
+        };
+        let Some(problem) = problem else {
+            return Ok(());
+        };
+        // Credentials in the URL are refused, and never printed.
+        let mut shown = url.clone();
+        let _ = shown.set_username("");
+        let _ = shown.set_password(None);
+        Err(ProviderError::Config {
+            reason: format!("the Microsoft authority {shown} {problem}"),
+        })
+    }
+
+    /// `{authority}/{tenant}/{rest...}`, with the tenant as one path segment.
+    fn endpoint(&self, tenant: &str, rest: &[&str]) -> Url {
+        let mut url = self.url();
+        url.set_query(None);
+        url.set_fragment(None);
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().push(tenant).extend(rest);
+        }
+        url
+    }
+}
+
+/// The Microsoft preset at `authority` (already checked).
+fn microsoft_config(
+    authority: &MicrosoftAuthority,
+    id: ProviderId,
+    tenant: &str,
+    client_id: String,
+    client_secret: Secret,
+    redirect_uri: Url,
+) -> OidcConfig {
+    let endpoint = |rest: &[&str]| authority.endpoint(tenant, rest);
+    let oauth2 = OAuth2Config::new(
+        id,
+        client_id,
+        endpoint(&["oauth2", "v2.0", "authorize"]),
+        endpoint(&["oauth2", "v2.0", "token"]),
+        redirect_uri,
+    )
+    .with_client_secret(client_secret)
+    .with_client_auth(ClientAuth::Post)
+    .with_scopes(Scopes::parse("openid profile email offline_access"))
+    .with_refresh_token_reuse(RefreshTokenReuse::Tolerated)
+    .with_quirks(MicrosoftQuirks);
+    let multi_tenant = matches!(tenant, "common" | "organizations" | "consumers");
+    let issuer = IssuerPolicy::TenantTemplate {
+        template: authority.issuer_template(),
+        // A domain name is not a `tid`; only a tenant id can be pinned here.
+        tenants: (!multi_tenant && !tenant.contains('.')).then(|| vec![tenant.to_owned()]),
+    };
+    let mut config = OidcConfig::new(oauth2, issuer, endpoint(&["discovery", "v2.0", "keys"]));
+    config.userinfo_endpoint = authority.userinfo_endpoint();
+    config.end_session_endpoint = Some(endpoint(&["oauth2", "v2.0", "logout"]));
+    config
+}
+
 /// Configuration of an OpenID Connect provider: the OAuth 2.0 part plus what ID-token
 /// verification needs.
 ///
 /// Build it from a discovery document with [`OidcConfig::discover`], from a preset
-/// ([`OidcConfig::google`], [`OidcConfig::microsoft`]), or by hand with [`OidcConfig::new`].
+/// ([`OidcConfig::google`], [`OidcConfig::microsoft`], [`OidcConfig::microsoft_with_authority`]),
+/// or by hand with [`OidcConfig::new`]; then adjust it with the `with_*` methods (scopes, extra
+/// authorization parameters, client authentication, endpoints, ...). The fields are public to
+/// read; the methods are the way to change them, and keep what belongs together (e.g.
+/// `openid` in the scopes) together.
 ///
 /// ```
 /// use tokenbroker::provider::OidcConfig;
-/// use tokenbroker::{ProviderId, Secret};
+/// use tokenbroker::{ProviderId, Scopes, Secret};
 ///
 /// let google = OidcConfig::google(
 ///     ProviderId::new("google")?,
 ///     "1234.apps.googleusercontent.com",
 ///     Secret::new("client-secret"),
 ///     "https://app.example/callback".parse()?,
-/// );
+/// )
+/// .with_additional_scopes(Scopes::parse("https://www.googleapis.com/auth/drive.readonly"))
+/// .with_authorize_param("hd", "example.com");
 /// assert!(google.oauth2.scopes.contains("openid"));
+/// assert!(google.validate().is_ok());
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone)]
@@ -158,6 +309,27 @@ impl OidcConfig {
     /// `include_granted_scopes=true`, `prompt=consent` only while no refresh token is held,
     /// both of Google's issuer spellings, RFC 7009 revocation at
     /// `https://oauth2.googleapis.com/revoke`, and refresh tokens that are not rotated.
+    ///
+    /// To go through a proxy (or reach a test double), move the endpoints with
+    /// [`with_base_url`](Self::with_base_url) (one host for all) or one by one; the quirks and
+    /// the issuer check stay:
+    ///
+    /// ```
+    /// use tokenbroker::provider::OidcConfig;
+    /// use tokenbroker::{ProviderId, Secret};
+    ///
+    /// let google = OidcConfig::google(
+    ///     ProviderId::new("google")?,
+    ///     "1234.apps.googleusercontent.com",
+    ///     Secret::new("client-secret"),
+    ///     "https://app.example/callback".parse()?,
+    /// )
+    /// .with_token_endpoint("https://egress.corp.example/google/token".parse()?)
+    /// .with_jwks_uri("https://egress.corp.example/google/oauth2/v3/certs".parse()?);
+    /// assert_eq!(google.oauth2.token_endpoint.host_str(), Some("egress.corp.example"));
+    /// assert!(format!("{:?}", google.oauth2.quirks).contains("GoogleQuirks"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn google(
         id: ProviderId,
         client_id: impl Into<String>,
@@ -190,14 +362,38 @@ impl OidcConfig {
         config
     }
 
-    /// Microsoft identity platform v2, with [`MicrosoftQuirks`]. `tenant` is `common`,
-    /// `organizations`, `consumers`, a tenant id or a verified domain. Scopes
-    /// `openid profile email offline_access`; new refresh token on every refresh (old ones stay
-    /// valid at Microsoft, so the preset says [`RefreshTokenReuse::Tolerated`] and a refresh
-    /// whose answer was lost is asked again at once, within the same lease); no RFC 7009 revocation
-    /// (unlink reports "not supported upstream" and deletes). ID tokens are checked against the
-    /// `{tenantid}` issuer template with the token's own `tid`; with a specific tenant, only
-    /// that tenant is accepted.
+    /// Microsoft identity platform v2 in the public cloud (`https://login.microsoftonline.com`),
+    /// with [`MicrosoftQuirks`]; [`OidcConfig::microsoft_with_authority`] for national clouds,
+    /// Entra External ID and other hosts. `tenant` is `common`, `organizations`, `consumers`,
+    /// a tenant id or a verified domain (one path segment: it is percent-encoded, not checked;
+    /// `microsoft_with_authority` checks it).
+    ///
+    /// Scopes `openid profile email offline_access`; new refresh token on every refresh (old
+    /// ones stay valid at Microsoft, so the preset says [`RefreshTokenReuse::Tolerated`] and a
+    /// refresh whose answer was lost is asked again at once, within the same lease); no RFC 7009
+    /// revocation (unlink reports "not supported upstream" and deletes). ID tokens are checked
+    /// against the `{tenantid}` issuer template with the token's own `tid`; with a specific
+    /// tenant, only that tenant is accepted. Userinfo is Microsoft Graph's, logout the tenant's
+    /// `oauth2/v2.0/logout`.
+    ///
+    /// ```
+    /// use tokenbroker::provider::OidcConfig;
+    /// use tokenbroker::{ProviderId, Scopes, Secret};
+    ///
+    /// let microsoft = OidcConfig::microsoft(
+    ///     ProviderId::new("microsoft")?,
+    ///     "organizations",
+    ///     "00000000-0000-0000-0000-000000000001",
+    ///     Secret::new("client-secret"),
+    ///     "https://app.example/callback".parse()?,
+    /// )
+    /// .with_additional_scopes(Scopes::parse("User.Read"));
+    /// assert_eq!(
+    ///     microsoft.oauth2.token_endpoint.as_str(),
+    ///     "https://login.microsoftonline.com/organizations/oauth2/v2.0/token"
+    /// );
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn microsoft(
         id: ProviderId,
         tenant: &str,
@@ -205,45 +401,110 @@ impl OidcConfig {
         client_secret: Secret,
         redirect_uri: Url,
     ) -> Self {
-        let base = "https://login.microsoftonline.com";
-        let url = |path: String| {
-            Url::parse(&format!("{base}/{path}")).expect("Microsoft's endpoint URLs are valid")
-        };
-        let oauth2 = OAuth2Config::new(
+        microsoft_config(
+            &MicrosoftAuthority::Public,
             id,
-            client_id,
-            url(format!("{tenant}/oauth2/v2.0/authorize")),
-            url(format!("{tenant}/oauth2/v2.0/token")),
+            tenant,
+            client_id.into(),
+            client_secret,
             redirect_uri,
         )
-        .with_client_secret(client_secret)
-        .with_client_auth(ClientAuth::Post)
-        .with_scopes(Scopes::parse("openid profile email offline_access"))
-        .with_refresh_token_reuse(RefreshTokenReuse::Tolerated)
-        .with_quirks(MicrosoftQuirks);
-        let multi_tenant = matches!(tenant, "common" | "organizations" | "consumers");
-        let issuer = IssuerPolicy::TenantTemplate {
-            template: format!("{base}/{{tenantid}}/v2.0"),
-            // A domain name is not a `tid`; only a tenant id can be pinned here.
-            tenants: (!multi_tenant && !tenant.contains('.')).then(|| vec![tenant.to_owned()]),
-        };
-        let mut config =
-            OidcConfig::new(oauth2, issuer, url(format!("{tenant}/discovery/v2.0/keys")));
-        config.userinfo_endpoint =
-            Some(Url::parse("https://graph.microsoft.com/oidc/userinfo").expect("valid URL"));
-        config
+    }
+
+    /// Microsoft identity platform v2 at `authority`: a national cloud
+    /// ([`MicrosoftAuthority::UsGovernment`], [`MicrosoftAuthority::China`]) or any other host
+    /// ([`MicrosoftAuthority::Custom`]: Entra External ID's `https://{subdomain}.ciamlogin.com`,
+    /// a proxy, a test double). Everything else is as in [`OidcConfig::microsoft`]: the
+    /// authorization, token, JWKS and logout endpoints and the `{tenantid}` issuer template all
+    /// derive from the authority, and the userinfo endpoint is the cloud's Microsoft Graph
+    /// (none for a custom authority: set one with [`OidcConfig::with_userinfo_endpoint`]).
+    ///
+    /// ```
+    /// use tokenbroker::provider::{MicrosoftAuthority, OidcConfig};
+    /// use tokenbroker::{ProviderId, Secret};
+    ///
+    /// let gov = OidcConfig::microsoft_with_authority(
+    ///     ProviderId::new("entra-gov")?,
+    ///     MicrosoftAuthority::UsGovernment,
+    ///     "contoso.onmicrosoft.us",
+    ///     "00000000-0000-0000-0000-000000000001",
+    ///     Secret::new("client-secret"),
+    ///     "https://app.example/callback".parse()?,
+    /// )?;
+    /// assert_eq!(
+    ///     gov.oauth2.authorization_endpoint.as_str(),
+    ///     "https://login.microsoftonline.us/contoso.onmicrosoft.us/oauth2/v2.0/authorize"
+    /// );
+    ///
+    /// // Entra External ID: the tenant's own host.
+    /// let ciam = OidcConfig::microsoft_with_authority(
+    ///     ProviderId::new("customers")?,
+    ///     MicrosoftAuthority::Custom("https://contoso.ciamlogin.com".parse()?),
+    ///     "contoso.onmicrosoft.com",
+    ///     "00000000-0000-0000-0000-000000000002",
+    ///     Secret::new("client-secret"),
+    ///     "https://app.example/callback".parse()?,
+    /// )?;
+    /// assert_eq!(
+    ///     ciam.jwks_uri.as_str(),
+    ///     "https://contoso.ciamlogin.com/contoso.onmicrosoft.com/discovery/v2.0/keys"
+    /// );
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// The issuer template is `{authority}/{tenantid}/v2.0` (China:
+    /// `https://login.partner.microsoftonline.cn/{tenantid}/v2.0`, the host its tokens name).
+    /// Where a tenant's ID tokens name another issuer (compare the `issuer` of its discovery
+    /// document), set it with [`OidcConfig::with_issuer`]; a template may use `{tenantid}` more
+    /// than once.
+    ///
+    /// # Errors
+    /// [`ProviderError::Config`] when a custom authority is not an `http`/`https` URL with a
+    /// host and no credentials, query or fragment, or when `tenant` is empty or holds anything
+    /// but ASCII letters, digits, `.`, `-` and `_`.
+    pub fn microsoft_with_authority(
+        id: ProviderId,
+        authority: MicrosoftAuthority,
+        tenant: &str,
+        client_id: impl Into<String>,
+        client_secret: Secret,
+        redirect_uri: Url,
+    ) -> Result<Self, ProviderError> {
+        authority.check()?;
+        if tenant.is_empty()
+            || !tenant
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        {
+            return Err(ProviderError::Config {
+                reason: format!(
+                    "Microsoft tenant {tenant:?} is not a tenant id, a domain name, `common`, \
+                     `organizations` or `consumers`"
+                ),
+            });
+        }
+        Ok(microsoft_config(
+            &authority,
+            id,
+            tenant,
+            client_id.into(),
+            client_secret,
+            redirect_uri,
+        ))
     }
 
     /// Reads the provider's discovery document (`{issuer}/.well-known/openid-configuration`)
     /// through `http` and builds a configuration from it. The document's `issuer` must be the
     /// one asked for; a Microsoft-style `{tenantid}` template becomes
-    /// [`IssuerPolicy::TenantTemplate`].
+    /// [`IssuerPolicy::TenantTemplate`]. The scopes are `openid` only: add the others with
+    /// [`with_additional_scopes`](Self::with_additional_scopes), and set anything else with
+    /// the other `with_*` methods.
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
     /// use std::sync::Arc;
     /// use tokenbroker::provider::{OidcConfig, OidcProvider};
-    /// use tokenbroker::{ProviderId, Secret};
+    /// use tokenbroker::{ProviderId, Scopes, Secret};
     ///
     /// let http = Arc::new(tokenbroker::http::ReqwestClient::new()?);
     /// let config = OidcConfig::discover(
@@ -254,7 +515,9 @@ impl OidcConfig {
     ///     "https://app.example/callback".parse()?,
     ///     &*http,
     /// )
-    /// .await?;
+    /// .await?
+    /// .with_additional_scopes(Scopes::parse("email profile offline_access"))
+    /// .with_authorize_param("acr_values", "mfa");
     /// let provider = OidcProvider::new(config, http);
     /// # Ok(()) }
     /// ```
@@ -389,8 +652,12 @@ impl OidcConfig {
         Ok(config)
     }
 
-    /// Replaces every endpoint's scheme, host and port with `base`'s, keeping paths (the
-    /// issuer policy is unchanged): points a preset at a test double or a proxy.
+    /// Moves every endpoint (those of [`OAuth2Config::with_base_url`], and the JWKS, userinfo
+    /// and end-session endpoints) to `base`'s scheme, host and port, with `base`'s path put
+    /// before each endpoint's own: points a preset at a test double or at a proxy that serves
+    /// them all, keeping its quirks. The issuer policy is unchanged (set it with
+    /// [`with_issuer`](Self::with_issuer) when the double signs as another issuer). For
+    /// endpoints on different hosts, set each with its `with_*_endpoint` method.
     pub fn with_base_url(mut self, base: &Url) -> Self {
         self.oauth2 = self.oauth2.with_base_url(base);
         self.jwks_uri = rebase(base, &self.jwks_uri);
@@ -402,6 +669,150 @@ impl OidcConfig {
     /// Sets the issuer policy.
     pub fn with_issuer(mut self, issuer: IssuerPolicy) -> Self {
         self.issuer = issuer;
+        self
+    }
+
+    /// Sets the scopes every login asks for, replacing the preset's or discovery's; `openid`
+    /// is always kept. See [`with_additional_scopes`](Self::with_additional_scopes) to add to
+    /// them instead.
+    pub fn with_scopes(mut self, scopes: Scopes) -> Self {
+        self.oauth2 = self.oauth2.with_scopes(scopes);
+        self.oauth2.scopes.insert("openid");
+        self
+    }
+
+    /// Adds scopes to the ones every login asks for (e.g. `offline_access`, or an API's scopes
+    /// on top of a preset's).
+    pub fn with_additional_scopes(mut self, scopes: Scopes) -> Self {
+        self.oauth2 = self.oauth2.with_additional_scopes(scopes);
+        self
+    }
+
+    /// Adds an authorization parameter sent on every login (see
+    /// [`OAuth2Config::with_authorize_param`]; the reserved ones are refused).
+    pub fn with_authorize_param(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Self {
+        self.oauth2 = self.oauth2.with_authorize_param(name, value);
+        self
+    }
+
+    /// Adds several authorization parameters sent on every login (see
+    /// [`OAuth2Config::with_authorize_params`]).
+    pub fn with_authorize_params<K, V>(mut self, params: impl IntoIterator<Item = (K, V)>) -> Self
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        self.oauth2 = self.oauth2.with_authorize_params(params);
+        self
+    }
+
+    /// Sets the client secret (also the HS256 key of ID tokens signed with it).
+    pub fn with_client_secret(mut self, secret: Secret) -> Self {
+        self.oauth2 = self.oauth2.with_client_secret(secret);
+        self
+    }
+
+    /// Sets the client authentication method (see [`ClientAuth`]).
+    pub fn with_client_auth(mut self, auth: ClientAuth) -> Self {
+        self.oauth2 = self.oauth2.with_client_auth(auth);
+        self
+    }
+
+    /// Sets the key of `private_key_jwt` assertions (see
+    /// [`OAuth2Config::with_client_assertion_key`]).
+    pub fn with_client_assertion_key(mut self, key: impl Into<SharedClientAssertionKey>) -> Self {
+        self.oauth2 = self.oauth2.with_client_assertion_key(key);
+        self
+    }
+
+    /// Sets the `aud` of client assertions (see [`ClientAssertionAudience`]).
+    pub fn with_client_assertion_audience(mut self, audience: ClientAssertionAudience) -> Self {
+        self.oauth2 = self.oauth2.with_client_assertion_audience(audience);
+        self
+    }
+
+    /// Declares how the provider treats used refresh tokens (see [`RefreshTokenReuse`]).
+    pub fn with_refresh_token_reuse(mut self, reuse: RefreshTokenReuse) -> Self {
+        self.oauth2 = self.oauth2.with_refresh_token_reuse(reuse);
+        self
+    }
+
+    /// Sets the provider's quirks (a preset's are replaced).
+    pub fn with_quirks(mut self, quirks: impl Quirks) -> Self {
+        self.oauth2 = self.oauth2.with_quirks(quirks);
+        self
+    }
+
+    /// Sets the authorization endpoint; the preset's quirks stay.
+    pub fn with_authorization_endpoint(mut self, url: Url) -> Self {
+        self.oauth2 = self.oauth2.with_authorization_endpoint(url);
+        self
+    }
+
+    /// Sets the token endpoint; the preset's quirks stay.
+    pub fn with_token_endpoint(mut self, url: Url) -> Self {
+        self.oauth2 = self.oauth2.with_token_endpoint(url);
+        self
+    }
+
+    /// Sets the RFC 7009 revocation endpoint.
+    pub fn with_revocation_endpoint(mut self, url: Url) -> Self {
+        self.oauth2 = self.oauth2.with_revocation_endpoint(url);
+        self
+    }
+
+    /// Sets the RFC 7662 introspection endpoint.
+    pub fn with_introspection_endpoint(mut self, url: Url) -> Self {
+        self.oauth2 = self.oauth2.with_introspection_endpoint(url);
+        self
+    }
+
+    /// Declares that the provider requires pushed authorization requests (discovery fills it
+    /// from `require_pushed_authorization_requests`).
+    pub fn with_require_pushed_authorization_requests(mut self, required: bool) -> Self {
+        self.oauth2 = self
+            .oauth2
+            .with_require_pushed_authorization_requests(required);
+        self
+    }
+
+    /// Sets where the provider publishes its signing keys.
+    pub fn with_jwks_uri(mut self, url: Url) -> Self {
+        self.jwks_uri = url;
+        self
+    }
+
+    /// Sets the userinfo endpoint ([`OidcProvider::userinfo`]).
+    pub fn with_userinfo_endpoint(mut self, url: Url) -> Self {
+        self.userinfo_endpoint = Some(url);
+        self
+    }
+
+    /// Sets the RP-initiated logout endpoint ([`OidcProvider::end_session_url`]).
+    pub fn with_end_session_endpoint(mut self, url: Url) -> Self {
+        self.end_session_endpoint = Some(url);
+        self
+    }
+
+    /// Sets the accepted ID-token signing algorithms; `none` is never accepted and is dropped.
+    /// An empty list keeps `RS256`.
+    pub fn with_signing_algs(
+        mut self,
+        algs: impl IntoIterator<Item = CoreJwsSigningAlgorithm>,
+    ) -> Self {
+        let algs: Vec<_> = algs
+            .into_iter()
+            .filter(|a| *a != CoreJwsSigningAlgorithm::None)
+            .collect();
+        self.signing_algs = if algs.is_empty() {
+            vec![CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256]
+        } else {
+            algs
+        };
         self
     }
 
@@ -760,6 +1171,13 @@ impl OidcProvider {
     }
 
     /// Calls the userinfo endpoint with an access token and returns its JSON claims.
+    ///
+    /// # Errors
+    /// [`ProviderError::AccessTokenRejected`] when the endpoint answers `401`: the access token
+    /// expired or was revoked, which says nothing about the grant (the link is not
+    /// relink-required; refresh and try again). [`ProviderError::Unsupported`] without a
+    /// userinfo endpoint, [`ProviderError::Transient`] for other failures,
+    /// [`ProviderError::Protocol`] for an answer that is not a JSON object.
     pub async fn userinfo(
         &self,
         access_token: &Secret,
@@ -784,14 +1202,18 @@ impl OidcProvider {
         let response = self.http.execute(request).await.map_err(transport_error)?;
         let status = response.status();
         if status == http::StatusCode::UNAUTHORIZED {
-            return Err(ProviderError::InvalidGrant {
-                description: Some("userinfo refused the access token".into()),
+            // The access token was refused, not the grant (RFC 6750 §3.1 `invalid_token`):
+            // `InvalidGrant` here would tell the broker to give up a link whose refresh token
+            // may be fine.
+            return Err(ProviderError::AccessTokenRejected {
+                endpoint: "userinfo",
+                description: bearer_challenge(response.headers()),
             });
         }
         if !status.is_success() {
             return Err(ProviderError::Transient {
                 status: Some(status.as_u16()),
-                retry_after: None,
+                retry_after: super::response::retry_after(response.headers()),
                 reason: Some("userinfo failed".into()),
                 source: None,
             });
@@ -822,6 +1244,32 @@ impl OidcProvider {
         }
         Some(url)
     }
+}
+
+/// The `error` and `error_description` of a `WWW-Authenticate: Bearer` challenge (RFC 6750
+/// §3), as one line cut to a loggable size. The challenge carries no token.
+fn bearer_challenge(headers: &http::HeaderMap) -> Option<String> {
+    let challenge = headers
+        .get_all(http::header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| {
+            v.trim_start()
+                .get(..6)
+                .is_some_and(|scheme| scheme.eq_ignore_ascii_case("bearer"))
+        })?;
+    let param = |name: &str| {
+        let start = challenge.find(&format!("{name}=\""))? + name.len() + 2;
+        let len = challenge[start..].find('"')?;
+        Some(&challenge[start..start + len])
+    };
+    let text = match (param("error"), param("error_description")) {
+        (Some(error), Some(description)) => format!("{error}: {description}"),
+        (Some(error), None) => error.to_owned(),
+        (None, Some(description)) => description.to_owned(),
+        (None, None) => return None,
+    };
+    Some(super::truncate_description(&text))
 }
 
 /// Says which check failed, with nothing from inside the token but issuer and audience names.
@@ -936,6 +1384,15 @@ impl Provider for OidcProvider {
 }
 
 impl OidcConfig {
+    /// Checks the configuration for what can be told wrong before the first login (see
+    /// [`OAuth2Config::validate`]).
+    ///
+    /// # Errors
+    /// [`ProviderError::ReservedParameter`], naming the first reserved extra parameter.
+    pub fn validate(&self) -> Result<(), ProviderError> {
+        self.oauth2.validate()
+    }
+
     /// Sets when logins use pushed authorization requests (RFC 9126, see [`ParMode`](super::ParMode)).
     /// Discovery fills the endpoint and whether the provider requires them.
     pub fn with_pushed_authorization(mut self, mode: super::ParMode) -> Self {
