@@ -27,6 +27,7 @@
 //! --                    WHERE ... AND lease_token = $4          -- fenced, never by holder
 //! ```
 
+pub mod cached;
 #[cfg(feature = "encryption")]
 mod encrypted;
 mod memory;
@@ -60,14 +61,15 @@ pub use encrypted::{
     DataKey, EncryptedStore, KeyError, KeyId, KeyProvider, KeyringError, RewrapReport,
     StaticKeyring, WrappedKey, key_id_of,
 };
+pub use cached::{CacheStats, CachedStore, CachedStoreBuilder, ChangeFeed, FeedEvent};
 pub use memory::MemoryStore;
 pub use outbox::{PendingRevocation, RevocationId};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use redis_store::RedisStore;
+pub use redis_store::{RedisChangeFeed, RedisStore};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use sql::postgres::PostgresStore;
+pub use sql::postgres::{PgChangeFeed, PostgresStore};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sql::sqlite::SqliteStore;
