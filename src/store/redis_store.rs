@@ -37,6 +37,13 @@
 //!
 //! # Running Redis for it
 //!
+//! - **Change notices.** Every script that changes a link also `PUBLISH`es the link's scan
+//!   member on `{prefix}:changes`, in the script, atomically with the change; that is what
+//!   [`RedisStore::change_feed`] subscribes to for a
+//!   [`CachedStore`](crate::store::CachedStore). With Redis ACLs the store's user needs
+//!   permission to publish there (`&{prefix}:changes`, or `allchannels`), or every write fails
+//!   (ACL users made on Redis 7 have no channel by default). Instances of versions before
+//!   0.2.0 do not publish: turn a feed on once every instance writes with this version.
 //! - **No expiry, no eviction.** Records carry no TTL: a link must not vanish because Redis
 //!   ran short of memory. Run the server with `maxmemory-policy noeviction` (the default), so
 //!   a full Redis refuses writes (a [`StoreError::Backend`]) instead of dropping links.
