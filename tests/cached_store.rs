@@ -170,7 +170,12 @@ fn relink_required(secret: &str) -> Record {
 fn unique_key(tag: &str) -> TokenKey {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
-    TokenKey::parse("acme", &format!("{tag}-{}-{n}", std::process::id()), "google").unwrap()
+    TokenKey::parse(
+        "acme",
+        &format!("{tag}-{}-{n}", std::process::id()),
+        "google",
+    )
+    .unwrap()
 }
 
 /// Waits until `cond` holds; panics after 20 s (a feed that never delivers), never asserts on
@@ -207,7 +212,12 @@ async fn a_fresh_read_costs_no_round_trip_and_shares_the_payload() {
     let (counting, loads) = Counting::new(MemoryStore::new());
     let cache = CachedStore::new(counting);
     let k = unique_key("fresh");
-    cache.inner().inner.insert(&k, &record("one")).await.unwrap();
+    cache
+        .inner()
+        .inner
+        .insert(&k, &record("one"))
+        .await
+        .unwrap();
     let first = cache.load(&k).await.unwrap().unwrap();
     assert_eq!(loads.load(Ordering::SeqCst), 1);
     for _ in 0..100 {
@@ -215,7 +225,11 @@ async fn a_fresh_read_costs_no_round_trip_and_shares_the_payload() {
         assert_eq!(again.version, first.version);
         assert_eq!(bytes(&again), b"one");
     }
-    assert_eq!(loads.load(Ordering::SeqCst), 1, "cached reads reach the store");
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        1,
+        "cached reads reach the store"
+    );
     let stats = cache.stats();
     assert_eq!((stats.hits, stats.misses), (100, 1));
     // A missing key is not cached: a link made elsewhere shows up at once.
@@ -321,7 +335,11 @@ async fn loads_under_a_lease_taken_here_reach_the_store() {
     cache.release_lease(&lease).await.unwrap();
     assert_eq!(cache.load(&k).await.unwrap().unwrap().version, v3);
     assert_eq!(cache.load(&k).await.unwrap().unwrap().version, v3);
-    assert_eq!(loads.load(Ordering::SeqCst), 5, "cached again after the release");
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        5,
+        "cached again after the release"
+    );
 
     // A busy lease (another instance refreshing) evicts too, so the waiting engine re-reads.
     let LeaseAttempt::Acquired(theirs) = cache
@@ -375,14 +393,23 @@ async fn without_a_feed_entries_live_for_the_ttl() {
         .clock(clock.clone())
         .build();
     let k = unique_key("ttl");
-    cache.inner().inner.insert(&k, &record("one")).await.unwrap();
+    cache
+        .inner()
+        .inner
+        .insert(&k, &record("one"))
+        .await
+        .unwrap();
     cache.load(&k).await.unwrap();
     clock.advance(Duration::from_millis(900));
     cache.load(&k).await.unwrap();
     assert_eq!(loads.load(Ordering::SeqCst), 1);
     clock.advance(Duration::from_millis(200));
     cache.load(&k).await.unwrap();
-    assert_eq!(loads.load(Ordering::SeqCst), 2, "older than the TTL: reloaded");
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        2,
+        "older than the TTL: reloaded"
+    );
 }
 
 /// With a live feed entries live up to `max_age`; a lost feed clears the cache and falls back
@@ -400,7 +427,12 @@ async fn feed_states_switch_between_max_age_and_ttl() {
         .build();
     assert!(cache.has_change_feed());
     let k = unique_key("feed");
-    cache.inner().inner.insert(&k, &record("one")).await.unwrap();
+    cache
+        .inner()
+        .inner
+        .insert(&k, &record("one"))
+        .await
+        .unwrap();
     let count = || loads.load(Ordering::SeqCst);
 
     // Not subscribed yet: the TTL applies.
@@ -432,7 +464,11 @@ async fn feed_states_switch_between_max_age_and_ttl() {
     assert_eq!(count(), 4);
     clock.advance(Duration::from_secs(2));
     cache.load(&k).await.unwrap();
-    assert_eq!(count(), 5, "while the feed is down, nothing older than the TTL");
+    assert_eq!(
+        count(),
+        5,
+        "while the feed is down, nothing older than the TTL"
+    );
 
     // Back: cleared again (changes may have been missed), then max_age.
     tx.send(FeedEvent::Subscribed).await.unwrap();
@@ -498,10 +534,7 @@ async fn memory_stays_bounded() {
 async fn debug_shows_no_payload() {
     let cache = CachedStore::new(MemoryStore::new());
     let k = unique_key("debug");
-    cache
-        .insert(&k, &record("top-secret-token"))
-        .await
-        .unwrap();
+    cache.insert(&k, &record("top-secret-token")).await.unwrap();
     cache.load(&k).await.unwrap();
     let debug = format!("{cache:?}");
     assert!(!debug.contains("top-secret"), "{debug}");
@@ -517,7 +550,11 @@ fn caller(key: &TokenKey) -> Caller {
         .with_full_client_scope()
 }
 
-fn broker(idp: &Arc<FakeProvider>, clock: &Arc<ManualClock>, store: Arc<dyn TokenStore>) -> TokenBroker {
+fn broker(
+    idp: &Arc<FakeProvider>,
+    clock: &Arc<ManualClock>,
+    store: Arc<dyn TokenStore>,
+) -> TokenBroker {
     TokenBroker::builder()
         .with_provider(idp.clone(), ProviderPolicy::default())
         .with_store(store)
@@ -548,7 +585,7 @@ async fn engine_under_lease_reads_the_store(backend: Arc<dyn TokenStore>) {
     };
     let a = broker(&idp, &clock, cached(&clock));
     let b = broker(&idp, &clock, cached(&clock));
-    let key = TokenKey::parse("acme", &unique_key("engine").subject.to_string(), "fake").unwrap();
+    let key = TokenKey::parse("acme", unique_key("engine").subject.as_str(), "fake").unwrap();
     let start = a.begin_login(&key, LoginOptions::default()).await.unwrap();
     let callback = idp.approve(&start.authorization_url, "alice").unwrap();
     a.complete_login(start.pending, &callback).await.unwrap();
@@ -708,7 +745,9 @@ mod postgres {
         }
     }
 
-    pub(crate) async fn instance(db: &TestDb) -> (CachedStore<Counting<PostgresStore>>, Arc<AtomicU64>) {
+    pub(crate) async fn instance(
+        db: &TestDb,
+    ) -> (CachedStore<Counting<PostgresStore>>, Arc<AtomicU64>) {
         let store = db.open().await;
         let feed = store.change_feed();
         let (counting, loads) = Counting::new(store);
@@ -787,7 +826,9 @@ mod postgres {
         // And notifications flow again.
         let seen = b.stats().invalidations_received;
         let v = b.load(&k).await.unwrap().unwrap().version;
-        a.compare_and_swap(&k, v, &record("two"), None).await.unwrap();
+        a.compare_and_swap(&k, v, &record("two"), None)
+            .await
+            .unwrap();
         wait_until("change after reconnect", || {
             b.stats().invalidations_received > seen
         })

@@ -67,7 +67,9 @@ async fn redis_feed_lost_and_back() {
 
     let seen = b.stats().invalidations_received;
     b.load(&k).await.unwrap();
-    a.compare_and_swap(&k, v1, &record("two"), None).await.unwrap();
+    a.compare_and_swap(&k, v1, &record("two"), None)
+        .await
+        .unwrap();
     wait_until("change after reconnect", || {
         b.stats().invalidations_received > seen
     })

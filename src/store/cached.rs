@@ -35,6 +35,13 @@
 //! evicts the key too, so the engine's waits re-read the store. None of this needs the engine
 //! to know about the cache: it reaches the store through the same trait.
 //!
+//! With encryption, either order works. `CachedStore<EncryptedStore<S>>` caches decrypted
+//! records (a cached read decrypts nothing; the plaintext lives in memory, as the broker's own
+//! cache of decoded sets already does); a key rotation's `rewrap`, run on the inner
+//! `EncryptedStore`, bypasses this cache, and its writes reach the caches through the feed or
+//! the TTL (they change no token, only the envelope). `EncryptedStore<CachedStore<S>>` caches
+//! ciphertext, so every read still decrypts, and `rewrap` takes its leases through the cache.
+//!
 //! # Staleness bound
 //!
 //! A record changed by another instance may still be served here:
@@ -490,6 +497,39 @@ fn later(now: OffsetDateTime, d: Duration) -> OffsetDateTime {
         .unwrap_or(time::macros::datetime!(9999-01-01 0:00 UTC))
 }
 
+/// A write through the cache under way: ends it (evicting the key) even when the caller drops
+/// the write's future, so that a cancelled write never leaves the key bypassing the cache.
+struct WriteGuard<'a> {
+    shared: &'a Shared,
+    key: &'a TokenKey,
+    epoch: u64,
+    ended: bool,
+}
+
+impl<'a> WriteGuard<'a> {
+    fn begin(shared: &'a Shared, key: &'a TokenKey) -> Self {
+        WriteGuard {
+            shared,
+            key,
+            epoch: shared.begin_write(key),
+            ended: false,
+        }
+    }
+
+    fn end(mut self, written: Option<StoredRecord>) {
+        self.ended = true;
+        self.shared.end_write(self.key, self.epoch, written);
+    }
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.shared.end_write(self.key, self.epoch, None);
+        }
+    }
+}
+
 fn key_len(key: &TokenKey) -> usize {
     key.realm.as_str().len() + key.subject.as_str().len() + key.provider.as_str().len()
 }
@@ -912,13 +952,13 @@ impl<S: TokenStore> TokenStore for CachedStore<S> {
     }
 
     async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
-        let epoch = self.shared.begin_write(key);
+        let guard = WriteGuard::begin(&self.shared, key);
         let written = self.inner.insert(key, record).await;
         let cached = written
             .as_ref()
             .ok()
             .map(|v| StoredRecord::new(record.clone(), *v));
-        self.shared.end_write(key, epoch, cached);
+        guard.end(cached);
         written
     }
 
@@ -929,7 +969,7 @@ impl<S: TokenStore> TokenStore for CachedStore<S> {
         record: &Record,
         fence: Option<&LeaseToken>,
     ) -> Result<Version, StoreError> {
-        let epoch = self.shared.begin_write(key);
+        let guard = WriteGuard::begin(&self.shared, key);
         let written = self
             .inner
             .compare_and_swap(key, expected, record, fence)
@@ -938,14 +978,14 @@ impl<S: TokenStore> TokenStore for CachedStore<S> {
             .as_ref()
             .ok()
             .map(|v| StoredRecord::new(record.clone(), *v));
-        self.shared.end_write(key, epoch, cached);
+        guard.end(cached);
         written
     }
 
     async fn delete(&self, key: &TokenKey, expected: Option<Version>) -> Result<bool, StoreError> {
-        let epoch = self.shared.begin_write(key);
+        let guard = WriteGuard::begin(&self.shared, key);
         let deleted = self.inner.delete(key, expected).await;
-        self.shared.end_write(key, epoch, None);
+        guard.end(None);
         deleted
     }
 
@@ -1008,12 +1048,12 @@ impl<S: TokenStore> TokenStore for CachedStore<S> {
         expected: Option<Version>,
         revocation: &PendingRevocation,
     ) -> Result<bool, StoreError> {
-        let epoch = self.shared.begin_write(key);
+        let guard = WriteGuard::begin(&self.shared, key);
         let deleted = self
             .inner
             .delete_and_enqueue_revocation(key, expected, revocation)
             .await;
-        self.shared.end_write(key, epoch, None);
+        guard.end(None);
         deleted
     }
 

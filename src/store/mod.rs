@@ -55,13 +55,13 @@ use crate::token::Payload;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use ::redis;
+pub use cached::{CacheStats, CachedStore, CachedStoreBuilder, ChangeFeed, FeedEvent};
 #[cfg(feature = "encryption")]
 #[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
 pub use encrypted::{
     DataKey, EncryptedStore, KeyError, KeyId, KeyProvider, KeyringError, RewrapReport,
     StaticKeyring, WrappedKey, key_id_of,
 };
-pub use cached::{CacheStats, CachedStore, CachedStoreBuilder, ChangeFeed, FeedEvent};
 pub use memory::MemoryStore;
 pub use outbox::{PendingRevocation, RevocationId};
 #[cfg(feature = "redis")]

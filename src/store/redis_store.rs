@@ -84,8 +84,9 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::{
-    ChangeFeed, FeedEvent, Lease, LeaseAttempt, LeaseHolder, LeaseToken, LinkState, PendingRevocation, Record, RecordMeta,
-    RevocationId, ScannedLink, StoreError, StoredRecord, TokenStore, Version,
+    ChangeFeed, FeedEvent, Lease, LeaseAttempt, LeaseHolder, LeaseToken, LinkState,
+    PendingRevocation, Record, RecordMeta, RevocationId, ScannedLink, StoreError, StoredRecord,
+    TokenStore, Version,
 };
 use crate::ids::{ProviderId, Realm, Subject, TokenKey};
 use crate::token::Payload;
