@@ -120,12 +120,13 @@ async fn connect_migrates_and_debug_hides_the_password() {
     let debug = format!("{store:?}");
     assert!(!debug.contains("hunter2"), "{debug}");
     assert!(debug.contains("127.0.0.1"), "{debug}");
-    assert_eq!(migrations_applied(&store).await, vec![1, 2, 3]);
+    assert_eq!(migrations_applied(&store).await, vec![1, 2, 3, 4]);
     // connect() used the default search_path (public): clean up there.
     sqlx::raw_sql(
         "DROP TABLE tokenbroker_links; DROP TABLE tokenbroker_revocations; \
          DROP TABLE tokenbroker_schema_migrations; \
-         DROP SEQUENCE tokenbroker_link_version;",
+         DROP SEQUENCE tokenbroker_link_version; \
+         DROP FUNCTION tokenbroker_links_notify();",
     )
     .execute(store.pool())
     .await
@@ -164,7 +165,7 @@ async fn migrations_are_idempotent() {
     let store = db.open().await;
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
-    assert_eq!(migrations_applied(&store).await, vec![1, 2, 3]);
+    assert_eq!(migrations_applied(&store).await, vec![1, 2, 3, 4]);
     db.cleanup().await;
 }
 
@@ -183,7 +184,7 @@ async fn instances_starting_at_once_migrate_once() {
     for t in tasks {
         t.await.unwrap().expect("concurrent migrate succeeds");
     }
-    assert_eq!(migrations_applied(&stores[0]).await, vec![1, 2, 3]);
+    assert_eq!(migrations_applied(&stores[0]).await, vec![1, 2, 3, 4]);
     let k = key("acme", "alice", "google");
     let v = stores[0].insert(&k, &active("x")).await.unwrap();
     assert_eq!(stores[3].load(&k).await.unwrap().unwrap().version, v);
@@ -207,7 +208,7 @@ async fn a_schema_1_database_is_upgraded_in_place() {
 
     let store = PostgresStore::from_pool(pool);
     store.migrate().await.unwrap();
-    assert_eq!(migrations_applied(&store).await, vec![1, 2, 3]);
+    assert_eq!(migrations_applied(&store).await, vec![1, 2, 3, 4]);
     store_cases::upgraded_from_v1(&store).await;
     let store: Arc<dyn TokenStore> = Arc::new(store);
     tokenbroker::testing::store_conformance::run_all(&store).await;

@@ -323,6 +323,8 @@ async fn debug_hides_the_password() {
         .arg("on")
         .arg(format!(">{password}"))
         .arg("~*")
+        // Writes publish on the store's changes channel (for `CachedStore` feeds).
+        .arg("&*")
         .arg("+@all")
         .query_async(&mut conn)
         .await

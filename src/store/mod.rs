@@ -235,6 +235,7 @@
 //! # });
 //! ```
 
+pub mod cached;
 #[cfg(feature = "encryption")]
 mod encrypted;
 mod memory;
@@ -262,6 +263,7 @@ use crate::token::Payload;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use ::redis;
+pub use cached::{CacheStats, CachedStore, CachedStoreBuilder, ChangeFeed, FeedEvent};
 #[cfg(feature = "encryption")]
 #[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
 pub use encrypted::{
@@ -272,10 +274,10 @@ pub use memory::MemoryStore;
 pub use outbox::{PendingRevocation, RevocationId};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use redis_store::RedisStore;
+pub use redis_store::{RedisChangeFeed, RedisStore};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use sql::postgres::PostgresStore;
+pub use sql::postgres::{PgChangeFeed, PostgresStore};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sql::sqlite::SqliteStore;

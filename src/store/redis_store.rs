@@ -37,6 +37,13 @@
 //!
 //! # Running Redis for it
 //!
+//! - **Change notices.** Every script that changes a link also `PUBLISH`es the link's scan
+//!   member on `{prefix}:changes`, in the script, atomically with the change; that is what
+//!   [`RedisStore::change_feed`] subscribes to for a
+//!   [`CachedStore`](crate::store::CachedStore). With Redis ACLs the store's user needs
+//!   permission to publish there (`&{prefix}:changes`, or `allchannels`), or every write fails
+//!   (ACL users made on Redis 7 have no channel by default). Instances of versions before
+//!   0.2.0 do not publish: turn a feed on once every instance writes with this version.
 //! - **No expiry, no eviction.** Records carry no TTL: a link must not vanish because Redis
 //!   ran short of memory. Run the server with `maxmemory-policy noeviction` (the default), so
 //!   a full Redis refuses writes (a [`StoreError::Backend`]) instead of dropping links.
@@ -77,8 +84,9 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::{
-    Lease, LeaseAttempt, LeaseHolder, LeaseToken, LinkState, PendingRevocation, Record, RecordMeta,
-    RevocationId, ScannedLink, StoreError, StoredRecord, TokenStore, Version,
+    ChangeFeed, FeedEvent, Lease, LeaseAttempt, LeaseHolder, LeaseToken, LinkState,
+    PendingRevocation, Record, RecordMeta, RevocationId, ScannedLink, StoreError, StoredRecord,
+    TokenStore, Version,
 };
 use crate::ids::{ProviderId, Realm, Subject, TokenKey};
 use crate::token::Payload;
@@ -154,7 +162,9 @@ end
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
     Scripts {
-    // KEYS: link, counter, subject index, scan index. ARGV: provider, scan member, fields (3..9).
+    // KEYS: link, counter, subject index, scan index. ARGV: provider, scan member, fields (3..9),
+    // changes channel (10). Every script that changes a link publishes its scan member on the
+    // changes channel, in the script, so the notice is atomic with the change.
     insert: Script::new(&format!(
         "{WRITE_FIELDS}
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
@@ -162,9 +172,11 @@ local v = redis.call('INCR', KEYS[2])
 write_fields(KEYS[1], v, 3)
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[4], 0, ARGV[2])
+redis.call('PUBLISH', ARGV[10], ARGV[2])
 return v"
     )),
-    // KEYS: link, counter. ARGV: expected version, fence (`=token` or empty), fields (3..9).
+    // KEYS: link, counter. ARGV: expected version, fence (`=token` or empty), fields (3..9),
+    // changes channel (10), scan member (11).
     // The lease fields are left alone: a write does not need the lease and must not free or
     // steal one a refresh is holding. Expiry is not looked at: a lease that ran out but was
     // not taken over is still current (the trait's contract).
@@ -177,16 +189,19 @@ if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'lease_token') ~= string.sub(AR
 end
 local v = redis.call('INCR', KEYS[2])
 write_fields(KEYS[1], v, 3)
+redis.call('PUBLISH', ARGV[10], ARGV[11])
 return v"
     )),
     // KEYS: link, subject index, scan index. ARGV: expected version (empty: any), provider,
-    // scan member. 1: deleted, 0: missing, -1: another version. The lease goes with the hash.
+    // scan member, changes channel. 1: deleted, 0: missing, -1: another version. The lease goes
+    // with the hash.
     delete: Script::new(
         "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'version') ~= ARGV[1] then return -1 end
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[3])
 return 1",
     ),
     // KEYS: link. ARGV: holder, ttl in ms, token. {0}: missing, {1}: busy, {2, until}: taken.
@@ -223,8 +238,8 @@ redis.call('HSET', KEYS[1], 'lease_expires_at', until_ms)
 return until_ms"
     )),
     // KEYS: link, subject index, scan index, entry hash, queue. ARGV: expected version (empty:
-    // any), provider, scan member, the entry (4..11). As `delete`, and the entry is written in
-    // the same script exactly when the link was deleted.
+    // any), provider, scan member, the entry (4..11), changes channel (12). As `delete`, and
+    // the entry is written in the same script exactly when the link was deleted.
     delete_enqueue: Script::new(&format!(
         "{WRITE_REVOCATION}
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -233,6 +248,7 @@ redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[3])
 write_revocation(KEYS[4], KEYS[5], 4)
+redis.call('PUBLISH', ARGV[12], ARGV[3])
 return 1"
     )),
     // KEYS: entry hash, queue. ARGV: the entry (1..8).
@@ -304,6 +320,9 @@ return 1",
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
+    /// For connections of its own (the change feed's pub/sub); `None` for a host's manager
+    /// until [`with_client`](RedisStore::with_client).
+    client: Option<Client>,
     /// Where it connects (`host:port/db`), without credentials; `None` for a host's manager.
     endpoint: Option<Arc<str>>,
     prefix: Arc<str>,
@@ -351,11 +370,12 @@ impl RedisStore {
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(3)
             .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client, config)
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(backend)?;
         let mut store = RedisStore::from_manager(conn);
         store.endpoint = Some(endpoint.into());
+        store.client = Some(client);
         Ok(store)
     }
 
@@ -374,6 +394,7 @@ impl RedisStore {
     pub fn from_manager(conn: ConnectionManager) -> Self {
         RedisStore {
             conn,
+            client: None,
             endpoint: None,
             prefix: DEFAULT_PREFIX.into(),
             tag: format!("{{{}}}", encode(DEFAULT_PREFIX)).into(),
@@ -397,6 +418,66 @@ impl RedisStore {
         self.tag = format!("{{{}}}", encode(&prefix)).into();
         self.prefix = prefix.into();
         self
+    }
+
+    /// Gives a store built by [`from_manager`](Self::from_manager) the [`Client`] its change
+    /// feed opens its own connection with (a pub/sub connection cannot be shared with the
+    /// manager's). A store built by [`connect`](Self::connect) has one already.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tokenbroker::store::redis::{Client, aio::ConnectionManager};
+    ///
+    /// let client = Client::open("redis://127.0.0.1:6379")?;
+    /// let manager = ConnectionManager::new(client.clone()).await?;
+    /// let store = tokenbroker::RedisStore::from_manager(manager).with_client(client);
+    /// let feed = store.change_feed()?;
+    /// # drop(feed);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_client(mut self, client: Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// A [`ChangeFeed`] of this store's links, for
+    /// [`CachedStore::with_change_feed`](crate::store::CachedStore::with_change_feed).
+    ///
+    /// Every script that changes a link (insert, compare-and-swap, delete, delete with a
+    /// revocation) publishes the link's scan member on `{prefix}:changes` inside the script,
+    /// atomically with the change; the feed subscribes to that channel on a connection of its
+    /// own. When the connection drops it reports [`FeedEvent::Lost`], reconnects with a backoff
+    /// (100 ms doubling to 10 s), subscribes again and reports [`FeedEvent::Subscribed`].
+    ///
+    /// A store built by [`from_manager`](Self::from_manager) needs
+    /// [`with_client`](Self::with_client) first; without a client this is a
+    /// [`StoreError::Backend`].
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tokenbroker::StoreError> {
+    /// use tokenbroker::RedisStore;
+    /// use tokenbroker::store::CachedStore;
+    ///
+    /// let redis = RedisStore::connect("redis://127.0.0.1:6379").await?;
+    /// let feed = redis.change_feed()?;
+    /// let store = CachedStore::with_change_feed(redis, feed);
+    /// # Ok(()) }
+    /// ```
+    pub fn change_feed(&self) -> Result<RedisChangeFeed, StoreError> {
+        let Some(client) = self.client.clone() else {
+            return Err(StoreError::backend(
+                STORE,
+                std::io::Error::other(
+                    "RedisStore::change_feed needs a client: call with_client on a store built by from_manager",
+                ),
+            ));
+        };
+        Ok(RedisChangeFeed {
+            client,
+            channel: self.changes_channel(),
+            subscription: None,
+            pause: None,
+        })
     }
 
     /// The prefix of this store's keys.
@@ -430,6 +511,11 @@ impl RedisStore {
         )
     }
 
+    /// The pub/sub channel every change of a link is published on: `{prefix}:changes`.
+    fn changes_channel(&self) -> String {
+        format!("{}:changes", self.tag)
+    }
+
     fn counter_key(&self) -> String {
         format!("{}:version", self.tag)
     }
@@ -459,6 +545,83 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
         invocation.invoke_async(&mut conn).await.map_err(backend)
+    }
+}
+
+/// The change feed of a [`RedisStore`] (see [`RedisStore::change_feed`]).
+pub struct RedisChangeFeed {
+    client: Client,
+    channel: String,
+    /// The subscribed connection: its sink (kept, so that the connection stays subscribed)
+    /// and its messages.
+    subscription: Option<(::redis::aio::PubSubSink, ::redis::aio::PubSubStream)>,
+    /// The pause before the next connection attempt, after a failure.
+    pause: Option<Duration>,
+}
+
+impl fmt::Debug for RedisChangeFeed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisChangeFeed")
+            .field("channel", &self.channel)
+            .field("connected", &self.subscription.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisChangeFeed {
+    async fn subscribe(&mut self) -> Result<(), RedisError> {
+        let limit = Duration::from_secs(5);
+        let timed_out = || RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        let mut pubsub = tokio::time::timeout(limit, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| timed_out())??;
+        tokio::time::timeout(limit, pubsub.subscribe(&self.channel))
+            .await
+            .map_err(|_| timed_out())??;
+        self.subscription = Some(pubsub.split());
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ChangeFeed for RedisChangeFeed {
+    async fn next_event(&mut self) -> Option<FeedEvent> {
+        use futures_util::StreamExt;
+        loop {
+            let Some((_, messages)) = self.subscription.as_mut() else {
+                if let Some(pause) = self.pause {
+                    tokio::time::sleep(pause).await;
+                }
+                match self.subscribe().await {
+                    Ok(()) => {
+                        self.pause = None;
+                        return Some(FeedEvent::Subscribed);
+                    }
+                    Err(e) => {
+                        let pause = self.pause.map_or(Duration::from_millis(100), |p| {
+                            (p * 2).min(Duration::from_secs(10))
+                        });
+                        self.pause = Some(pause);
+                        tracing::warn!(target: "tokenbroker", error = %e, retry_in = ?pause, "cache change feed: cannot subscribe");
+                        continue;
+                    }
+                }
+            };
+            match messages.next().await {
+                Some(message) => {
+                    return Some(match key_of_member(message.get_payload_bytes()) {
+                        Ok(key) => FeedEvent::Changed(key),
+                        Err(_) => FeedEvent::ChangedAll,
+                    });
+                }
+                None => {
+                    self.subscription = None;
+                    self.pause = Some(Duration::from_millis(100));
+                    tracing::warn!(target: "tokenbroker", "cache change feed: connection lost");
+                    return Some(FeedEvent::Lost);
+                }
+            }
+        }
     }
 }
 
@@ -673,6 +836,7 @@ impl TokenStore for RedisStore {
             .arg(key.provider.as_str())
             .arg(scan_member(key));
         push_fields(&mut inv, record);
+        inv.arg(self.changes_channel());
         let version: Option<i64> = self.run(&inv).await?;
         version_of(key, version)
     }
@@ -690,6 +854,7 @@ impl TokenStore for RedisStore {
             .arg(expected.get().to_string())
             .arg(fence.map_or_else(String::new, |f| format!("={}", f.as_str())));
         push_fields(&mut inv, record);
+        inv.arg(self.changes_channel()).arg(scan_member(key));
         let version: Option<i64> = self.run(&inv).await?;
         version_of(key, version)
     }
@@ -701,7 +866,8 @@ impl TokenStore for RedisStore {
             .key(self.scan_key())
             .arg(expected.map_or_else(String::new, |v| v.get().to_string()))
             .arg(key.provider.as_str())
-            .arg(scan_member(key));
+            .arg(scan_member(key))
+            .arg(self.changes_channel());
         match self.run::<i64>(&inv).await? {
             1 => Ok(true),
             0 => Ok(false),
@@ -849,6 +1015,7 @@ impl TokenStore for RedisStore {
             .arg(key.provider.as_str())
             .arg(scan_member(key));
         push_revocation(&mut inv, revocation);
+        inv.arg(self.changes_channel());
         match self.run::<i64>(&inv).await? {
             1 => Ok(true),
             0 => Ok(false),
