@@ -13,6 +13,7 @@
 //! | `TB_LISTEN` | `127.0.0.1:3000` | listen address |
 //! | `TB_REALM` | `demo` | the realm of the callers |
 //! | `TB_OIDC_ISSUER`, `TB_CLIENT_ID`, `TB_CLIENT_SECRET` | (fake IdP) | the upstream provider to discover, and the client registered there |
+//! | `TB_SCOPES` | (none) | scopes to ask for besides `openid`, space-separated (e.g. `email offline_access`) |
 //! | `TB_CALLER_ISSUER`, `TB_CALLER_AUDIENCE`, `TB_CALLER_JWKS_URL` | (dev key) | the host's own IdP, whose access tokens callers present |
 //!
 //! Without `TB_CALLER_JWKS_URL`, callers are verified against an ES256 key made at start, and a
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use tokenbroker::http::{ReqwestClient, SharedHttpClient};
 use tokenbroker::provider::OidcConfig;
 use tokenbroker::testing::FakeIdp;
-use tokenbroker::{ProviderId, ProviderPolicy, Realm, Secret, TokenBroker};
+use tokenbroker::{ProviderId, ProviderPolicy, Realm, Scopes, Secret, TokenBroker};
 use tokenbroker_axum::{JwtAuthenticator, broker_router};
 
 fn env(name: &str) -> Option<String> {
@@ -50,6 +51,11 @@ pub async fn app(
         &*http,
     )
     .await?;
+    // Discovery asks for `openid` only; anything else is set with the builder methods.
+    let config = match env("TB_SCOPES") {
+        Some(scopes) => config.with_additional_scopes(Scopes::parse(&scopes)),
+        None => config,
+    };
     let broker = TokenBroker::builder()
         .with_oidc_provider(config, ProviderPolicy::default())
         .with_http_client(http)
