@@ -19,8 +19,7 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 use tokenbroker::store::{
     CachedStore, FeedEvent, Lease, LeaseAttempt, LeaseHolder, LeaseToken, LinkState,
-    PendingRevocation, Record, RecordMeta, RevocationId, ScannedLink, StoreError, StoredRecord,
-    Version,
+    PendingRevocation, Record, RecordMeta, RevocationId, StoreError, StoredRecord, Version,
 };
 use tokenbroker::testing::{FakeProvider, ManualClock};
 use tokenbroker::{
@@ -65,7 +64,7 @@ impl<S: TokenStore> TokenStore for Counting<S> {
         fence: Option<&LeaseToken>,
     ) -> Result<Version, StoreError> {
         self.inner
-            .compare_and_swap(key, expected, record, fence)
+            .compare_and_swap(key, expected.clone(), record, fence)
             .await
     }
     async fn delete(&self, key: &TokenKey, expected: Option<Version>) -> Result<bool, StoreError> {
@@ -76,10 +75,10 @@ impl<S: TokenStore> TokenStore for Counting<S> {
     }
     async fn scan(
         &self,
-        after: Option<&TokenKey>,
+        cursor: Option<&tokenbroker::store::ScanCursor>,
         limit: usize,
-    ) -> Result<Vec<ScannedLink>, StoreError> {
-        self.inner.scan(after, limit).await
+    ) -> Result<tokenbroker::store::ScanPage, StoreError> {
+        self.inner.scan(cursor, limit).await
     }
     async fn try_lease(
         &self,
@@ -254,41 +253,49 @@ async fn writes_go_through_and_update_or_evict() {
     let v1 = cache.insert(&k, &record("one")).await.unwrap();
     // The insert cached what it wrote.
     let got = cache.load(&k).await.unwrap().unwrap();
-    assert_eq!((got.version, bytes(&got)), (v1, &b"one"[..]));
+    assert_eq!(
+        (got.version.clone(), bytes(&got)),
+        (v1.clone(), &b"one"[..])
+    );
     assert_eq!(loads.load(Ordering::SeqCst), 0);
     let v2 = cache
-        .compare_and_swap(&k, v1, &record("two"), None)
+        .compare_and_swap(&k, v1.clone(), &record("two"), None)
         .await
         .unwrap();
     let got = cache.load(&k).await.unwrap().unwrap();
-    assert_eq!((got.version, bytes(&got)), (v2, &b"two"[..]));
+    assert_eq!(
+        (got.version.clone(), bytes(&got)),
+        (v2.clone(), &b"two"[..])
+    );
     assert_eq!(loads.load(Ordering::SeqCst), 0);
     // A conflict evicts: the next read asks the store.
     assert!(matches!(
-        cache.compare_and_swap(&k, v1, &record("x"), None).await,
+        cache
+            .compare_and_swap(&k, v1.clone(), &record("x"), None)
+            .await,
         Err(StoreError::Conflict { .. })
     ));
     assert!(!cache.is_cached(&k));
-    assert_eq!(cache.load(&k).await.unwrap().unwrap().version, v2);
+    assert_eq!(cache.load(&k).await.unwrap().unwrap().version, v2.clone());
     assert_eq!(loads.load(Ordering::SeqCst), 1);
     // A write behind the cache's back is not seen until the TTL (no feed here) ...
     let v3 = cache
         .inner()
         .inner
-        .compare_and_swap(&k, v2, &record("three"), None)
+        .compare_and_swap(&k, v2.clone(), &record("three"), None)
         .await
         .unwrap();
-    assert_eq!(cache.load(&k).await.unwrap().unwrap().version, v2);
+    assert_eq!(cache.load(&k).await.unwrap().unwrap().version, v2.clone());
     // ... but a write through the cache on the stale version conflicts and evicts.
     assert!(
         cache
-            .compare_and_swap(&k, v2, &record("y"), None)
+            .compare_and_swap(&k, v2.clone(), &record("y"), None)
             .await
             .is_err()
     );
-    assert_eq!(cache.load(&k).await.unwrap().unwrap().version, v3);
+    assert_eq!(cache.load(&k).await.unwrap().unwrap().version, v3.clone());
     // Delete evicts.
-    assert!(cache.delete(&k, Some(v3)).await.unwrap());
+    assert!(cache.delete(&k, Some(v3.clone())).await.unwrap());
     assert!(!cache.is_cached(&k));
     assert!(cache.load(&k).await.unwrap().is_none());
 }
@@ -316,25 +323,29 @@ async fn loads_under_a_lease_taken_here_reach_the_store() {
     let v2 = cache
         .inner()
         .inner
-        .compare_and_swap(&k, v1, &record("two"), None)
+        .compare_and_swap(&k, v1.clone(), &record("two"), None)
         .await
         .unwrap();
     for i in 1..=3 {
         let got = cache.load(&k).await.unwrap().unwrap();
-        assert_eq!(got.version, v2, "the engine sees the store under the lease");
+        assert_eq!(
+            got.version.clone(),
+            v2,
+            "the engine sees the store under the lease"
+        );
         assert_eq!(loads.load(Ordering::SeqCst), i);
         assert!(!cache.is_cached(&k), "nothing is cached under the lease");
     }
     // A fenced write under the lease, then the release: caching resumes.
     let v3 = cache
-        .compare_and_swap(&k, v2, &record("three"), Some(&lease.token))
+        .compare_and_swap(&k, v2.clone(), &record("three"), Some(&lease.token))
         .await
         .unwrap();
-    assert_eq!(cache.load(&k).await.unwrap().unwrap().version, v3);
+    assert_eq!(cache.load(&k).await.unwrap().unwrap().version, v3.clone());
     assert_eq!(loads.load(Ordering::SeqCst), 4);
     cache.release_lease(&lease).await.unwrap();
-    assert_eq!(cache.load(&k).await.unwrap().unwrap().version, v3);
-    assert_eq!(cache.load(&k).await.unwrap().unwrap().version, v3);
+    assert_eq!(cache.load(&k).await.unwrap().unwrap().version, v3.clone());
+    assert_eq!(cache.load(&k).await.unwrap().unwrap().version, v3.clone());
     assert_eq!(
         loads.load(Ordering::SeqCst),
         5,
@@ -640,33 +651,39 @@ async fn two_instances_invalidate_each_other<S: TokenStore>(
     let v1 = a.insert(&k, &record("one")).await.unwrap();
     wait_until("B received the insert", received(1)).await;
     let got = b.load(&k).await.unwrap().unwrap();
-    assert_eq!((got.version, bytes(&got)), (v1, &b"one"[..]));
+    assert_eq!(
+        (got.version.clone(), bytes(&got)),
+        (v1.clone(), &b"one"[..])
+    );
     assert_eq!(count(), 1);
     for _ in 0..10 {
-        assert_eq!(b.load(&k).await.unwrap().unwrap().version, v1);
+        assert_eq!(b.load(&k).await.unwrap().unwrap().version, v1.clone());
     }
     assert_eq!(count(), 1, "a fresh read costs no round trip");
 
     // A refresh on A: a new version.
     let v2 = a
-        .compare_and_swap(&k, v1, &record("two"), None)
+        .compare_and_swap(&k, v1.clone(), &record("two"), None)
         .await
         .unwrap();
     wait_until("B received the refresh", received(2)).await;
     let got = b.load(&k).await.unwrap().unwrap();
-    assert_eq!((got.version, bytes(&got)), (v2, &b"two"[..]));
+    assert_eq!(
+        (got.version.clone(), bytes(&got)),
+        (v2.clone(), &b"two"[..])
+    );
     assert_eq!(count(), 2);
     b.load(&k).await.unwrap();
     assert_eq!(count(), 2);
 
     // Relink required on A.
     let v3 = a
-        .compare_and_swap(&k, v2, &relink_required("two"), None)
+        .compare_and_swap(&k, v2.clone(), &relink_required("two"), None)
         .await
         .unwrap();
     wait_until("B received the relink mark", received(3)).await;
     let got = b.load(&k).await.unwrap().unwrap();
-    assert_eq!(got.version, v3);
+    assert_eq!(got.version.clone(), v3);
     assert!(got.record.meta.state.is_relink_required());
     assert_eq!(count(), 3);
 
@@ -681,7 +698,7 @@ async fn two_instances_invalidate_each_other<S: TokenStore>(
     a.release_lease(&lease).await.unwrap();
 
     // Unlink on A.
-    assert!(a.delete(&k, Some(v3)).await.unwrap());
+    assert!(a.delete(&k, Some(v3.clone())).await.unwrap());
     wait_until("B received the unlink", received(4)).await;
     assert!(b.load(&k).await.unwrap().is_none());
     assert_eq!(count(), 4);
@@ -826,7 +843,7 @@ mod postgres {
         // And notifications flow again.
         let seen = b.stats().invalidations_received;
         let v = b.load(&k).await.unwrap().unwrap().version;
-        a.compare_and_swap(&k, v, &record("two"), None)
+        a.compare_and_swap(&k, v.clone(), &record("two"), None)
             .await
             .unwrap();
         wait_until("change after reconnect", || {

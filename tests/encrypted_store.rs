@@ -113,7 +113,7 @@ async fn round_trip_keeps_payload_meta_and_versions() {
 
     let v1 = store.insert(&k, &written).await.unwrap();
     let loaded = store.load(&k).await.unwrap().unwrap();
-    assert_eq!(loaded.version, v1);
+    assert_eq!(loaded.version.clone(), v1);
     assert_eq!(
         loaded.record.payload.expose_secret(),
         written.payload.expose_secret()
@@ -122,7 +122,7 @@ async fn round_trip_keeps_payload_meta_and_versions() {
     assert_eq!(access_token(&loaded), "at-round-trip");
 
     let v2 = store
-        .compare_and_swap(&k, v1, &record("at-second"), None)
+        .compare_and_swap(&k, v1.clone(), &record("at-second"), None)
         .await
         .unwrap();
     assert_ne!(v1, v2);
@@ -131,7 +131,9 @@ async fn round_trip_keeps_payload_meta_and_versions() {
         "at-second"
     );
     assert!(matches!(
-        store.compare_and_swap(&k, v1, &record("stale"), None).await,
+        store
+            .compare_and_swap(&k, v1.clone(), &record("stale"), None)
+            .await,
         Err(StoreError::Conflict { .. })
     ));
     assert!(matches!(
@@ -140,7 +142,7 @@ async fn round_trip_keeps_payload_meta_and_versions() {
     ));
 
     // Pass-through: versions, meta in scan, list, leases, delete, missing keys.
-    let scanned = store.scan(None, 10).await.unwrap();
+    let scanned = store.scan(None, 10).await.unwrap().links;
     assert_eq!(scanned.len(), 1);
     assert_eq!(scanned[0].version, v2);
     assert_eq!(scanned[0].meta, written.meta);
@@ -165,7 +167,7 @@ async fn round_trip_keeps_payload_meta_and_versions() {
     );
     store.release_lease(&lease).await.unwrap();
     assert!(store.load(&key("nobody")).await.unwrap().is_none());
-    assert!(store.delete(&k, Some(v2)).await.unwrap());
+    assert!(store.delete(&k, Some(v2.clone())).await.unwrap());
     assert!(store.load(&k).await.unwrap().is_none());
     assert!(inner.is_empty());
 }
@@ -320,7 +322,7 @@ async fn rotation_reads_old_records_and_writes_under_the_new_primary() {
     // A rewrite of an old record moves it to the primary too.
     let v = rotated.load(&old).await.unwrap().unwrap().version;
     rotated
-        .compare_and_swap(&old, v, &record("at-old-2"), None)
+        .compare_and_swap(&old, v.clone(), &record("at-old-2"), None)
         .await
         .unwrap();
     assert_eq!(key_id_of(&raw(&inner, &old).await), Some(id("k2")));
@@ -349,12 +351,13 @@ async fn rewrap_moves_everything_to_the_primary_in_batches() {
         .compare_and_swap(&keys[3], v, &record("at-3"), None)
         .await
         .unwrap();
-    let meta_before: Vec<ScannedLink> = inner.scan(None, 100).await.unwrap();
+    let meta_before: Vec<ScannedLink> = inner.scan(None, 100).await.unwrap().links;
 
     // Page by page: the cursor advances and ends.
     let (page, next) = store.rewrap_page(None, 2).await.unwrap();
     assert_eq!((page.scanned, page.rewrapped), (2, 2));
-    assert_eq!(next.as_ref(), Some(&keys[1]));
+    // The inner MemoryStore walks in key order, so its cursor names the last key of the page.
+    assert_eq!(next.map(|c| c.key().unwrap()), Some(keys[1].clone()));
 
     let report = store.rewrap(2).await.unwrap();
     assert_eq!(report.scanned, 7);
@@ -370,7 +373,7 @@ async fn rewrap_moves_everything_to_the_primary_in_batches() {
         );
     }
     // Rewrapping changes versions, not meta.
-    let meta_after = inner.scan(None, 100).await.unwrap();
+    let meta_after = inner.scan(None, 100).await.unwrap().links;
     for (a, b) in meta_before.iter().zip(&meta_after) {
         assert_eq!((&a.key, &a.meta), (&b.key, &b.meta));
     }
@@ -467,7 +470,7 @@ impl TokenStore for RacingStore {
         match (armed, &loaded) {
             (Some((_, Race::Write(write))), Some(stored)) => {
                 self.inner
-                    .compare_and_swap(key, stored.version, &write, None)
+                    .compare_and_swap(key, stored.version.clone(), &write, None)
                     .await
                     .expect("the concurrent writer's CAS");
             }
@@ -497,7 +500,7 @@ impl TokenStore for RacingStore {
         fence: Option<&LeaseToken>,
     ) -> Result<Version, StoreError> {
         self.inner
-            .compare_and_swap(key, expected, record, fence)
+            .compare_and_swap(key, expected.clone(), record, fence)
             .await
     }
     async fn delete(&self, key: &TokenKey, expected: Option<Version>) -> Result<bool, StoreError> {
@@ -508,10 +511,10 @@ impl TokenStore for RacingStore {
     }
     async fn scan(
         &self,
-        after: Option<&TokenKey>,
+        cursor: Option<&tokenbroker::store::ScanCursor>,
         limit: usize,
-    ) -> Result<Vec<ScannedLink>, StoreError> {
-        self.inner.scan(after, limit).await
+    ) -> Result<tokenbroker::store::ScanPage, StoreError> {
+        self.inner.scan(cursor, limit).await
     }
     async fn try_lease(
         &self,
@@ -1109,15 +1112,17 @@ async fn unreadable_records_report_their_version_and_can_be_replaced_or_deleted(
         let v = corrupt_version(store.load(k).await);
         assert_eq!(v, raw(&inner, k).await.version, "{k}");
         let replaced = store
-            .compare_and_swap(k, v, &record("at-relinked"), None)
+            .compare_and_swap(k, v.clone(), &record("at-relinked"), None)
             .await
             .unwrap_or_else(|e| panic!("{k}: CAS over an unreadable record: {e:?}"));
         let loaded = store.load(k).await.unwrap().unwrap();
-        assert_eq!(loaded.version, replaced);
+        assert_eq!(loaded.version.clone(), replaced);
         assert_eq!(access_token(&loaded), "at-relinked");
         // The stale version no longer matches.
         assert!(matches!(
-            store.compare_and_swap(k, v, &record("late"), None).await,
+            store
+                .compare_and_swap(k, v.clone(), &record("late"), None)
+                .await,
             Err(StoreError::Conflict { .. })
         ));
     }
@@ -1127,10 +1132,12 @@ async fn unreadable_records_report_their_version_and_can_be_replaced_or_deleted(
         assert_eq!(v, raw(&inner, k).await.version, "{k}");
         // Another version conflicts and deletes nothing; the reported one deletes.
         assert!(matches!(
-            store.delete(k, Some(Version::new(v.get() + 1000))).await,
+            store
+                .delete(k, Some(Version::from_number(v.number().unwrap() + 1000)))
+                .await,
             Err(StoreError::Conflict { .. })
         ));
-        assert!(store.delete(k, Some(v)).await.unwrap(), "{k}");
+        assert!(store.delete(k, Some(v.clone())).await.unwrap(), "{k}");
         assert!(store.load(k).await.unwrap().is_none());
         assert!(inner.load(k).await.unwrap().is_none());
     }
@@ -1437,10 +1444,10 @@ async fn a_key_provider_outage_stops_only_what_needs_a_new_key() {
     assert_backend(reader.load(&keys[0]).await);
     assert_backend(writer.load(&keys[0]).await);
     let before = raw(&inner, &keys[1]).await.version;
-    let v = before;
+    let v = before.clone();
     assert_backend(
         writer
-            .compare_and_swap(&keys[1], v, &record("y"), None)
+            .compare_and_swap(&keys[1], v.clone(), &record("y"), None)
             .await,
     );
     assert_eq!(

@@ -256,11 +256,11 @@ async fn versions_never_repeat_across_stores() {
     let [a, b] = db.pair().await;
     let k = key("acme", "alice", "google");
     let v1 = a.insert(&k, &active("x")).await.unwrap();
-    assert!(b.delete(&k, Some(v1)).await.unwrap());
+    assert!(b.delete(&k, Some(v1.clone())).await.unwrap());
     let v2 = b.insert(&k, &active("y")).await.unwrap();
     assert_ne!(v1, v2);
     assert!(store_cases::is_conflict(
-        a.compare_and_swap(&k, v1, &active("z"), None).await
+        a.compare_and_swap(&k, v1.clone(), &active("z"), None).await
     ));
     db.cleanup().await;
 }

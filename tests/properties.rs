@@ -449,17 +449,18 @@ async fn run_task(
                 .await
                 .map(|v| log.writes.push((None, v, tag))),
             (Op::Cas, Some(cur)) => store
-                .compare_and_swap(&key, cur.version, &record(&tag), None)
+                .compare_and_swap(&key, cur.version.clone(), &record(&tag), None)
                 .await
-                .map(|v| log.writes.push((Some(cur.version), v, tag))),
+                .map(|v| log.writes.push((Some(cur.version.clone()), v, tag))),
             (Op::Cas, None) => continue,
-            (Op::DeleteVersioned, Some(cur)) => {
-                store.delete(&key, Some(cur.version)).await.map(|deleted| {
+            (Op::DeleteVersioned, Some(cur)) => store
+                .delete(&key, Some(cur.version.clone()))
+                .await
+                .map(|deleted| {
                     if deleted {
-                        log.deleted.push(cur.version);
+                        log.deleted.push(cur.version.clone());
                     }
-                })
-            }
+                }),
             (Op::DeleteVersioned, None) => continue,
             (Op::DeleteAny, _) => store.delete(&key, None).await.map(|_| ()),
         };
@@ -492,7 +493,7 @@ async fn interleave(stores: &[Arc<dyn TokenStore>], key: &TokenKey, tasks: Vec<V
     let mut seen = HashSet::new();
     for (_, v, tag) in &writes {
         assert!(
-            seen.insert(*v),
+            seen.insert(v.clone()),
             "version {v:?} handed out twice (again for {tag})"
         );
     }
@@ -501,8 +502,8 @@ async fn interleave(stores: &[Arc<dyn TokenStore>], key: &TokenKey, tasks: Vec<V
     let mut consumed: HashMap<Version, usize> = HashMap::new();
     for v in writes
         .iter()
-        .filter_map(|(base, _, _)| *base)
-        .chain(deleted.iter().copied())
+        .filter_map(|(base, _, _)| base.clone())
+        .chain(deleted.iter().cloned())
     {
         assert!(
             seen.contains(&v),

@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use tokenbroker::http::{HttpError, HttpRequest};
 use tokenbroker::provider::ProviderError;
 use tokenbroker::store::{
-    Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoredRecord, Version,
+    Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, StoredRecord, Version,
 };
 use tokenbroker::testing::{FakeFault, FakeProvider};
 use tokenbroker::{
@@ -139,10 +139,10 @@ impl TokenStore for GatedStore {
     }
     async fn scan(
         &self,
-        after: Option<&TokenKey>,
+        cursor: Option<&tokenbroker::store::ScanCursor>,
         limit: usize,
-    ) -> Result<Vec<ScannedLink>, StoreError> {
-        self.inner.scan(after, limit).await
+    ) -> Result<tokenbroker::store::ScanPage, StoreError> {
+        self.inner.scan(cursor, limit).await
     }
     async fn try_lease(
         &self,

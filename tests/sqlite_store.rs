@@ -180,11 +180,11 @@ async fn versions_never_repeat_across_stores() {
     let [a, b] = db.pair().await;
     let k = key("acme", "alice", "google");
     let v1 = a.insert(&k, &active("x")).await.unwrap();
-    assert!(b.delete(&k, Some(v1)).await.unwrap());
+    assert!(b.delete(&k, Some(v1.clone())).await.unwrap());
     let v2 = b.insert(&k, &active("y")).await.unwrap();
     assert_ne!(v1, v2);
     assert!(store_cases::is_conflict(
-        a.compare_and_swap(&k, v1, &active("z"), None).await
+        a.compare_and_swap(&k, v1.clone(), &active("z"), None).await
     ));
 }
 
@@ -354,8 +354,7 @@ mod conformance {
 
     use async_trait::async_trait;
     use tokenbroker::store::{
-        Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoreError,
-        StoredRecord, Version,
+        Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, StoreError, StoredRecord, Version,
     };
     use tokenbroker::{Realm, SqliteStore, Subject, TokenKey, TokenStore};
 
@@ -393,7 +392,7 @@ mod conformance {
             fence: Option<&LeaseToken>,
         ) -> Result<Version, StoreError> {
             self.store
-                .compare_and_swap(key, expected, record, fence)
+                .compare_and_swap(key, expected.clone(), record, fence)
                 .await
         }
         async fn delete(
@@ -412,10 +411,10 @@ mod conformance {
         }
         async fn scan(
             &self,
-            after: Option<&TokenKey>,
+            cursor: Option<&tokenbroker::store::ScanCursor>,
             limit: usize,
-        ) -> Result<Vec<ScannedLink>, StoreError> {
-            self.store.scan(after, limit).await
+        ) -> Result<tokenbroker::store::ScanPage, StoreError> {
+            self.store.scan(cursor, limit).await
         }
         async fn try_lease(
             &self,

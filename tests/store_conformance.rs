@@ -42,7 +42,7 @@ mod catches_broken_stores {
 
     use async_trait::async_trait;
     use tokenbroker::store::{
-        Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScannedLink, StoreError,
+        Lease, LeaseAttempt, LeaseHolder, LeaseToken, Record, ScanCursor, ScanPage, StoreError,
         StoredRecord, Version,
     };
     use tokenbroker::testing::store_conformance::{self, SharedStore};
@@ -56,8 +56,13 @@ mod catches_broken_stores {
         VersionsRestart,
         /// The holder of a lease may take it again.
         ReentrantLease,
-        /// `scan` pages are not ordered.
-        UnorderedScan,
+        /// `scan` hands out a cursor after a page's first link, not its last: links come back
+        /// more than once in a pass.
+        ScanRepeats,
+        /// `scan` hands out a cursor one link past the page: a link per page is never returned.
+        ScanSkips,
+        /// `scan` reads a cursor it did not make as "from the start".
+        ScanRestartsOnForeignCursor,
         /// `release_lease` frees the key's lease when the holder id matches, whatever the
         /// token (leases before fencing).
         ReleaseByHolder,
@@ -69,6 +74,11 @@ mod catches_broken_stores {
         ExtendDoesNothing,
         /// An expired lease's token stops working even though nobody took the lease over.
         ExpiredTokenDropped,
+    }
+
+    /// `MemoryStore` counts its versions.
+    fn number(v: &Version) -> u64 {
+        v.number().expect("MemoryStore versions are numbers")
     }
 
     #[derive(Debug)]
@@ -108,7 +118,9 @@ mod catches_broken_stores {
             let loaded = self.inner.load(key).await?;
             if self.flaw == Flaw::VersionsRestart {
                 return Ok(loaded.map(|r| {
-                    let v = Version::new(r.version.get() - self.restart.load(Ordering::SeqCst));
+                    let v = Version::from_number(
+                        number(&r.version) - self.restart.load(Ordering::SeqCst),
+                    );
                     StoredRecord::new(r.record, v)
                 }));
             }
@@ -118,8 +130,8 @@ mod catches_broken_stores {
             let v = self.inner.insert(key, record).await?;
             if self.flaw == Flaw::VersionsRestart {
                 // Pretend this row's counter starts at 1.
-                self.restart.store(v.get() - 1, Ordering::SeqCst);
-                return Ok(Version::new(1));
+                self.restart.store(number(&v) - 1, Ordering::SeqCst);
+                return Ok(Version::from_number(1));
             }
             Ok(v)
         }
@@ -156,9 +168,14 @@ mod catches_broken_stores {
                     let offset = self.restart.load(Ordering::SeqCst);
                     let v = self
                         .inner
-                        .compare_and_swap(key, Version::new(expected.get() + offset), record, fence)
+                        .compare_and_swap(
+                            key,
+                            Version::from_number(number(&expected) + offset),
+                            record,
+                            fence,
+                        )
                         .await?;
-                    Ok(Version::new(v.get() - offset))
+                    Ok(Version::from_number(number(&v) - offset))
                 }
                 _ => {
                     self.inner
@@ -178,7 +195,10 @@ mod catches_broken_stores {
                 0
             };
             self.inner
-                .delete(key, expected.map(|v| Version::new(v.get() + offset)))
+                .delete(
+                    key,
+                    expected.map(|v| Version::from_number(number(&v) + offset)),
+                )
                 .await
         }
         async fn list(
@@ -190,14 +210,27 @@ mod catches_broken_stores {
         }
         async fn scan(
             &self,
-            after: Option<&TokenKey>,
+            cursor: Option<&tokenbroker::store::ScanCursor>,
             limit: usize,
-        ) -> Result<Vec<ScannedLink>, StoreError> {
-            let mut page = self.inner.scan(after, limit).await?;
-            if self.flaw == Flaw::UnorderedScan {
-                page.reverse();
+        ) -> Result<tokenbroker::store::ScanPage, StoreError> {
+            if self.flaw == Flaw::ScanRestartsOnForeignCursor
+                && cursor.is_some_and(|c| c.key().is_err())
+            {
+                return self.inner.scan(None, limit).await;
             }
-            Ok(page)
+            let page = self.inner.scan(cursor, limit).await?;
+            match self.flaw {
+                Flaw::ScanRepeats if page.links.len() > 1 && page.next.is_some() => {
+                    let first = ScanCursor::after_key(&page.links[0].key);
+                    Ok(ScanPage::new(page.links, Some(first)))
+                }
+                Flaw::ScanSkips if page.next.is_some() => {
+                    let skipped = self.inner.scan(page.next.as_ref(), 1).await?;
+                    let next = skipped.links.first().map(|l| ScanCursor::after_key(&l.key));
+                    Ok(ScanPage::new(page.links, next))
+                }
+                _ => Ok(page),
+            }
         }
         async fn try_lease(
             &self,
@@ -318,7 +351,9 @@ mod catches_broken_stores {
             Flaw::CasIgnoresVersion,
             Flaw::VersionsRestart,
             Flaw::ReentrantLease,
-            Flaw::UnorderedScan,
+            Flaw::ScanRepeats,
+            Flaw::ScanSkips,
+            Flaw::ScanRestartsOnForeignCursor,
             Flaw::ReleaseByHolder,
             Flaw::FenceIgnored,
             Flaw::ExtendByKey,
@@ -359,6 +394,14 @@ mod catches_broken_stores {
         caught!(
             Flaw::ExpiredTokenDropped,
             expired_lease_not_taken_over_stays_current
+        );
+        caught!(Flaw::ScanRepeats, scan_visits_every_link_once);
+        caught!(Flaw::ScanSkips, scan_visits_every_link_once);
+        caught!(Flaw::ScanRepeats, scan_during_writes_returns_survivors_once);
+        caught!(Flaw::ScanSkips, scan_during_writes_returns_survivors_once);
+        caught!(
+            Flaw::ScanRestartsOnForeignCursor,
+            scan_rejects_a_foreign_cursor
         );
     }
 }

@@ -87,7 +87,7 @@ impl HotCache {
             return;
         }
         let entry = Entry {
-            version: stored.version,
+            version: stored.version.clone(),
             payload: stored.record.payload.clone(),
             set,
         };
@@ -131,7 +131,7 @@ mod tests {
                 set.to_payload(),
                 RecordMeta::new(LinkState::Active, None, at, at),
             ),
-            Version::new(version),
+            Version::from_number(version),
         )
     }
 
@@ -152,7 +152,7 @@ mod tests {
                 Payload::new(a.record.payload.expose_secret().to_vec()),
                 a.record.meta.clone(),
             ),
-            a.version,
+            a.version.clone(),
         );
         assert!(cache.get(&key(0), &copy).is_some());
         // A newer version, or the same version with other bytes (re-inserted): a miss.

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::http::{HttpClient, HttpRequest, HttpResponse};
 use crate::ids::{ProviderId, TokenKey};
 use crate::secret::Secret;
-use crate::store::LinkState;
+use crate::store::{LinkState, ScanCursor};
 use crate::token::TokenSet;
 
 /// The health of one link, as this broker instance sees it.
@@ -179,7 +179,7 @@ impl TokenBroker {
         let mut report = SweepReport::default();
         let semaphore = Arc::new(tokio::sync::Semaphore::new(options.concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
-        let mut cursor: Option<TokenKey> = None;
+        let mut cursor: Option<ScanCursor> = None;
         // Links per provider by stored state, for the health gauges: (active, relink-required).
         let mut health: HashMap<ProviderId, (u64, u64), foldhash::fast::RandomState> =
             HashMap::default();
@@ -188,9 +188,9 @@ impl TokenBroker {
                 .store
                 .scan(cursor.as_ref(), options.page_size.max(1))
                 .await?;
-            let Some(last) = page.last() else { break };
-            cursor = Some(last.key.clone());
-            for link in page {
+            let last_page = page.next.is_none();
+            cursor = page.next;
+            for link in page.links {
                 report.scanned += 1;
                 let Ok(entry) = inner.entry(&link.key.provider) else {
                     continue; // a provider this instance does not serve
@@ -237,6 +237,9 @@ impl TokenBroker {
                 while let Some(done) = tasks.try_join_next() {
                     record(&mut report, done, &self.inner);
                 }
+            }
+            if last_page {
+                break;
             }
         }
         while let Some(done) = tasks.join_next().await {

@@ -282,7 +282,7 @@ impl Inner {
             TokenSet::from_payload(&stored.record.payload).map_err(|e| StoreError::Corrupt {
                 key: key.clone(),
                 reason: e.to_string(),
-                version: Some(stored.version),
+                version: Some(stored.version.clone()),
             })?;
         let set = Arc::new(set);
         self.remember(key, stored, &set);
@@ -561,7 +561,8 @@ impl Inner {
             let written = self
                 .bounded(
                     limit,
-                    self.store.compare_and_swap(key, expected, &record, fence),
+                    self.store
+                        .compare_and_swap(key, expected.clone(), &record, fence),
                 )
                 .await;
             let conflict = match written {

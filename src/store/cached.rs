@@ -101,7 +101,7 @@ use time::OffsetDateTime;
 
 use super::{
     Lease, LeaseAttempt, LeaseHolder, LeaseToken, PendingRevocation, Record, RevocationId,
-    ScannedLink, StoreError, StoredRecord, TokenStore, Version,
+    ScanCursor, ScanPage, StoreError, StoredRecord, TokenStore, Version,
 };
 use crate::clock::{self, SharedClock};
 use crate::ids::{Realm, Subject, TokenKey};
@@ -957,7 +957,7 @@ impl<S: TokenStore> TokenStore for CachedStore<S> {
         let cached = written
             .as_ref()
             .ok()
-            .map(|v| StoredRecord::new(record.clone(), *v));
+            .map(|v| StoredRecord::new(record.clone(), v.clone()));
         guard.end(cached);
         written
     }
@@ -977,7 +977,7 @@ impl<S: TokenStore> TokenStore for CachedStore<S> {
         let cached = written
             .as_ref()
             .ok()
-            .map(|v| StoredRecord::new(record.clone(), *v));
+            .map(|v| StoredRecord::new(record.clone(), v.clone()));
         guard.end(cached);
         written
     }
@@ -995,10 +995,10 @@ impl<S: TokenStore> TokenStore for CachedStore<S> {
 
     async fn scan(
         &self,
-        after: Option<&TokenKey>,
+        cursor: Option<&ScanCursor>,
         limit: usize,
-    ) -> Result<Vec<ScannedLink>, StoreError> {
-        self.inner.scan(after, limit).await
+    ) -> Result<ScanPage, StoreError> {
+        self.inner.scan(cursor, limit).await
     }
 
     async fn try_lease(

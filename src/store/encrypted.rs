@@ -89,7 +89,7 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
 use super::{
     Lease, LeaseAttempt, LeaseHolder, LeaseToken, PendingRevocation, Record, RevocationId,
-    ScannedLink, StoreError, StoredRecord, TokenStore, Version,
+    ScanCursor, ScanPage, StoreError, StoredRecord, TokenStore, Version,
 };
 use crate::clock::SharedClock;
 use crate::ids::{Realm, Subject, TokenKey};
@@ -568,7 +568,7 @@ impl<S: TokenStore> EncryptedStore<S> {
                 sealed.payload.clone(),
                 super::RecordMeta::new(super::LinkState::Active, None, now, now),
             ),
-            Version::new(0),
+            Version::from_number(0),
         );
         match self.open(&sealed.key, as_record, Opener::Outbox).await {
             Ok(opened) => Ok(sealed.with_payload(opened.record.payload)),
@@ -647,11 +647,11 @@ impl<S: TokenStore> EncryptedStore<S> {
         stored: StoredRecord,
         opener: Opener,
     ) -> Result<StoredRecord, StoreError> {
-        let version = stored.version;
+        let version = stored.version.clone();
         let corrupt = |reason: String| StoreError::Corrupt {
             key: key.clone(),
             reason,
-            version: Some(version),
+            version: Some(version.clone()),
         };
         let bytes = stored.record.payload.expose_secret();
         let envelope = match envelope::parse(bytes) {
@@ -757,7 +757,7 @@ impl<S: TokenStore> EncryptedStore<S> {
     /// lease it took is left held.
     pub async fn rewrap(&self, batch_size: usize) -> Result<RewrapReport, StoreError> {
         let mut total = RewrapReport::default();
-        let mut cursor: Option<TokenKey> = None;
+        let mut cursor: Option<ScanCursor> = None;
         loop {
             let (report, next) = self.rewrap_page(cursor.as_ref(), batch_size).await?;
             total.add(&report);
@@ -769,9 +769,10 @@ impl<S: TokenStore> EncryptedStore<S> {
     }
 
     /// Re-encrypts, under the primary key and in the current format, the records among the
-    /// next `batch_size` links (at least 1) strictly after `after` that are not current, and
-    /// returns the cursor to pass next (`None` when the walk is done). Lets a host bound the
-    /// work per call.
+    /// next page of at most `batch_size` links (at least 1) of a pass over the inner store that
+    /// are not current, and returns the cursor to pass next (`None` when the pass is done).
+    /// Start a pass with `None`. Lets a host bound the work per call; the cursor is plain text
+    /// ([`ScanCursor::as_str`]) and may be kept to resume the pass later.
     ///
     /// A record is current when it is a format-2 envelope whose KEK id is the provider's
     /// primary key id. Records under the primary but under an older intermediate key are
@@ -794,23 +795,17 @@ impl<S: TokenStore> EncryptedStore<S> {
     /// are counted in [`RewrapReport::corrupt`], logged, and left alone.
     pub async fn rewrap_page(
         &self,
-        after: Option<&TokenKey>,
+        cursor: Option<&ScanCursor>,
         batch_size: usize,
-    ) -> Result<(RewrapReport, Option<TokenKey>), StoreError> {
-        let limit = batch_size.max(1);
-        let links = self.inner.scan(after, limit).await?;
+    ) -> Result<(RewrapReport, Option<ScanCursor>), StoreError> {
+        let page = self.inner.scan(cursor, batch_size.max(1)).await?;
         let primary = self.keys.primary_key_id();
         let mut report = RewrapReport::default();
-        for link in &links {
+        for link in &page.links {
             report.scanned += 1;
             report.count(self.rewrap_one(&link.key, &primary).await?);
         }
-        let next = if links.len() == limit {
-            links.last().map(|l| l.key.clone())
-        } else {
-            None
-        };
-        Ok((report, next))
+        Ok((report, page.next))
     }
 
     /// Rewraps one record under its lease (see [`rewrap_page`](Self::rewrap_page)).
@@ -959,10 +954,10 @@ impl<S: TokenStore> TokenStore for EncryptedStore<S> {
 
     async fn scan(
         &self,
-        after: Option<&TokenKey>,
+        cursor: Option<&ScanCursor>,
         limit: usize,
-    ) -> Result<Vec<ScannedLink>, StoreError> {
-        self.inner.scan(after, limit).await
+    ) -> Result<ScanPage, StoreError> {
+        self.inner.scan(cursor, limit).await
     }
 
     async fn try_lease(

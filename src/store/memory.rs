@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 
 use super::{
     Lease, LeaseAttempt, LeaseHolder, LeaseToken, PendingRevocation, Record, RevocationId,
-    ScannedLink, StoreError, StoredRecord, TokenStore, Version,
+    ScanCursor, ScanPage, ScannedLink, StoreError, StoredRecord, TokenStore, Version,
 };
 use crate::clock::{self, SharedClock};
 use crate::ids::{Realm, Subject, TokenKey};
@@ -139,7 +139,7 @@ impl MemoryStore {
     }
 
     fn next_version(&self) -> Version {
-        Version::new(self.next_version.fetch_add(1, Ordering::Relaxed))
+        Version::from_number(self.next_version.fetch_add(1, Ordering::Relaxed))
     }
 }
 
@@ -159,7 +159,7 @@ impl TokenStore for MemoryStore {
         let shard = read(self.shard(key));
         Ok(shard
             .get(key)
-            .map(|slot| StoredRecord::new(slot.record.clone(), slot.version)))
+            .map(|slot| StoredRecord::new(slot.record.clone(), slot.version.clone())))
     }
 
     async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
@@ -170,7 +170,7 @@ impl TokenStore for MemoryStore {
                 let version = self.next_version();
                 v.insert(Slot {
                     record: record.clone(),
-                    version,
+                    version: version.clone(),
                     lease: None,
                 });
                 Ok(version)
@@ -193,7 +193,7 @@ impl TokenStore for MemoryStore {
             {
                 slot.version = self.next_version();
                 slot.record = record.clone();
-                Ok(slot.version)
+                Ok(slot.version.clone())
             }
             _ => Err(StoreError::Conflict { key: key.clone() }),
         }
@@ -219,26 +219,32 @@ impl TokenStore for MemoryStore {
 
     async fn scan(
         &self,
-        after: Option<&TokenKey>,
+        cursor: Option<&ScanCursor>,
         limit: usize,
-    ) -> Result<Vec<ScannedLink>, StoreError> {
-        // Shards are hashed, not ordered: collect what lies after the cursor, then sort. A walk
-        // costs O(n) per page, which is fine for an in-process store of this size.
+    ) -> Result<ScanPage, StoreError> {
+        let after = cursor.map(ScanCursor::key).transpose()?;
+        // Shards are hashed, not ordered: collect what lies after the cursor, then keep the
+        // lowest keys. A walk costs O(n) per page, which is fine for an in-process store of
+        // this size.
         let mut links = Vec::new();
         for shard in self.shards.iter() {
             let shard = read(shard);
             links.extend(
                 shard
                     .iter()
-                    .filter(|(k, _)| after.is_none_or(|a| *k > a))
+                    .filter(|(k, _)| after.as_ref().is_none_or(|a| *k > a))
                     .map(|(k, slot)| {
-                        ScannedLink::new(k.clone(), slot.record.meta.clone(), slot.version)
+                        ScannedLink::new(k.clone(), slot.record.meta.clone(), slot.version.clone())
                     }),
             );
         }
+        let keep = limit.max(1) + 1;
+        if links.len() > keep {
+            links.select_nth_unstable_by(keep - 1, |a, b| a.key.cmp(&b.key));
+            links.truncate(keep);
+        }
         links.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        links.truncate(limit);
-        Ok(links)
+        Ok(ScanPage::from_ordered(links, limit))
     }
 
     async fn try_lease(

@@ -63,7 +63,8 @@
 //! impl State {
 //!     fn version(&mut self) -> Version {
 //!         self.next_version += 1; // never reused, even after a delete
-//!         Version::new(self.next_version)
+//!         // Any string the store can compare will do: versions are opaque to the broker.
+//!         Version::from_tag(format!("g{}", self.next_version))
 //!     }
 //! }
 //!
@@ -90,7 +91,7 @@
 //! impl TokenStore for OneLockStore {
 //!     async fn load(&self, key: &TokenKey) -> Result<Option<StoredRecord>, StoreError> {
 //!         let state = self.state();
-//!         Ok(state.links.get(key).map(|r| StoredRecord::new(r.record.clone(), r.version)))
+//!         Ok(state.links.get(key).map(|r| StoredRecord::new(r.record.clone(), r.version.clone())))
 //!     }
 //!
 //!     async fn insert(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
@@ -99,7 +100,8 @@
 //!             return Err(conflict(key));
 //!         }
 //!         let version = state.version();
-//!         state.links.insert(key.clone(), Row { record: record.clone(), version, lease: None });
+//!         let row = Row { record: record.clone(), version: version.clone(), lease: None };
+//!         state.links.insert(key.clone(), row);
 //!         Ok(version)
 //!     }
 //!
@@ -111,7 +113,7 @@
 //!             Some(row) if row.version == expected
 //!                 && fence.is_none_or(|f| row.lease.as_ref().is_some_and(|(t, _)| t == f)) => {
 //!                 row.record = record.clone();
-//!                 row.version = version;
+//!                 row.version = version.clone();
 //!                 Ok(version)
 //!             }
 //!             _ => Err(conflict(key)),
@@ -132,14 +134,17 @@
 //!             .collect())
 //!     }
 //!
-//!     async fn scan(&self, after: Option<&TokenKey>, limit: usize)
-//!         -> Result<Vec<ScannedLink>, StoreError> {
+//!     async fn scan(&self, cursor: Option<&ScanCursor>, limit: usize)
+//!         -> Result<ScanPage, StoreError> {
+//!         let after = cursor.map(ScanCursor::key).transpose()?;
 //!         let state = self.state();
-//!         Ok(state.links.iter()
-//!             .filter(|(k, _)| after.is_none_or(|a| *k > a))
-//!             .take(limit)
-//!             .map(|(k, r)| ScannedLink::new(k.clone(), r.record.meta.clone(), r.version))
-//!             .collect())
+//!         // One link more than asked for tells whether the pass goes on.
+//!         let links = state.links.iter()
+//!             .filter(|(k, _)| after.as_ref().is_none_or(|a| *k > a))
+//!             .take(limit.max(1) + 1)
+//!             .map(|(k, r)| ScannedLink::new(k.clone(), r.record.meta.clone(), r.version.clone()))
+//!             .collect();
+//!         Ok(ScanPage::from_ordered(links, limit))
 //!     }
 //!
 //!     async fn try_lease(&self, key: &TokenKey, holder: &LeaseHolder, ttl: Duration)
@@ -289,31 +294,189 @@ pub use sql::{PurgeReport, RetentionPolicy};
 #[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
 pub use sqlx;
 
-/// A record version, assigned by the store. Opaque to the broker: it only checks equality.
-/// Every successful write gives a record a version it never had before.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Version(u64);
+/// A record version, assigned by the store and opaque to everybody else.
+///
+/// The broker only compares versions for equality and hands them back to the store that made
+/// them. A store chooses the form that suits its backend: a counter
+/// ([`from_number`](Self::from_number), as the stores in this crate use) or a tag such as an
+/// HTTP `ETag` or a generation string ([`from_tag`](Self::from_tag)). A version of one form
+/// never equals one of the other, so a store should use one form throughout. Every successful
+/// write gives a record a version it never had before.
+///
+/// ```
+/// use tokenbroker::store::Version;
+///
+/// let counted = Version::from_number(7);
+/// assert_eq!(counted.number(), Some(7));
+///
+/// let etag = Version::from_tag("\"33a64df5\"");
+/// assert_eq!(etag.tag(), Some("\"33a64df5\""));
+/// assert_ne!(etag, Version::from_tag("\"33a64df6\""));
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Version(VersionRepr);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum VersionRepr {
+    // A counter needs no allocation, which keeps the read path free of one.
+    Number(u64),
+    Tag(Arc<str>),
+}
 
 impl Version {
-    /// Wraps a store's version number.
-    pub const fn new(n: u64) -> Self {
-        Version(n)
+    /// A version that is a number, e.g. a counter the store increments on every write.
+    pub const fn from_number(n: u64) -> Self {
+        Version(VersionRepr::Number(n))
     }
-    /// The version number.
-    pub const fn get(self) -> u64 {
-        self.0
+
+    /// A version that is a string the backend gave, e.g. an `ETag`.
+    pub fn from_tag(tag: impl Into<Arc<str>>) -> Self {
+        Version(VersionRepr::Tag(tag.into()))
+    }
+
+    /// The number, for a version made by [`from_number`](Self::from_number).
+    pub fn number(&self) -> Option<u64> {
+        match &self.0 {
+            VersionRepr::Number(n) => Some(*n),
+            VersionRepr::Tag(_) => None,
+        }
+    }
+
+    /// The tag, for a version made by [`from_tag`](Self::from_tag).
+    pub fn tag(&self) -> Option<&str> {
+        match &self.0 {
+            VersionRepr::Number(_) => None,
+            VersionRepr::Tag(tag) => Some(tag),
+        }
     }
 }
 
 impl fmt::Debug for Version {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "v{}", self.0)
+        fmt::Display::fmt(self, f)
     }
 }
 
 impl fmt::Display for Version {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "v{}", self.0)
+        match &self.0 {
+            VersionRepr::Number(n) => write!(f, "v{n}"),
+            VersionRepr::Tag(tag) => write!(f, "v{tag:?}"),
+        }
+    }
+}
+
+/// Where a [`scan`](TokenStore::scan) goes on from: made by the store, opaque to callers.
+///
+/// A caller only passes back the cursor of the page it got. A store puts in it whatever it
+/// needs to find the rest of its pass: the last key of a walk in key order
+/// ([`after_key`](Self::after_key), as the stores in this crate do), a backend's own cursor
+/// or continuation token ([`new`](Self::new)). Cursors are plain text, not secrets, and may be
+/// kept to resume a pass later, on the same store.
+///
+/// ```
+/// use tokenbroker::store::ScanCursor;
+/// use tokenbroker::TokenKey;
+///
+/// let key = TokenKey::parse("acme", "user:42", "google").unwrap();
+/// let cursor = ScanCursor::after_key(&key);
+/// assert_eq!(cursor.key().unwrap(), key);
+///
+/// let dynamo = ScanCursor::new("eyJwayI6ImxpbmsjNDIifQ");
+/// assert!(dynamo.key().is_err()); // not a key cursor: a store that made it knows how to read it
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ScanCursor(Arc<str>);
+
+/// The prefix of cursors made by [`ScanCursor::after_key`].
+const KEY_CURSOR_PREFIX: &str = "k1:";
+
+impl ScanCursor {
+    /// A cursor holding a store's own position.
+    pub fn new(position: impl Into<Arc<str>>) -> Self {
+        ScanCursor(position.into())
+    }
+
+    /// The cursor of a walk in key order that has returned `key` last.
+    pub fn after_key(key: &TokenKey) -> Self {
+        // Lengths first, so that any bytes in the parts read back unambiguously.
+        let (realm, subject, provider) = (
+            key.realm.as_str(),
+            key.subject.as_str(),
+            key.provider.as_str(),
+        );
+        ScanCursor(
+            format!(
+                "{KEY_CURSOR_PREFIX}{}:{}:{realm}{subject}{provider}",
+                realm.len(),
+                subject.len()
+            )
+            .into(),
+        )
+    }
+
+    /// The key of a cursor made by [`after_key`](Self::after_key), or
+    /// [`StoreError::InvalidCursor`] for any other cursor.
+    pub fn key(&self) -> Result<TokenKey, StoreError> {
+        let invalid = || StoreError::InvalidCursor {
+            reason: "not a cursor of a walk in key order".into(),
+        };
+        let rest = self.0.strip_prefix(KEY_CURSOR_PREFIX).ok_or_else(invalid)?;
+        let (realm_len, rest) = rest.split_once(':').ok_or_else(invalid)?;
+        let (subject_len, rest) = rest.split_once(':').ok_or_else(invalid)?;
+        let realm_len: usize = realm_len.parse().map_err(|_| invalid())?;
+        let subject_len: usize = subject_len.parse().map_err(|_| invalid())?;
+        let realm = rest.get(..realm_len).ok_or_else(invalid)?;
+        let rest = &rest[realm_len..];
+        let subject = rest.get(..subject_len).ok_or_else(invalid)?;
+        let provider = &rest[subject_len..];
+        TokenKey::parse(realm, subject, provider).map_err(|e| StoreError::InvalidCursor {
+            reason: format!("its key is not valid: {e}"),
+        })
+    }
+
+    /// The cursor as text, to keep it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ScanCursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ScanCursor({:?})", &*self.0)
+    }
+}
+
+/// One page of a [`scan`](TokenStore::scan).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ScanPage {
+    /// The links of this page, in no promised order. A page may hold fewer links than asked
+    /// for, even none, and still not be the last.
+    pub links: Vec<ScannedLink>,
+    /// Where the pass goes on, or `None` when this was its last page.
+    pub next: Option<ScanCursor>,
+}
+
+impl ScanPage {
+    /// A page (for store implementations).
+    pub fn new(links: Vec<ScannedLink>, next: Option<ScanCursor>) -> Self {
+        ScanPage { links, next }
+    }
+
+    /// The page of a walk in key order, from up to `limit + 1` links read in ascending key
+    /// order: it keeps `limit` of them and, when there was one more, gives the cursor after
+    /// the last one kept (for store implementations that read one link ahead).
+    pub fn from_ordered(mut links: Vec<ScannedLink>, limit: usize) -> Self {
+        let limit = limit.max(1);
+        let more = links.len() > limit;
+        links.truncate(limit);
+        let next = if more {
+            links.last().map(|l| ScanCursor::after_key(&l.key))
+        } else {
+            None
+        };
+        ScanPage { links, next }
     }
 }
 
@@ -555,6 +718,12 @@ pub enum StoreError {
         /// The key written.
         key: TokenKey,
     },
+    /// A scan was given a cursor this store did not make, or cannot read any more.
+    #[error("scan cursor not valid for this store: {reason}")]
+    InvalidCursor {
+        /// What was wrong with it.
+        reason: String,
+    },
     /// The backend failed (connection lost, disk full, database down). Nothing was written, or
     /// the write's outcome is unknown.
     #[error("{store} store backend error")]
@@ -617,11 +786,14 @@ impl StoreError {
 ///   whether a record was deleted.
 /// - `list` returns the keys of one subject in one realm, and nothing of other realms or
 ///   subjects.
-/// - `scan` walks every link of every realm in ascending [`TokenKey`] order (realm, then subject,
-///   then provider, each compared as bytes), returning at most `limit` links strictly after
-///   `after`. Passing the last key of one page as `after` gives the next page; links written
-///   during a walk may or may not be seen, but none that existed throughout is skipped. Sweeps,
-///   retention and key rotation are built on it.
+/// - `scan` walks every link of every realm in pages. A *pass* starts with `cursor` `None` and
+///   goes on with each page's [`ScanPage::next`] until that is `None`. A complete pass returns
+///   every link that exists throughout it **exactly once**; a link written or deleted during
+///   the pass is returned at most once. Nothing is promised about order, and a page may hold
+///   fewer than `limit` links (even none) without being the last; it never holds more.
+///   A `limit` of 0 is taken as 1. A cursor is valid only on the store that made it (and on
+///   wrappers that pass `scan` through); one the store cannot read is
+///   [`StoreError::InvalidCursor`]. Sweeps, retention and key rotation are built on it.
 /// - `try_lease` is atomic: at most one holder has an unexpired lease on a key at any time.
 ///   A lease is judged by the **store's** clock and expires `ttl` after it was taken; once
 ///   expired, anyone may take it. Taking a lease on a missing key answers
@@ -683,13 +855,10 @@ pub trait TokenStore: Debug + Send + Sync + 'static {
     /// The keys of one subject's links in one realm, in any order.
     async fn list(&self, realm: &Realm, subject: &Subject) -> Result<Vec<TokenKey>, StoreError>;
 
-    /// Up to `limit` links in ascending key order, strictly after `after` (from the start with
-    /// `None`).
-    async fn scan(
-        &self,
-        after: Option<&TokenKey>,
-        limit: usize,
-    ) -> Result<Vec<ScannedLink>, StoreError>;
+    /// The next page of a pass over every link: from the start with `None`, then from the
+    /// previous page's [`ScanPage::next`].
+    async fn scan(&self, cursor: Option<&ScanCursor>, limit: usize)
+    -> Result<ScanPage, StoreError>;
 
     /// Tries to take the refresh lease on a key for `ttl`.
     async fn try_lease(
@@ -778,10 +947,10 @@ macro_rules! forward_store {
             }
             async fn scan(
                 &self,
-                after: Option<&TokenKey>,
+                cursor: Option<&ScanCursor>,
                 limit: usize,
-            ) -> Result<Vec<ScannedLink>, StoreError> {
-                (**self).scan(after, limit).await
+            ) -> Result<ScanPage, StoreError> {
+                (**self).scan(cursor, limit).await
             }
             async fn try_lease(
                 &self,

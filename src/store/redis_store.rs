@@ -85,8 +85,8 @@ use time::OffsetDateTime;
 
 use super::{
     ChangeFeed, FeedEvent, Lease, LeaseAttempt, LeaseHolder, LeaseToken, LinkState,
-    PendingRevocation, Record, RecordMeta, RevocationId, ScannedLink, StoreError, StoredRecord,
-    TokenStore, Version,
+    PendingRevocation, Record, RecordMeta, RevocationId, ScanCursor, ScanPage, ScannedLink,
+    StoreError, StoredRecord, TokenStore, Version,
 };
 use crate::ids::{ProviderId, Realm, Subject, TokenKey};
 use crate::token::Payload;
@@ -643,6 +643,15 @@ fn encode(part: &str) -> String {
 
 /// The scan index member of a key: its parts joined by NUL, which no identifier holds, so byte
 /// order of members is the key order.
+/// A version as the scripts compare it. Versions this store hands out are numbers; any other
+/// (a tag) becomes a string no counter equals, so it matches no link.
+fn version_arg(version: &Version) -> String {
+    match version.number() {
+        Some(n) => n.to_string(),
+        None => "-".to_owned(),
+    }
+}
+
 fn scan_member(key: &TokenKey) -> Vec<u8> {
     let mut m = Vec::with_capacity(
         key.realm.as_str().len() + key.subject.as_str().len() + key.provider.as_str().len() + 2,
@@ -743,16 +752,16 @@ fn parse_meta(
         move |reason: String| StoreError::Corrupt {
             key: key.clone(),
             reason,
-            version,
+            version: version.clone(),
         }
     };
     let version = match int(0).map_err(corrupt(None))? {
-        Some(n) if n > 0 => Version::new(n as u64),
+        Some(n) if n > 0 => Version::from_number(n as u64),
         other => {
             return Err(corrupt(None)(format!("field version holds {other:?}")));
         }
     };
-    let corrupt = corrupt(Some(version));
+    let corrupt = corrupt(Some(version.clone()));
     let state = match (text(1).as_deref(), text(2), int(3).map_err(&corrupt)?) {
         (Some("active"), _, _) => LinkState::Active,
         (Some("relink_required"), Some(reason), Some(since)) => LinkState::RelinkRequired {
@@ -851,7 +860,7 @@ impl TokenStore for RedisStore {
         let mut inv = SCRIPTS.swap.prepare_invoke();
         inv.key(self.link_key(key))
             .key(self.counter_key())
-            .arg(expected.get().to_string())
+            .arg(version_arg(&expected))
             .arg(fence.map_or_else(String::new, |f| format!("={}", f.as_str())));
         push_fields(&mut inv, record);
         inv.arg(self.changes_channel()).arg(scan_member(key));
@@ -864,7 +873,7 @@ impl TokenStore for RedisStore {
         inv.key(self.link_key(key))
             .key(self.subject_key(&key.realm, &key.subject))
             .key(self.scan_key())
-            .arg(expected.map_or_else(String::new, |v| v.get().to_string()))
+            .arg(expected.as_ref().map_or_else(String::new, version_arg))
             .arg(key.provider.as_str())
             .arg(scan_member(key))
             .arg(self.changes_channel());
@@ -897,15 +906,14 @@ impl TokenStore for RedisStore {
 
     async fn scan(
         &self,
-        after: Option<&TokenKey>,
+        cursor: Option<&ScanCursor>,
         limit: usize,
-    ) -> Result<Vec<ScannedLink>, StoreError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
+    ) -> Result<ScanPage, StoreError> {
+        let after = cursor.map(ScanCursor::key).transpose()?;
+        let limit = limit.max(1);
         let mut conn = self.conn.clone();
         // `(` makes the bound exclusive: strictly after the cursor.
-        let min = match after {
+        let min = match &after {
             None => b"-".to_vec(),
             Some(a) => {
                 let mut m = vec![b'('];
@@ -913,22 +921,32 @@ impl TokenStore for RedisStore {
                 m
             }
         };
-        let members: Vec<Vec<u8>> = ::redis::cmd("ZRANGEBYLEX")
+        // One member more than asked for tells whether the walk goes on.
+        let mut members: Vec<Vec<u8>> = ::redis::cmd("ZRANGEBYLEX")
             .arg(self.scan_key())
             .arg(min)
             .arg("+")
             .arg("LIMIT")
             .arg(0)
-            .arg(i64::try_from(limit).unwrap_or(i64::MAX))
+            .arg(i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX))
             .query_async(&mut conn)
             .await
             .map_err(backend)?;
+        let more = members.len() > limit;
+        members.truncate(limit);
         let keys = members
             .iter()
             .map(|m| key_of_member(m))
             .collect::<Result<Vec<_>, _>>()?;
+        // The cursor follows the index, not the links read below: a link deleted between the
+        // two reads leaves the page short, not the walk.
+        let next = if more {
+            keys.last().map(ScanCursor::after_key)
+        } else {
+            None
+        };
         if keys.is_empty() {
-            return Ok(Vec::new());
+            return Ok(ScanPage::new(Vec::new(), next));
         }
         let mut pipe = ::redis::pipe();
         for key in &keys {
@@ -939,12 +957,12 @@ impl TokenStore for RedisStore {
         let rows: Vec<Vec<Option<Vec<u8>>>> = pipe.query_async(&mut conn).await.map_err(backend)?;
         let mut links = Vec::with_capacity(keys.len());
         for (key, fields) in keys.into_iter().zip(rows) {
-            // Deleted between the two reads: a link written during the walk may be missed.
+            // Deleted between the two reads: a link deleted during the walk may be missed.
             if let Some((meta, version)) = parse_meta(&key, fields)? {
                 links.push(ScannedLink::new(key, meta, version));
             }
         }
-        Ok(links)
+        Ok(ScanPage::new(links, next))
     }
 
     async fn try_lease(
@@ -1011,7 +1029,7 @@ impl TokenStore for RedisStore {
             .key(self.scan_key())
             .key(self.revocation_key(&revocation.id))
             .key(self.revocation_queue_key())
-            .arg(expected.map_or_else(String::new, |v| v.get().to_string()))
+            .arg(expected.as_ref().map_or_else(String::new, version_arg))
             .arg(key.provider.as_str())
             .arg(scan_member(key));
         push_revocation(&mut inv, revocation);
@@ -1133,7 +1151,7 @@ fn parse_revocation(fields: Vec<Option<Vec<u8>>>) -> Result<PendingRevocation, S
 
 fn version_of(key: &TokenKey, version: Option<i64>) -> Result<Version, StoreError> {
     match version {
-        Some(n) if n > 0 => Ok(Version::new(n as u64)),
+        Some(n) if n > 0 => Ok(Version::from_number(n as u64)),
         Some(n) => Err(StoreError::Corrupt {
             key: key.clone(),
             reason: format!("version counter holds {n}"),

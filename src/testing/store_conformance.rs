@@ -8,8 +8,8 @@
 //!
 //! Each check is a public async function that panics with a message naming the broken rule.
 //! The checks use their own random realm, so they can share one store (and one database) with
-//! each other and with other data; only [`scan_walks_in_key_order`] reads other realms' links,
-//! and it tolerates them.
+//! each other and with other data; only the `scan` checks read other realms' links, and they
+//! tolerate them.
 //!
 //! Run everything at once with [`run_all`], or get one `#[tokio::test]` per check with
 //! [`store_conformance_tests!`](crate::store_conformance_tests):
@@ -31,7 +31,7 @@
 //! after it, and polls the probe: once the probe can be taken, the store's clock is past the
 //! first lease's expiry too.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ use time::OffsetDateTime;
 use crate::ids::{ProviderId, Realm, Subject, TokenKey};
 use crate::store::{
     Lease, LeaseAttempt, LeaseHolder, LeaseToken, LinkState, PendingRevocation, Record, RecordMeta,
-    RevocationId, StoreError, TokenStore, Version,
+    RevocationId, ScanCursor, ScannedLink, StoreError, TokenStore, Version,
 };
 use crate::token::Payload;
 
@@ -67,7 +67,8 @@ macro_rules! __store_conformance_checks {
             load_missing, insert_and_load, insert_existing_conflicts, compare_and_swap_replaces,
             compare_and_swap_stale_conflicts, compare_and_swap_missing_conflicts,
             versions_never_repeat, delete_semantics, list_by_subject, realms_are_isolated,
-            scan_walks_in_key_order, metadata_round_trips, large_and_odd_values,
+            scan_visits_every_link_once, scan_during_writes_returns_survivors_once,
+            scan_rejects_a_foreign_cursor, metadata_round_trips, large_and_odd_values,
             lease_is_exclusive, lease_on_missing_key, lease_expires,
             lease_is_independent_of_writes, delete_drops_lease,
             stale_lease_token_is_fenced_out, expired_lease_not_taken_over_stays_current,
@@ -299,7 +300,7 @@ pub async fn compare_and_swap_replaces(store: &SharedStore) {
     let k = key(&fresh_realm(), "alice", "example");
     let v1 = must_insert(store, &k, b"one").await;
     let v2 = store
-        .compare_and_swap(&k, v1, &record(b"two"), None)
+        .compare_and_swap(&k, v1.clone(), &record(b"two"), None)
         .await
         .expect("CAS with the current version");
     assert_ne!(v1, v2, "a write must produce a new version");
@@ -313,12 +314,12 @@ pub async fn compare_and_swap_stale_conflicts(store: &SharedStore) {
     let k = key(&fresh_realm(), "alice", "example");
     let v1 = must_insert(store, &k, b"one").await;
     let v2 = store
-        .compare_and_swap(&k, v1, &record(b"two"), None)
+        .compare_and_swap(&k, v1.clone(), &record(b"two"), None)
         .await
         .expect("CAS");
     assert_conflict(
         store
-            .compare_and_swap(&k, v1, &record(b"three"), None)
+            .compare_and_swap(&k, v1.clone(), &record(b"three"), None)
             .await,
         "CAS with a stale version",
     );
@@ -335,7 +336,9 @@ pub async fn compare_and_swap_missing_conflicts(store: &SharedStore) {
     let other = key(&realm, "bob", "example");
     let v = must_insert(store, &other, b"bob").await;
     assert_conflict(
-        store.compare_and_swap(&k, v, &record(b"x"), None).await,
+        store
+            .compare_and_swap(&k, v.clone(), &record(b"x"), None)
+            .await,
         "CAS on a missing key",
     );
     assert!(
@@ -347,21 +350,21 @@ pub async fn compare_and_swap_missing_conflicts(store: &SharedStore) {
 /// Every write gives a version the key never had, also across delete and re-insert.
 pub async fn versions_never_repeat(store: &SharedStore) {
     let k = key(&fresh_realm(), "alice", "example");
-    let mut seen = BTreeSet::new();
+    let mut seen = HashSet::new();
     for round in 0..3 {
         let mut v = must_insert(store, &k, b"a").await;
         assert!(
-            seen.insert(v),
+            seen.insert(v.clone()),
             "version {v} repeated after re-insert (round {round})"
         );
         for _ in 0..3 {
             v = store
-                .compare_and_swap(&k, v, &record(b"b"), None)
+                .compare_and_swap(&k, v.clone(), &record(b"b"), None)
                 .await
                 .expect("CAS");
-            assert!(seen.insert(v), "version {v} repeated after CAS");
+            assert!(seen.insert(v.clone()), "version {v} repeated after CAS");
         }
-        assert!(store.delete(&k, Some(v)).await.expect("delete"));
+        assert!(store.delete(&k, Some(v.clone())).await.expect("delete"));
     }
 }
 
@@ -378,11 +381,11 @@ pub async fn delete_semantics(store: &SharedStore) {
     );
     let v1 = must_insert(store, &k, b"one").await;
     let v2 = store
-        .compare_and_swap(&k, v1, &record(b"two"), None)
+        .compare_and_swap(&k, v1.clone(), &record(b"two"), None)
         .await
         .expect("CAS");
     assert_conflict(
-        store.delete(&k, Some(v1)).await,
+        store.delete(&k, Some(v1.clone())).await,
         "delete with a stale version",
     );
     assert!(
@@ -391,7 +394,7 @@ pub async fn delete_semantics(store: &SharedStore) {
     );
     assert!(
         store
-            .delete(&k, Some(v2))
+            .delete(&k, Some(v2.clone()))
             .await
             .expect("delete with the version")
     );
@@ -400,7 +403,10 @@ pub async fn delete_semantics(store: &SharedStore) {
         "record still there after delete"
     );
     assert!(
-        !store.delete(&k, Some(v2)).await.expect("second delete"),
+        !store
+            .delete(&k, Some(v2.clone()))
+            .await
+            .expect("second delete"),
         "deleting a missing key with a version must answer Ok(false)"
     );
     must_insert(store, &k, b"three").await;
@@ -440,7 +446,7 @@ pub async fn realms_are_isolated(store: &SharedStore) {
     );
     must_insert(store, &k2, b"realm-2").await;
     store
-        .compare_and_swap(&k1, v1, &record(b"realm-1b"), None)
+        .compare_and_swap(&k1, v1.clone(), &record(b"realm-1b"), None)
         .await
         .expect("CAS");
     assert_eq!(
@@ -459,65 +465,138 @@ pub async fn realms_are_isolated(store: &SharedStore) {
     );
 }
 
-/// `scan` pages through every link in ascending key order, without gaps or repeats.
-pub async fn scan_walks_in_key_order(store: &SharedStore) {
+/// One complete pass of `scan` in pages of `limit`: every link it returned, in the order it
+/// returned them.
+async fn scan_pass(store: &SharedStore, limit: usize) -> Vec<ScannedLink> {
+    let mut walked = Vec::new();
+    let mut cursor: Option<ScanCursor> = None;
+    for _ in 0..1_000_000 {
+        let page = store.scan(cursor.as_ref(), limit).await.expect("scan");
+        assert!(
+            page.links.len() <= limit.max(1),
+            "scan returned {} links for a limit of {limit}",
+            page.links.len()
+        );
+        walked.extend(page.links);
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => return walked,
+        }
+    }
+    panic!("a scan pass did not end: the cursor does not advance");
+}
+
+/// The keys of `realm` among `links`, each with how many times it was returned.
+fn counted_in(realm: &Realm, links: &[ScannedLink]) -> BTreeMap<TokenKey, usize> {
+    let mut counts = BTreeMap::new();
+    for link in links.iter().filter(|l| &l.key.realm == realm) {
+        *counts.entry(link.key.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A complete `scan` pass returns every link exactly once, with its version and metadata,
+/// whatever the page size (0 is taken as 1); no order is assumed.
+pub async fn scan_visits_every_link_once(store: &SharedStore) {
     let realm = fresh_realm();
-    // Subjects chosen so that byte order differs from "natural" or case-insensitive orders.
+    // Subjects whose byte order differs from "natural" or case-insensitive orders, for stores
+    // that walk in key order.
     let subjects = ["A", "B", "a", "a b", "a-b", "ab", "b", "zz", "é", "😀"];
-    let mut expected = BTreeSet::new();
+    let mut expected = BTreeMap::new();
     for s in subjects {
         for p in ["google", "github"] {
             let k = key(&realm, s, p);
             must_insert(store, &k, b"x").await;
-            expected.insert(k);
+            expected.insert(k, 1);
+        }
+    }
+    for limit in [0, 1, 3, 7, 20, 1000] {
+        let walked = scan_pass(store, limit).await;
+        assert_eq!(
+            counted_in(&realm, &walked),
+            expected,
+            "a scan pass in pages of {limit} missed, invented or repeated links"
+        );
+        if limit == 3 {
+            for link in walked.iter().filter(|l| l.key.realm == realm) {
+                let loaded = store.load(&link.key).await.expect("load").expect("present");
+                assert_eq!(
+                    link.version, loaded.version,
+                    "scan reported another version"
+                );
+                assert_eq!(
+                    link.meta, loaded.record.meta,
+                    "scan reported other metadata"
+                );
+            }
+        }
+    }
+}
+
+/// Links written and deleted during a pass: every link that exists throughout is returned
+/// exactly once, and no link more than once.
+pub async fn scan_during_writes_returns_survivors_once(store: &SharedStore) {
+    let realm = fresh_realm();
+    let mut kept = BTreeMap::new();
+    let mut doomed = Vec::new();
+    for i in 0..30 {
+        let k = key(&realm, &format!("user-{i:02}"), "example");
+        let v = must_insert(store, &k, b"x").await;
+        if i % 3 == 0 {
+            doomed.push((k, v));
+        } else {
+            kept.insert(k, 1);
         }
     }
     let mut walked = Vec::new();
-    let mut cursor: Option<TokenKey> = None;
-    let mut pages = 0;
+    let mut cursor: Option<ScanCursor> = None;
+    let mut round = 0;
     loop {
-        let page = store.scan(cursor.as_ref(), 3).await.expect("scan");
-        assert!(page.len() <= 3, "scan returned more than the limit");
-        let Some(last) = page.last() else { break };
-        if let Some(c) = &cursor {
-            assert!(page[0].key > *c, "scan returned a key not after the cursor");
+        let page = store.scan(cursor.as_ref(), 4).await.expect("scan");
+        walked.extend(page.links);
+        // Between pages: delete one doomed link, add a new one, rewrite a kept one.
+        if let Some((k, v)) = doomed.pop() {
+            assert!(store.delete(&k, Some(v)).await.expect("delete"));
         }
-        cursor = Some(last.key.clone());
-        walked.extend(page);
-        pages += 1;
-        assert!(pages < 1_000_000, "scan does not advance");
+        must_insert(
+            store,
+            &key(&realm, &format!("new-{round:02}"), "example"),
+            b"y",
+        )
+        .await;
+        let (rewrite, _) = kept.iter().nth(round % kept.len()).expect("a kept link");
+        let current = store.load(rewrite).await.expect("load").expect("present");
+        store
+            .compare_and_swap(rewrite, current.version, &record(b"z"), None)
+            .await
+            .expect("CAS during the pass");
+        round += 1;
+        assert!(round < 10_000, "a scan pass did not end");
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
     }
-    for pair in walked.windows(2) {
+    let counts = counted_in(&realm, &walked);
+    for (k, n) in &counts {
+        assert_eq!(*n, 1, "{k} was returned {n} times in one pass");
+    }
+    for k in kept.keys() {
         assert!(
-            pair[0].key < pair[1].key,
-            "scan is not in ascending key order (bytewise realm, subject, provider): {:?} then {:?}",
-            pair[0].key,
-            pair[1].key
+            counts.contains_key(k),
+            "{k} existed throughout the pass and was not returned"
         );
     }
-    let ours: Vec<&TokenKey> = walked
-        .iter()
-        .map(|l| &l.key)
-        .filter(|k| k.realm == realm)
-        .collect();
-    let expected: Vec<&TokenKey> = expected.iter().collect();
-    assert_eq!(ours, expected, "scan missed or invented links");
-    for link in walked.iter().filter(|l| l.key.realm == realm) {
-        let loaded = store.load(&link.key).await.expect("load").expect("present");
-        assert_eq!(
-            link.version, loaded.version,
-            "scan reported another version"
-        );
-        assert_eq!(
-            link.meta, loaded.record.meta,
-            "scan reported other metadata"
-        );
+}
+
+/// A cursor the store did not make is [`StoreError::InvalidCursor`], not a panic or a pass
+/// from the start.
+pub async fn scan_rejects_a_foreign_cursor(store: &SharedStore) {
+    let foreign = ScanCursor::new("\u{0}not a cursor of any store\u{0}");
+    match store.scan(Some(&foreign), 10).await {
+        Err(StoreError::InvalidCursor { .. }) => {}
+        other => panic!("a foreign scan cursor gave {other:?}, not StoreError::InvalidCursor"),
     }
-    let after_last = store
-        .scan(cursor.as_ref(), 3)
-        .await
-        .expect("scan past the end");
-    assert!(after_last.is_empty());
 }
 
 /// Metadata comes back as written: relink-required state with its reason and time, no expiry.
@@ -536,7 +615,7 @@ pub async fn metadata_round_trips(store: &SharedStore) {
     );
     let rec = Record::new(Payload::new(b"y".to_vec()), meta.clone());
     store
-        .compare_and_swap(&k, v, &rec, None)
+        .compare_and_swap(&k, v.clone(), &rec, None)
         .await
         .expect("CAS");
     let loaded = store.load(&k).await.expect("load").expect("present");
@@ -662,7 +741,7 @@ pub async fn lease_is_independent_of_writes(store: &SharedStore) {
     let loaded = store.load(&k).await.expect("load").expect("present");
     assert_eq!(loaded.version, v1, "taking a lease changed the version");
     let v2 = store
-        .compare_and_swap(&k, v1, &record(b"y"), None)
+        .compare_and_swap(&k, v1.clone(), &record(b"y"), None)
         .await
         .expect("a CAS must not need the lease");
     assert_eq!(
@@ -732,7 +811,12 @@ pub async fn stale_lease_token_is_fenced_out(store: &SharedStore) {
     );
     assert_conflict(
         store
-            .compare_and_swap(&k, before.version, &record(b"stale"), Some(&stale.token))
+            .compare_and_swap(
+                &k,
+                before.version.clone(),
+                &record(b"stale"),
+                Some(&stale.token),
+            )
             .await,
         "a write fenced by a stale lease token",
     );
@@ -759,7 +843,7 @@ pub async fn expired_lease_not_taken_over_stays_current(store: &SharedStore) {
     ExpiryProbe::start(store, &realm).await.wait(store).await;
 
     let v2 = store
-        .compare_and_swap(&k, v1, &record(b"late"), Some(&lease.token))
+        .compare_and_swap(&k, v1.clone(), &record(b"late"), Some(&lease.token))
         .await
         .unwrap_or_else(|e| {
             panic!("a write fenced by an expired lease that nobody took over failed: {e}")
@@ -780,7 +864,7 @@ pub async fn expired_lease_not_taken_over_stays_current(store: &SharedStore) {
         "an extended lease was free to take"
     );
     store
-        .compare_and_swap(&k, v2, &record(b"later"), Some(&extended.token))
+        .compare_and_swap(&k, v2.clone(), &record(b"later"), Some(&extended.token))
         .await
         .expect("a write fenced by an extended lease");
     store.release_lease(&extended).await.expect("release");
@@ -798,14 +882,14 @@ pub async fn fenced_write_with_current_token_succeeds(store: &SharedStore) {
     let v1 = must_insert(store, &k, b"x").await;
     let lease = must_lease(store, &k, &LeaseHolder::random(), Duration::from_secs(60)).await;
     let v2 = store
-        .compare_and_swap(&k, v1, &record(b"fenced"), Some(&lease.token))
+        .compare_and_swap(&k, v1.clone(), &record(b"fenced"), Some(&lease.token))
         .await
         .unwrap_or_else(|e| panic!("a write fenced by the current lease token failed: {e}"));
     assert_ne!(v1, v2, "a write must produce a new version");
     let loaded = store.load(&k).await.expect("load").expect("present");
     assert_eq!(
         (loaded.version, loaded.record.payload.expose_secret()),
-        (v2, &b"fenced"[..])
+        (v2.clone(), &b"fenced"[..])
     );
     assert!(
         held_by_someone(store, &k).await,
@@ -813,12 +897,12 @@ pub async fn fenced_write_with_current_token_succeeds(store: &SharedStore) {
     );
     assert_conflict(
         store
-            .compare_and_swap(&k, v1, &record(b"stale"), Some(&lease.token))
+            .compare_and_swap(&k, v1.clone(), &record(b"stale"), Some(&lease.token))
             .await,
         "a fenced write with a stale version",
     );
     store
-        .compare_and_swap(&k, v2, &record(b"again"), Some(&lease.token))
+        .compare_and_swap(&k, v2.clone(), &record(b"again"), Some(&lease.token))
         .await
         .expect("a second write under the same lease");
     store.release_lease(&lease).await.expect("release");
@@ -827,7 +911,12 @@ pub async fn fenced_write_with_current_token_succeeds(store: &SharedStore) {
     let v = must_insert(store, &never_leased, b"y").await;
     assert_conflict(
         store
-            .compare_and_swap(&never_leased, v, &record(b"z"), Some(&LeaseToken::random()))
+            .compare_and_swap(
+                &never_leased,
+                v.clone(),
+                &record(b"z"),
+                Some(&LeaseToken::random()),
+            )
             .await,
         "a write fenced by a token on a key that has no lease",
     );
@@ -881,7 +970,7 @@ pub async fn released_lease_token_cannot_write(store: &SharedStore) {
     store.release_lease(&lease).await.expect("release");
     assert_conflict(
         store
-            .compare_and_swap(&k, v, &record(b"after-release"), Some(&lease.token))
+            .compare_and_swap(&k, v.clone(), &record(b"after-release"), Some(&lease.token))
             .await,
         "a write fenced by a released lease token",
     );
@@ -912,7 +1001,7 @@ pub async fn unfenced_write_ignores_lease(store: &SharedStore) {
     let v1 = must_insert(store, &k, b"x").await;
     let lease = must_lease(store, &k, &LeaseHolder::random(), Duration::from_secs(60)).await;
     let v2 = store
-        .compare_and_swap(&k, v1, &record(b"unfenced"), None)
+        .compare_and_swap(&k, v1.clone(), &record(b"unfenced"), None)
         .await
         .unwrap_or_else(|e| panic!("an unfenced write failed while a lease was held: {e}"));
     assert!(
@@ -920,7 +1009,7 @@ pub async fn unfenced_write_ignores_lease(store: &SharedStore) {
         "an unfenced write dropped the lease"
     );
     store
-        .compare_and_swap(&k, v2, &record(b"fenced"), Some(&lease.token))
+        .compare_and_swap(&k, v2.clone(), &record(b"fenced"), Some(&lease.token))
         .await
         .unwrap_or_else(|e| {
             panic!("the lease token stopped being current after an unfenced write: {e}")
@@ -933,7 +1022,7 @@ pub async fn unfenced_write_ignores_lease(store: &SharedStore) {
         .expect("present")
         .version;
     store
-        .compare_and_swap(&k, v3, &record(b"no-lease"), None)
+        .compare_and_swap(&k, v3.clone(), &record(b"no-lease"), None)
         .await
         .unwrap_or_else(|e| panic!("an unfenced write failed on a key without a lease: {e}"));
 }
@@ -944,13 +1033,13 @@ pub async fn concurrent_compare_and_swap_has_one_winner(store: &SharedStore) {
     let v = must_insert(store, &k, b"start").await;
     let mut tasks = Vec::new();
     for i in 0..RACERS {
-        let (store, k) = (store.clone(), k.clone());
+        let (store, k, v) = (store.clone(), k.clone(), v.clone());
         tasks.push(tokio::spawn(async move {
             let body = format!("writer-{i}");
             (
                 i,
                 store
-                    .compare_and_swap(&k, v, &record(body.as_bytes()), None)
+                    .compare_and_swap(&k, v.clone(), &record(body.as_bytes()), None)
                     .await,
             )
         }));
@@ -970,7 +1059,7 @@ pub async fn concurrent_compare_and_swap_has_one_winner(store: &SharedStore) {
         "{} writers won the same version",
         winners.len()
     );
-    let (i, version) = winners[0];
+    let (i, version) = winners.swap_remove(0);
     let loaded = store.load(&k).await.expect("load").expect("present");
     assert_eq!(loaded.version, version);
     assert_eq!(
@@ -1078,14 +1167,14 @@ pub async fn outbox_delete_and_enqueue_is_atomic(store: &SharedStore) {
     let later = at + Duration::from_secs(60);
     let v1 = must_insert(store, &k, b"one").await;
     let v2 = store
-        .compare_and_swap(&k, v1, &record(b"two"), None)
+        .compare_and_swap(&k, v1.clone(), &record(b"two"), None)
         .await
         .expect("CAS");
 
     let refused = revocation(&k, b"tokens of v1", at);
     assert_conflict(
         store
-            .delete_and_enqueue_revocation(&k, Some(v1), &refused)
+            .delete_and_enqueue_revocation(&k, Some(v1.clone()), &refused)
             .await,
         "delete_and_enqueue_revocation with a stale version",
     );
@@ -1112,7 +1201,7 @@ pub async fn outbox_delete_and_enqueue_is_atomic(store: &SharedStore) {
     let owed = revocation(&k, b"tokens of v2", at);
     assert!(
         store
-            .delete_and_enqueue_revocation(&k, Some(v2), &owed)
+            .delete_and_enqueue_revocation(&k, Some(v2.clone()), &owed)
             .await
             .expect("delete_and_enqueue_revocation with the version"),
         "the link was not reported deleted"

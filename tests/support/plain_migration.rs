@@ -171,7 +171,7 @@ where
     let mut seen = 0;
     loop {
         let page = inner.scan(after.as_ref(), 10).await.unwrap();
-        for link in &page {
+        for link in &page.links {
             let raw = inner.load(&link.key).await.unwrap().unwrap();
             assert_eq!(
                 key_id_of(&raw),
@@ -188,9 +188,9 @@ where
             );
             seen += 1;
         }
-        match page.last() {
-            Some(last) if page.len() == 10 => after = Some(last.key.clone()),
-            _ => break,
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
         }
     }
     assert_eq!(seen, links.len() + 1);

@@ -354,23 +354,24 @@ macro_rules! shared_link_queries {
                 .collect()
         }
 
+        /// A page of a walk in primary-key order; one row more than asked for tells whether the
+        /// walk goes on.
         async fn scan_links(
             &self,
-            after: Option<&crate::ids::TokenKey>,
+            cursor: Option<&crate::store::ScanCursor>,
             limit: usize,
-        ) -> Result<Vec<crate::store::ScannedLink>, StoreError> {
-            if limit == 0 {
-                return Ok(Vec::new());
-            }
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let rows = match after {
+        ) -> Result<crate::store::ScanPage, StoreError> {
+            let after = cursor.map(crate::store::ScanCursor::key).transpose()?;
+            let wanted = limit.max(1);
+            let fetch = i64::try_from(wanted.saturating_add(1)).unwrap_or(i64::MAX);
+            let rows = match &after {
                 None => {
                     sqlx::query(concat!(
                         "SELECT ",
                         super::link_columns!(),
                         " FROM tokenbroker_links ORDER BY realm, subject, provider LIMIT $1"
                     ))
-                    .bind(limit)
+                    .bind(fetch)
                     .fetch_all(&self.pool)
                     .await
                 }
@@ -387,19 +388,21 @@ macro_rules! shared_link_queries {
                     .bind(after.realm.as_str())
                     .bind(after.subject.as_str())
                     .bind(after.provider.as_str())
-                    .bind(limit)
+                    .bind(fetch)
                     .fetch_all(&self.pool)
                     .await
                 }
             }
             .map_err(backend)?;
-            rows.iter()
+            let links = rows
+                .iter()
                 .map(|row| {
                     super::RawLink::from_row(row)
                         .map_err(backend)?
                         .into_scanned()
                 })
-                .collect()
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(crate::store::ScanPage::from_ordered(links, wanted))
         }
 
         /// Deletes the link whatever its version.
@@ -485,7 +488,7 @@ macro_rules! shared_outbox_queries {
             .bind(key.realm.as_str())
             .bind(key.subject.as_str())
             .bind(key.provider.as_str())
-            .bind(expected.map(super::version_to_db))
+            .bind(expected.as_ref().map(super::version_to_db))
             .execute(&mut *tx)
             .await
             .map_err(backend)?
@@ -697,10 +700,10 @@ macro_rules! sql_token_store {
 
             async fn scan(
                 &self,
-                after: Option<&crate::ids::TokenKey>,
+                cursor: Option<&crate::store::ScanCursor>,
                 limit: usize,
-            ) -> Result<Vec<crate::store::ScannedLink>, StoreError> {
-                self.scan_links(after, limit).await
+            ) -> Result<crate::store::ScanPage, StoreError> {
+                self.scan_links(cursor, limit).await
             }
 
             async fn try_lease(
@@ -982,7 +985,7 @@ impl RawLink {
         let corrupt = |reason: String| StoreError::Corrupt {
             key: key.clone(),
             reason,
-            version: Some(version),
+            version: Some(version.clone()),
         };
         let state = match (self.state.as_str(), self.relink_reason, self.relink_since) {
             ("active", _, _) => LinkState::Active,
@@ -1030,15 +1033,15 @@ impl RawLink {
 /// was not written by us.
 pub(crate) fn version_from_db(v: i64) -> Result<Version, String> {
     match u64::try_from(v) {
-        Ok(n) if n > 0 => Ok(Version::new(n)),
+        Ok(n) if n > 0 => Ok(Version::from_number(n)),
         _ => Err(format!("column version holds {v}")),
     }
 }
 
-/// A version to bind: versions we hand out come from a `BIGINT` counter, so any larger value
-/// cannot match a row and is mapped to -1, which no row has.
-pub(crate) fn version_to_db(v: Version) -> i64 {
-    i64::try_from(v.get()).unwrap_or(-1)
+/// A version to bind: versions we hand out are numbers from a `BIGINT` counter, so any other
+/// version (a larger number, a tag) cannot match a row and is mapped to -1, which no row has.
+pub(crate) fn version_to_db(v: &Version) -> i64 {
+    v.number().and_then(|n| i64::try_from(n).ok()).unwrap_or(-1)
 }
 
 /// Parses the key columns of a row. A part that is not a valid identifier makes the row

@@ -386,7 +386,7 @@ impl PostgresStore {
         .bind(key.realm.as_str())
         .bind(key.subject.as_str())
         .bind(key.provider.as_str())
-        .bind(version_to_db(expected))
+        .bind(version_to_db(&expected))
         .bind(record.payload.expose_secret());
         let version: Option<i64> = super::bind_columns!(query, c)
             .bind(fence.map(LeaseToken::as_str))
@@ -421,7 +421,7 @@ impl PostgresStore {
         .bind(key.realm.as_str())
         .bind(key.subject.as_str())
         .bind(key.provider.as_str())
-        .bind(version_to_db(expected))
+        .bind(version_to_db(&expected))
         .fetch_one(&self.pool)
         .await
         .map_err(backend)?;

@@ -259,7 +259,7 @@ impl SqliteStore {
         .bind(key.realm.as_str())
         .bind(key.subject.as_str())
         .bind(key.provider.as_str())
-        .bind(version_to_db(expected))
+        .bind(version_to_db(&expected))
         .bind(version)
         .bind(record.payload.expose_secret());
         let updated = super::bind_columns!(query, c)
@@ -301,7 +301,7 @@ impl SqliteStore {
         .bind(key.realm.as_str())
         .bind(key.subject.as_str())
         .bind(key.provider.as_str())
-        .bind(version_to_db(expected))
+        .bind(version_to_db(&expected))
         .execute(&mut *tx)
         .await
         .map_err(backend)?
