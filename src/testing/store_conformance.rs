@@ -66,14 +66,17 @@ macro_rules! __store_conformance_checks {
         $($callback)*! { $($context)* ;
             load_missing, insert_and_load, insert_existing_conflicts, compare_and_swap_replaces,
             compare_and_swap_stale_conflicts, compare_and_swap_missing_conflicts,
-            versions_never_repeat, delete_semantics, list_by_subject, realms_are_isolated,
-            scan_visits_every_link_once, scan_during_writes_returns_survivors_once,
-            scan_rejects_a_foreign_cursor, metadata_round_trips, large_and_odd_values,
-            lease_is_exclusive, lease_on_missing_key, lease_expires,
-            lease_is_independent_of_writes, delete_drops_lease,
+            versions_never_repeat, delete_semantics, list_by_subject, list_is_case_sensitive,
+            realms_are_isolated, scan_visits_every_link_once,
+            scan_during_writes_returns_survivors_once, scan_rejects_a_foreign_cursor,
+            metadata_round_trips, inserted_metadata_round_trips, large_and_odd_values,
+            lease_is_exclusive, lease_on_missing_key, lease_reports_its_expiry, lease_expires,
+            short_lease_is_held_until_it_expires, lease_is_independent_of_writes,
+            delete_drops_lease, lease_of_a_deleted_record_is_gone,
             stale_lease_token_is_fenced_out, expired_lease_not_taken_over_stays_current,
             fenced_write_with_current_token_succeeds, extend_lease_moves_expiry,
-            released_lease_token_cannot_write, unfenced_write_ignores_lease,
+            released_lease_token_cannot_write, released_lease_token_cannot_release_the_next,
+            unfenced_write_ignores_lease,
             concurrent_compare_and_swap_has_one_winner, concurrent_insert_has_one_winner,
             concurrent_lease_has_one_holder, outbox_delete_and_enqueue_is_atomic,
             outbox_claim_reschedule_remove, outbox_concurrent_claims_are_disjoint,
@@ -435,6 +438,35 @@ pub async fn list_by_subject(store: &SharedStore) {
     assert!(store.list(&realm, &nobody).await.expect("list").is_empty());
 }
 
+/// `list` matches the subject exactly, case included: `Alice` is another subject than `alice`.
+pub async fn list_is_case_sensitive(store: &SharedStore) {
+    let realm = fresh_realm();
+    let lower = key(&realm, "alice", "google");
+    let upper = key(&realm, "Alice", "github");
+    must_insert(store, &lower, b"lower").await;
+    must_insert(store, &upper, b"upper").await;
+    for (subject, expected) in [
+        ("alice", vec![lower.clone()]),
+        ("Alice", vec![upper.clone()]),
+        ("ALICE", vec![]),
+    ] {
+        let subject = Subject::new(subject).expect("subject");
+        assert_eq!(
+            store.list(&realm, &subject).await.expect("list"),
+            expected,
+            "list of {subject} ignored the case of subjects"
+        );
+    }
+    assert_eq!(
+        payload_of(store, &lower).await.as_deref(),
+        Some(&b"lower"[..])
+    );
+    assert_eq!(
+        payload_of(store, &upper).await.as_deref(),
+        Some(&b"upper"[..])
+    );
+}
+
 /// The same subject and provider in two realms are two independent records.
 pub async fn realms_are_isolated(store: &SharedStore) {
     let (r1, r2) = (fresh_realm(), fresh_realm());
@@ -622,6 +654,32 @@ pub async fn metadata_round_trips(store: &SharedStore) {
     assert_eq!(loaded.record.meta, meta, "metadata changed on the way");
 }
 
+/// Metadata comes back as `insert` wrote it too: relink-required state with its reason and
+/// time, and an expiry.
+pub async fn inserted_metadata_round_trips(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    let now = now_ms();
+    let meta = RecordMeta::new(
+        LinkState::RelinkRequired {
+            reason: "invalid_grant: revoked".into(),
+            since: now - Duration::from_secs(60),
+        },
+        Some(now + Duration::from_secs(600)),
+        now - Duration::from_secs(3600),
+        now,
+    );
+    let v = store
+        .insert(&k, &Record::new(Payload::new(b"x".to_vec()), meta.clone()))
+        .await
+        .expect("insert");
+    let loaded = store.load(&k).await.expect("load").expect("present");
+    assert_eq!(
+        loaded.version, v,
+        "load returned another version than insert"
+    );
+    assert_eq!(loaded.record.meta, meta, "metadata changed on the way");
+}
+
 /// Large payloads, every byte value, and subjects with quotes and SQL-looking text survive.
 pub async fn large_and_odd_values(store: &SharedStore) {
     let realm = fresh_realm();
@@ -705,6 +763,44 @@ pub async fn lease_on_missing_key(store: &SharedStore) {
     assert_eq!(attempt, LeaseAttempt::Missing);
 }
 
+/// How far a store's clock may be from the test's in [`lease_reports_its_expiry`], the one
+/// check that compares them.
+const CLOCK_SKEW_TOLERANCE: Duration = Duration::from_secs(300);
+
+/// `try_lease` reports when the lease expires: its TTL after the store's clock took it. Two
+/// leases with TTLs a minute apart, taken one after the other, expire a minute apart (give or
+/// take the time between them), whatever the store's clock says; and that clock is within
+/// [`CLOCK_SKEW_TOLERANCE`] of the test's.
+pub async fn lease_reports_its_expiry(store: &SharedStore) {
+    let realm = fresh_realm();
+    let (k1, k2) = (
+        key(&realm, "alice", "example"),
+        key(&realm, "bob", "example"),
+    );
+    must_insert(store, &k1, b"x").await;
+    must_insert(store, &k2, b"x").await;
+    let minute = Duration::from_secs(60);
+    let before = OffsetDateTime::now_utc();
+    let started = tokio::time::Instant::now();
+    let first = must_lease(store, &k1, &LeaseHolder::random(), minute).await;
+    let second = must_lease(store, &k2, &LeaseHolder::random(), 2 * minute).await;
+    let took = started.elapsed();
+    let gap = second.expires_at - first.expires_at;
+    let slack = Duration::from_secs(1);
+    assert!(
+        gap >= minute - slack && gap <= minute + took + slack,
+        "leases of 60 s and 120 s taken {took:?} apart expire {gap} apart"
+    );
+    let off = first.expires_at - (before + minute);
+    assert!(
+        off.unsigned_abs() <= CLOCK_SKEW_TOLERANCE + took,
+        "a 60 s lease taken at {before} expires at {}",
+        first.expires_at
+    );
+    store.release_lease(&first).await.expect("release");
+    store.release_lease(&second).await.expect("release");
+}
+
 /// A lease expires after its TTL by the store's clock, and then anyone may take it; the old
 /// holder's late release does not free the new holder's lease, which has a token of its own.
 pub async fn lease_expires(store: &SharedStore) {
@@ -724,6 +820,31 @@ pub async fn lease_expires(store: &SharedStore) {
         "the expired holder's release freed the new holder's lease"
     );
     store.release_lease(&new).await.expect("release");
+}
+
+/// A lease with a short TTL ([`SHORT_LEASE`]) is held until it expires, not rounded down to
+/// nothing (as an expiry in whole seconds would): another holder finds it busy right after it
+/// was taken. (When the store answered too slowly to tell, the check passes.)
+pub async fn short_lease_is_held_until_it_expires(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    must_insert(store, &k, b"x").await;
+    let started = tokio::time::Instant::now();
+    let lease = must_lease(store, &k, &LeaseHolder::random(), SHORT_LEASE).await;
+    match store
+        .try_lease(&k, &LeaseHolder::random(), Duration::from_secs(60))
+        .await
+        .expect("lease")
+    {
+        LeaseAttempt::Busy => store.release_lease(&lease).await.expect("release"),
+        LeaseAttempt::Acquired(other) => {
+            assert!(
+                started.elapsed() >= SHORT_LEASE,
+                "a lease with a {SHORT_LEASE:?} TTL was free again at once"
+            );
+            store.release_lease(&other).await.expect("release");
+        }
+        LeaseAttempt::Missing => panic!("the record vanished"),
+    }
 }
 
 /// Taking a lease does not change the version, and writes succeed whoever holds the lease.
@@ -779,6 +900,31 @@ pub async fn delete_drops_lease(store: &SharedStore) {
         ),
         "a deleted record's lease survived into the new record"
     );
+}
+
+/// Deleting a leased record ends the lease: the key is `Missing` to a lease, and the old
+/// lease's token does not release the lease of a record inserted under the key again.
+pub async fn lease_of_a_deleted_record_is_gone(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    must_insert(store, &k, b"x").await;
+    let old = must_lease(store, &k, &LeaseHolder::random(), Duration::from_secs(600)).await;
+    assert!(store.delete(&k, None).await.expect("delete"));
+    assert_eq!(
+        store
+            .try_lease(&k, &LeaseHolder::random(), Duration::from_secs(60))
+            .await
+            .expect("lease"),
+        LeaseAttempt::Missing,
+        "a deleted record's lease still answers"
+    );
+    must_insert(store, &k, b"y").await;
+    let new = must_lease(store, &k, &LeaseHolder::random(), Duration::from_secs(60)).await;
+    store.release_lease(&old).await.expect("late release");
+    assert!(
+        held_by_someone(store, &k).await,
+        "the lease of a deleted record released the lease of the new one"
+    );
+    store.release_lease(&new).await.expect("release");
 }
 
 /// A lease token replaced by a later acquisition (here by the same holder, as an instance
@@ -992,6 +1138,30 @@ pub async fn released_lease_token_cannot_write(store: &SharedStore) {
         !held_by_someone(store, &k).await,
         "extending a released lease took it again"
     );
+}
+
+/// A released lease token, released again after another holder took the lease, frees
+/// nothing: the other holder keeps it.
+pub async fn released_lease_token_cannot_release_the_next(store: &SharedStore) {
+    let k = key(&fresh_realm(), "alice", "example");
+    must_insert(store, &k, b"x").await;
+    let first = must_lease(store, &k, &LeaseHolder::random(), Duration::from_secs(60)).await;
+    store.release_lease(&first).await.expect("release");
+    let next = must_lease(store, &k, &LeaseHolder::random(), Duration::from_secs(60)).await;
+    store.release_lease(&first).await.expect("late release");
+    assert!(
+        held_by_someone(store, &k).await,
+        "a released lease token released the next holder's lease"
+    );
+    assert_eq!(
+        store
+            .try_lease(&k, &first.holder, Duration::from_secs(60))
+            .await
+            .expect("lease"),
+        LeaseAttempt::Busy,
+        "the first holder took the lease back while the next one held it"
+    );
+    store.release_lease(&next).await.expect("release");
 }
 
 /// A write without a fence ignores the lease: it succeeds while another holder has the lease,

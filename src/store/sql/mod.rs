@@ -181,38 +181,30 @@ macro_rules! fence_holds {
 }
 pub(crate) use fence_holds;
 
-/// Releases the lease whose token is bound as `$4`, and only that one: a stale token (the
-/// lease was taken again since) matches no row. Clearing the holder too is what frees the
-/// lease for `lease_is_free!`.
-pub(crate) const RELEASE_LEASE: &str = concat!(
-    "UPDATE tokenbroker_links SET lease_holder = NULL, lease_token = NULL, \
-     lease_expires_at = NULL WHERE ",
-    key_where!(),
-    " AND lease_token = $4"
-);
-
-/// Extends the lease whose token is bound as `$4` to `$5` milliseconds after the database's
-/// clock `$now`, returning the new expiry; a stale token matches no row.
-macro_rules! extend_lease_sql {
-    ($now:expr) => {
-        concat!(
-            "UPDATE tokenbroker_links SET lease_expires_at = ",
-            $now,
-            " + $5 WHERE ",
-            $crate::store::sql::key_where!(),
-            " AND lease_token = $4 RETURNING lease_expires_at"
-        )
+/// Binds a key's columns as `$1`, `$2`, `$3`, the order of [`key_where!`].
+macro_rules! bind_key {
+    ($query:expr, $key:expr) => {
+        $query
+            .bind($key.realm.as_str())
+            .bind($key.subject.as_str())
+            .bind($key.provider.as_str())
     };
 }
-pub(crate) use extend_lease_sql;
+pub(crate) use bind_key;
 
-/// The part of a SQL store that SQLite and PostgreSQL share word for word: migrations (each
-/// dialect opens the migration's transaction under its own lock, `begin_migration`), purge,
-/// load, list, scan, and the fenced lease release and extension. Expanded inside each store's
-/// inherent `impl`, where `self.pool`, `backend`, `STORE`, `MIGRATIONS` and the dialect's
-/// `db_now_ms!` are that store's; the statements that differ (insert, compare-and-swap, delete,
-/// try-lease: one statement with a sequence in PostgreSQL, a `BEGIN IMMEDIATE` transaction in
-/// SQLite) stay in each file.
+/// The one SQL code path of both stores: migrations, purge, load, list, scan, insert,
+/// compare-and-swap, delete and the fenced lease, written once. Expanded inside each store's
+/// inherent `impl`, where `self.pool`, `backend`, `STORE` and `MIGRATIONS` are that store's, and
+/// so are the few things a dialect does its own way:
+///
+/// - `db_now_ms!()`: the database's clock in unix milliseconds, which judges every lease;
+/// - `next_version!()`: the expression that gives a write its version, and
+///   `self.versioned_write(query)`, which runs such a write (PostgreSQL: one statement drawing
+///   from a sequence; SQLite: the counter bumped in the same `BEGIN IMMEDIATE` transaction);
+/// - `with_presence!(statement)` and `self.run_with_presence(query, key)`: a statement on one
+///   key together with whether the key's row was there, judged at the same moment (PostgreSQL:
+///   one statement; SQLite: one `BEGIN IMMEDIATE` transaction);
+/// - `self.begin_migration()`: a migration's transaction, under the dialect's lock.
 macro_rules! shared_link_queries {
     () => {
         /// Applies the embedded migrations the database does not have yet, each in its own
@@ -280,33 +272,47 @@ macro_rules! shared_link_queries {
         ) -> Result<super::PurgeReport, StoreError> {
             let mut report = super::PurgeReport::default();
             if let Some(age) = policy.unused_for {
-                report.unused = sqlx::query(concat!(
-                    "DELETE FROM tokenbroker_links WHERE updated_at < ",
-                    db_now_ms!(),
-                    " - $1 AND ",
-                    super::lease_is_free!(db_now_ms!())
-                ))
-                .bind(super::duration_ms(age))
-                .execute(&self.pool)
-                .await
-                .map_err(backend)?
-                .rows_affected();
+                report.unused = self
+                    .purge_older_than(
+                        concat!(
+                            "DELETE FROM tokenbroker_links WHERE updated_at < ",
+                            db_now_ms!(),
+                            " - $1 AND ",
+                            super::lease_is_free!(db_now_ms!())
+                        ),
+                        age,
+                    )
+                    .await?;
             }
             if let Some(age) = policy.relink_required_for {
-                report.relink_required = sqlx::query(concat!(
-                    "DELETE FROM tokenbroker_links WHERE state = 'relink_required' \
-                     AND relink_since < ",
-                    db_now_ms!(),
-                    " - $1 AND ",
-                    super::lease_is_free!(db_now_ms!())
-                ))
+                report.relink_required = self
+                    .purge_older_than(
+                        concat!(
+                            "DELETE FROM tokenbroker_links WHERE state = 'relink_required' \
+                             AND relink_since < ",
+                            db_now_ms!(),
+                            " - $1 AND ",
+                            super::lease_is_free!(db_now_ms!())
+                        ),
+                        age,
+                    )
+                    .await?;
+            }
+            Ok(report)
+        }
+
+        /// Runs one retention rule, a `DELETE` of the rows older than `$1` milliseconds.
+        async fn purge_older_than(
+            &self,
+            statement: &'static str,
+            age: std::time::Duration,
+        ) -> Result<u64, StoreError> {
+            let deleted = sqlx::query(statement)
                 .bind(super::duration_ms(age))
                 .execute(&self.pool)
                 .await
-                .map_err(backend)?
-                .rows_affected();
-            }
-            Ok(report)
+                .map_err(backend)?;
+            Ok(deleted.rows_affected())
         }
 
         async fn load_link(
@@ -314,18 +320,16 @@ macro_rules! shared_link_queries {
             key: &crate::ids::TokenKey,
         ) -> Result<Option<crate::store::StoredRecord>, StoreError> {
             use sqlx::Row as _;
-            let row = sqlx::query(concat!(
+            let query = sqlx::query(concat!(
                 "SELECT ",
                 super::link_columns!(),
                 ", payload FROM tokenbroker_links WHERE ",
                 super::key_where!()
-            ))
-            .bind(key.realm.as_str())
-            .bind(key.subject.as_str())
-            .bind(key.provider.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend)?;
+            ));
+            let row = super::bind_key!(query, key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend)?;
             let Some(row) = row else { return Ok(None) };
             let payload: Vec<u8> = row.try_get("payload").map_err(backend)?;
             super::RawLink::from_row(&row)
@@ -379,18 +383,16 @@ macro_rules! shared_link_queries {
                     // Bytewise order in both (SQLite's BINARY collation, the "C" collation of
                     // the PostgreSQL columns, which wins over the parameters' default one), so
                     // the row-value comparison walks the primary key.
-                    sqlx::query(concat!(
+                    let query = sqlx::query(concat!(
                         "SELECT ",
                         super::link_columns!(),
                         " FROM tokenbroker_links WHERE (realm, subject, provider) > ($1, $2, $3) \
                          ORDER BY realm, subject, provider LIMIT $4"
-                    ))
-                    .bind(after.realm.as_str())
-                    .bind(after.subject.as_str())
-                    .bind(after.provider.as_str())
-                    .bind(fetch)
-                    .fetch_all(&self.pool)
-                    .await
+                    ));
+                    super::bind_key!(query, after)
+                        .bind(fetch)
+                        .fetch_all(&self.pool)
+                        .await
                 }
             }
             .map_err(backend)?;
@@ -405,30 +407,121 @@ macro_rules! shared_link_queries {
             Ok(crate::store::ScanPage::from_ordered(links, wanted))
         }
 
-        /// Deletes the link whatever its version.
-        async fn delete_link_unconditionally(
+        async fn insert_link(
             &self,
             key: &crate::ids::TokenKey,
-        ) -> Result<bool, StoreError> {
-            let deleted = sqlx::query(concat!(
-                "DELETE FROM tokenbroker_links WHERE ",
-                super::key_where!()
-            ))
-            .bind(key.realm.as_str())
-            .bind(key.subject.as_str())
-            .bind(key.provider.as_str())
-            .execute(&self.pool)
-            .await
-            .map_err(backend)?
-            .rows_affected();
-            Ok(deleted > 0)
+            record: &crate::store::Record,
+        ) -> Result<crate::store::Version, StoreError> {
+            let query = sqlx::query_scalar(concat!(
+                "INSERT INTO tokenbroker_links (realm, subject, provider, version, payload, \
+                 state, relink_reason, relink_since, expires_at, created_at, updated_at) \
+                 VALUES ($1, $2, $3, ",
+                next_version!(),
+                ", $4, $5, $6, $7, $8, $9, $10) \
+                 ON CONFLICT (realm, subject, provider) DO NOTHING RETURNING version"
+            ));
+            let query = super::bind_key!(query, key).bind(record.payload.expose_secret());
+            let query = super::bind_columns!(query, super::Columns::of(&record.meta));
+            super::written_version(key, self.versioned_write(query).await?)
         }
 
+        async fn swap_link(
+            &self,
+            key: &crate::ids::TokenKey,
+            expected: crate::store::Version,
+            record: &crate::store::Record,
+            fence: Option<&crate::store::LeaseToken>,
+        ) -> Result<crate::store::Version, StoreError> {
+            // The lease columns are left alone: a write does not need the lease, and must not
+            // free or steal one a refresh is holding. The fence is checked in the same
+            // statement, so a concurrent try_lease that changes the token either comes first
+            // (and this write matches no row) or after.
+            let query = sqlx::query_scalar(concat!(
+                "UPDATE tokenbroker_links SET version = ",
+                next_version!(),
+                ", payload = $5, state = $6, relink_reason = $7, relink_since = $8, \
+                 expires_at = $9, created_at = $10, updated_at = $11 WHERE ",
+                super::key_where!(),
+                " AND version = $4 AND ",
+                super::fence_holds!("$12"),
+                " RETURNING version"
+            ));
+            let query = super::bind_key!(query, key)
+                .bind(super::version_to_db(&expected))
+                .bind(record.payload.expose_secret());
+            let query = super::bind_columns!(query, super::Columns::of(&record.meta))
+                .bind(fence.map(crate::store::LeaseToken::as_str));
+            super::written_version(key, self.versioned_write(query).await?)
+        }
+
+        async fn delete_link(
+            &self,
+            key: &crate::ids::TokenKey,
+            expected: Option<crate::store::Version>,
+        ) -> Result<bool, StoreError> {
+            let Some(expected) = expected else {
+                let query = sqlx::query(concat!(
+                    "DELETE FROM tokenbroker_links WHERE ",
+                    super::key_where!()
+                ));
+                let deleted = super::bind_key!(query, key)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(backend)?;
+                return Ok(deleted.rows_affected() > 0);
+            };
+            let query = sqlx::query(with_presence!(concat!(
+                "DELETE FROM tokenbroker_links WHERE ",
+                super::key_where!(),
+                " AND version = $4 RETURNING version"
+            )));
+            let query = super::bind_key!(query, key).bind(super::version_to_db(&expected));
+            match self.run_with_presence(query, key).await? {
+                (Some(_), _) => Ok(true),
+                (None, true) => Err(StoreError::Conflict { key: key.clone() }),
+                (None, false) => Ok(false),
+            }
+        }
+
+        async fn try_lease_link(
+            &self,
+            key: &crate::ids::TokenKey,
+            holder: &crate::store::LeaseHolder,
+            ttl: std::time::Duration,
+        ) -> Result<crate::store::LeaseAttempt, StoreError> {
+            let token = crate::store::LeaseToken::random();
+            let query = sqlx::query(with_presence!(concat!(
+                "UPDATE tokenbroker_links SET lease_holder = $4, lease_token = $6, \
+                 lease_expires_at = ",
+                db_now_ms!(),
+                " + $5 WHERE ",
+                super::key_where!(),
+                " AND ",
+                super::lease_is_free!(db_now_ms!()),
+                " RETURNING lease_expires_at"
+            )));
+            let query = super::bind_key!(query, key)
+                .bind(holder.as_str())
+                .bind(super::duration_ms(ttl))
+                .bind(token.as_str());
+            Ok(match self.run_with_presence(query, key).await? {
+                (Some(until), _) => super::acquired(key, holder, token, until)?,
+                (None, true) => crate::store::LeaseAttempt::Busy,
+                (None, false) => crate::store::LeaseAttempt::Missing,
+            })
+        }
+
+        /// Releases the lease whose token is bound as `$4`, and only that one: a stale token
+        /// (the lease was taken again since) matches no row. Clearing the holder too is what
+        /// frees the lease for `lease_is_free!`.
         async fn release_link_lease(&self, lease: &crate::store::Lease) -> Result<(), StoreError> {
-            sqlx::query(super::RELEASE_LEASE)
-                .bind(lease.key.realm.as_str())
-                .bind(lease.key.subject.as_str())
-                .bind(lease.key.provider.as_str())
+            let query = sqlx::query(concat!(
+                "UPDATE tokenbroker_links SET lease_holder = NULL, lease_token = NULL, \
+                 lease_expires_at = NULL WHERE ",
+                super::key_where!(),
+                " AND lease_token = $4"
+            ));
+            super::bind_key!(query, lease.key)
                 .bind(lease.token.as_str())
                 .execute(&self.pool)
                 .await
@@ -436,30 +529,30 @@ macro_rules! shared_link_queries {
             Ok(())
         }
 
+        /// Extends the lease whose token is bound as `$4` to `$5` milliseconds after the
+        /// database's clock; a stale token matches no row.
         async fn extend_link_lease(
             &self,
             lease: &crate::store::Lease,
             ttl: std::time::Duration,
         ) -> Result<Option<crate::store::Lease>, StoreError> {
-            let until: Option<i64> = sqlx::query_scalar(super::extend_lease_sql!(db_now_ms!()))
-                .bind(lease.key.realm.as_str())
-                .bind(lease.key.subject.as_str())
-                .bind(lease.key.provider.as_str())
+            let query = sqlx::query_scalar(concat!(
+                "UPDATE tokenbroker_links SET lease_expires_at = ",
+                db_now_ms!(),
+                " + $5 WHERE ",
+                super::key_where!(),
+                " AND lease_token = $4 RETURNING lease_expires_at"
+            ));
+            let until: Option<i64> = super::bind_key!(query, lease.key)
                 .bind(lease.token.as_str())
                 .bind(super::duration_ms(ttl))
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(backend)?;
             let Some(until) = until else { return Ok(None) };
-            let expires_at = super::from_ms(until, "lease_expires_at").map_err(|reason| {
-                StoreError::Corrupt {
-                    key: lease.key.clone(),
-                    reason,
-                    version: None,
-                }
-            })?;
             let mut extended = lease.clone();
-            extended.expires_at = expires_at;
+            extended.expires_at =
+                super::from_ms(until, "lease_expires_at").map_err(super::corrupt(&lease.key))?;
             Ok(Some(extended))
         }
     };
@@ -480,30 +573,26 @@ macro_rules! shared_outbox_queries {
         ) -> Result<bool, StoreError> {
             // One transaction: the entry exists exactly when the link was deleted.
             let mut tx = self.begin_write_tx().await?;
-            let deleted = sqlx::query(concat!(
+            let query = sqlx::query(concat!(
                 "DELETE FROM tokenbroker_links WHERE ",
                 super::key_where!(),
                 " AND ($4 IS NULL OR version = $4)"
-            ))
-            .bind(key.realm.as_str())
-            .bind(key.subject.as_str())
-            .bind(key.provider.as_str())
-            .bind(expected.as_ref().map(super::version_to_db))
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?
-            .rows_affected();
+            ));
+            let deleted = super::bind_key!(query, key)
+                .bind(expected.as_ref().map(super::version_to_db))
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?
+                .rows_affected();
             if deleted == 0 {
-                let present: Option<i64> = sqlx::query_scalar(concat!(
+                let query = sqlx::query_scalar(concat!(
                     "SELECT version FROM tokenbroker_links WHERE ",
                     super::key_where!()
-                ))
-                .bind(key.realm.as_str())
-                .bind(key.subject.as_str())
-                .bind(key.provider.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(backend)?;
+                ));
+                let present: Option<i64> = super::bind_key!(query, key)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(backend)?;
                 tx.rollback().await.map_err(backend)?;
                 return match present {
                     Some(_) => Err(StoreError::Conflict { key: key.clone() }),
@@ -519,23 +608,20 @@ macro_rules! shared_outbox_queries {
             conn: &mut <Self as super::Dialect>::Connection,
             revocation: &crate::store::PendingRevocation,
         ) -> Result<(), StoreError> {
-            sqlx::query(
+            let query = sqlx::query(
                 "INSERT INTO tokenbroker_revocations (id, realm, subject, provider, payload, \
                  attempts, due_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
                  ON CONFLICT (id) DO UPDATE SET payload = excluded.payload, \
                  attempts = excluded.attempts, due_at = excluded.due_at",
-            )
-            .bind(revocation.id.as_str())
-            .bind(revocation.key.realm.as_str())
-            .bind(revocation.key.subject.as_str())
-            .bind(revocation.key.provider.as_str())
-            .bind(revocation.payload.expose_secret())
-            .bind(i64::from(revocation.attempts))
-            .bind(super::to_ms(revocation.due_at))
-            .bind(super::to_ms(revocation.created_at))
-            .execute(&mut *conn)
-            .await
-            .map_err(backend)?;
+            );
+            super::bind_key!(query.bind(revocation.id.as_str()), revocation.key)
+                .bind(revocation.payload.expose_secret())
+                .bind(i64::from(revocation.attempts))
+                .bind(super::to_ms(revocation.due_at))
+                .bind(super::to_ms(revocation.created_at))
+                .execute(&mut *conn)
+                .await
+                .map_err(backend)?;
             Ok(())
         }
 
@@ -651,8 +737,7 @@ where
 }
 
 /// Implements [`TokenStore`](crate::store::TokenStore) for a SQL store over its inherent
-/// methods: the shared queries of `shared_link_queries!` and the dialect's own `insert_link`,
-/// `swap_link`, `delete_link` and `try_lease_link`.
+/// methods, those of `shared_link_queries!` and `shared_outbox_queries!`.
 macro_rules! sql_token_store {
     ($store:ty) => {
         #[async_trait::async_trait]
@@ -853,11 +938,14 @@ macro_rules! migrations {
 }
 pub(crate) use migrations;
 
-/// What a dialect file declares about itself: its name in errors, its connection type, and the
-/// row lock of the outbox claim's inner `SELECT` (`claim_lock!`).
+/// What a dialect file declares about itself: its name in errors, its pool and connection
+/// types, the row lock of the outbox claim's inner `SELECT` (`claim_lock!`), and what the
+/// docs of `from_pool` add for it. Gives the store the constructors and accessors that are
+/// the same for both: `from_pool`, `pool`, and `migrated` (a new pool, its schema brought up to
+/// date) for the dialect's own `open`/`connect`.
 macro_rules! dialect {
-    (store: $store:ty, name: $name:literal, connection: $connection:ty,
-     claim_lock: $lock:literal $(,)?) => {
+    (store: $store:ident, name: $name:literal, pool: $pool:ty, connection: $connection:ty,
+     claim_lock: $lock:literal $(, from_pool_doc: $doc:literal)? $(,)?) => {
         const STORE: &str = $name;
 
         macro_rules! claim_lock {
@@ -872,6 +960,27 @@ macro_rules! dialect {
 
         fn backend(e: sqlx::Error) -> StoreError {
             StoreError::backend(STORE, e)
+        }
+
+        impl $store {
+            /// Uses a pool the host configured. Nothing is checked or created: call
+            /// [`migrate`](Self::migrate) before use.
+            $(#[doc = $doc])?
+            pub fn from_pool(pool: $pool) -> Self {
+                $store { pool }
+            }
+
+            /// The pool, e.g. to share it with the host's own tables.
+            pub fn pool(&self) -> &$pool {
+                &self.pool
+            }
+
+            /// Wraps a pool this store made and brings the schema up to date.
+            async fn migrated(pool: $pool) -> Result<Self, StoreError> {
+                let store = Self::from_pool(pool);
+                store.migrate().await?;
+                Ok(store)
+            }
         }
     };
 }
@@ -900,14 +1009,29 @@ pub(crate) fn acquired(
     token: crate::store::LeaseToken,
     until: i64,
 ) -> Result<crate::store::LeaseAttempt, StoreError> {
-    let expires_at = from_ms(until, "lease_expires_at").map_err(|reason| StoreError::Corrupt {
-        key: key.clone(),
-        reason,
-        version: None,
-    })?;
+    let expires_at = from_ms(until, "lease_expires_at").map_err(corrupt(key))?;
     Ok(crate::store::LeaseAttempt::Acquired(
         crate::store::Lease::new(key.clone(), holder.clone(), token, expires_at),
     ))
+}
+
+/// The answer of an insert or compare-and-swap that returned the row's new version, or
+/// nothing (no row written: the key is present for an insert, or the version or fence did not
+/// match for a compare-and-swap).
+pub(crate) fn written_version(key: &TokenKey, written: Option<i64>) -> Result<Version, StoreError> {
+    match written {
+        Some(v) => version_from_db(v).map_err(corrupt(key)),
+        None => Err(StoreError::Conflict { key: key.clone() }),
+    }
+}
+
+/// Makes a reason why a value read back for `key` is invalid into [`StoreError::Corrupt`].
+pub(crate) fn corrupt(key: &TokenKey) -> impl Fn(String) -> StoreError + '_ {
+    move |reason| StoreError::Corrupt {
+        key: key.clone(),
+        reason,
+        version: None,
+    }
 }
 
 /// Migration 3 (both engines, `$payload` being the dialect's binary type): the revocation
@@ -976,11 +1100,7 @@ impl RawLink {
     /// [`StoreError::Corrupt`].
     pub(crate) fn into_scanned(self) -> Result<ScannedLink, StoreError> {
         let key = parse_key(&self.realm, &self.subject, &self.provider)?;
-        let version = version_from_db(self.version).map_err(|reason| StoreError::Corrupt {
-            key: key.clone(),
-            reason,
-            version: None,
-        })?;
+        let version = version_from_db(self.version).map_err(corrupt(&key))?;
         // From here on the row's version is known: a caller can replace or delete the row by it.
         let corrupt = |reason: String| StoreError::Corrupt {
             key: key.clone(),

@@ -4,19 +4,15 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::Row;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 
-use super::{
-    Columns, duration_ms, fence_holds, key_where, lease_is_free, version_from_db, version_to_db,
-};
 use crate::ids::TokenKey;
-use crate::store::{
-    ChangeFeed, FeedEvent, LeaseAttempt, LeaseHolder, LeaseToken, Record, StoreError, Version,
-};
+use crate::store::{ChangeFeed, FeedEvent, StoreError};
 
 super::dialect!(
     store: PostgresStore,
     name: "postgres",
+    pool: PgPool,
     connection: sqlx::PgConnection,
     claim_lock: " FOR UPDATE SKIP LOCKED",
 );
@@ -26,6 +22,28 @@ super::dialect!(
 macro_rules! db_now_ms {
     () => {
         "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+    };
+}
+
+/// The version of a write, drawn from the sequence in the statement itself.
+macro_rules! next_version {
+    () => {
+        "nextval('tokenbroker_link_version')"
+    };
+}
+
+/// A statement on one key (returning one `BIGINT` when it acts) made into one that also tells
+/// whether the key's row was there, for `run_with_presence`.
+macro_rules! with_presence {
+    ($statement:expr) => {
+        concat!(
+            "WITH acted AS (",
+            $statement,
+            ") SELECT (SELECT * FROM acted) AS acted, \
+             EXISTS (SELECT 1 FROM tokenbroker_links WHERE ",
+            super::key_where!(),
+            ") AS present"
+        )
     };
 }
 
@@ -145,6 +163,30 @@ impl PostgresStore {
         self.pool.begin().await.map_err(backend)
     }
 
+    /// Runs an insert or compare-and-swap that sets `version = next_version!()` and returns
+    /// it: one statement, the sequence drawn inside it.
+    async fn versioned_write(
+        &self,
+        query: sqlx::query::QueryScalar<'_, sqlx::Postgres, i64, PgArguments>,
+    ) -> Result<Option<i64>, StoreError> {
+        query.fetch_optional(&self.pool).await.map_err(backend)
+    }
+
+    /// Runs a statement made by `with_presence!`: one statement, whose `EXISTS` reads the
+    /// snapshot the statement started from, so "did nothing" and "present" describe the same
+    /// moment. A concurrent writer of the row blocks on its row lock and then re-checks the
+    /// `WHERE` against the committed row, so of two lease takers only one wins.
+    async fn run_with_presence(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, PgArguments>,
+        _key: &TokenKey,
+    ) -> Result<(Option<i64>, bool), StoreError> {
+        let row = query.fetch_one(&self.pool).await.map_err(backend)?;
+        let acted: Option<i64> = row.try_get("acted").map_err(backend)?;
+        let present: bool = row.try_get("present").map_err(backend)?;
+        Ok((acted, present))
+    }
+
     /// Opens a migration's transaction under a transaction-scoped advisory lock, taken before
     /// anything else, so even `CREATE TABLE IF NOT EXISTS` cannot race (two concurrent ones can
     /// fail on the catalog's unique index).
@@ -168,20 +210,7 @@ impl PostgresStore {
             .connect_with(options)
             .await
             .map_err(backend)?;
-        let store = PostgresStore::from_pool(pool);
-        store.migrate().await?;
-        Ok(store)
-    }
-
-    /// Uses a pool the host configured. Nothing is checked or created: call
-    /// [`migrate`](Self::migrate) before use.
-    pub fn from_pool(pool: PgPool) -> Self {
-        PostgresStore { pool }
-    }
-
-    /// The pool, e.g. to share it with the host's own tables.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+        Self::migrated(pool).await
     }
 
     /// A [`ChangeFeed`] of this store's links, for
@@ -326,154 +355,6 @@ impl ChangeFeed for PgChangeFeed {
                 }
             }
         }
-    }
-}
-
-fn corrupt(key: &TokenKey) -> impl Fn(String) -> StoreError + '_ {
-    move |reason| StoreError::Corrupt {
-        key: key.clone(),
-        reason,
-        version: None,
-    }
-}
-
-/// The statements this dialect does its own way. `sql_token_store!` implements
-/// [`TokenStore`](crate::store::TokenStore) over them and the shared queries.
-impl PostgresStore {
-    async fn insert_link(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
-        let c = Columns::of(&record.meta);
-        let query = sqlx::query_scalar(
-            "INSERT INTO tokenbroker_links (realm, subject, provider, version, payload, state, \
-             relink_reason, relink_since, expires_at, created_at, updated_at) \
-             VALUES ($1, $2, $3, nextval('tokenbroker_link_version'), $4, $5, $6, $7, $8, $9, $10) \
-             ON CONFLICT (realm, subject, provider) DO NOTHING RETURNING version",
-        )
-        .bind(key.realm.as_str())
-        .bind(key.subject.as_str())
-        .bind(key.provider.as_str())
-        .bind(record.payload.expose_secret());
-        let version: Option<i64> = super::bind_columns!(query, c)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend)?;
-        match version {
-            Some(v) => version_from_db(v).map_err(corrupt(key)),
-            None => Err(StoreError::Conflict { key: key.clone() }),
-        }
-    }
-
-    async fn swap_link(
-        &self,
-        key: &TokenKey,
-        expected: Version,
-        record: &Record,
-        fence: Option<&LeaseToken>,
-    ) -> Result<Version, StoreError> {
-        let c = Columns::of(&record.meta);
-        // The lease columns are left alone: a write does not need the lease, and must not free
-        // or steal one a refresh is holding. The fence is checked in the same statement: a
-        // concurrent try_lease that changes the token either commits first (and we re-check
-        // the WHERE against its row, and write nothing) or waits for our row lock.
-        let query = sqlx::query_scalar(concat!(
-            "UPDATE tokenbroker_links SET version = nextval('tokenbroker_link_version'), \
-             payload = $5, state = $6, relink_reason = $7, relink_since = $8, expires_at = $9, \
-             created_at = $10, updated_at = $11 WHERE ",
-            key_where!(),
-            " AND version = $4 AND ",
-            fence_holds!("$12"),
-            " RETURNING version"
-        ))
-        .bind(key.realm.as_str())
-        .bind(key.subject.as_str())
-        .bind(key.provider.as_str())
-        .bind(version_to_db(&expected))
-        .bind(record.payload.expose_secret());
-        let version: Option<i64> = super::bind_columns!(query, c)
-            .bind(fence.map(LeaseToken::as_str))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend)?;
-        match version {
-            Some(v) => version_from_db(v).map_err(corrupt(key)),
-            None => Err(StoreError::Conflict { key: key.clone() }),
-        }
-    }
-
-    async fn delete_link(
-        &self,
-        key: &TokenKey,
-        expected: Option<Version>,
-    ) -> Result<bool, StoreError> {
-        let Some(expected) = expected else {
-            return self.delete_link_unconditionally(key).await;
-        };
-        // One statement: the EXISTS sees the snapshot the DELETE started from, so "not deleted"
-        // and "present" describe the same moment.
-        let row = sqlx::query(concat!(
-            "WITH deleted AS (DELETE FROM tokenbroker_links WHERE ",
-            key_where!(),
-            " AND version = $4 RETURNING 1) \
-             SELECT EXISTS (SELECT 1 FROM deleted) AS deleted, \
-             EXISTS (SELECT 1 FROM tokenbroker_links WHERE ",
-            key_where!(),
-            ") AS present"
-        ))
-        .bind(key.realm.as_str())
-        .bind(key.subject.as_str())
-        .bind(key.provider.as_str())
-        .bind(version_to_db(&expected))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(backend)?;
-        let deleted: bool = row.try_get("deleted").map_err(backend)?;
-        let present: bool = row.try_get("present").map_err(backend)?;
-        match (deleted, present) {
-            (true, _) => Ok(true),
-            (false, true) => Err(StoreError::Conflict { key: key.clone() }),
-            (false, false) => Ok(false),
-        }
-    }
-
-    async fn try_lease_link(
-        &self,
-        key: &TokenKey,
-        holder: &LeaseHolder,
-        ttl: Duration,
-    ) -> Result<LeaseAttempt, StoreError> {
-        // One statement. A concurrent taker blocks on the row lock and then re-checks the WHERE
-        // against the committed row, so only one wins; the EXISTS reads the statement's snapshot,
-        // in which the row we failed to take was present.
-        let token = LeaseToken::random();
-        let row = sqlx::query(concat!(
-            "WITH taken AS (UPDATE tokenbroker_links SET lease_holder = $4, lease_token = $6, \
-             lease_expires_at = ",
-            db_now_ms!(),
-            " + $5 WHERE ",
-            key_where!(),
-            " AND ",
-            lease_is_free!(db_now_ms!()),
-            " RETURNING lease_expires_at) \
-             SELECT (SELECT lease_expires_at FROM taken) AS lease_until, \
-             EXISTS (SELECT 1 FROM tokenbroker_links WHERE ",
-            key_where!(),
-            ") AS present"
-        ))
-        .bind(key.realm.as_str())
-        .bind(key.subject.as_str())
-        .bind(key.provider.as_str())
-        .bind(holder.as_str())
-        .bind(duration_ms(ttl))
-        .bind(token.as_str())
-        .fetch_one(&self.pool)
-        .await
-        .map_err(backend)?;
-        let until: Option<i64> = row.try_get("lease_until").map_err(backend)?;
-        let present: bool = row.try_get("present").map_err(backend)?;
-        Ok(match (until, present) {
-            (Some(until), _) => super::acquired(key, holder, token, until)?,
-            (None, true) => LeaseAttempt::Busy,
-            (None, false) => LeaseAttempt::Missing,
-        })
     }
 }
 

@@ -4,21 +4,23 @@ use std::path::Path;
 use std::time::Duration;
 
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
-use sqlx::{Sqlite, Transaction};
+use sqlx::{Row, Sqlite, Transaction};
 
-use super::{
-    Columns, duration_ms, fence_holds, key_where, lease_is_free, version_from_db, version_to_db,
-};
+use super::key_where;
 use crate::ids::TokenKey;
-use crate::store::{LeaseAttempt, LeaseHolder, LeaseToken, Record, StoreError, Version};
+use crate::store::StoreError;
 
 super::dialect!(
     store: SqliteStore,
     name: "sqlite",
+    pool: SqlitePool,
     connection: sqlx::SqliteConnection,
     claim_lock: "",
+    from_pool_doc: "The pool should have a busy timeout (sqlx's default is 5 s), or concurrent \
+                    writers fail at once instead of queueing.",
 );
 
 /// The database's clock in unix milliseconds. `unixepoch('subsec')` needs SQLite 3.42; the
@@ -27,6 +29,22 @@ super::dialect!(
 macro_rules! db_now_ms {
     () => {
         "CAST(unixepoch('subsec') * 1000 AS INTEGER)"
+    };
+}
+
+/// The version of a write: the counter, which `versioned_write` bumps in the same transaction
+/// just before.
+macro_rules! next_version {
+    () => {
+        "(SELECT n FROM tokenbroker_link_version WHERE id = 1)"
+    };
+}
+
+/// A statement on one key, as `run_with_presence` runs it: unchanged, since the presence check
+/// is a second statement in the same transaction.
+macro_rules! with_presence {
+    ($statement:expr) => {
+        $statement
     };
 }
 
@@ -125,22 +143,20 @@ impl SqliteStore {
     super::shared_link_queries!();
     super::shared_outbox_queries!();
 
-    /// Starts a transaction that writes.
-    async fn begin_write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+    /// Starts a transaction that writes: `BEGIN IMMEDIATE` takes SQLite's write lock now
+    /// (waiting out the busy timeout), so nothing the transaction reads changes before it
+    /// writes.
+    async fn begin_write_tx(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         self.pool
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(backend)
     }
 
-    /// Opens a migration's transaction under SQLite's write lock: `BEGIN IMMEDIATE` takes it
-    /// now (waiting out the busy timeout), so two processes cannot both see a migration as
-    /// missing.
+    /// Opens a migration's transaction under SQLite's write lock, so two processes cannot both
+    /// see a migration as missing.
     async fn begin_migration(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        self.pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(backend)
+        self.begin_write_tx().await
     }
 
     /// Opens (creating it if needed) the database file at `path`, in WAL mode with
@@ -155,209 +171,56 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5));
         let pool = connect_waiting_out_wal_switch(options).await?;
-        let store = SqliteStore::from_pool(pool);
-        store.migrate().await?;
-        Ok(store)
+        Self::migrated(pool).await
     }
 
-    /// Uses a pool the host configured. Nothing is checked or created: call
-    /// [`migrate`](Self::migrate) before use. The pool should have a busy timeout (sqlx's
-    /// default is 5 s), or concurrent writers fail at once instead of queueing.
-    pub fn from_pool(pool: SqlitePool) -> Self {
-        SqliteStore { pool }
-    }
-
-    /// The pool, e.g. to share it with the host's own tables.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
-    /// Starts a write: takes the write lock and draws the next version. Dropping the
-    /// transaction without committing rolls both back.
-    async fn begin_write(&self) -> Result<(Transaction<'static, Sqlite>, i64), StoreError> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(backend)?;
-        let n: i64 = sqlx::query_scalar(
-            "UPDATE tokenbroker_link_version SET n = n + 1 WHERE id = 1 RETURNING n",
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(backend)?;
-        Ok((tx, n))
-    }
-
-    async fn exists(conn: &mut sqlx::SqliteConnection, key: &TokenKey) -> Result<bool, StoreError> {
-        let found: Option<i64> = sqlx::query_scalar(concat!(
-            "SELECT 1 FROM tokenbroker_links WHERE ",
-            key_where!()
-        ))
-        .bind(key.realm.as_str())
-        .bind(key.subject.as_str())
-        .bind(key.provider.as_str())
-        .fetch_optional(conn)
-        .await
-        .map_err(backend)?;
-        Ok(found.is_some())
-    }
-}
-
-/// The statements this dialect does its own way. `sql_token_store!` implements
-/// [`TokenStore`](crate::store::TokenStore) over them and the shared queries.
-impl SqliteStore {
-    async fn insert_link(&self, key: &TokenKey, record: &Record) -> Result<Version, StoreError> {
-        let c = Columns::of(&record.meta);
-        let (mut tx, version) = self.begin_write().await?;
-        let query = sqlx::query(
-            "INSERT INTO tokenbroker_links (realm, subject, provider, version, payload, state, \
-             relink_reason, relink_since, expires_at, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
-             ON CONFLICT (realm, subject, provider) DO NOTHING",
-        )
-        .bind(key.realm.as_str())
-        .bind(key.subject.as_str())
-        .bind(key.provider.as_str())
-        .bind(version)
-        .bind(record.payload.expose_secret());
-        let inserted = super::bind_columns!(query, c)
+    /// Runs an insert or compare-and-swap that sets `version = next_version!()` and returns
+    /// it: under the write lock, after bumping the counter. Nothing written, nothing kept: the
+    /// counter's bump is rolled back too.
+    async fn versioned_write(
+        &self,
+        query: sqlx::query::QueryScalar<'_, Sqlite, i64, SqliteArguments>,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut tx = self.begin_write_tx().await?;
+        sqlx::query("UPDATE tokenbroker_link_version SET n = n + 1 WHERE id = 1")
             .execute(&mut *tx)
             .await
-            .map_err(backend)?
-            .rows_affected();
-        if inserted == 0 {
-            return Err(StoreError::Conflict { key: key.clone() });
-        }
-        tx.commit().await.map_err(backend)?;
-        version_from_db(version).map_err(|reason| StoreError::Corrupt {
-            key: key.clone(),
-            reason,
-            version: None,
-        })
-    }
-
-    async fn swap_link(
-        &self,
-        key: &TokenKey,
-        expected: Version,
-        record: &Record,
-        fence: Option<&LeaseToken>,
-    ) -> Result<Version, StoreError> {
-        let c = Columns::of(&record.meta);
-        let (mut tx, version) = self.begin_write().await?;
-        // The lease columns are left alone: a write does not need the lease, and must not free
-        // or steal one a refresh is holding. The fence is checked in the same statement.
-        let query = sqlx::query(concat!(
-            "UPDATE tokenbroker_links SET version = $5, payload = $6, state = $7, \
-             relink_reason = $8, relink_since = $9, expires_at = $10, created_at = $11, \
-             updated_at = $12 WHERE ",
-            key_where!(),
-            " AND version = $4 AND ",
-            fence_holds!("$13")
-        ))
-        .bind(key.realm.as_str())
-        .bind(key.subject.as_str())
-        .bind(key.provider.as_str())
-        .bind(version_to_db(&expected))
-        .bind(version)
-        .bind(record.payload.expose_secret());
-        let updated = super::bind_columns!(query, c)
-            .bind(fence.map(LeaseToken::as_str))
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?
-            .rows_affected();
-        if updated == 0 {
-            return Err(StoreError::Conflict { key: key.clone() });
-        }
-        tx.commit().await.map_err(backend)?;
-        version_from_db(version).map_err(|reason| StoreError::Corrupt {
-            key: key.clone(),
-            reason,
-            version: None,
-        })
-    }
-
-    async fn delete_link(
-        &self,
-        key: &TokenKey,
-        expected: Option<Version>,
-    ) -> Result<bool, StoreError> {
-        let Some(expected) = expected else {
-            return self.delete_link_unconditionally(key).await;
-        };
-        // One transaction, so "not deleted" and "present" are judged on the same state.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
             .map_err(backend)?;
-        let deleted = sqlx::query(concat!(
-            "DELETE FROM tokenbroker_links WHERE ",
-            key_where!(),
-            " AND version = $4"
-        ))
-        .bind(key.realm.as_str())
-        .bind(key.subject.as_str())
-        .bind(key.provider.as_str())
-        .bind(version_to_db(&expected))
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?
-        .rows_affected();
-        if deleted > 0 {
+        let version = query.fetch_optional(&mut *tx).await.map_err(backend)?;
+        if version.is_some() {
             tx.commit().await.map_err(backend)?;
-            return Ok(true);
-        }
-        let present = Self::exists(&mut tx, key).await?;
-        tx.commit().await.map_err(backend)?;
-        if present {
-            Err(StoreError::Conflict { key: key.clone() })
         } else {
-            Ok(false)
+            tx.rollback().await.map_err(backend)?;
         }
+        Ok(version)
     }
 
-    async fn try_lease_link(
+    /// Runs a statement on `key` that returns one `BIGINT` when it acts, and tells whether the
+    /// key's row was there: under the write lock, so that "did nothing" and "present" describe
+    /// the same moment.
+    async fn run_with_presence(
         &self,
+        query: sqlx::query::Query<'_, Sqlite, SqliteArguments>,
         key: &TokenKey,
-        holder: &LeaseHolder,
-        ttl: Duration,
-    ) -> Result<LeaseAttempt, StoreError> {
-        // Under the write lock, so that "not taken" and "present" describe the same moment.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(backend)?;
-        let token = LeaseToken::random();
-        let taken: Option<i64> = sqlx::query_scalar(concat!(
-            "UPDATE tokenbroker_links SET lease_holder = $4, lease_token = $6, \
-             lease_expires_at = ",
-            db_now_ms!(),
-            " + $5 WHERE ",
-            key_where!(),
-            " AND ",
-            lease_is_free!(db_now_ms!()),
-            " RETURNING lease_expires_at"
-        ))
-        .bind(key.realm.as_str())
-        .bind(key.subject.as_str())
-        .bind(key.provider.as_str())
-        .bind(holder.as_str())
-        .bind(duration_ms(ttl))
-        .bind(token.as_str())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(backend)?;
-        let attempt = match taken {
-            Some(until) => super::acquired(key, holder, token, until)?,
-            None if Self::exists(&mut tx, key).await? => LeaseAttempt::Busy,
-            None => LeaseAttempt::Missing,
+    ) -> Result<(Option<i64>, bool), StoreError> {
+        let mut tx = self.begin_write_tx().await?;
+        let acted: Option<i64> = match query.fetch_optional(&mut *tx).await.map_err(backend)? {
+            Some(row) => Some(row.try_get(0).map_err(backend)?),
+            None => None,
+        };
+        let present = acted.is_some() || {
+            let query = sqlx::query_scalar::<_, i64>(concat!(
+                "SELECT 1 FROM tokenbroker_links WHERE ",
+                key_where!()
+            ));
+            super::bind_key!(query, key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(backend)?
+                .is_some()
         };
         tx.commit().await.map_err(backend)?;
-        Ok(attempt)
+        Ok((acted, present))
     }
 }
 
