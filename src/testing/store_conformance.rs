@@ -770,7 +770,7 @@ const CLOCK_SKEW_TOLERANCE: Duration = Duration::from_secs(300);
 /// `try_lease` reports when the lease expires: its TTL after the store's clock took it. Two
 /// leases with TTLs a minute apart, taken one after the other, expire a minute apart (give or
 /// take the time between them), whatever the store's clock says; and that clock is within
-/// [`CLOCK_SKEW_TOLERANCE`] of the test's.
+/// five minutes of the test's.
 pub async fn lease_reports_its_expiry(store: &SharedStore) {
     let realm = fresh_realm();
     let (k1, k2) = (
