@@ -160,6 +160,29 @@ fn broker_with(
 }
 
 impl World {
+    /// A world over a store of the test's own (for the store-fault tests).
+    async fn over(store: Arc<dyn TokenStore>) -> World {
+        let idp = FakeIdp::start(FakeIdpConfig::default().with_id_token(false))
+            .await
+            .unwrap();
+        let clock = Arc::new(ManualClock::starting_now());
+        let events = Arc::new(Events::default());
+        let broker = broker_with(
+            provider_config(&idp, idp.token_endpoint()),
+            store.clone(),
+            clock.clone(),
+            events.clone(),
+        );
+        World {
+            idp,
+            clock,
+            store,
+            events,
+            broker,
+            _dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
     async fn new(kind: StoreKind) -> World {
         let idp = FakeIdp::start(FakeIdpConfig::default().with_id_token(false))
             .await
@@ -737,6 +760,13 @@ impl Proxy {
     fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
     }
+
+    /// `url` with its port moved to this proxy's.
+    fn url_for(&self, url: &str) -> String {
+        let mut url = url::Url::parse(url).unwrap();
+        url.set_port(Some(self.port)).unwrap();
+        url.to_string()
+    }
 }
 
 impl Drop for Proxy {
@@ -746,81 +776,41 @@ impl Drop for Proxy {
     }
 }
 
+/// PostgreSQL unreachable (through a loopback proxy we cut), then back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_unreachable_and_back() {
     let url = postgres_url();
-    let real = url::Url::parse(&url).unwrap();
-    let upstream: std::net::SocketAddr = format!(
-        "{}:{}",
-        real.host_str().unwrap(),
-        real.port().unwrap_or(5432)
-    )
-    .parse()
-    .unwrap();
-    let proxy = Proxy::start(upstream).await;
-    let mut via_proxy = real.clone();
-    via_proxy.set_port(Some(proxy.port)).unwrap();
+    let proxy = Proxy::start(socket_of(&url, 5432)).await;
     let (_, schema) = postgres_store(&url, None).await;
-    let (store, _) = postgres_store(via_proxy.as_str(), Some(&schema)).await;
-    let store: Arc<dyn TokenStore> = Arc::new(store);
-    gone_during_rotation_and_back_within_the_lease(store, &proxy).await;
+    let (store, _) = postgres_store(&proxy.url_for(&url), Some(&schema)).await;
+    store_unreachable_and_back(World::over(Arc::new(store)).await, &proxy).await;
 }
 
-/// The same with Redis: the `ConnectionManager` reconnects on its own once the server is
-/// reachable again, and the pending write of the rotated token lands within the lease.
+/// The same with Redis cut off: the `ConnectionManager` reconnects on its own once the server
+/// is reachable again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_gone_during_rotation_and_back_within_the_lease() {
-    let real = url::Url::parse(&redis_url()).unwrap();
-    let upstream: std::net::SocketAddr = format!(
-        "{}:{}",
-        real.host_str().unwrap(),
-        real.port().unwrap_or(6379)
-    )
-    .parse()
-    .unwrap();
-    let proxy = Proxy::start(upstream).await;
-    let mut via_proxy = real.clone();
-    via_proxy.set_port(Some(proxy.port)).unwrap();
-    let store: Arc<dyn TokenStore> = Arc::new(redis_store(via_proxy.as_str()).await);
-    gone_during_rotation_and_back_within_the_lease(store, &proxy).await;
+async fn redis_unreachable_and_back() {
+    let proxy = Proxy::start(socket_of(&redis_url(), 6379)).await;
+    let store: Arc<dyn TokenStore> = Arc::new(redis_store(&proxy.url_for(&redis_url())).await);
+    store_unreachable_and_back(World::over(store).await, &proxy).await;
 }
 
-/// Links a user, lets the IdP rotate the refresh token, cuts the store off (through `proxy`)
-/// before the broker writes the rotated set, and brings it back within the lease.
-async fn gone_during_rotation_and_back_within_the_lease(store: Arc<dyn TokenStore>, proxy: &Proxy) {
-    let idp = FakeIdp::start(FakeIdpConfig::default().with_id_token(false))
-        .await
-        .unwrap();
-    let clock = Arc::new(ManualClock::starting_now());
-    let events = Arc::new(Events::default());
-    let broker = broker_with(
-        provider_config(&idp, idp.token_endpoint()),
-        store.clone(),
-        clock.clone(),
-        events.clone(),
-    );
-    let w = World {
-        idp,
-        clock,
-        store,
-        events,
-        broker,
-        _dir: tempfile::tempdir().unwrap(),
-    };
+/// The store is unreachable: fresh reads and due refreshes alike fail with a clear store error
+/// and the IdP is not called. It is back: nothing was lost, and the client reconnects on its
+/// own.
+async fn store_unreachable_and_back(w: World, proxy: &Proxy) {
     let key = TokenKey::parse("acme", "alice", "fake").unwrap();
     w.link(&key).await;
     let before = w.load(&key).await;
 
-    // Gone: fresh reads and due refreshes alike fail with a clear store error.
     proxy.cut();
     let err = w.broker.retrieve(&caller(&key), &key).await.unwrap_err();
-    assert_store_error(&err, "postgres gone (fresh token)");
+    assert_store_error(&err, "store gone (fresh token)");
     w.clock.advance(Duration::from_secs(3601));
     let err = w.broker.retrieve(&caller(&key), &key).await.unwrap_err();
-    assert_store_error(&err, "postgres gone (due refresh)");
+    assert_store_error(&err, "store gone (due refresh)");
     assert_eq!(w.idp.counters().refresh_calls, 0, "the IdP was called");
 
-    // Back: nothing was lost, and the pool reconnects on its own.
     proxy.restore();
     let after = w.load(&key).await;
     assert_eq!(after.version, before.version);
@@ -842,39 +832,61 @@ async fn gone_during_rotation_and_back_within_the_lease(store: Arc<dyn TokenStor
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_gone_during_rotation_and_back_within_the_lease() {
     let url = postgres_url();
-    let real = url::Url::parse(&url).unwrap();
-    let upstream: std::net::SocketAddr = format!(
-        "{}:{}",
-        real.host_str().unwrap(),
-        real.port().unwrap_or(5432)
-    )
-    .parse()
-    .unwrap();
-    let proxy = Proxy::start(upstream).await;
-    let mut via_proxy = real.clone();
-    via_proxy.set_port(Some(proxy.port)).unwrap();
+    let proxy = Proxy::start(socket_of(&url, 5432)).await;
     let (_, schema) = postgres_store(&url, None).await;
-    let (store, _) = postgres_store(via_proxy.as_str(), Some(&schema)).await;
-    let store: Arc<dyn TokenStore> = Arc::new(store);
-    let idp = FakeIdp::start(FakeIdpConfig::default().with_id_token(false))
-        .await
-        .unwrap();
-    let clock = Arc::new(ManualClock::starting_now());
-    let events = Arc::new(Events::default());
-    let broker = broker_with(
-        provider_config(&idp, idp.token_endpoint()),
-        store.clone(),
-        clock.clone(),
-        events.clone(),
-    );
-    let w = World {
-        idp,
-        clock,
-        store,
-        events,
-        broker,
-        _dir: tempfile::tempdir().unwrap(),
-    };
+    let (store, _) = postgres_store(&proxy.url_for(&url), Some(&schema)).await;
+    let w = World::over(Arc::new(store)).await;
+    gone_during_rotation_and_back_within_the_lease(&w, async {
+        proxy.cut();
+        // Down for longer than the old retries lasted, shorter than the lease (5.5 s here).
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        proxy.restore();
+    })
+    .await;
+}
+
+/// The same with Redis cut off after the rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_gone_during_rotation_and_back_within_the_lease() {
+    let proxy = Proxy::start(socket_of(&redis_url(), 6379)).await;
+    let store: Arc<dyn TokenStore> = Arc::new(redis_store(&proxy.url_for(&redis_url())).await);
+    let w = World::over(store).await;
+    gone_during_rotation_and_back_within_the_lease(&w, async {
+        proxy.cut();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        proxy.restore();
+    })
+    .await;
+}
+
+/// Redis itself **stopped and started again** after the IdP rotated the refresh token: the
+/// test's own `redis-server` (append-only file, fsync on every write, as a deployment that
+/// keeps tokens in Redis must run it) is killed with SIGKILL and restarted on the same port and
+/// data directory within the lease. The link, its lease and its fence come back from the file,
+/// and the rotated token is written once the server answers again. (Without the append-only
+/// file the link is gone after the restart and this test fails: the broker then answers
+/// `NotFound` rather than writing the tokens back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_during_rotation_keeps_the_rotated_token() {
+    let mut server = OwnRedis::start().await;
+    let store: Arc<dyn TokenStore> = Arc::new(redis_store(&server.url()).await);
+    let w = World::over(store).await;
+    gone_during_rotation_and_back_within_the_lease(&w, async {
+        server.kill();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        server.start_again().await;
+    })
+    .await;
+    assert_eq!(server.starts, 2, "the server was not restarted");
+}
+
+/// Links a user, lets a refresh reach the IdP (which rotates the refresh token and answers
+/// 300 ms later), runs `outage` on the store meanwhile, and checks that the rotated token was
+/// written once the store was back, and that the next refresh presents it (no reuse).
+async fn gone_during_rotation_and_back_within_the_lease(
+    w: &World,
+    outage: impl std::future::Future<Output = ()>,
+) {
     let key = TokenKey::parse("acme", "alice", "fake").unwrap();
     w.link(&key).await;
     w.clock.advance(Duration::from_secs(3601));
@@ -893,10 +905,7 @@ async fn postgres_gone_during_rotation_and_back_within_the_lease() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    proxy.cut();
-    // Down for longer than the old retries lasted, shorter than the lease (5.5 s here).
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    proxy.restore();
+    outage.await;
     let first = reader.await.unwrap();
     assert_eq!(w.idp.counters().refresh_successes, 1, "the IdP rotated");
     let first = first.expect("the rotated token was written once the store was back");
@@ -916,4 +925,105 @@ async fn postgres_gone_during_rotation_and_back_within_the_lease() {
         "the spent refresh token was presented again: {again:?}"
     );
     assert!(again.is_ok(), "the link survived the outage: {again:?}");
+}
+
+/// The host and port of a server URL.
+fn socket_of(url: &str, default_port: u16) -> std::net::SocketAddr {
+    let url = url::Url::parse(url).unwrap();
+    format!(
+        "{}:{}",
+        url.host_str().unwrap(),
+        url.port().unwrap_or(default_port)
+    )
+    .parse()
+    .unwrap()
+}
+
+/// A `redis-server` of one test's own, on a free loopback port, persisting every write to an
+/// append-only file in a throwaway directory, so that it can be killed and started again with
+/// its data. (`scripts/setup-redis.sh` installs the server.)
+struct OwnRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+    starts: u32,
+}
+
+impl OwnRedis {
+    async fn start() -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = OwnRedis {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            starts: 0,
+        };
+        server.start_again().await;
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn start_again(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .args(["--maxmemory-policy", "noeviction"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (scripts/setup-redis.sh installs it)");
+        self.child = Some(child);
+        self.starts += 1;
+        let started = tokio::time::Instant::now();
+        while !self.answers_ping().await {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "redis-server did not answer on port {}",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the server answers `PING` with `PONG` (not `-LOADING` while it reads its file).
+    async fn answers_ping(&self) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut conn) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        if conn.write_all(b"PING\r\n").await.is_err() {
+            return false;
+        }
+        let mut answer = [0u8; 7];
+        matches!(conn.read(&mut answer).await, Ok(n) if answer[..n].starts_with(b"+PONG"))
+    }
+
+    /// SIGKILL: no shutdown, no last save; what the file holds is what was acknowledged.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
