@@ -1,9 +1,11 @@
 //! Every upstream fault the FakeIdp can produce, crossed with every store: the typed error,
 //! the emitted event, and the stored record (unchanged, or marked relink-required exactly for
-//! a dead grant). Then store faults: a SQLite file locked by another connection, and a
-//! PostgreSQL server that goes away and comes back (through a loopback proxy we cut).
+//! a dead grant). Then store faults: a SQLite file locked by another connection; PostgreSQL and
+//! Redis going away and coming back (through a loopback proxy we cut), before a refresh and
+//! after the IdP rotated the refresh token; and a Redis server killed and started again.
 //!
-//! Needs `TOKENBROKER_TEST_POSTGRES_URL` (scripts/test.sh starts a server and sets it).
+//! Needs `TOKENBROKER_TEST_POSTGRES_URL`, `TOKENBROKER_TEST_REDIS_URL` and `redis-server` on
+//! `PATH` (scripts/test.sh starts and installs them).
 
 #![cfg(all(feature = "sqlite", feature = "postgres", feature = "encryption"))]
 
