@@ -168,6 +168,15 @@ impl World {
             .await
             .unwrap();
         let clock = Arc::new(ManualClock::starting_now());
+        World::assemble(idp, clock, store, tempfile::tempdir().unwrap())
+    }
+
+    fn assemble(
+        idp: FakeIdp,
+        clock: Arc<ManualClock>,
+        store: Arc<dyn TokenStore>,
+        dir: tempfile::TempDir,
+    ) -> World {
         let events = Arc::new(Events::default());
         let broker = broker_with(
             provider_config(&idp, idp.token_endpoint()),
@@ -181,7 +190,7 @@ impl World {
             store,
             events,
             broker,
-            _dir: tempfile::tempdir().unwrap(),
+            _dir: dir,
         }
     }
 
@@ -205,21 +214,7 @@ impl World {
                 Arc::new(StaticKeyring::new(KeyId::new("k1").unwrap(), [7; 32])),
             )),
         };
-        let events = Arc::new(Events::default());
-        let broker = broker_with(
-            provider_config(&idp, idp.token_endpoint()),
-            store.clone(),
-            clock.clone(),
-            events.clone(),
-        );
-        World {
-            idp,
-            clock,
-            store,
-            events,
-            broker,
-            _dir: dir,
-        }
+        World::assemble(idp, clock, store, dir)
     }
 
     async fn link(&self, key: &TokenKey) {
