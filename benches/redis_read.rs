@@ -116,7 +116,12 @@ async fn checked_link_key(
     );
     assert_eq!(
         field("version"),
-        stored.version.get().to_string().into_bytes()
+        stored
+            .version
+            .number()
+            .expect("RedisStore counts its versions")
+            .to_string()
+            .into_bytes()
     );
     hash
 }
